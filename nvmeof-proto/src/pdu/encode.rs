@@ -1,0 +1,253 @@
+//! The encoder: header bytes plus the payload's own `Bytes`, ready for a vectored write.
+
+use std::io::{self, IoSlice, Write};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use zerocopy::little_endian::{U16, U32};
+use zerocopy::IntoBytes;
+
+use super::wire::{
+    CapsuleCmdHeader, CapsuleRespHeader, CommonHeader, DataHeader, IcReqHeader, IcRespHeader, R2tHeader,
+    TermReqHeader,
+};
+use super::{data_offset, flags, Digests, Pdu, TERM_REQ_MAX_DATA_LEN};
+use crate::digest::{crc32c, DIGEST_LEN};
+use crate::payload::Payload;
+
+/// How to encode PDUs for a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncodeOptions {
+    /// Digests negotiated for the connection (ignored for ICReq, ICResp and TermReqs).
+    pub digests: Digests,
+    /// The PDU data alignment the *receiver* asked for: the host's HPDA when a controller sends, the
+    /// controller's CPDA when a host sends.
+    pub pda: u8,
+}
+
+/// Errors of [`Pdu::encode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The PDU would be longer than PLEN (32 bits) can describe.
+    #[error("PDU data of {len} bytes is too large to encode")]
+    TooLarge {
+        /// The data length asked for.
+        len: usize,
+    },
+}
+
+/// An encoded PDU: the header bytes (common header, PDU header, header digest, padding), then the
+/// payload segments as they were given (never copied), then the data digest.
+///
+/// Write it with [`EncodedPdu::io_slices`] (vectored) or [`EncodedPdu::write_to`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct EncodedPdu {
+    header: Bytes,
+    data: Payload,
+    data_digest: Option<[u8; DIGEST_LEN]>,
+}
+
+impl EncodedPdu {
+    /// Header bytes: common header, PDU-specific header, header digest and padding.
+    #[must_use]
+    pub fn header(&self) -> &Bytes {
+        &self.header
+    }
+
+    /// The payload, exactly as it was given to the encoder.
+    #[must_use]
+    pub fn data(&self) -> &Payload {
+        &self.data
+    }
+
+    /// The data digest trailer, if the PDU has one.
+    #[must_use]
+    pub fn data_digest(&self) -> Option<[u8; DIGEST_LEN]> {
+        self.data_digest
+    }
+
+    /// Total length on the wire (PLEN).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.header.len() + self.data.len() + self.data_digest.map_or(0, |d| d.len())
+    }
+
+    /// Always false: a PDU has at least its header.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The PDU's byte chunks in wire order.
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
+        core::iter::once(&self.header[..])
+            .chain(self.data.segments().iter().map(|s| &s[..]))
+            .chain(self.data_digest.as_ref().map(|d| &d[..]))
+    }
+
+    /// Appends the PDU's chunks to `out` as `IoSlice`s for a vectored write (`writev`, `sendmsg`,
+    /// io_uring `SendMsg`).
+    pub fn io_slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        out.extend(self.chunks().map(IoSlice::new));
+    }
+
+    /// Writes the whole PDU to a blocking writer, chunk by chunk.
+    pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
+        self.chunks().try_for_each(|c| w.write_all(c))
+    }
+
+    /// The PDU as one contiguous vector (copies; for tests and diagnostics).
+    #[must_use]
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        self.chunks().for_each(|c| v.extend_from_slice(c));
+        v
+    }
+
+    /// The parts: header bytes, payload, data digest.
+    #[must_use]
+    pub fn into_parts(self) -> (Bytes, Payload, Option<[u8; DIGEST_LEN]>) {
+        (self.header, self.data, self.data_digest)
+    }
+}
+
+impl Pdu {
+    /// Encodes the PDU (allocating a small buffer for its header).
+    pub fn encode(self, opts: &EncodeOptions) -> Result<EncodedPdu, EncodeError> {
+        let mut scratch = BytesMut::new();
+        self.encode_with(opts, &mut scratch)
+    }
+
+    /// Encodes the PDU, writing its header into `scratch`, which is cleared first and whose spare
+    /// capacity is reused from call to call (keep one per connection). The payload is moved, not copied.
+    pub fn encode_with(self, opts: &EncodeOptions, scratch: &mut BytesMut) -> Result<EncodedPdu, EncodeError> {
+        let pdu_type = self.pdu_type();
+        let hlen = usize::from(pdu_type.header_len());
+        let header_digest = pdu_type.has_digests() && opts.digests.header;
+        let header_end = hlen + if header_digest { DIGEST_LEN } else { 0 };
+        let (data, with_data_offset) = match &self {
+            Pdu::CapsuleCmd(c) => (c.data.clone(), !c.data.is_empty()),
+            Pdu::H2cData(d) => (d.data.clone(), true),
+            Pdu::C2hData(d) => (d.data.clone(), true),
+            Pdu::H2cTermReq(t) | Pdu::C2hTermReq(t) => {
+                let quoted = t.data.slice(..t.data.len().min(TERM_REQ_MAX_DATA_LEN));
+                (Payload::from(quoted), false)
+            }
+            Pdu::IcReq(_) | Pdu::IcResp(_) | Pdu::CapsuleResp(_) | Pdu::R2t(_) => (Payload::new(), false),
+        };
+        let data_digest = with_data_offset && opts.digests.data;
+        let pdo = if with_data_offset { data_offset(pdu_type, header_digest, opts.pda) } else { 0 };
+        let data_start = if with_data_offset { pdo } else { header_end };
+        let plen = data_start + data.len() + if data_digest { DIGEST_LEN } else { 0 };
+        let plen = u32::try_from(plen).map_err(|_| EncodeError::TooLarge { len: data.len() })?;
+        let datal = u32::try_from(data.len()).map_err(|_| EncodeError::TooLarge { len: data.len() })?;
+
+        let mut fl = 0u8;
+        if header_digest {
+            fl |= flags::HDGSTF;
+        }
+        if data_digest {
+            fl |= flags::DDGSTF;
+        }
+        let ch = CommonHeader {
+            pdu_type: pdu_type as u8,
+            flags: fl,
+            hlen: pdu_type.header_len(),
+            pdo: u8::try_from(pdo).unwrap_or(u8::MAX),
+            plen: U32::new(plen),
+        };
+
+        scratch.clear();
+        scratch.reserve(data_start);
+        write_header(&self, ch, datal, scratch);
+        if header_digest {
+            let crc = crc32c(scratch);
+            scratch.put_u32_le(crc);
+        }
+        scratch.put_bytes(0, data_start.saturating_sub(scratch.len()));
+        // The header leaves with the written bytes; the scratch keeps the spare capacity.
+        let header = scratch.split().freeze();
+
+        let data_digest = data_digest.then(|| data.crc32c().to_le_bytes());
+        Ok(EncodedPdu { header, data, data_digest })
+    }
+}
+
+fn write_header(pdu: &Pdu, mut ch: CommonHeader, datal: u32, out: &mut BytesMut) {
+    match pdu {
+        Pdu::IcReq(r) => out.put_slice(
+            IcReqHeader {
+                ch,
+                pfv: U16::new(r.pfv),
+                hpda: r.hpda,
+                dgst: r.digests.to_bits(),
+                maxr2t: U32::new(r.maxr2t),
+                reserved: [0; 112],
+            }
+            .as_bytes(),
+        ),
+        Pdu::IcResp(r) => out.put_slice(
+            IcRespHeader {
+                ch,
+                pfv: U16::new(r.pfv),
+                cpda: r.cpda,
+                dgst: r.digests.to_bits(),
+                maxh2cdata: U32::new(r.maxh2cdata),
+                reserved: [0; 112],
+            }
+            .as_bytes(),
+        ),
+        Pdu::H2cTermReq(t) | Pdu::C2hTermReq(t) => out.put_slice(
+            TermReqHeader { ch, fes: U16::new(t.fes.0), fei: U32::new(t.fei), reserved: [0; 10] }.as_bytes(),
+        ),
+        Pdu::CapsuleCmd(c) => out.put_slice(CapsuleCmdHeader { ch, sqe: c.sqe }.as_bytes()),
+        Pdu::CapsuleResp(r) => out.put_slice(CapsuleRespHeader { ch, cqe: r.cqe }.as_bytes()),
+        Pdu::H2cData(d) => {
+            if d.last {
+                ch.flags |= flags::LAST_PDU;
+            }
+            out.put_slice(
+                DataHeader {
+                    ch,
+                    cccid: U16::new(d.cccid),
+                    ttag: U16::new(d.ttag),
+                    datao: U32::new(d.datao),
+                    datal: U32::new(datal),
+                    reserved: [0; 4],
+                }
+                .as_bytes(),
+            );
+        }
+        Pdu::C2hData(d) => {
+            if d.last {
+                ch.flags |= flags::LAST_PDU;
+            }
+            if d.success {
+                ch.flags |= flags::SUCCESS;
+            }
+            out.put_slice(
+                DataHeader {
+                    ch,
+                    cccid: U16::new(d.cccid),
+                    ttag: U16::new(0),
+                    datao: U32::new(d.datao),
+                    datal: U32::new(datal),
+                    reserved: [0; 4],
+                }
+                .as_bytes(),
+            );
+        }
+        Pdu::R2t(r) => out.put_slice(
+            R2tHeader {
+                ch,
+                cccid: U16::new(r.cccid),
+                ttag: U16::new(r.ttag),
+                r2to: U32::new(r.r2to),
+                r2tl: U32::new(r.r2tl),
+                reserved: [0; 4],
+            }
+            .as_bytes(),
+        ),
+    }
+}

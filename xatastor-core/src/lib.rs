@@ -1,0 +1,22 @@
+//! # xatastor-core
+//!
+//! The Xatastor storage node: serves 100K–1M mostly idle thin volumes per node over NVMe/TCP, where an
+//! idle volume costs its disk space and nothing else.
+//!
+//! **Status: not yet implemented.** This crate currently holds only this description; the server and
+//! the catalog arrive with their issues. It will hold:
+//!
+//! ```text
+//!   worker 0 .. worker N-1  (one per core, each: io_uring, SO_REUSEPORT listener, buffer pool)
+//!       │  parse ─ decode ─ backend I/O ─ respond, all on the connection's core
+//!       ▼
+//!   nvmeof-target engine ── BlockBackend (file, memory, zvol)
+//!       │
+//!   volume catalog (embedded transactional store) ── VolumeProvisioner (create, snapshot, clone,
+//!                                                   resize, delete)
+//! ```
+//!
+//! - a thread-per-core io_uring server that drives the `nvmeof-target` engine: no busy polling, no
+//!   per-volume threads, timers or file descriptors;
+//! - a persistent volume catalog with intent → backend operation → commit lifecycle steps that reconcile
+//!   after a crash, lazy activation of volumes on Connect, and a host → volumes index for discovery.
