@@ -1,7 +1,7 @@
 //! CRC32C header and data digests.
 //!
 //! NVMe/TCP digests are the CRC32C (Castagnoli) of the protected bytes, transmitted little endian. The
-//! [`crc32c`] crate uses the SSE 4.2 / ARMv8 CRC instructions where the CPU has them and a table-driven
+//! `crc32c` crate uses the SSE 4.2 / ARMv8 CRC instructions where the CPU has them and a table-driven
 //! fallback elsewhere.
 
 use bytes::Bytes;
@@ -22,7 +22,9 @@ pub fn crc32c_segments<'a, I>(segments: I) -> u32
 where
     I: IntoIterator<Item = &'a Bytes>,
 {
-    segments.into_iter().fold(0, |crc, seg| crc32c::crc32c_append(crc, seg))
+    segments
+        .into_iter()
+        .fold(0, |crc, seg| crc32c::crc32c_append(crc, seg))
 }
 
 #[cfg(test)]

@@ -56,7 +56,15 @@
 //! large a PDU may be ([`DecoderConfig::max_pdu_len`]) — checked from the common header before any data
 //! is waited for.
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 pub mod digest;
 pub mod error;

@@ -22,7 +22,10 @@ impl Payload {
     /// An empty payload.
     #[must_use]
     pub const fn new() -> Self {
-        Self { segments: SmallVec::new_const(), len: 0 }
+        Self {
+            segments: SmallVec::new_const(),
+            len: 0,
+        }
     }
 
     /// Appends a segment (empty segments are dropped).
@@ -171,7 +174,12 @@ impl PartialEq<[u8]> for Payload {
 
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Payload({} bytes in {} segments", self.len, self.segments.len())?;
+        write!(
+            f,
+            "Payload({} bytes in {} segments",
+            self.len,
+            self.segments.len()
+        )?;
         let head: Vec<u8> = self.iter_bytes().take(16).collect();
         if !head.is_empty() {
             write!(f, ", starts {head:02x?}")?;
@@ -185,9 +193,14 @@ mod tests {
     use super::*;
 
     fn three_segments() -> Payload {
-        [Bytes::from_static(b"abc"), Bytes::from_static(b""), Bytes::from_static(b"defgh"), Bytes::from_static(b"ij")]
-            .into_iter()
-            .collect()
+        [
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b""),
+            Bytes::from_static(b"defgh"),
+            Bytes::from_static(b"ij"),
+        ]
+        .into_iter()
+        .collect()
     }
 
     #[test]

@@ -17,7 +17,11 @@ fn crc32c_ref(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -72,9 +76,21 @@ fn icreq() {
     let mut v = vec![0x00, 0x00, 0x80, 0x00, 0x80, 0x00, 0x00, 0x00];
     v.extend_from_slice(&[0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00]);
     v.resize(128, 0);
-    let pdu = Pdu::IcReq(IcReq { pfv: 0, hpda: 0, digests: Digests::BOTH, maxr2t: 0 });
+    let pdu = Pdu::IcReq(IcReq {
+        pfv: 0,
+        hpda: 0,
+        digests: Digests::BOTH,
+        maxr2t: 0,
+    });
     // ICReq never carries digests, whatever the connection negotiates later.
-    check(pdu, EncodeOptions { digests: Digests::BOTH, pda: 0 }, &v);
+    check(
+        pdu,
+        EncodeOptions {
+            digests: Digests::BOTH,
+            pda: 0,
+        },
+        &v,
+    );
 }
 
 #[test]
@@ -85,7 +101,10 @@ fn icresp() {
     let pdu = Pdu::IcResp(IcResp {
         pfv: 0,
         cpda: 0,
-        digests: Digests { header: true, data: false },
+        digests: Digests {
+            header: true,
+            data: false,
+        },
         maxh2cdata: 0x2_0000,
     });
     check(pdu, EncodeOptions::default(), &v);
@@ -104,8 +123,19 @@ fn term_reqs() {
             fei: 2,
             data: Bytes::copy_from_slice(&quoted),
         };
-        let pdu = if pdu_type { Pdu::H2cTermReq(t) } else { Pdu::C2hTermReq(t) };
-        check(pdu, EncodeOptions { digests: Digests::BOTH, pda: 3 }, &v);
+        let pdu = if pdu_type {
+            Pdu::H2cTermReq(t)
+        } else {
+            Pdu::C2hTermReq(t)
+        };
+        check(
+            pdu,
+            EncodeOptions {
+                digests: Digests::BOTH,
+                pda: 3,
+            },
+            &v,
+        );
     }
 }
 
@@ -114,7 +144,14 @@ fn capsule_cmd_without_data() {
     let (sqe, raw) = sqe_example();
     let mut v = vec![0x04, 0x00, 0x48, 0x00, 0x48, 0x00, 0x00, 0x00];
     v.extend_from_slice(&raw);
-    check(Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::new() }), EncodeOptions::default(), &v);
+    check(
+        Pdu::CapsuleCmd(CapsuleCmd {
+            sqe,
+            data: Payload::new(),
+        }),
+        EncodeOptions::default(),
+        &v,
+    );
 }
 
 #[test]
@@ -132,8 +169,18 @@ fn capsule_cmd_with_in_capsule_data_and_digests() {
     v.extend_from_slice(&hd.to_le_bytes());
     v.extend_from_slice(&data);
     v.extend_from_slice(&crc32c_ref(&data).to_le_bytes());
-    let pdu = Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::from(data.to_vec()) });
-    check(pdu, EncodeOptions { digests: Digests::BOTH, pda: 0 }, &v);
+    let pdu = Pdu::CapsuleCmd(CapsuleCmd {
+        sqe,
+        data: Payload::from(data.to_vec()),
+    });
+    check(
+        pdu,
+        EncodeOptions {
+            digests: Digests::BOTH,
+            pda: 0,
+        },
+        &v,
+    );
 }
 
 #[test]
@@ -144,8 +191,18 @@ fn capsule_cmd_data_aligned_to_cpda() {
     v.extend_from_slice(&raw);
     v.resize(96, 0);
     v.extend_from_slice(b"data");
-    let pdu = Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::from(&b"data"[..]) });
-    check(pdu, EncodeOptions { digests: Digests::NONE, pda: 7 }, &v);
+    let pdu = Pdu::CapsuleCmd(CapsuleCmd {
+        sqe,
+        data: Payload::from(&b"data"[..]),
+    });
+    check(
+        pdu,
+        EncodeOptions {
+            digests: Digests::NONE,
+            pda: 7,
+        },
+        &v,
+    );
 }
 
 #[test]
@@ -154,8 +211,14 @@ fn capsule_resp() {
     cqe.dw0.set(0xdead_beef);
     let mut v = vec![0x05, 0x00, 0x18, 0x00, 0x18, 0x00, 0x00, 0x00];
     // DW0, DW1, SQHD 5, SQID 1, CID 0x0123, status (0x4080 << 1 = 0x8100).
-    v.extend_from_slice(&[0xef, 0xbe, 0xad, 0xde, 0, 0, 0, 0, 5, 0, 1, 0, 0x23, 0x01, 0x00, 0x81]);
-    check(Pdu::CapsuleResp(CapsuleResp { cqe }), EncodeOptions::default(), &v);
+    v.extend_from_slice(&[
+        0xef, 0xbe, 0xad, 0xde, 0, 0, 0, 0, 5, 0, 1, 0, 0x23, 0x01, 0x00, 0x81,
+    ]);
+    check(
+        Pdu::CapsuleResp(CapsuleResp { cqe }),
+        EncodeOptions::default(),
+        &v,
+    );
 }
 
 #[test]
@@ -164,13 +227,22 @@ fn capsule_resp_with_header_digest() {
     let mut v = vec![0x05, 0x01, 0x18, 0x00, 0x1c, 0x00, 0x00, 0x00];
     v.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0]);
     v.extend_from_slice(&crc32c_ref(&v).to_le_bytes());
-    check(Pdu::CapsuleResp(CapsuleResp { cqe }), EncodeOptions { digests: Digests::BOTH, pda: 0 }, &v);
+    check(
+        Pdu::CapsuleResp(CapsuleResp { cqe }),
+        EncodeOptions {
+            digests: Digests::BOTH,
+            pda: 0,
+        },
+        &v,
+    );
 }
 
 #[test]
 fn h2c_data_last() {
     let mut v = vec![0x06, 0x04, 0x18, 0x18, 0x1c, 0x00, 0x00, 0x00];
-    v.extend_from_slice(&[0x23, 0x01, 0x07, 0x00, 0x00, 0x10, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0, 0, 0, 0]);
+    v.extend_from_slice(&[
+        0x23, 0x01, 0x07, 0x00, 0x00, 0x10, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0, 0, 0, 0,
+    ]);
     v.extend_from_slice(b"wxyz");
     let pdu = Pdu::H2cData(H2cData {
         cccid: 0x0123,
@@ -187,7 +259,9 @@ fn c2h_data_success_with_digests() {
     let data: Vec<u8> = (0..=255u8).collect();
     // LAST|SUCCESS|DDGSTF|HDGSTF, PDO 28, PLEN 28 + 256 + 4 = 288.
     let mut v = vec![0x07, 0x0f, 0x18, 0x1c, 0x20, 0x01, 0x00, 0x00];
-    v.extend_from_slice(&[0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0, 0, 0, 0]);
+    v.extend_from_slice(&[
+        0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0, 0, 0, 0,
+    ]);
     v.extend_from_slice(&crc32c_ref(&v).to_le_bytes());
     v.extend_from_slice(&data);
     v.extend_from_slice(&crc32c_ref(&data).to_le_bytes());
@@ -198,14 +272,23 @@ fn c2h_data_success_with_digests() {
         success: true,
         data: Payload::from(data),
     });
-    check(pdu, EncodeOptions { digests: Digests::BOTH, pda: 0 }, &v);
+    check(
+        pdu,
+        EncodeOptions {
+            digests: Digests::BOTH,
+            pda: 0,
+        },
+        &v,
+    );
 }
 
 #[test]
 fn c2h_data_aligned_to_hpda() {
     // HPDA 7 asks for 32-byte alignment: PDO 32, 8 bytes of padding after the 24-byte header.
     let mut v = vec![0x07, 0x00, 0x18, 0x20, 0x22, 0x00, 0x00, 0x00];
-    v.extend_from_slice(&[0x05, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0, 0, 0, 0]);
+    v.extend_from_slice(&[
+        0x05, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0, 0, 0, 0,
+    ]);
     v.extend_from_slice(&[0; 8]);
     v.extend_from_slice(b"hi");
     let pdu = Pdu::C2hData(C2hData {
@@ -215,28 +298,60 @@ fn c2h_data_aligned_to_hpda() {
         success: false,
         data: Payload::from(&b"hi"[..]),
     });
-    check(pdu, EncodeOptions { digests: Digests::NONE, pda: 7 }, &v);
+    check(
+        pdu,
+        EncodeOptions {
+            digests: Digests::NONE,
+            pda: 7,
+        },
+        &v,
+    );
 }
 
 #[test]
 fn r2t() {
     let mut v = vec![0x09, 0x00, 0x18, 0x00, 0x18, 0x00, 0x00, 0x00];
-    v.extend_from_slice(&[0x23, 0x01, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, 0x00, 0, 0, 0, 0]);
-    let pdu = Pdu::R2t(R2t { cccid: 0x0123, ttag: 2, r2to: 0x1_0000, r2tl: 0x2_0000 });
+    v.extend_from_slice(&[
+        0x23, 0x01, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, 0x00, 0, 0, 0, 0,
+    ]);
+    let pdu = Pdu::R2t(R2t {
+        cccid: 0x0123,
+        ttag: 2,
+        r2to: 0x1_0000,
+        r2tl: 0x2_0000,
+    });
     check(pdu, EncodeOptions::default(), &v);
 }
 
 #[test]
 fn scattered_payload_is_sent_as_is_and_digested_in_place() {
-    let segments = [Bytes::from_static(b"hello, "), Bytes::from_static(b"scattered "), Bytes::from_static(b"world")];
+    let segments = [
+        Bytes::from_static(b"hello, "),
+        Bytes::from_static(b"scattered "),
+        Bytes::from_static(b"world"),
+    ];
     let payload: Payload = segments.iter().cloned().collect();
-    let pdu = Pdu::C2hData(C2hData { cccid: 1, datao: 0, last: true, success: false, data: payload });
-    let enc = pdu.encode(&EncodeOptions { digests: Digests::BOTH, pda: 0 }).unwrap();
+    let pdu = Pdu::C2hData(C2hData {
+        cccid: 1,
+        datao: 0,
+        last: true,
+        success: false,
+        data: payload,
+    });
+    let enc = pdu
+        .encode(&EncodeOptions {
+            digests: Digests::BOTH,
+            pda: 0,
+        })
+        .unwrap();
     // The payload segments are the very same memory (no gathering copy).
     for (sent, original) in enc.data().segments().iter().zip(&segments) {
         assert_eq!(sent.as_ptr(), original.as_ptr());
     }
-    assert_eq!(enc.data_digest(), Some(crc32c_ref(b"hello, scattered world").to_le_bytes()));
+    assert_eq!(
+        enc.data_digest(),
+        Some(crc32c_ref(b"hello, scattered world").to_le_bytes())
+    );
     let mut slices = Vec::new();
     enc.io_slices(&mut slices);
     assert_eq!(slices.len(), 5, "header, three segments, digest");
@@ -244,14 +359,26 @@ fn scattered_payload_is_sent_as_is_and_digested_in_place() {
 
 #[test]
 fn decoded_data_is_a_slice_of_the_receive_buffer() {
-    let pdu = Pdu::H2cData(H2cData { cccid: 1, ttag: 1, datao: 0, last: true, data: Payload::from(vec![7u8; 4096]) });
+    let pdu = Pdu::H2cData(H2cData {
+        cccid: 1,
+        ttag: 1,
+        datao: 0,
+        last: true,
+        data: Payload::from(vec![7u8; 4096]),
+    });
     let wire = pdu.encode(&EncodeOptions::default()).unwrap().to_vec();
     let mut buf = BytesMut::from(&wire[..]);
     let base = buf.as_ptr() as usize;
     let mut dec = PduDecoder::new(DecoderConfig::controller());
-    let Some(Pdu::H2cData(d)) = dec.decode(&mut buf).unwrap() else { panic!("expected H2CData") };
+    let Some(Pdu::H2cData(d)) = dec.decode(&mut buf).unwrap() else {
+        panic!("expected H2CData")
+    };
     assert_eq!(d.data.segments().len(), 1);
-    assert_eq!(d.data.segments()[0].as_ptr() as usize, base + 24, "data points into the buffer");
+    assert_eq!(
+        d.data.segments()[0].as_ptr() as usize,
+        base + 24,
+        "data points into the buffer"
+    );
 }
 
 // ---- invalid input: each rule of the common header, with the offset a termination request reports ----
@@ -264,7 +391,11 @@ fn decode_err(dec: &mut PduDecoder, bytes: &[u8]) -> DecodeError {
     let mut buf = BytesMut::from(bytes);
     let err = dec.decode(&mut buf).unwrap_err();
     if err.is_fatal() {
-        assert_eq!(&buf[..], bytes, "a fatal error leaves the offending PDU in the buffer");
+        assert_eq!(
+            &buf[..],
+            bytes,
+            "a fatal error leaves the offending PDU in the buffer"
+        );
     }
     err
 }
@@ -281,15 +412,26 @@ fn invalid_pdu_type() {
     let mut dec = controller();
     let err = decode_err(&mut dec, &[0x08, 0, 24, 0, 24, 0, 0, 0]);
     assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::PduType));
-    assert_eq!(err.fatal_status(), Some(FatalErrorStatus::INVALID_PDU_HEADER_FIELD));
+    assert_eq!(
+        err.fatal_status(),
+        Some(FatalErrorStatus::INVALID_PDU_HEADER_FIELD)
+    );
     assert_eq!(err.fei(), 0);
     // A controller must not receive controller-to-host PDUs.
-    let resp = Pdu::CapsuleResp(CapsuleResp { cqe: Cqe::default() }).encode(&EncodeOptions::default()).unwrap();
-    assert_eq!(decode_err(&mut dec, &resp.to_vec()), DecodeError::InvalidHeaderField(HeaderField::PduType));
+    let resp = Pdu::CapsuleResp(CapsuleResp { cqe: Cqe::default() })
+        .encode(&EncodeOptions::default())
+        .unwrap();
+    assert_eq!(
+        decode_err(&mut dec, &resp.to_vec()),
+        DecodeError::InvalidHeaderField(HeaderField::PduType)
+    );
     // ... and a host none of the host-to-controller ones.
     let mut host = PduDecoder::new(DecoderConfig::host());
     let cmd = capsule_bytes(0, 72, 0, 72);
-    assert_eq!(decode_err(&mut host, &cmd), DecodeError::InvalidHeaderField(HeaderField::PduType));
+    assert_eq!(
+        decode_err(&mut host, &cmd),
+        DecodeError::InvalidHeaderField(HeaderField::PduType)
+    );
 }
 
 #[test]
@@ -310,8 +452,13 @@ fn invalid_flags() {
         DecodeError::InvalidHeaderField(HeaderField::Flags)
     );
     // Header digest negotiated but HDGSTF clear.
-    let mut with_digest =
-        PduDecoder::new(DecoderConfig { digests: Digests { header: true, data: false }, ..DecoderConfig::controller() });
+    let mut with_digest = PduDecoder::new(DecoderConfig {
+        digests: Digests {
+            header: true,
+            data: false,
+        },
+        ..DecoderConfig::controller()
+    });
     assert_eq!(
         decode_err(&mut with_digest, &capsule_bytes(0x00, 72, 0, 72)),
         DecodeError::InvalidHeaderField(HeaderField::Flags)
@@ -319,14 +466,25 @@ fn invalid_flags() {
     // ICReq has no flags at all.
     let mut icreq = vec![0x00, 0x01, 128, 0, 128, 0, 0, 0];
     icreq.resize(128, 0);
-    assert_eq!(decode_err(&mut dec, &icreq), DecodeError::InvalidHeaderField(HeaderField::Flags));
+    assert_eq!(
+        decode_err(&mut dec, &icreq),
+        DecodeError::InvalidHeaderField(HeaderField::Flags)
+    );
     // C2HData: SUCCESS requires LAST_PDU.
     let mut host = PduDecoder::new(DecoderConfig::host());
-    let mut c2h = vec![0x07, 0x08, 24, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0];
+    let mut c2h = vec![
+        0x07, 0x08, 24, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0,
+    ];
     c2h.extend_from_slice(b"data");
-    assert_eq!(decode_err(&mut host, &c2h), DecodeError::InvalidHeaderField(HeaderField::Flags));
+    assert_eq!(
+        decode_err(&mut host, &c2h),
+        DecodeError::InvalidHeaderField(HeaderField::Flags)
+    );
     c2h[1] = 0x0c;
-    assert!(matches!(host.decode(&mut BytesMut::from(&c2h[..])), Ok(Some(Pdu::C2hData(_)))));
+    assert!(matches!(
+        host.decode(&mut BytesMut::from(&c2h[..])),
+        Ok(Some(Pdu::C2hData(_)))
+    ));
 }
 
 #[test]
@@ -343,8 +501,13 @@ fn invalid_data_offset() {
     assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::DataOffset));
     assert_eq!(err.fei(), 3);
     // Data PDUs must carry data.
-    let h2c = [0x06, 0x04, 24, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    assert_eq!(decode_err(&mut controller(), &h2c), DecodeError::InvalidHeaderField(HeaderField::DataOffset));
+    let h2c = [
+        0x06, 0x04, 24, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(
+        decode_err(&mut controller(), &h2c),
+        DecodeError::InvalidHeaderField(HeaderField::DataOffset)
+    );
 }
 
 #[test]
@@ -352,7 +515,11 @@ fn invalid_pdu_length() {
     let mut dec = controller();
     for plen in [0u32, 71, 73] {
         let err = decode_err(&mut dec, &capsule_bytes(0, 72, 0, plen));
-        assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::PduLength), "plen {plen}");
+        assert_eq!(
+            err,
+            DecodeError::InvalidHeaderField(HeaderField::PduLength),
+            "plen {plen}"
+        );
         assert_eq!(err.fei(), 4);
     }
     // PDO set but no data after it.
@@ -363,16 +530,24 @@ fn invalid_pdu_length() {
     // ICReq is exactly 128 bytes.
     let mut icreq = vec![0x00, 0x00, 128, 0, 129, 0, 0, 0];
     icreq.resize(129, 0);
-    assert_eq!(decode_err(&mut dec, &icreq), DecodeError::InvalidHeaderField(HeaderField::PduLength));
+    assert_eq!(
+        decode_err(&mut dec, &icreq),
+        DecodeError::InvalidHeaderField(HeaderField::PduLength)
+    );
     // A TermReq quotes at most 128 bytes.
     let mut term = vec![0x02, 0x00, 24, 0, 153, 0, 0, 0];
     term.resize(153, 0);
-    assert_eq!(decode_err(&mut dec, &term), DecodeError::InvalidHeaderField(HeaderField::PduLength));
+    assert_eq!(
+        decode_err(&mut dec, &term),
+        DecodeError::InvalidHeaderField(HeaderField::PduLength)
+    );
 }
 
 #[test]
 fn data_length_must_match_plen() {
-    let mut v = vec![0x06, 0x04, 24, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0];
+    let mut v = vec![
+        0x06, 0x04, 24, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,
+    ];
     v.extend_from_slice(b"data");
     let err = decode_err(&mut controller(), &v);
     assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::DataLength));
@@ -385,22 +560,51 @@ fn oversized_pdu_is_refused_from_its_first_eight_bytes() {
     // An H2CData announcing 1 GiB: refused before a single data byte arrives.
     let mut buf = BytesMut::from(&[0x06u8, 0x04, 24, 24, 0x18, 0x00, 0x00, 0x40][..]);
     let err = dec.decode(&mut buf).unwrap_err();
-    assert_eq!(err, DecodeError::DataLimitExceeded { len: 0x4000_0000, max: 128 * 1024 });
-    assert_eq!(err.fatal_status(), Some(FatalErrorStatus::DATA_TRANSFER_LIMIT_EXCEEDED));
+    assert_eq!(
+        err,
+        DecodeError::DataLimitExceeded {
+            len: 0x4000_0000,
+            max: 128 * 1024
+        }
+    );
+    assert_eq!(
+        err.fatal_status(),
+        Some(FatalErrorStatus::DATA_TRANSFER_LIMIT_EXCEEDED)
+    );
     // In-capsule data beyond the capsule limit, likewise.
     let mut buf = BytesMut::from(&capsule_bytes(0, 72, 72, 72 + 8193)[..8]);
-    assert_eq!(dec.decode(&mut buf).unwrap_err(), DecodeError::DataLimitExceeded { len: 8193, max: 8192 });
+    assert_eq!(
+        dec.decode(&mut buf).unwrap_err(),
+        DecodeError::DataLimitExceeded { len: 8193, max: 8192 }
+    );
     // PLEN beyond 32 bits of sense: a 4 GiB TermReq.
     let mut buf = BytesMut::from(&[0x02u8, 0, 24, 0, 0xff, 0xff, 0xff, 0xff][..]);
-    assert_eq!(dec.decode(&mut buf).unwrap_err(), DecodeError::InvalidHeaderField(HeaderField::PduLength));
+    assert_eq!(
+        dec.decode(&mut buf).unwrap_err(),
+        DecodeError::InvalidHeaderField(HeaderField::PduLength)
+    );
 }
 
 #[test]
 fn header_digest_error_is_fatal_and_leaves_the_buffer() {
-    let opts = EncodeOptions { digests: Digests::BOTH, pda: 0 };
-    let mut wire = Pdu::R2t(R2t { cccid: 1, ttag: 2, r2to: 0, r2tl: 4096 }).encode(&opts).unwrap().to_vec();
+    let opts = EncodeOptions {
+        digests: Digests::BOTH,
+        pda: 0,
+    };
+    let mut wire = Pdu::R2t(R2t {
+        cccid: 1,
+        ttag: 2,
+        r2to: 0,
+        r2tl: 4096,
+    })
+    .encode(&opts)
+    .unwrap()
+    .to_vec();
     wire[12] ^= 0x80; // flip a bit of R2TO
-    let mut host = PduDecoder::new(DecoderConfig { digests: Digests::BOTH, ..DecoderConfig::host() });
+    let mut host = PduDecoder::new(DecoderConfig {
+        digests: Digests::BOTH,
+        ..DecoderConfig::host()
+    });
     let err = decode_err(&mut host, &wire);
     assert!(matches!(err, DecodeError::HeaderDigest { .. }));
     assert_eq!(err.fatal_status(), Some(FatalErrorStatus::HEADER_DIGEST_ERROR));
@@ -411,19 +615,39 @@ fn header_digest_error_is_fatal_and_leaves_the_buffer() {
 
 #[test]
 fn data_digest_error_consumes_the_pdu_and_keeps_the_stream_in_sync() {
-    let opts = EncodeOptions { digests: Digests::BOTH, pda: 0 };
-    let bad = Pdu::H2cData(H2cData { cccid: 0x42, ttag: 3, datao: 0, last: true, data: Payload::from(vec![1u8; 512]) });
+    let opts = EncodeOptions {
+        digests: Digests::BOTH,
+        pda: 0,
+    };
+    let bad = Pdu::H2cData(H2cData {
+        cccid: 0x42,
+        ttag: 3,
+        datao: 0,
+        last: true,
+        data: Payload::from(vec![1u8; 512]),
+    });
     let mut wire = bad.encode(&opts).unwrap().to_vec();
     let last = wire.len() - 10;
     wire[last] ^= 1; // corrupt one data byte
-    let good = Pdu::CapsuleCmd(CapsuleCmd { sqe: Sqe::zeroed(), data: Payload::new() });
+    let good = Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: Sqe::zeroed(),
+        data: Payload::new(),
+    });
     wire.extend_from_slice(&good.clone().encode(&opts).unwrap().to_vec());
-    let mut dec = PduDecoder::new(DecoderConfig { digests: Digests::BOTH, ..DecoderConfig::controller() });
+    let mut dec = PduDecoder::new(DecoderConfig {
+        digests: Digests::BOTH,
+        ..DecoderConfig::controller()
+    });
     let mut buf = BytesMut::from(&wire[..]);
     let err = dec.decode(&mut buf).unwrap_err();
     assert!(matches!(
         err,
-        DecodeError::DataDigest { pdu_type: nvmeof_proto::PduType::H2cData, cccid: 0x42, ttag: 3, .. }
+        DecodeError::DataDigest {
+            pdu_type: nvmeof_proto::PduType::H2cData,
+            cccid: 0x42,
+            ttag: 3,
+            ..
+        }
     ));
     assert!(!err.is_fatal());
     assert_eq!(TermReq::for_error(&err, &wire), None);
@@ -433,7 +657,12 @@ fn data_digest_error_consumes_the_pdu_and_keeps_the_stream_in_sync() {
 
 #[test]
 fn icreq_parameters_are_validated() {
-    let ok = IcReq { pfv: 0, hpda: 31, digests: Digests::NONE, maxr2t: 0 };
+    let ok = IcReq {
+        pfv: 0,
+        hpda: 31,
+        digests: Digests::NONE,
+        maxr2t: 0,
+    };
     assert_eq!(ok.validate(), Ok(()));
     let err = IcReq { pfv: 1, ..ok }.validate().unwrap_err();
     assert_eq!(err.fatal_status(), Some(FatalErrorStatus::UNSUPPORTED_PARAMETER));
@@ -441,15 +670,46 @@ fn icreq_parameters_are_validated() {
     let err = IcReq { hpda: 32, ..ok }.validate().unwrap_err();
     assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::DataAlignment));
     assert_eq!(err.fei(), 10);
-    let resp = IcResp { pfv: 0, cpda: 0, digests: Digests::NONE, maxh2cdata: 4096 };
+    let resp = IcResp {
+        pfv: 0,
+        cpda: 0,
+        digests: Digests::NONE,
+        maxh2cdata: 4096,
+    };
     assert_eq!(resp.validate(), Ok(()));
-    assert_eq!(IcResp { maxh2cdata: 4095, ..resp }.validate().unwrap_err().fei(), 12);
-    assert_eq!(IcResp { maxh2cdata: 4098, ..resp }.validate().unwrap_err().fei(), 12);
+    assert_eq!(
+        IcResp {
+            maxh2cdata: 4095,
+            ..resp
+        }
+        .validate()
+        .unwrap_err()
+        .fei(),
+        12
+    );
+    assert_eq!(
+        IcResp {
+            maxh2cdata: 4098,
+            ..resp
+        }
+        .validate()
+        .unwrap_err()
+        .fei(),
+        12
+    );
 }
 
 #[test]
 fn incomplete_input_says_how_much_is_missing() {
-    let wire = Pdu::R2t(R2t { cccid: 1, ttag: 2, r2to: 0, r2tl: 4096 }).encode(&EncodeOptions::default()).unwrap().to_vec();
+    let wire = Pdu::R2t(R2t {
+        cccid: 1,
+        ttag: 2,
+        r2to: 0,
+        r2tl: 4096,
+    })
+    .encode(&EncodeOptions::default())
+    .unwrap()
+    .to_vec();
     let mut dec = PduDecoder::new(DecoderConfig::host());
     let mut buf = BytesMut::new();
     assert_eq!(dec.decode(&mut buf).unwrap(), None);
@@ -467,7 +727,10 @@ fn incomplete_input_says_how_much_is_missing() {
 
 #[test]
 fn decoder_config_describes_the_largest_pdu() {
-    let cfg = DecoderConfig { direction: Some(Direction::HostToController), ..DecoderConfig::controller() };
+    let cfg = DecoderConfig {
+        direction: Some(Direction::HostToController),
+        ..DecoderConfig::controller()
+    };
     assert!(cfg.max_pdu_len() >= 128 * 1024 + 24 + 4);
     assert!(cfg.max_pdu_len() <= 128 * 1024 + 256);
 }

@@ -42,7 +42,7 @@ pub const DISCOVERY_LOG_HEADER_LEN: usize = 1024;
 pub const DISCOVERY_LOG_ENTRY_LEN: usize = 1024;
 
 /// CNTLID of an entry for a subsystem using the dynamic controller model (any controller).
-pub const CNTLID_DYNAMIC: u16 = 0xffff;
+pub use super::fabrics::CNTLID_DYNAMIC;
 
 /// The ASQSZ [`DiscoveryLogEntry::tcp`] reports: the 32 admin queue entries the specification requires
 /// as a minimum (and Linux nvmet reports).

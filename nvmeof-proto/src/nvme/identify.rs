@@ -4,7 +4,7 @@
 //!
 //! Every Identify answer is a 4096-byte data transfer ([`IDENTIFY_DATA_LEN`]). This module holds:
 //!
-//! - [`Cns`]: which structure a command asks for, and [`IdentifyCommand`] to decode the command dwords;
+//! - [`Cns`]: which structure a command asks for (the command dwords: [`super::nvm::IdentifyCommand`]);
 //! - [`IdentifyController`] (CNS 01h) with its [`PowerStateDescriptor`]s and the capability bit constants
 //!   (`ONCS_*`, `SGLS_*`, `OAES_*`, …);
 //! - [`IdentifyNamespace`] (CNS 00h) with its [`LbaFormat`]s;
@@ -24,13 +24,11 @@ use std::collections::BTreeSet;
 use zerocopy::little_endian::{U128, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::sqe::Sqe;
-
 /// Size of every Identify data structure in bytes.
 pub const IDENTIFY_DATA_LEN: usize = 4096;
 
 /// Longest NVMe Qualified Name in bytes (the 256-byte NQN fields hold at most 223 bytes plus a NUL).
-pub const NQN_MAX_LEN: usize = 223;
+pub use super::fabrics::NQN_MAX_LEN;
 
 /// The broadcast namespace identifier (`FFFFFFFFh`): never an active namespace.
 pub const NSID_BROADCAST: u32 = 0xffff_ffff;
@@ -168,55 +166,6 @@ pub const CSI_NVM: u8 = 0x00;
 pub const CSI_KV: u8 = 0x01;
 /// Command Set Identifier (CSI) of the Zoned Namespace Command Set.
 pub const CSI_ZNS: u8 = 0x02;
-
-/// The parameters of an Identify command (admin opcode `06h`), decoded from its SQE.
-///
-/// | dword | bits | field |
-/// | --- | --- | --- |
-/// | NSID | | namespace identifier (or "greater than" bound for lists) |
-/// | CDW10 | 7:0 | CNS |
-/// | CDW10 | 31:16 | CNTID (controller identifier) |
-/// | CDW11 | 15:0 | CNS specific identifier (NVM set, endurance group, domain…) |
-/// | CDW11 | 31:24 | CSI |
-/// | CDW14 | 6:0 | UUID index |
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IdentifyCommand {
-    /// Namespace identifier of the command.
-    pub nsid: u32,
-    /// Raw CNS value (see [`Cns::from_u8`]).
-    pub cns: u8,
-    /// Controller identifier.
-    pub cntid: u16,
-    /// CNS specific identifier.
-    pub cns_specific_id: u16,
-    /// Command Set Identifier.
-    pub csi: u8,
-    /// UUID index.
-    pub uuid_index: u8,
-}
-
-impl IdentifyCommand {
-    /// Decodes the Identify fields of `sqe` (the opcode is not checked).
-    #[must_use]
-    pub fn from_sqe(sqe: &Sqe) -> Self {
-        let cdw10 = sqe.cdw10.get();
-        let cdw11 = sqe.cdw11.get();
-        Self {
-            nsid: sqe.nsid.get(),
-            cns: (cdw10 & 0xff) as u8,
-            cntid: (cdw10 >> 16) as u16,
-            cns_specific_id: (cdw11 & 0xffff) as u16,
-            csi: (cdw11 >> 24) as u8,
-            uuid_index: (sqe.cdw14.get() & 0x7f) as u8,
-        }
-    }
-
-    /// The CNS value, if known.
-    #[must_use]
-    pub fn cns_kind(&self) -> Option<Cns> {
-        Cns::from_u8(self.cns)
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Text fields
@@ -1506,29 +1455,6 @@ mod tests {
         assert_eq!(Cns::from_u8(0x1c), Some(Cns::IoCommandSet));
         assert_eq!(Cns::from_u8(0x09), None);
         assert_eq!(Cns::from_u8(0xff), None);
-    }
-
-    #[test]
-    fn identify_command_decodes_dwords() {
-        let mut sqe = Sqe::zeroed();
-        sqe.opcode = 0x06;
-        sqe.nsid = U32::new(7);
-        sqe.cdw10 = U32::new(0x0012_0003);
-        sqe.cdw11 = U32::new(0x0200_0005);
-        sqe.cdw14 = U32::new(0x85);
-        let cmd = IdentifyCommand::from_sqe(&sqe);
-        assert_eq!(
-            cmd,
-            IdentifyCommand {
-                nsid: 7,
-                cns: 3,
-                cntid: 0x12,
-                cns_specific_id: 5,
-                csi: CSI_ZNS,
-                uuid_index: 5
-            }
-        );
-        assert_eq!(cmd.cns_kind(), Some(Cns::NamespaceIdDescriptors));
     }
 
     #[test]

@@ -1,8 +1,7 @@
 //! Log pages (NVMe Base Specification, "Get Log Page command" and "Log Page Identifiers").
 //!
 //! - [`LogPageId`]: the log page identifiers (LID, Get Log Page CDW10 bits 7:0);
-//! - [`GetLogPageCommand`]: the Get Log Page parameters decoded from an SQE (length in dwords, 64-bit
-//!   offset, LSP, RAE, LSI, CSI);
+//! - the Get Log Page command's parameters are decoded by [`super::nvm::GetLogPageCommand`];
 //! - [`copy_window`]: the window `[offset, offset + len)` of a page, zero filled past its end — hosts read
 //!   log pages in pieces;
 //! - fixed-layout pages: [`SupportedLogPages`] (00h), [`ErrorInformationEntry`] (01h), [`SmartLog`]
@@ -19,7 +18,6 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use super::identify::{
     field_str, fill_space_padded, smallest_distinct, NamespaceIdList, StringFieldError, NSID_BROADCAST,
 };
-use super::sqe::Sqe;
 use super::status::Status;
 
 /// Log Page Identifier (LID).
@@ -171,80 +169,6 @@ impl LogPageId {
 // ---------------------------------------------------------------------------------------------------
 // Get Log Page command and windows
 // ---------------------------------------------------------------------------------------------------
-
-/// The parameters of a Get Log Page command (admin opcode `02h`), decoded from its SQE.
-///
-/// | dword | bits | field |
-/// | --- | --- | --- |
-/// | CDW10 | 7:0 | LID |
-/// | CDW10 | 14:8 | LSP: log specific parameter |
-/// | CDW10 | 15 | RAE: retain asynchronous event |
-/// | CDW10 | 31:16 | NUMDL: number of dwords, low (0's based with NUMDU) |
-/// | CDW11 | 15:0 | NUMDU |
-/// | CDW11 | 31:16 | LSI: log specific identifier |
-/// | CDW12 | 31:0 | LPOL: log page offset, low |
-/// | CDW13 | 31:0 | LPOU: log page offset, high |
-/// | CDW14 | 6:0 | UUID index |
-/// | CDW14 | 23 | OT: offset type (set: the offset is an index into a list of entries) |
-/// | CDW14 | 31:24 | CSI |
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GetLogPageCommand {
-    /// Namespace identifier of the command.
-    pub nsid: u32,
-    /// Raw log page identifier (see [`LogPageId::from_u8`]).
-    pub lid: u8,
-    /// Log specific parameter.
-    pub lsp: u8,
-    /// Retain Asynchronous Event.
-    pub rae: bool,
-    /// Number of dwords to transfer (already 1-based: 1..=2^32).
-    pub numd: u64,
-    /// Log specific identifier.
-    pub lsi: u16,
-    /// Log page offset: bytes, or an entry index when [`Self::offset_is_index`].
-    pub offset: u64,
-    /// UUID index.
-    pub uuid_index: u8,
-    /// Offset type: the offset is an index, not a byte offset.
-    pub offset_is_index: bool,
-    /// Command Set Identifier.
-    pub csi: u8,
-}
-
-impl GetLogPageCommand {
-    /// Decodes the Get Log Page fields of `sqe` (the opcode is not checked).
-    #[must_use]
-    pub fn from_sqe(sqe: &Sqe) -> Self {
-        let cdw10 = sqe.cdw10.get();
-        let cdw11 = sqe.cdw11.get();
-        let cdw14 = sqe.cdw14.get();
-        let numd_0based = (cdw10 >> 16) | ((cdw11 & 0xffff) << 16);
-        Self {
-            nsid: sqe.nsid.get(),
-            lid: (cdw10 & 0xff) as u8,
-            lsp: ((cdw10 >> 8) & 0x7f) as u8,
-            rae: cdw10 & (1 << 15) != 0,
-            numd: u64::from(numd_0based) + 1,
-            lsi: (cdw11 >> 16) as u16,
-            offset: u64::from(sqe.cdw12.get()) | (u64::from(sqe.cdw13.get()) << 32),
-            uuid_index: (cdw14 & 0x7f) as u8,
-            offset_is_index: cdw14 & (1 << 23) != 0,
-            csi: (cdw14 >> 24) as u8,
-        }
-    }
-
-    /// The log page, if its identifier is known.
-    #[must_use]
-    pub fn log_page(&self) -> Option<LogPageId> {
-        LogPageId::from_u8(self.lid)
-    }
-
-    /// Bytes to transfer (`numd * 4`, at most 16 GiB).
-    #[must_use]
-    pub fn len_bytes(&self) -> u64 {
-        self.numd * 4
-    }
-}
 
 /// Copies the window `[offset, offset + out.len())` of `page` into `out`; bytes past the end of the
 /// page (or all of them, if `offset` is past the end) are zero.
@@ -749,39 +673,6 @@ mod tests {
         assert_eq!(LogPageId::from_u8(0x81), Some(LogPageId::SanitizeStatus));
         assert_eq!(LogPageId::from_u8(0x17), None);
         assert_eq!(LogPageId::from_u8(0xc0), None);
-    }
-
-    #[test]
-    fn get_log_page_decodes_dwords() {
-        let mut sqe = Sqe::zeroed();
-        sqe.opcode = 0x02;
-        sqe.nsid = U32::new(0xffff_ffff);
-        // LID 70h, LSP 1, RAE, NUMDL 0xffff.
-        sqe.cdw10 = U32::new(0xffff_8170);
-        // NUMDU 1, LSI 0x1234.
-        sqe.cdw11 = U32::new(0x1234_0001);
-        sqe.cdw12 = U32::new(0x400);
-        sqe.cdw13 = U32::new(0x1);
-        sqe.cdw14 = U32::new((2 << 24) | (1 << 23) | 0x05);
-        let cmd = GetLogPageCommand::from_sqe(&sqe);
-        assert_eq!(cmd.lid, 0x70);
-        assert_eq!(cmd.log_page(), Some(LogPageId::Discovery));
-        assert_eq!(cmd.lsp, 1);
-        assert!(cmd.rae);
-        assert_eq!(cmd.numd, 0x2_0000);
-        assert_eq!(cmd.len_bytes(), 0x8_0000);
-        assert_eq!(cmd.lsi, 0x1234);
-        assert_eq!(cmd.offset, 0x1_0000_0400);
-        assert_eq!(cmd.uuid_index, 5);
-        assert!(cmd.offset_is_index);
-        assert_eq!(cmd.csi, 2);
-
-        // NUMD is 0's based: all zero means one dword; all ones means 2^32 dwords.
-        let mut zero = Sqe::zeroed();
-        assert_eq!(GetLogPageCommand::from_sqe(&zero).numd, 1);
-        zero.cdw10 = U32::new(0xffff_0000);
-        zero.cdw11 = U32::new(0x0000_ffff);
-        assert_eq!(GetLogPageCommand::from_sqe(&zero).len_bytes(), 1 << 34);
     }
 
     #[test]

@@ -363,6 +363,12 @@ impl IdentifyCommand {
         }
     }
 
+    /// The CNS value, if this crate knows it.
+    #[must_use]
+    pub fn cns_kind(&self) -> Option<super::identify::Cns> {
+        super::identify::Cns::from_u8(self.cns)
+    }
+
     /// Writes CDW10, CDW11 and CDW14.
     pub fn apply(&self, sqe: &mut Sqe) {
         sqe.cdw10 = U32::new(u32::from(self.cns) | (u32::from(self.cntid) << 16));
@@ -450,6 +456,12 @@ impl GetLogPageCommand {
         sqe.cdw12 = U32::new(self.offset as u32);
         sqe.cdw13 = U32::new((self.offset >> 32) as u32);
         sqe.cdw14 = U32::new(flag(self.offset_is_index, 23) | (u32::from(self.csi) << 24));
+    }
+
+    /// The log page, if this crate knows its identifier.
+    #[must_use]
+    pub fn log_page(&self) -> Option<super::log::LogPageId> {
+        super::log::LogPageId::from_u8(self.lid)
     }
 
     /// Number of bytes requested: (NUMD + 1) × 4.

@@ -137,8 +137,14 @@ mod tests {
             d.as_bytes(),
             &[0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x20, 0, 0, 0, 0, 0, 0x5a]
         );
-        assert_eq!(d.data_location(), Some(DataLocation::Transport { length: 0x2000 }));
-        assert_eq!(SglDescriptor::transport(0).data_location(), Some(DataLocation::None));
+        assert_eq!(
+            d.data_location(),
+            Some(DataLocation::Transport { length: 0x2000 })
+        );
+        assert_eq!(
+            SglDescriptor::transport(0).data_location(),
+            Some(DataLocation::None)
+        );
     }
 
     #[test]

@@ -112,7 +112,10 @@ impl PduDecoder {
     /// A decoder with the given configuration.
     #[must_use]
     pub const fn new(config: DecoderConfig) -> Self {
-        Self { config, needed: COMMON_HEADER_LEN }
+        Self {
+            config,
+            needed: COMMON_HEADER_LEN,
+        }
     }
 
     /// The current configuration.
@@ -181,8 +184,15 @@ impl PduDecoder {
         }
         let plen = usize::try_from(ch.plen.get()).map_err(|_| invalid(HeaderField::PduLength))?;
         let header_end = hlen + if header_digest { DIGEST_LEN } else { 0 };
-        let mut layout =
-            Layout { pdu_type, flags: ch.flags, plen, hlen, header_digest, data: None, data_digest: false };
+        let mut layout = Layout {
+            pdu_type,
+            flags: ch.flags,
+            plen,
+            hlen,
+            header_digest,
+            data: None,
+            data_digest: false,
+        };
 
         match pdu_type {
             PduType::IcReq | PduType::IcResp | PduType::CapsuleResp | PduType::R2t => {
@@ -267,7 +277,9 @@ fn check_header_digest(buf: &[u8], hlen: usize) -> Result<(), DecodeError> {
 
 /// Parses a PDU-specific header from the front of `buf` (already known to hold `plen` bytes).
 fn header<T: FromBytes>(buf: &[u8]) -> Result<T, DecodeError> {
-    T::read_from_prefix(buf).map(|(h, _)| h).map_err(|_| invalid(HeaderField::HeaderLength))
+    T::read_from_prefix(buf)
+        .map(|(h, _)| h)
+        .map_err(|_| invalid(HeaderField::HeaderLength))
 }
 
 /// Builds the PDU from a buffer holding all of it; consumes exactly `plen` bytes, except on a fatal
@@ -298,12 +310,21 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
         }
         PduType::R2t => {
             let h: R2tHeader = header(buf)?;
-            Pdu::R2t(R2t { cccid: h.cccid.get(), ttag: h.ttag.get(), r2to: h.r2to.get(), r2tl: h.r2tl.get() })
+            Pdu::R2t(R2t {
+                cccid: h.cccid.get(),
+                ttag: h.ttag.get(),
+                r2to: h.r2to.get(),
+                r2tl: h.r2tl.get(),
+            })
         }
         PduType::H2cTermReq | PduType::C2hTermReq => {
             let h: TermReqHeader = header(buf)?;
             let data = take_data(buf, layout).to_bytes();
-            let t = TermReq { fes: FatalErrorStatus(h.fes.get()), fei: h.fei.get(), data };
+            let t = TermReq {
+                fes: FatalErrorStatus(h.fes.get()),
+                fei: h.fei.get(),
+                data,
+            };
             return Ok(if layout.pdu_type == PduType::H2cTermReq {
                 Pdu::H2cTermReq(t)
             } else {
@@ -312,28 +333,55 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
         }
         PduType::CapsuleCmd => {
             let h: CapsuleCmdHeader = header(buf)?;
-            let ctx = DigestContext { pdu_type: layout.pdu_type, cccid: h.sqe.cid.get(), ttag: 0 };
+            let ctx = DigestContext {
+                pdu_type: layout.pdu_type,
+                cccid: h.sqe.cid.get(),
+                ttag: 0,
+            };
             let data = take_checked_data(buf, layout, ctx)?;
             return Ok(Pdu::CapsuleCmd(CapsuleCmd { sqe: h.sqe, data }));
         }
         PduType::H2cData | PduType::C2hData => {
             let h: DataHeader = header(buf)?;
             let datal = h.datal.get();
-            if layout.data.is_none_or(|(_, len)| Ok(len) != usize::try_from(datal)) {
+            if layout
+                .data
+                .is_none_or(|(_, len)| Ok(len) != usize::try_from(datal))
+            {
                 return Err(invalid(HeaderField::DataLength));
             }
             let last = layout.flags & flags::LAST_PDU != 0;
             let (cccid, datao) = (h.cccid.get(), h.datao.get());
             if layout.pdu_type == PduType::H2cData {
                 let ttag = h.ttag.get();
-                let ctx = DigestContext { pdu_type: layout.pdu_type, cccid, ttag };
+                let ctx = DigestContext {
+                    pdu_type: layout.pdu_type,
+                    cccid,
+                    ttag,
+                };
                 let data = take_checked_data(buf, layout, ctx)?;
-                return Ok(Pdu::H2cData(H2cData { cccid, ttag, datao, last, data }));
+                return Ok(Pdu::H2cData(H2cData {
+                    cccid,
+                    ttag,
+                    datao,
+                    last,
+                    data,
+                }));
             }
             let success = layout.flags & flags::SUCCESS != 0;
-            let ctx = DigestContext { pdu_type: layout.pdu_type, cccid, ttag: 0 };
+            let ctx = DigestContext {
+                pdu_type: layout.pdu_type,
+                cccid,
+                ttag: 0,
+            };
             let data = take_checked_data(buf, layout, ctx)?;
-            return Ok(Pdu::C2hData(C2hData { cccid, datao, last, success, data }));
+            return Ok(Pdu::C2hData(C2hData {
+                cccid,
+                datao,
+                last,
+                success,
+                data,
+            }));
         }
     };
     buf.advance(layout.plen);
@@ -357,7 +405,11 @@ struct DigestContext {
 }
 
 /// Like [`take_data`], verifying the data digest if there is one. A mismatch still consumes the PDU.
-fn take_checked_data(buf: &mut BytesMut, layout: &Layout, ctx: DigestContext) -> Result<Payload, DecodeError> {
+fn take_checked_data(
+    buf: &mut BytesMut,
+    layout: &Layout,
+    ctx: DigestContext,
+) -> Result<Payload, DecodeError> {
     let expected = match layout.data {
         Some((start, len)) if layout.data_digest => {
             let computed = crc32c(buf.get(start..start + len).unwrap_or_default());

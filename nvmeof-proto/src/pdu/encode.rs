@@ -121,7 +121,11 @@ impl Pdu {
 
     /// Encodes the PDU, writing its header into `scratch`, which is cleared first and whose spare
     /// capacity is reused from call to call (keep one per connection). The payload is moved, not copied.
-    pub fn encode_with(self, opts: &EncodeOptions, scratch: &mut BytesMut) -> Result<EncodedPdu, EncodeError> {
+    pub fn encode_with(
+        self,
+        opts: &EncodeOptions,
+        scratch: &mut BytesMut,
+    ) -> Result<EncodedPdu, EncodeError> {
         let pdu_type = self.pdu_type();
         let hlen = usize::from(pdu_type.header_len());
         let header_digest = pdu_type.has_digests() && opts.digests.header;
@@ -137,7 +141,11 @@ impl Pdu {
             Pdu::IcReq(_) | Pdu::IcResp(_) | Pdu::CapsuleResp(_) | Pdu::R2t(_) => (Payload::new(), false),
         };
         let data_digest = with_data_offset && opts.digests.data;
-        let pdo = if with_data_offset { data_offset(pdu_type, header_digest, opts.pda) } else { 0 };
+        let pdo = if with_data_offset {
+            data_offset(pdu_type, header_digest, opts.pda)
+        } else {
+            0
+        };
         let data_start = if with_data_offset { pdo } else { header_end };
         let plen = data_start + data.len() + if data_digest { DIGEST_LEN } else { 0 };
         let plen = u32::try_from(plen).map_err(|_| EncodeError::TooLarge { len: data.len() })?;
@@ -170,7 +178,11 @@ impl Pdu {
         let header = scratch.split().freeze();
 
         let data_digest = data_digest.then(|| data.crc32c().to_le_bytes());
-        Ok(EncodedPdu { header, data, data_digest })
+        Ok(EncodedPdu {
+            header,
+            data,
+            data_digest,
+        })
     }
 }
 
@@ -199,7 +211,13 @@ fn write_header(pdu: &Pdu, mut ch: CommonHeader, datal: u32, out: &mut BytesMut)
             .as_bytes(),
         ),
         Pdu::H2cTermReq(t) | Pdu::C2hTermReq(t) => out.put_slice(
-            TermReqHeader { ch, fes: U16::new(t.fes.0), fei: U32::new(t.fei), reserved: [0; 10] }.as_bytes(),
+            TermReqHeader {
+                ch,
+                fes: U16::new(t.fes.0),
+                fei: U32::new(t.fei),
+                reserved: [0; 10],
+            }
+            .as_bytes(),
         ),
         Pdu::CapsuleCmd(c) => out.put_slice(CapsuleCmdHeader { ch, sqe: c.sqe }.as_bytes()),
         Pdu::CapsuleResp(r) => out.put_slice(CapsuleRespHeader { ch, cqe: r.cqe }.as_bytes()),

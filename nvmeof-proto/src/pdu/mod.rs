@@ -145,7 +145,10 @@ impl PduType {
     /// True for types that carry a header digest when header digests are enabled.
     #[must_use]
     pub const fn has_digests(self) -> bool {
-        !matches!(self, Self::IcReq | Self::IcResp | Self::H2cTermReq | Self::C2hTermReq)
+        !matches!(
+            self,
+            Self::IcReq | Self::IcResp | Self::H2cTermReq | Self::C2hTermReq
+        )
     }
 
     /// True for types whose data starts at PDO and may be protected by a data digest.
@@ -166,14 +169,23 @@ pub struct Digests {
 
 impl Digests {
     /// No digests.
-    pub const NONE: Self = Self { header: false, data: false };
+    pub const NONE: Self = Self {
+        header: false,
+        data: false,
+    };
     /// Header and data digests.
-    pub const BOTH: Self = Self { header: true, data: true };
+    pub const BOTH: Self = Self {
+        header: true,
+        data: true,
+    };
 
     /// Decodes the DGST byte of ICReq/ICResp (reserved bits ignored).
     #[must_use]
     pub const fn from_bits(bits: u8) -> Self {
-        Self { header: bits & 0x01 != 0, data: bits & 0x02 != 0 }
+        Self {
+            header: bits & 0x01 != 0,
+            data: bits & 0x02 != 0,
+        }
     }
 
     /// Encodes the DGST byte.
@@ -186,7 +198,10 @@ impl Digests {
     /// supports it.
     #[must_use]
     pub const fn intersect(self, other: Self) -> Self {
-        Self { header: self.header && other.header, data: self.data && other.data }
+        Self {
+            header: self.header && other.header,
+            data: self.data && other.data,
+        }
     }
 }
 
@@ -279,7 +294,11 @@ impl TermReq {
     pub fn for_error(err: &DecodeError, offending: &[u8]) -> Option<Self> {
         let fes = err.fatal_status()?;
         let quoted = offending.get(..TERM_REQ_MAX_DATA_LEN).unwrap_or(offending);
-        Some(Self { fes, fei: err.fei(), data: Bytes::copy_from_slice(quoted) })
+        Some(Self {
+            fes,
+            fei: err.fei(),
+            data: Bytes::copy_from_slice(quoted),
+        })
     }
 }
 
@@ -396,4 +415,3 @@ impl Pdu {
         }
     }
 }
-
