@@ -4,7 +4,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use nvmeof_proto::{PduDecoder, TermReq};
+use nvmeof_proto::{DecodeError, PduDecoder, TermReq};
 
 mod common;
 
@@ -27,8 +27,11 @@ fuzz_target!(|data: &[u8]| {
                 break;
             }
             Err(e) if e.is_fatal() => {
-                let term = TermReq::for_error(&e, &buf).expect("fatal errors map to a termination request");
-                assert!(term.data.len() <= 128);
+                // Every fatal error but a malformed termination request is answered with one.
+                match TermReq::for_error(&e, &buf) {
+                    Some(term) => assert!(term.data.len() >= 8.min(buf.len()) && term.data.len() <= 128),
+                    None => assert!(matches!(e, DecodeError::MalformedTermReq(_))),
+                }
                 break;
             }
             Err(_) => {}

@@ -106,7 +106,8 @@ impl HeaderField {
 ///
 /// "Not enough bytes yet" is *not* an error: the decoder returns `Ok(None)` for it. Every variant but
 /// [`DecodeError::DataDigest`] is fatal to the connection: the receiver sends a termination request with
-/// [`DecodeError::fatal_status`] and [`DecodeError::fei`], then closes.
+/// [`DecodeError::fatal_status`] and [`DecodeError::fei`] (none for [`DecodeError::MalformedTermReq`]),
+/// then closes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
@@ -133,9 +134,16 @@ pub enum DecodeError {
         /// The receiver's limit.
         max: u32,
     },
+    /// A termination request is itself malformed. The connection ends without a termination request
+    /// in reply (NVMe/TCP: invalid termination requests end the connection without reporting an
+    /// error).
+    #[error("malformed termination request: invalid {0:?}")]
+    MalformedTermReq(HeaderField),
     /// The data digest does not match the data. The PDU has been consumed and the stream is still in
     /// sync; the command it belongs to fails with *Transient Transport Error* (a receiver may also
-    /// choose to treat this as fatal).
+    /// choose to treat this as fatal, as Linux's target does). The fields say which command and which
+    /// part of its data, so the receiver can account for the transfer (a C2HData with `success` set
+    /// means no response capsule will follow).
     #[error("data digest mismatch in {pdu_type:?} for command {cccid:#06x}: received {received:#010x}, computed {computed:#010x}")]
     DataDigest {
         /// Type of the PDU whose data is corrupt.
@@ -144,6 +152,14 @@ pub enum DecodeError {
         cccid: u16,
         /// Transfer tag (H2CData only; zero otherwise).
         ttag: u16,
+        /// Data offset within the command's data (H2CData/C2HData; zero for a capsule).
+        datao: u32,
+        /// Length of the corrupt data.
+        datal: u32,
+        /// LAST_PDU was set.
+        last: bool,
+        /// SUCCESS was set (C2HData).
+        success: bool,
         /// Digest found in the PDU.
         received: u32,
         /// Digest computed over the received data.
@@ -152,7 +168,8 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The Fatal Error Status to put in the termination request, or `None` if the error is not fatal.
+    /// The Fatal Error Status to put in the termination request, or `None` if none is to be sent
+    /// (the error is not fatal, or the offending PDU was itself a termination request).
     #[must_use]
     pub const fn fatal_status(&self) -> Option<FatalErrorStatus> {
         match self {
@@ -160,7 +177,7 @@ impl DecodeError {
             Self::UnsupportedParameter(_) => Some(FatalErrorStatus::UNSUPPORTED_PARAMETER),
             Self::HeaderDigest { .. } => Some(FatalErrorStatus::HEADER_DIGEST_ERROR),
             Self::DataLimitExceeded { .. } => Some(FatalErrorStatus::DATA_TRANSFER_LIMIT_EXCEEDED),
-            Self::DataDigest { .. } => None,
+            Self::MalformedTermReq(_) | Self::DataDigest { .. } => None,
         }
     }
 
@@ -169,7 +186,9 @@ impl DecodeError {
     #[must_use]
     pub const fn fei(&self) -> u32 {
         match self {
-            Self::InvalidHeaderField(f) | Self::UnsupportedParameter(f) => f.offset(),
+            Self::InvalidHeaderField(f) | Self::UnsupportedParameter(f) | Self::MalformedTermReq(f) => {
+                f.offset()
+            }
             _ => 0,
         }
     }
@@ -177,6 +196,6 @@ impl DecodeError {
     /// True if the connection cannot continue after this error.
     #[must_use]
     pub const fn is_fatal(&self) -> bool {
-        self.fatal_status().is_some()
+        !matches!(self, Self::DataDigest { .. })
     }
 }

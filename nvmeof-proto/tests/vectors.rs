@@ -1,5 +1,7 @@
 //! Byte-exact PDU vectors, written by hand from the NVMe/TCP transport specification's field tables
-//! (and checked against the layouts the Linux host driver builds in `include/linux/nvme-tcp.h`).
+//! (and checked against the layouts the Linux host driver builds in `include/linux/nvme-tcp.h`; one
+//! difference: Linux's `nvme_tcp_term_pdu` leaves a hole before FEI, while the specification and SPDK
+//! put FEI at byte 10, as here — the Linux host only reads FES).
 //!
 //! Digests in these vectors come from a bit-by-bit CRC32C written here from the polynomial, so the codec's
 //! table/instruction-based CRC is checked against an independent oracle.
@@ -403,7 +405,7 @@ fn decode_err(dec: &mut PduDecoder, bytes: &[u8]) -> DecodeError {
 fn capsule_bytes(flags: u8, hlen: u8, pdo: u8, plen: u32) -> Vec<u8> {
     let mut v = vec![0x04, flags, hlen, pdo];
     v.extend_from_slice(&plen.to_le_bytes());
-    v.resize((plen as usize).clamp(8, 4096), 0);
+    v.resize((plen as usize).clamp(usize::from(hlen).max(8), 4096), 0);
     v
 }
 
@@ -451,7 +453,7 @@ fn invalid_flags() {
         decode_err(&mut dec, &capsule_bytes(0x02, 72, 0, 72)),
         DecodeError::InvalidHeaderField(HeaderField::Flags)
     );
-    // Header digest negotiated but HDGSTF clear.
+    // Header digest negotiated, digest present and right, but HDGSTF clear.
     let mut with_digest = PduDecoder::new(DecoderConfig {
         digests: Digests {
             header: true,
@@ -459,8 +461,11 @@ fn invalid_flags() {
         },
         ..DecoderConfig::controller()
     });
+    let mut v = capsule_bytes(0x00, 72, 0, 76);
+    let crc = crc32c_ref(&v[..72]);
+    v[72..76].copy_from_slice(&crc.to_le_bytes());
     assert_eq!(
-        decode_err(&mut with_digest, &capsule_bytes(0x00, 72, 0, 72)),
+        decode_err(&mut with_digest, &v),
         DecodeError::InvalidHeaderField(HeaderField::Flags)
     );
     // ICReq has no flags at all.
@@ -496,10 +501,31 @@ fn invalid_header_length() {
 
 #[test]
 fn invalid_data_offset() {
-    // In-capsule data must start at HLEN (CPDA 0, no header digest) = 72, not 80.
-    let err = decode_err(&mut controller(), &capsule_bytes(0, 72, 80, 90));
-    assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::DataOffset));
-    assert_eq!(err.fei(), 3);
+    // In-capsule data cannot start inside the header, nor off the CPDA alignment (CPDA 0: 4 bytes).
+    for pdo in [70u8, 74] {
+        let err = decode_err(&mut controller(), &capsule_bytes(0, 72, pdo, 90));
+        assert_eq!(
+            err,
+            DecodeError::InvalidHeaderField(HeaderField::DataOffset),
+            "pdo {pdo}"
+        );
+        assert_eq!(err.fei(), 3);
+    }
+    // Data present but PDO 0.
+    assert_eq!(
+        decode_err(&mut controller(), &capsule_bytes(0, 72, 0, 73)),
+        DecodeError::InvalidHeaderField(HeaderField::DataOffset)
+    );
+    // A data-less capsule may say PDO 0 or PDO = end of header, nothing else.
+    assert_eq!(
+        decode_err(&mut controller(), &capsule_bytes(0, 72, 76, 72)),
+        DecodeError::InvalidHeaderField(HeaderField::DataOffset)
+    );
+    let mut dec = controller();
+    assert!(matches!(
+        dec.decode(&mut BytesMut::from(&capsule_bytes(0, 72, 72, 72)[..])),
+        Ok(Some(_))
+    ));
     // Data PDUs must carry data.
     let h2c = [
         0x06, 0x04, 24, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -511,9 +537,31 @@ fn invalid_data_offset() {
 }
 
 #[test]
+fn data_may_start_later_than_the_minimum_if_aligned() {
+    // SPDK pads to max(HLEN + HDGST, alignment) rather than rounding up; accept any aligned PDO.
+    let (sqe, raw) = sqe_example();
+    let mut v = vec![0x04, 0x00, 0x48, 0x80, 0x84, 0x00, 0x00, 0x00];
+    v.extend_from_slice(&raw);
+    v.resize(128, 0);
+    v.extend_from_slice(b"late");
+    let mut dec = PduDecoder::new(DecoderConfig {
+        pda: 7,
+        ..DecoderConfig::controller()
+    });
+    let pdu = dec.decode(&mut BytesMut::from(&v[..])).unwrap();
+    assert_eq!(
+        pdu,
+        Some(Pdu::CapsuleCmd(CapsuleCmd {
+            sqe,
+            data: Payload::from(&b"late"[..])
+        }))
+    );
+}
+
+#[test]
 fn invalid_pdu_length() {
     let mut dec = controller();
-    for plen in [0u32, 71, 73] {
+    for plen in [0u32, 71] {
         let err = decode_err(&mut dec, &capsule_bytes(0, 72, 0, plen));
         assert_eq!(
             err,
@@ -522,9 +570,9 @@ fn invalid_pdu_length() {
         );
         assert_eq!(err.fei(), 4);
     }
-    // PDO set but no data after it.
+    // PDO beyond PLEN: no room for data.
     assert_eq!(
-        decode_err(&mut dec, &capsule_bytes(0, 72, 72, 72)),
+        decode_err(&mut dec, &capsule_bytes(0, 72, 76, 74)),
         DecodeError::InvalidHeaderField(HeaderField::PduLength)
     );
     // ICReq is exactly 128 bytes.
@@ -534,12 +582,31 @@ fn invalid_pdu_length() {
         decode_err(&mut dec, &icreq),
         DecodeError::InvalidHeaderField(HeaderField::PduLength)
     );
-    // A TermReq quotes at most 128 bytes.
+}
+
+#[test]
+fn malformed_term_req_is_not_answered_with_one() {
+    let mut dec = controller();
+    // A TermReq quotes at most 128 bytes: PLEN 153 is malformed.
     let mut term = vec![0x02, 0x00, 24, 0, 153, 0, 0, 0];
     term.resize(153, 0);
+    let err = decode_err(&mut dec, &term);
+    assert_eq!(err, DecodeError::MalformedTermReq(HeaderField::PduLength));
+    assert!(err.is_fatal());
+    assert_eq!(err.fatal_status(), None);
+    assert_eq!(TermReq::for_error(&err, &term), None);
+    // A wrong HLEN or a flag, likewise.
+    let mut term = vec![0x02, 0x00, 25, 0, 25, 0, 0, 0];
+    term.resize(25, 0);
     assert_eq!(
         decode_err(&mut dec, &term),
-        DecodeError::InvalidHeaderField(HeaderField::PduLength)
+        DecodeError::MalformedTermReq(HeaderField::HeaderLength)
+    );
+    let mut term = vec![0x02, 0x01, 24, 0, 24, 0, 0, 0];
+    term.resize(24, 0);
+    assert_eq!(
+        decode_err(&mut dec, &term),
+        DecodeError::MalformedTermReq(HeaderField::Flags)
     );
 }
 
@@ -555,10 +622,19 @@ fn data_length_must_match_plen() {
 }
 
 #[test]
-fn oversized_pdu_is_refused_from_its_first_eight_bytes() {
+fn oversized_pdu_is_refused_from_its_header() {
     let mut dec = controller();
-    // An H2CData announcing 1 GiB: refused before a single data byte arrives.
-    let mut buf = BytesMut::from(&[0x06u8, 0x04, 24, 24, 0x18, 0x00, 0x00, 0x40][..]);
+    // An H2CData announcing 1 GiB: refused once its 24-byte header is there, before any data.
+    let mut h2c = vec![0x06u8, 0x04, 24, 24, 0x18, 0x00, 0x00, 0x40];
+    h2c.resize(24, 0);
+    let mut buf = BytesMut::from(&h2c[..8]);
+    assert_eq!(dec.decode(&mut buf).unwrap(), None);
+    assert_eq!(
+        dec.needed(),
+        16,
+        "the decoder asks for the header, not for the announced gigabyte"
+    );
+    buf.extend_from_slice(&h2c[8..]);
     let err = dec.decode(&mut buf).unwrap_err();
     assert_eq!(
         err,
@@ -572,17 +648,41 @@ fn oversized_pdu_is_refused_from_its_first_eight_bytes() {
         Some(FatalErrorStatus::DATA_TRANSFER_LIMIT_EXCEEDED)
     );
     // In-capsule data beyond the capsule limit, likewise.
-    let mut buf = BytesMut::from(&capsule_bytes(0, 72, 72, 72 + 8193)[..8]);
+    let mut buf = BytesMut::from(&capsule_bytes(0, 72, 72, 72 + 8193)[..72]);
     assert_eq!(
         dec.decode(&mut buf).unwrap_err(),
         DecodeError::DataLimitExceeded { len: 8193, max: 8192 }
     );
-    // PLEN beyond 32 bits of sense: a 4 GiB TermReq.
-    let mut buf = BytesMut::from(&[0x02u8, 0, 24, 0, 0xff, 0xff, 0xff, 0xff][..]);
+    // PLEN far beyond a TermReq's 152 bytes.
+    let mut term = vec![0x02u8, 0, 24, 0, 0xff, 0xff, 0xff, 0xff];
+    term.resize(24, 0);
     assert_eq!(
-        dec.decode(&mut buf).unwrap_err(),
-        DecodeError::InvalidHeaderField(HeaderField::PduLength)
+        dec.decode(&mut BytesMut::from(&term[..])).unwrap_err(),
+        DecodeError::MalformedTermReq(HeaderField::PduLength)
     );
+}
+
+#[test]
+fn corrupted_length_is_a_header_digest_error_not_a_hang() {
+    // With header digests, a PLEN corrupted upwards must not make the decoder wait for bytes that
+    // never come: the digest is checked first.
+    let opts = EncodeOptions {
+        digests: Digests::BOTH,
+        pda: 0,
+    };
+    let mut wire = Pdu::CapsuleResp(CapsuleResp { cqe: Cqe::default() })
+        .encode(&opts)
+        .unwrap()
+        .to_vec();
+    wire[5] = 0x01; // PLEN 28 -> 284
+    let mut host = PduDecoder::new(DecoderConfig {
+        digests: Digests::BOTH,
+        ..DecoderConfig::host()
+    });
+    assert!(matches!(
+        decode_err(&mut host, &wire),
+        DecodeError::HeaderDigest { .. }
+    ));
 }
 
 #[test]
@@ -608,9 +708,27 @@ fn header_digest_error_is_fatal_and_leaves_the_buffer() {
     let err = decode_err(&mut host, &wire);
     assert!(matches!(err, DecodeError::HeaderDigest { .. }));
     assert_eq!(err.fatal_status(), Some(FatalErrorStatus::HEADER_DIGEST_ERROR));
+    // The termination request quotes the header (HLEN bytes), not the digest or what follows.
+    wire.extend_from_slice(&[0xee; 64]);
     let term = TermReq::for_error(&err, &wire).unwrap();
     assert_eq!(term.fes, FatalErrorStatus::HEADER_DIGEST_ERROR);
-    assert_eq!(&term.data[..], &wire[..]);
+    assert_eq!(&term.data[..], &wire[..24]);
+    // An unknown type quotes its received HLEN, at least the common header, at most 128 bytes, and
+    // never more than was received.
+    let err = DecodeError::InvalidHeaderField(HeaderField::PduType);
+    assert_eq!(
+        TermReq::for_error(&err, &[0x0f, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+            .unwrap()
+            .data
+            .len(),
+        8
+    );
+    assert_eq!(
+        TermReq::for_error(&err, &[0x0f, 0, 200, 0]).unwrap().data.len(),
+        4
+    );
+    let long = [0x0f, 0, 255, 0, 0, 0, 0, 0, 1, 2].repeat(30);
+    assert_eq!(TermReq::for_error(&err, &long).unwrap().data.len(), 128);
 }
 
 #[test]
@@ -646,6 +764,10 @@ fn data_digest_error_consumes_the_pdu_and_keeps_the_stream_in_sync() {
             pdu_type: nvmeof_proto::PduType::H2cData,
             cccid: 0x42,
             ttag: 3,
+            datao: 0,
+            datal: 512,
+            last: true,
+            success: false,
             ..
         }
     ));
@@ -653,6 +775,115 @@ fn data_digest_error_consumes_the_pdu_and_keeps_the_stream_in_sync() {
     assert_eq!(TermReq::for_error(&err, &wire), None);
     assert_eq!(dec.decode(&mut buf).unwrap(), Some(good));
     assert!(buf.is_empty());
+}
+
+#[test]
+fn data_digest_error_on_c2h_success_says_so() {
+    // No CapsuleResp follows a C2HData with SUCCESS: the host must learn from the error to end the
+    // command.
+    let opts = EncodeOptions {
+        digests: Digests::BOTH,
+        pda: 0,
+    };
+    let pdu = Pdu::C2hData(C2hData {
+        cccid: 9,
+        datao: 4096,
+        last: true,
+        success: true,
+        data: vec![3u8; 64].into(),
+    });
+    let mut wire = pdu.encode(&opts).unwrap().to_vec();
+    wire[40] ^= 0xff;
+    let mut host = PduDecoder::new(DecoderConfig {
+        digests: Digests::BOTH,
+        ..DecoderConfig::host()
+    });
+    let err = host.decode(&mut BytesMut::from(&wire[..])).unwrap_err();
+    assert!(matches!(
+        err,
+        DecodeError::DataDigest {
+            cccid: 9,
+            datao: 4096,
+            datal: 64,
+            last: true,
+            success: true,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn zero_padded_data_digest_is_accepted_for_unaligned_lengths() {
+    // SPDK digests data padded with zeros to a multiple of four bytes; Linux digests the data alone.
+    let mut dec = PduDecoder::new(DecoderConfig {
+        digests: Digests {
+            header: false,
+            data: true,
+        },
+        ..DecoderConfig::controller()
+    });
+    for digest_input in [&b"12345"[..], &b"12345\0\0\0"[..]] {
+        let mut v = vec![
+            0x06, 0x06, 24, 24, 33, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        v.extend_from_slice(b"12345");
+        v.extend_from_slice(&crc32c_ref(digest_input).to_le_bytes());
+        let pdu = dec.decode(&mut BytesMut::from(&v[..])).unwrap().unwrap();
+        assert_eq!(pdu.data_len(), 5);
+    }
+    // Anything else is still a digest error.
+    let mut v = vec![
+        0x06, 0x06, 24, 24, 33, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    v.extend_from_slice(b"12345");
+    v.extend_from_slice(&crc32c_ref(b"12346").to_le_bytes());
+    assert!(matches!(
+        dec.decode(&mut BytesMut::from(&v[..])),
+        Err(DecodeError::DataDigest { .. })
+    ));
+}
+
+#[test]
+fn encoder_refuses_pdus_no_receiver_accepts() {
+    use nvmeof_proto::EncodeError;
+    let empty = Pdu::H2cData(H2cData {
+        cccid: 1,
+        ttag: 1,
+        datao: 0,
+        last: true,
+        data: Payload::new(),
+    });
+    assert_eq!(
+        empty.encode(&EncodeOptions::default()),
+        Err(EncodeError::EmptyData)
+    );
+    let unfinished = Pdu::C2hData(C2hData {
+        cccid: 1,
+        datao: 0,
+        last: false,
+        success: true,
+        data: vec![1].into(),
+    });
+    assert_eq!(
+        unfinished.encode(&EncodeOptions::default()),
+        Err(EncodeError::SuccessWithoutLast)
+    );
+    // A PDA beyond 31 counts as 31: data at 128, which still fits PDO.
+    let big_pda = Pdu::C2hData(C2hData {
+        cccid: 1,
+        datao: 0,
+        last: true,
+        success: false,
+        data: vec![1].into(),
+    });
+    let enc = big_pda
+        .encode(&EncodeOptions {
+            digests: Digests::NONE,
+            pda: 200,
+        })
+        .unwrap();
+    assert_eq!(enc.header().len(), 128);
+    assert_eq!(enc.header()[3], 128);
 }
 
 #[test]
@@ -731,6 +962,6 @@ fn decoder_config_describes_the_largest_pdu() {
         direction: Some(Direction::HostToController),
         ..DecoderConfig::controller()
     };
-    assert!(cfg.max_pdu_len() >= 128 * 1024 + 24 + 4);
-    assert!(cfg.max_pdu_len() <= 128 * 1024 + 256);
+    assert!(cfg.max_pdu_len() >= 128 * 1024 + 128 + 4);
+    assert!(cfg.max_pdu_len() <= 128 * 1024 + 256 + 4);
 }

@@ -8,8 +8,8 @@ use super::wire::{
     TermReqHeader,
 };
 use super::{
-    data_offset, flags, C2hData, CapsuleCmd, CapsuleResp, Digests, Direction, H2cData, IcReq, IcResp, Pdu,
-    PduType, R2t, TermReq, COMMON_HEADER_LEN, TERM_REQ_MAX_DATA_LEN,
+    flags, pda_alignment, C2hData, CapsuleCmd, CapsuleResp, Digests, Direction, H2cData, IcReq, IcResp, Pdu,
+    PduType, R2t, TermReq, COMMON_HEADER_LEN, MAX_PDA, TERM_REQ_MAX_DATA_LEN,
 };
 use crate::digest::{crc32c, DIGEST_LEN};
 use crate::error::{DecodeError, FatalErrorStatus, HeaderField};
@@ -23,11 +23,16 @@ pub struct DecoderConfig {
     pub direction: Option<Direction>,
     /// Digests negotiated for the connection. ICReq, ICResp and TermReqs never carry digests.
     pub digests: Digests,
-    /// The PDU data alignment this receiver asked for (its HPDA as a host, its CPDA as a controller).
+    /// The PDU data alignment this receiver asked for (its HPDA as a host, its CPDA as a controller);
+    /// values above [`MAX_PDA`] count as [`MAX_PDA`]. Data must start at an offset that is a multiple of
+    /// the alignment; a larger offset than the minimum is accepted (some senders pad more).
     pub pda: u8,
-    /// Largest in-capsule data accepted in a CapsuleCmd.
+    /// Largest in-capsule data accepted in a CapsuleCmd. A controller should accept at least 8192
+    /// bytes on every queue: the Linux host sends Fabrics commands (Connect: 1024 bytes of data) in the
+    /// capsule whatever IOCCSZ says.
     pub max_capsule_data: u32,
-    /// Largest data accepted in one H2CData / C2HData PDU.
+    /// Largest data accepted in one H2CData / C2HData PDU. On a host this must cover the largest read
+    /// it issues: a controller may send a whole read in one C2HData PDU.
     pub max_data_pdu: u32,
 }
 
@@ -61,10 +66,9 @@ impl DecoderConfig {
     #[must_use]
     pub fn max_pdu_len(&self) -> usize {
         let data = self.max_capsule_data.max(self.max_data_pdu) as usize;
-        // ICReq/ICResp are 128 bytes; a command capsule's header, digest and padding reach at most
-        // its data offset.
-        let header = 128usize.max(data_offset(PduType::CapsuleCmd, true, self.pda));
-        header + data + DIGEST_LEN
+        // ICReq/ICResp are 128 bytes; the header, digest and padding in front of data are at most
+        // 128 bytes too (alignment is at most 128), but a sender may pad more: up to PDO = 255.
+        (u8::MAX as usize).saturating_add(data).saturating_add(DIGEST_LEN)
     }
 }
 
@@ -74,14 +78,12 @@ impl Default for DecoderConfig {
     }
 }
 
-/// Where the parts of a PDU are, worked out from its common header alone.
+/// Where the parts of a PDU are, worked out from its (digest-checked) header.
 #[derive(Clone, Copy, Debug)]
 struct Layout {
     pdu_type: PduType,
     flags: u8,
     plen: usize,
-    hlen: usize,
-    header_digest: bool,
     /// Start and length of the data, if any.
     data: Option<(usize, usize)>,
     data_digest: bool,
@@ -93,15 +95,25 @@ struct Layout {
 ///
 /// - `Ok(Some(pdu))`: a whole, valid PDU was removed from the front of the buffer. Its data is a slice
 ///   of the buffer's memory.
-/// - `Ok(None)`: not enough bytes yet; [`PduDecoder::needed`] says how many more complete the PDU.
+/// - `Ok(None)`: not enough bytes yet; [`PduDecoder::needed`] says how many more bytes the next step
+///   needs.
 /// - `Err(e)`: invalid input. If [`DecodeError::is_fatal`], the buffer is left as it was (the offending
 ///   header is at its front, to be quoted in the termination request) and the connection must end.
 ///   A data digest error consumes the PDU and leaves the stream in sync.
 ///
+/// A PDU is checked in the order the Linux host and target check it, so that a corrupted header is
+/// reported as a digest error rather than as whatever field the corruption hit:
+///
+/// ```text
+///  8 bytes            PDU-Type, direction, HLEN
+///  HLEN (+4) bytes    header digest, then FLAGS, PDO, PLEN and the data length against the limits
+///  PLEN bytes         DATAL, data digest
+/// ```
+///
 /// The decision depends only on the bytes, never on how they were split: feeding a stream in any
-/// pieces yields the same PDUs and the same error. The common header is validated — including the
-/// data length against the configured maxima — as soon as its 8 bytes are there, so a receiver never
-/// buffers more than [`DecoderConfig::max_pdu_len`] bytes for one PDU.
+/// pieces yields the same PDUs and the same error. A receiver never buffers more than
+/// [`DecoderConfig::max_pdu_len`] bytes for one PDU, because PLEN is checked against the limits before
+/// the decoder waits for the data.
 #[derive(Clone, Debug)]
 pub struct PduDecoder {
     config: DecoderConfig,
@@ -130,72 +142,79 @@ impl PduDecoder {
         self.config = config;
     }
 
-    /// Bytes still missing to complete the PDU at the front of the buffer, as of the last call to
+    /// Bytes still missing before the next call can make progress, as of the last call to
     /// [`PduDecoder::decode`] that returned `Ok(None)`.
     #[must_use]
     pub const fn needed(&self) -> usize {
         self.needed
     }
 
-    /// Validates a common header and returns the PDU's total length (PLEN). This is what
-    /// [`PduDecoder::decode`] does first; drivers may use it to size a read.
-    pub fn check_header(&self, header: &[u8; COMMON_HEADER_LEN]) -> Result<usize, DecodeError> {
-        let ch = CommonHeader::read_from_bytes(header).map_err(|_| invalid(HeaderField::PduLength))?;
-        self.layout(&ch).map(|l| l.plen)
-    }
-
     /// Decodes the PDU at the front of `buf`, removing it from the buffer.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Pdu>, DecodeError> {
         let Ok((ch, _)) = CommonHeader::read_from_prefix(buf) else {
-            self.needed = COMMON_HEADER_LEN - buf.len();
-            return Ok(None);
+            return Ok(self.wait(COMMON_HEADER_LEN, buf.len()));
         };
-        let layout = self.layout(&ch)?;
+        let pdu_type = self.check_type_and_hlen(&ch)?;
+        let hlen = usize::from(pdu_type.header_len());
+        let header_digest = pdu_type.has_digests() && self.config.digests.header;
+        let header_end = hlen + if header_digest { DIGEST_LEN } else { 0 };
+        if buf.len() < header_end {
+            return Ok(self.wait(header_end, buf.len()));
+        }
+        if header_digest {
+            check_header_digest(buf, hlen)?;
+        }
+        let layout = self.layout(pdu_type, &ch, header_end)?;
         if buf.len() < layout.plen {
-            self.needed = layout.plen - buf.len();
-            return Ok(None);
+            return Ok(self.wait(layout.plen, buf.len()));
         }
         self.needed = COMMON_HEADER_LEN;
-        if layout.header_digest {
-            check_header_digest(buf, layout.hlen)?;
-        }
         decode_body(buf, &layout).map(Some)
     }
 
-    fn layout(&self, ch: &CommonHeader) -> Result<Layout, DecodeError> {
-        let cfg = &self.config;
+    fn wait(&mut self, want: usize, have: usize) -> Option<Pdu> {
+        self.needed = want.saturating_sub(have).max(1);
+        None
+    }
+
+    /// Stage one: what the common header must say before anything else can be located.
+    fn check_type_and_hlen(&self, ch: &CommonHeader) -> Result<PduType, DecodeError> {
         let pdu_type = PduType::from_u8(ch.pdu_type).ok_or(invalid(HeaderField::PduType))?;
-        if cfg.direction.is_some_and(|d| d != pdu_type.direction()) {
+        if self.config.direction.is_some_and(|d| d != pdu_type.direction()) {
             return Err(invalid(HeaderField::PduType));
         }
-        if ch.flags & !pdu_type.allowed_flags() != 0 {
-            return Err(invalid(HeaderField::Flags));
-        }
-        if pdu_type == PduType::C2hData && ch.flags & flags::SUCCESS != 0 && ch.flags & flags::LAST_PDU == 0 {
-            return Err(invalid(HeaderField::Flags));
-        }
         if ch.hlen != pdu_type.header_len() {
-            return Err(invalid(HeaderField::HeaderLength));
+            return Err(term_or_invalid(pdu_type, HeaderField::HeaderLength));
         }
-        let hlen = usize::from(ch.hlen);
-        let header_digest = pdu_type.has_digests() && cfg.digests.header;
-        if pdu_type.has_digests() && (ch.flags & flags::HDGSTF != 0) != header_digest {
+        Ok(pdu_type)
+    }
+
+    /// Stage two, once the header (and its digest) is verified: flags, PDO, PLEN, limits.
+    fn layout(&self, pdu_type: PduType, ch: &CommonHeader, header_end: usize) -> Result<Layout, DecodeError> {
+        let cfg = &self.config;
+        let fl = ch.flags;
+        if fl & !pdu_type.allowed_flags() != 0 {
+            return Err(term_or_invalid(pdu_type, HeaderField::Flags));
+        }
+        if pdu_type.has_digests() && (fl & flags::HDGSTF != 0) != cfg.digests.header {
             return Err(invalid(HeaderField::Flags));
         }
-        let plen = usize::try_from(ch.plen.get()).map_err(|_| invalid(HeaderField::PduLength))?;
-        let header_end = hlen + if header_digest { DIGEST_LEN } else { 0 };
+        if pdu_type == PduType::C2hData && fl & flags::SUCCESS != 0 && fl & flags::LAST_PDU == 0 {
+            return Err(invalid(HeaderField::Flags));
+        }
+        let plen = usize::try_from(ch.plen.get()).unwrap_or(usize::MAX);
         let mut layout = Layout {
             pdu_type,
-            flags: ch.flags,
+            flags: fl,
             plen,
-            hlen,
-            header_digest,
             data: None,
             data_digest: false,
         };
+        let hlen = usize::from(ch.hlen);
 
         match pdu_type {
             PduType::IcReq | PduType::IcResp | PduType::CapsuleResp | PduType::R2t => {
+                // PDO is not used by these types (senders put 0 there).
                 if plen != header_end {
                     return Err(invalid(HeaderField::PduLength));
                 }
@@ -203,50 +222,48 @@ impl PduDecoder {
             PduType::H2cTermReq | PduType::C2hTermReq => {
                 // PDO is reserved in termination requests; the data is the quoted header.
                 if plen < hlen || plen > hlen + TERM_REQ_MAX_DATA_LEN {
-                    return Err(invalid(HeaderField::PduLength));
+                    return Err(DecodeError::MalformedTermReq(HeaderField::PduLength));
                 }
                 layout.data = Some((hlen, plen - hlen));
             }
             PduType::CapsuleCmd | PduType::H2cData | PduType::C2hData => {
-                let ddgst_flag = ch.flags & flags::DDGSTF != 0;
-                if ch.pdo == 0 {
-                    // No data: only a command capsule may have none.
-                    if pdu_type != PduType::CapsuleCmd {
-                        return Err(invalid(HeaderField::DataOffset));
-                    }
+                let ddgst_flag = fl & flags::DDGSTF != 0;
+                let pdo = usize::from(ch.pdo);
+                if plen < header_end {
+                    return Err(invalid(HeaderField::PduLength));
+                }
+                if plen == header_end && pdu_type == PduType::CapsuleCmd {
+                    // A capsule without data: PDO is 0 (Linux, SPDK) or points at the end.
                     if ddgst_flag {
                         return Err(invalid(HeaderField::Flags));
                     }
-                    if plen != header_end {
-                        return Err(invalid(HeaderField::PduLength));
-                    }
-                } else {
-                    let pdo = data_offset(pdu_type, header_digest, cfg.pda);
-                    if usize::from(ch.pdo) != pdo {
+                    if pdo != 0 && pdo != header_end {
                         return Err(invalid(HeaderField::DataOffset));
                     }
-                    if ddgst_flag != cfg.digests.data {
-                        return Err(invalid(HeaderField::Flags));
-                    }
-                    let trailer = if ddgst_flag { DIGEST_LEN } else { 0 };
-                    let data_len = plen
-                        .checked_sub(pdo + trailer)
-                        .filter(|&n| n > 0)
-                        .ok_or(invalid(HeaderField::PduLength))?;
-                    let max = if pdu_type == PduType::CapsuleCmd {
-                        cfg.max_capsule_data
-                    } else {
-                        cfg.max_data_pdu
-                    };
-                    if data_len > max as usize {
-                        return Err(DecodeError::DataLimitExceeded {
-                            len: u32::try_from(data_len).unwrap_or(u32::MAX),
-                            max,
-                        });
-                    }
-                    layout.data = Some((pdo, data_len));
-                    layout.data_digest = ddgst_flag;
+                    return Ok(layout);
                 }
+                if ddgst_flag != cfg.digests.data {
+                    return Err(invalid(HeaderField::Flags));
+                }
+                if pdo < header_end || pdo % pda_alignment(cfg.pda.min(MAX_PDA)) != 0 {
+                    return Err(invalid(HeaderField::DataOffset));
+                }
+                let trailer = if ddgst_flag { DIGEST_LEN } else { 0 };
+                let data_len = plen
+                    .checked_sub(pdo + trailer)
+                    .filter(|&n| n > 0)
+                    .ok_or(invalid(HeaderField::PduLength))?;
+                let max = if pdu_type == PduType::CapsuleCmd {
+                    cfg.max_capsule_data
+                } else {
+                    cfg.max_data_pdu
+                };
+                if data_len > max as usize {
+                    let len = u32::try_from(data_len).unwrap_or(u32::MAX);
+                    return Err(DecodeError::DataLimitExceeded { len, max });
+                }
+                layout.data = Some((pdo, data_len));
+                layout.data_digest = ddgst_flag;
             }
         }
         Ok(layout)
@@ -255,6 +272,14 @@ impl PduDecoder {
 
 const fn invalid(field: HeaderField) -> DecodeError {
     DecodeError::InvalidHeaderField(field)
+}
+
+/// A malformed termination request is not answered with another one: the connection just closes.
+const fn term_or_invalid(pdu_type: PduType, field: HeaderField) -> DecodeError {
+    match pdu_type {
+        PduType::H2cTermReq | PduType::C2hTermReq => DecodeError::MalformedTermReq(field),
+        _ => invalid(field),
+    }
 }
 
 fn read_le32(buf: &[u8], at: usize) -> u32 {
@@ -333,11 +358,7 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
         }
         PduType::CapsuleCmd => {
             let h: CapsuleCmdHeader = header(buf)?;
-            let ctx = DigestContext {
-                pdu_type: layout.pdu_type,
-                cccid: h.sqe.cid.get(),
-                ttag: 0,
-            };
+            let ctx = DigestContext::new(layout, h.sqe.cid.get(), 0, 0);
             let data = take_checked_data(buf, layout, ctx)?;
             return Ok(Pdu::CapsuleCmd(CapsuleCmd { sqe: h.sqe, data }));
         }
@@ -354,12 +375,7 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
             let (cccid, datao) = (h.cccid.get(), h.datao.get());
             if layout.pdu_type == PduType::H2cData {
                 let ttag = h.ttag.get();
-                let ctx = DigestContext {
-                    pdu_type: layout.pdu_type,
-                    cccid,
-                    ttag,
-                };
-                let data = take_checked_data(buf, layout, ctx)?;
+                let data = take_checked_data(buf, layout, DigestContext::new(layout, cccid, ttag, datao))?;
                 return Ok(Pdu::H2cData(H2cData {
                     cccid,
                     ttag,
@@ -369,12 +385,7 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
                 }));
             }
             let success = layout.flags & flags::SUCCESS != 0;
-            let ctx = DigestContext {
-                pdu_type: layout.pdu_type,
-                cccid,
-                ttag: 0,
-            };
-            let data = take_checked_data(buf, layout, ctx)?;
+            let data = take_checked_data(buf, layout, DigestContext::new(layout, cccid, 0, datao))?;
             return Ok(Pdu::C2hData(C2hData {
                 cccid,
                 datao,
@@ -397,35 +408,69 @@ fn take_data(buf: &mut BytesMut, layout: &Layout) -> Payload {
     }
 }
 
+/// What a data digest error must report so the receiver can fail the right command.
 #[derive(Clone, Copy)]
 struct DigestContext {
     pdu_type: PduType,
     cccid: u16,
     ttag: u16,
+    datao: u32,
+    last: bool,
+    success: bool,
+}
+
+impl DigestContext {
+    fn new(layout: &Layout, cccid: u16, ttag: u16, datao: u32) -> Self {
+        Self {
+            pdu_type: layout.pdu_type,
+            cccid,
+            ttag,
+            datao,
+            last: layout.flags & flags::LAST_PDU != 0,
+            success: layout.flags & flags::SUCCESS != 0,
+        }
+    }
+}
+
+/// CRC32C of `data` followed by zeros up to a multiple of four bytes: what SPDK sends as the data
+/// digest when the data length is not a multiple of four.
+fn crc32c_zero_padded(data: &[u8]) -> u32 {
+    let pad = (4 - data.len() % 4) % 4;
+    crc32c::crc32c_append(crc32c(data), [0u8; 3].get(..pad).unwrap_or_default())
 }
 
 /// Like [`take_data`], verifying the data digest if there is one. A mismatch still consumes the PDU.
+///
+/// The digest covers the data only (NVMe/TCP; Linux). When the data length is not a multiple of four,
+/// the digest of the data padded with zeros to a multiple of four is accepted as well, for
+/// interoperability with SPDK.
 fn take_checked_data(
     buf: &mut BytesMut,
     layout: &Layout,
     ctx: DigestContext,
 ) -> Result<Payload, DecodeError> {
-    let expected = match layout.data {
-        Some((start, len)) if layout.data_digest => {
-            let computed = crc32c(buf.get(start..start + len).unwrap_or_default());
-            Some((computed, read_le32(buf, start + len)))
+    let mut mismatch = None;
+    if let Some((start, len)) = layout.data.filter(|_| layout.data_digest) {
+        let data = buf.get(start..start + len).unwrap_or_default();
+        let received = read_le32(buf, start + len);
+        let computed = crc32c(data);
+        if computed != received && (len % 4 == 0 || crc32c_zero_padded(data) != received) {
+            mismatch = Some((received, computed, len));
         }
-        _ => None,
-    };
+    }
     let data = take_data(buf, layout);
-    match expected {
-        Some((computed, received)) if computed != received => Err(DecodeError::DataDigest {
+    match mismatch {
+        None => Ok(data),
+        Some((received, computed, len)) => Err(DecodeError::DataDigest {
             pdu_type: ctx.pdu_type,
             cccid: ctx.cccid,
             ttag: ctx.ttag,
+            datao: ctx.datao,
+            datal: u32::try_from(len).unwrap_or(u32::MAX),
+            last: ctx.last,
+            success: ctx.success,
             received,
             computed,
         }),
-        _ => Ok(data),
     }
 }

@@ -10,7 +10,7 @@ use super::wire::{
     CapsuleCmdHeader, CapsuleRespHeader, CommonHeader, DataHeader, IcReqHeader, IcRespHeader, R2tHeader,
     TermReqHeader,
 };
-use super::{data_offset, flags, Digests, Pdu, TERM_REQ_MAX_DATA_LEN};
+use super::{data_offset, flags, C2hData, Digests, H2cData, Pdu, TERM_REQ_MAX_DATA_LEN};
 use crate::digest::{crc32c, DIGEST_LEN};
 use crate::payload::Payload;
 
@@ -20,7 +20,7 @@ pub struct EncodeOptions {
     /// Digests negotiated for the connection (ignored for ICReq, ICResp and TermReqs).
     pub digests: Digests,
     /// The PDU data alignment the *receiver* asked for: the host's HPDA when a controller sends, the
-    /// controller's CPDA when a host sends.
+    /// controller's CPDA when a host sends. Values above 31 count as 31.
     pub pda: u8,
 }
 
@@ -34,6 +34,12 @@ pub enum EncodeError {
         /// The data length asked for.
         len: usize,
     },
+    /// An H2CData or C2HData PDU without data (DATAL must not be zero).
+    #[error("a data PDU must carry data")]
+    EmptyData,
+    /// A C2HData PDU with SUCCESS but without LAST_PDU (the host would reject it).
+    #[error("C2HData SUCCESS requires LAST_PDU")]
+    SuccessWithoutLast,
 }
 
 /// An encoded PDU: the header bytes (common header, PDU header, header digest, padding), then the
@@ -126,6 +132,19 @@ impl Pdu {
         opts: &EncodeOptions,
         scratch: &mut BytesMut,
     ) -> Result<EncodedPdu, EncodeError> {
+        match &self {
+            Pdu::H2cData(H2cData { data, .. }) | Pdu::C2hData(C2hData { data, .. }) if data.is_empty() => {
+                return Err(EncodeError::EmptyData);
+            }
+            Pdu::C2hData(C2hData {
+                success: true,
+                last: false,
+                ..
+            }) => {
+                return Err(EncodeError::SuccessWithoutLast);
+            }
+            _ => {}
+        }
         let pdu_type = self.pdu_type();
         let hlen = usize::from(pdu_type.header_len());
         let header_digest = pdu_type.has_digests() && opts.digests.header;

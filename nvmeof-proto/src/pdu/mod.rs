@@ -195,7 +195,8 @@ impl Digests {
     }
 
     /// The digests both sides want: a digest is used when the host asks for it and the controller
-    /// supports it.
+    /// supports it. Note that the Linux host fails the connection unless ICResp grants exactly the
+    /// digests it asked for, so a controller should support both.
     #[must_use]
     pub const fn intersect(self, other: Self) -> Self {
         Self {
@@ -205,14 +206,16 @@ impl Digests {
     }
 }
 
-/// Alignment in bytes that a PDA value (HPDA/CPDA, 0's based dwords) asks for.
+/// Alignment in bytes that a PDA value (HPDA/CPDA, 0's based dwords) asks for; values above
+/// [`MAX_PDA`] count as [`MAX_PDA`] (128 bytes).
 #[must_use]
 pub const fn pda_alignment(pda: u8) -> usize {
+    let pda = if pda > MAX_PDA { MAX_PDA } else { pda };
     (pda as usize + 1) * 4
 }
 
-/// The PDO a data-carrying PDU must have: header, header digest and the padding that aligns the data
-/// to the receiver's PDA.
+/// The PDO an encoder gives a data-carrying PDU: header, header digest and the least padding that
+/// aligns the data to the receiver's PDA (at most 128, so it always fits the PDO byte).
 #[must_use]
 pub const fn data_offset(pdu_type: PduType, header_digest: bool, pda: u8) -> usize {
     let unaligned = pdu_type.header_len() as usize + if header_digest { 4 } else { 0 };
@@ -288,16 +291,29 @@ pub struct TermReq {
 }
 
 impl TermReq {
-    /// The termination request that reports `err`, quoting (up to 128 bytes of) `offending`, the bytes
-    /// of the PDU in error. `None` if the error is not fatal.
+    /// The termination request that reports `err`, given `offending`, the received bytes starting at
+    /// the PDU in error (e.g. the receive buffer after a fatal [`crate::PduDecoder::decode`] error).
+    /// It quotes the PDU's header: HLEN bytes (per its type, or as received for an unknown type), at
+    /// least the common header, at most 128 bytes and no more than was received. `None` if no
+    /// termination request is to be sent.
     #[must_use]
     pub fn for_error(err: &DecodeError, offending: &[u8]) -> Option<Self> {
         let fes = err.fatal_status()?;
-        let quoted = offending.get(..TERM_REQ_MAX_DATA_LEN).unwrap_or(offending);
+        let hlen = match (offending.first(), offending.get(2)) {
+            (Some(&t), Some(&received_hlen)) => {
+                PduType::from_u8(t).map_or(received_hlen, PduType::header_len)
+            }
+            _ => 0,
+        };
+        // Clamp to [8, 128], then to what was received (which may be less than 8).
+        let quote = usize::from(hlen)
+            .clamp(COMMON_HEADER_LEN, TERM_REQ_MAX_DATA_LEN)
+            .min(offending.len());
+        let data = Bytes::copy_from_slice(offending.get(..quote).unwrap_or(offending));
         Some(Self {
             fes,
             fei: err.fei(),
-            data: Bytes::copy_from_slice(quoted),
+            data,
         })
     }
 }
