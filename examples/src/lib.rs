@@ -1,6 +1,10 @@
 //! # xatastor-examples
 //!
-//! The `xatastor-target` server binary and small programs showing how to embed the Xatastor crates.
+//! Programs showing how to drive the Xatastor crates, and (arriving with the server and catalog
+//! issues) the `xatastor-target` server binary.
 //!
-//! **Status: not yet implemented.** The binary arrives with the server and catalog issues; until then
-//! this package holds only this description.
+//! - [`blocking`]: a thread-per-connection `std::net` driver for the sans-I/O [`nvmeof_target`]
+//!   engine, and the `nvmeof-blocking-target` binary built on it, which serves memory or file volumes
+//!   on a TCP port to any NVMe/TCP host (the Linux kernel initiator included).
+
+pub mod blocking;

@@ -1,28 +1,90 @@
 //! # nvmeof-target
 //!
 //! A runtime-agnostic (sans-I/O) NVMe over Fabrics target engine for the NVMe/TCP transport, and the
-//! `BlockBackend` trait that puts any block device behind it.
-//!
-//! **Status: not yet implemented.** This crate currently holds only this description; the engine
-//! arrives with the target-engine issue. It will hold:
+//! [`BlockBackend`] trait that puts any block device behind it.
 //!
 //! ```text
 //!  driver (any runtime)                      nvmeof-target
-//!  ───────────────────                       ─────────────────────────────────────────────
-//!  bytes from socket ── handle_input(now) ──▶ Connection ──▶ Controller registry (shared)
-//!  write vectored    ◀── poll_event: Transmit      │              └─ Subsystems / Namespaces
-//!  backend I/O       ◀── poll_event: Io(token)     └─ BlockBackend (memory, file, fd-based, custom)
-//!  complete_io(token) ─▶
+//!  ───────────────────                       ─────────────────────────────────────────────────────
+//!  accept()          ── Target::accept ────▶ Connection (one per TCP connection = one queue)
+//!  bytes from socket ── handle_input(now) ──▶   │ decode PDUs (nvmeof-proto), run commands
+//!  write vectored    ◀── poll_event: Transmit   │
+//!  backend I/O       ◀── poll_event: Io(token)  ├──▶ Controller (shared by a host's admin + I/O queues)
+//!  complete_io(token, result, now) ─────────▶   │       └─ Subsystem ─ Namespaces ─ BlockBackend
 //!  timers            ◀── poll_timeout / handle_timeout(now)
+//!  notifier fired    ── handle_wakeup(now) ──▶  (events raised by management calls, teardown)
 //! ```
 //!
-//! - per-connection state machines for the admin and I/O queues (ICReq/ICResp, Fabrics Connect,
-//!   Property Get/Set, Identify, Get Log Page, features, keep-alive, asynchronous events);
-//! - NVM command execution (Read, Write with FUA, Flush, Write Zeroes, Dataset Management) with
-//!   in-capsule data and R2T/H2CData transfers, expressed as I/O requests the driver carries out;
-//! - the discovery subsystem; subsystems and namespaces added, removed and resized at run time;
-//! - `MemoryBackend` and `FileBackend`.
-//!
 //! The engine never touches a socket, a clock or a thread: the driver feeds it bytes and the current
-//! time, and carries out what it asks for.
+//! time, and carries out what it asks for. Controllers are shared between the connections of their
+//! queues, which may be served by different threads; the I/O path reads the namespace table through an
+//! `arc-swap` snapshot and the controller through atomics, never through a lock the admin path holds.
+//!
+//! ## What it implements
+//!
+//! - ICReq/ICResp (digest negotiation, HPDA, MAXR2T, MAXH2CDATA), connect timeout.
+//! - Fabrics Connect (admin and I/O queues, dynamic controller model, host access checks), Property
+//!   Get/Set with the CC.EN → CSTS.RDY and CC.SHN → CSTS.SHST sequences, Disconnect.
+//! - Identify (controller, namespace, active namespace list, namespace identification descriptors, NVM
+//!   command-set specific structures), Get Log Page (error information, SMART/health, firmware slot,
+//!   changed namespace list, commands supported and effects, discovery log), Get/Set Features (number of
+//!   queues, asynchronous event configuration, keep alive timer, volatile write cache), Keep Alive with
+//!   KATO enforcement, Asynchronous Event Requests, Abort.
+//! - Read, Write (FUA), Flush, Write Zeroes, Dataset Management (deallocate), with in-capsule data or
+//!   R2T/H2CData, reads as C2HData (with SUCCESS when the host disabled SQ flow control).
+//! - The discovery subsystem; subsystems and namespaces added, removed and resized at run time.
+//!
+//! ## Example: a memory-backed target, driven by hand
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Instant;
+//! use nvmeof_target::{
+//!     HostAccess, MemoryBackend, NamespaceConfig, SubsystemConfig, Target, TargetConfig, TransportParams,
+//! };
+//!
+//! let target = Target::new(TargetConfig::default());
+//! let nqn = "nqn.2026-01.io.xatastor:example";
+//! target.add_subsystem(SubsystemConfig { access: HostAccess::AllowAny, ..SubsystemConfig::new(nqn, "SN1") })?;
+//! let backend = Arc::new(MemoryBackend::new(1 << 30, 512));
+//! target.add_namespace(nqn, NamespaceConfig::derived(nqn, 1, backend))?;
+//!
+//! let addr = "127.0.0.1:4420".parse()?;
+//! let mut conn = target.accept(TransportParams { local_addr: addr, peer_addr: addr, port_id: 1 }, Instant::now());
+//! // The driver now feeds received bytes to conn.handle_input(..) and acts on conn.poll_event().
+//! assert!(conn.poll_event().is_none());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
+
+mod admin;
+pub mod backend;
+mod config;
+mod connection;
+mod controller;
+pub mod host;
+mod io;
+mod subsystem;
+mod target;
+
+pub use backend::{
+    execute_blocking, BackendInfo, BlockBackend, ByteRange, Completer, CompletionSink, FileBackend, IoError,
+    IoOp, IoOutput, IoResult, IoToken, MemoryBackend, RawDevice, Submitted,
+};
+pub use config::{TargetConfig, TransportParams};
+pub use connection::{CloseReason, Connection, Event, IoRequest};
+pub use controller::{ControllerInfo, Notifier};
+pub use subsystem::{
+    HostAccess, Namespace, NamespaceConfig, NamespaceStats, StatsSnapshot, Subsystem, SubsystemConfig,
+    LATENCY_BUCKETS,
+};
+pub use target::{Target, TargetError};

@@ -1,0 +1,194 @@
+//! The blocking driver over real TCP on loopback: a host (the in-tree test initiator) connects an
+//! admin queue and two I/O queues to a memory volume and to a file volume, writes through R2T and
+//! in-capsule paths, reads back, and disconnects.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
+use nvmeof_proto::nvme::nvm::RwCommand;
+use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
+use nvmeof_proto::nvme::{Sqe, Status};
+use nvmeof_proto::{Digests, Payload};
+use nvmeof_target::host::{self, Completion, HostOptions, HostQueue};
+use nvmeof_target::{
+    BlockBackend, FileBackend, HostAccess, MemoryBackend, NamespaceConfig, SubsystemConfig, Target,
+    TargetConfig,
+};
+
+const NQN: &str = "nqn.2026-01.io.xatastor:tcp-test";
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:tcp-test-host";
+
+struct TcpHost {
+    stream: TcpStream,
+    queue: HostQueue,
+    rx: BytesMut,
+}
+
+impl TcpHost {
+    fn connect(addr: std::net::SocketAddr, opts: HostOptions) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut h = Self {
+            stream,
+            queue: HostQueue::new(opts),
+            rx: BytesMut::new(),
+        };
+        h.flush();
+        while !h.queue.is_ready() {
+            h.receive();
+        }
+        h
+    }
+
+    fn flush(&mut self) {
+        while let Some(pdu) = self.queue.poll_transmit() {
+            for chunk in pdu.chunks() {
+                self.stream.write_all(chunk).unwrap();
+            }
+        }
+    }
+
+    fn receive(&mut self) {
+        let mut buf = [0u8; 65536];
+        let n = self.stream.read(&mut buf).unwrap();
+        assert!(n > 0, "target closed the connection");
+        self.rx.extend_from_slice(&buf[..n]);
+        self.queue.handle_input(&mut self.rx).unwrap();
+        self.flush();
+    }
+
+    fn command(&mut self, sqe: Sqe, data: Option<Payload>, read_len: u32) -> Completion {
+        let cid = self.queue.submit(sqe, data, read_len);
+        self.flush();
+        loop {
+            while let Some(c) = self.queue.poll_completion() {
+                if c.cqe.cid.get() == cid {
+                    return c;
+                }
+            }
+            self.receive();
+        }
+    }
+}
+
+fn serve(target: Target) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || xatastor_examples::blocking::serve(listener, target, 1));
+    addr
+}
+
+fn rw(opcode: u8, slba: u64, blocks: u32) -> Sqe {
+    let mut sqe = Sqe::zeroed();
+    sqe.opcode = opcode;
+    sqe.nsid.set(1);
+    RwCommand::new(slba, blocks).apply(&mut sqe);
+    sqe
+}
+
+fn exercise(backend: Arc<dyn BlockBackend>, digests: Digests) {
+    let target = Target::new(TargetConfig::default());
+    let mut sc = SubsystemConfig::new(NQN, "TCP1");
+    sc.access = HostAccess::DenyAllExcept;
+    sc.allowed_hosts.push(HOSTNQN.into());
+    target.add_subsystem(sc).unwrap();
+    target
+        .add_namespace(NQN, NamespaceConfig::derived(NQN, 1, backend))
+        .unwrap();
+    let addr = serve(target.clone());
+    let opts = HostOptions {
+        digests,
+        ..HostOptions::default()
+    };
+
+    let mut admin = TcpHost::connect(addr, opts);
+    let (sqe, data) = host::connect_command(0, 32, 5000, CNTLID_DYNAMIC, [3; 16], NQN, HOSTNQN);
+    let c = admin.command(sqe, Some(data), 0);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let cntlid = c.cqe.dw0.get() as u16;
+    let c = admin.command(
+        host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001),
+        None,
+        0,
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let mut nq = Sqe::zeroed();
+    nq.opcode = 0x09;
+    nq.cdw10.set(0x07);
+    nq.cdw11.set(0x0001_0001);
+    assert_eq!(admin.command(nq, None, 0).status(), Status::SUCCESS);
+
+    let mut queues: Vec<TcpHost> = (1..=2)
+        .map(|qid| {
+            let mut q = TcpHost::connect(addr, opts);
+            let (sqe, data) = host::connect_command(qid, 128, 0, cntlid, [3; 16], NQN, HOSTNQN);
+            assert_eq!(q.command(sqe, Some(data), 0).status(), Status::SUCCESS);
+            q
+        })
+        .collect();
+    let big: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 241) as u8).collect();
+    assert_eq!(
+        queues[0]
+            .command(rw(0x01, 0, 512), Some(Payload::from(big.clone())), 0)
+            .status(),
+        Status::SUCCESS
+    );
+    let small = vec![0x77u8; 2048];
+    assert_eq!(
+        queues[1]
+            .command(rw(0x01, 600, 4), Some(Payload::from(small.clone())), 0)
+            .status(),
+        Status::SUCCESS
+    );
+    let mut flush = Sqe::zeroed();
+    flush.nsid.set(1);
+    assert_eq!(queues[1].command(flush, None, 0).status(), Status::SUCCESS);
+    let r = queues[1].command(rw(0x02, 0, 512), None, 256 * 1024);
+    assert_eq!(r.data, Payload::from(big));
+    let r = queues[0].command(rw(0x02, 600, 4), None, 2048);
+    assert_eq!(r.data, Payload::from(small));
+    assert_eq!(target.controllers()[0].io_queues, 2);
+
+    // Linux-style teardown: I/O sockets closed, then shutdown through CC, then the admin socket.
+    drop(queues);
+    let c = admin.command(
+        host::property_set(offset::CC, PropertyWidth::Four, 0x0046_4001),
+        None,
+        0,
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let mut shst = 0;
+    for _ in 0..100 {
+        let c = admin.command(host::property_get(offset::CSTS, PropertyWidth::Four), None, 0);
+        shst = (c.cqe.dw0.get() >> 2) & 3;
+        if shst == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(shst, 2, "shutdown completes");
+    drop(admin);
+    for _ in 0..200 {
+        if target.controllers().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("controller not freed after the admin socket closed");
+}
+
+#[test]
+fn memory_volume_over_tcp() {
+    exercise(Arc::new(MemoryBackend::new(16 << 20, 512)), Digests::NONE);
+}
+
+#[test]
+fn file_volume_over_tcp_with_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FileBackend::create(dir.path().join("vol.img"), 16 << 20, 512).unwrap();
+    exercise(Arc::new(backend), Digests::BOTH);
+}

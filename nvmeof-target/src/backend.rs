@@ -1,0 +1,681 @@
+//! Block backends: what a namespace reads from and writes to.
+//!
+//! The engine never performs I/O. It emits [`IoRequest`](crate::IoRequest)s; the driver carries them
+//! out and hands the results back with [`Connection::complete_io`](crate::Connection::complete_io).
+//! A [`BlockBackend`] supports three ways of doing that:
+//!
+//! 1. **Immediate completion** — [`BlockBackend::submit`] returns [`Submitted::Done`] (memory).
+//! 2. **Asynchronous completion from another context** — `submit` keeps the [`Completer`], returns
+//!    [`Submitted::Pending`] and calls [`Completer::complete`] later, from any thread.
+//! 3. **Driver-executed I/O on a file descriptor** — [`BlockBackend::raw_device`] tells the driver where
+//!    the bytes live (fd + offset), and a driver with its own io_uring runs the read/write with the PDU's
+//!    buffers directly (no copy between socket and disk). Such backends still implement `submit`
+//!    (blocking) for drivers without a ring.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use nvmeof_proto::nvme::Status;
+use nvmeof_proto::Payload;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+/// A byte range of a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ByteRange {
+    /// Offset of the first byte.
+    pub offset: u64,
+    /// Number of bytes.
+    pub len: u64,
+}
+
+/// One operation on a volume, in bytes (the engine has already converted LBAs and checked bounds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IoOp {
+    /// Read `len` bytes at `offset`; complete with [`IoOutput::Data`].
+    Read {
+        /// Byte offset.
+        offset: u64,
+        /// Byte count.
+        len: u32,
+    },
+    /// Write `data` at `offset`. With `fua`, the data must be durable when the write completes.
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// The data: slices of the receive buffers, in order.
+        data: Payload,
+        /// Force Unit Access.
+        fua: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Make `len` bytes at `offset` read as zeros; with `deallocate`, the space may be given back.
+    WriteZeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Byte count.
+        len: u64,
+        /// The host allows deallocation (thin volumes release the space).
+        deallocate: bool,
+    },
+    /// Deallocate ranges (Dataset Management with AD): the space is given back; the ranges read as
+    /// zeros afterwards.
+    Discard {
+        /// The ranges.
+        ranges: SmallVec<[ByteRange; 1]>,
+    },
+}
+
+impl IoOp {
+    /// Bytes the operation reads or writes (for statistics).
+    #[must_use]
+    pub fn data_len(&self) -> u64 {
+        match self {
+            Self::Read { len, .. } => u64::from(*len),
+            Self::Write { data, .. } => data.len() as u64,
+            Self::Flush | Self::WriteZeroes { .. } | Self::Discard { .. } => 0,
+        }
+    }
+}
+
+/// What a successful operation returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoOutput {
+    /// Nothing (writes, flushes, …).
+    Done,
+    /// The data of a read, exactly the requested length.
+    Data(Payload),
+}
+
+/// Why a backend operation failed; turned into an NVMe status for the host.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IoError {
+    /// The device failed the operation.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The backend has no space left (a thin volume whose pool is full).
+    #[error("no space left on the backing store")]
+    NoSpace,
+    /// The backend does not support the operation.
+    #[error("operation not supported by the backend")]
+    Unsupported,
+    /// The operation addresses bytes beyond the volume.
+    #[error("out of range: {offset}+{len} beyond {size}")]
+    OutOfRange {
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// Size of the volume.
+        size: u64,
+    },
+    /// A read returned fewer bytes than asked (truncated backing file).
+    #[error("short read: {got} of {want} bytes")]
+    ShortRead {
+        /// Bytes asked for.
+        want: u64,
+        /// Bytes returned.
+        got: u64,
+    },
+}
+
+impl IoError {
+    /// The NVMe status the host sees for this error, given whether the operation was a read.
+    #[must_use]
+    pub fn status(&self, is_read: bool) -> Status {
+        match self {
+            Self::NoSpace => Status::CAPACITY_EXCEEDED.with_dnr(),
+            Self::Unsupported => Status::INVALID_OPCODE.with_dnr(),
+            Self::OutOfRange { .. } => Status::LBA_OUT_OF_RANGE.with_dnr(),
+            Self::Io(e) if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => {
+                Status::CAPACITY_EXCEEDED.with_dnr()
+            }
+            Self::Io(e) if e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {
+                Status::WRITE_TO_READ_ONLY_RANGE.with_dnr()
+            }
+            Self::Io(_) | Self::ShortRead { .. } => {
+                if is_read {
+                    Status::UNRECOVERED_READ_ERROR
+                } else {
+                    Status::WRITE_FAULT
+                }
+            }
+        }
+    }
+}
+
+/// Result of a backend operation.
+pub type IoResult = Result<IoOutput, IoError>;
+
+/// Identifies one I/O request of one connection; hand it back with the result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IoToken(pub(crate) u64);
+
+impl IoToken {
+    /// The token's raw value (for drivers that need to store it, e.g. as io_uring user data).
+    #[must_use]
+    pub const fn to_raw(self) -> u64 {
+        self.0
+    }
+
+    /// Rebuilds a token from [`IoToken::to_raw`].
+    #[must_use]
+    pub const fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
+}
+
+/// Where completions of asynchronously completing backends go: implemented by the driver (e.g. push
+/// onto the worker's queue and wake its event loop).
+pub trait CompletionSink: Send + Sync {
+    /// Delivers the result of the request identified by `token`.
+    fn complete(&self, token: IoToken, result: IoResult);
+}
+
+/// The handle an asynchronous backend keeps to report a result later, from any thread.
+#[must_use = "a pending request must be completed, or the host's command never finishes"]
+pub struct Completer {
+    token: IoToken,
+    sink: Arc<dyn CompletionSink>,
+}
+
+impl Completer {
+    /// A completer that reports to `sink`.
+    pub fn new(token: IoToken, sink: Arc<dyn CompletionSink>) -> Self {
+        Self { token, sink }
+    }
+
+    /// The request's token.
+    #[must_use]
+    pub fn token(&self) -> IoToken {
+        self.token
+    }
+
+    /// Reports the result.
+    pub fn complete(self, result: IoResult) {
+        self.sink.complete(self.token, result);
+    }
+}
+
+impl fmt::Debug for Completer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Completer")
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`BlockBackend::submit`] did with a request.
+#[derive(Debug)]
+#[must_use]
+pub enum Submitted {
+    /// Finished already; the completer was dropped.
+    Done(IoResult),
+    /// Will finish later through the [`Completer`].
+    Pending,
+}
+
+/// A file descriptor a driver may run I/O on directly (see [`BlockBackend::raw_device`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RawDevice<'a> {
+    /// The open device or file.
+    pub fd: BorrowedFd<'a>,
+    /// Byte offset of the volume's first byte within the file.
+    pub base_offset: u64,
+    /// The fd was opened with `O_DIRECT`: buffers and offsets must be aligned to `alignment`.
+    pub direct: bool,
+    /// Required alignment of buffers, offsets and lengths for direct I/O.
+    pub alignment: u32,
+}
+
+/// Static facts about a backend that the engine turns into Identify data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Logical block size exposed to the host (512 or 4096).
+    pub block_size: u32,
+    /// The backend has a volatile write cache: writes are durable only after Flush (or with FUA).
+    pub volatile_write_cache: bool,
+    /// Deallocate (DSM) frees space.
+    pub discard: bool,
+    /// Write Zeroes is supported natively (the engine always offers it; a backend without it would be
+    /// emulated by writing zeros).
+    pub write_zeroes: bool,
+}
+
+/// A volume behind a namespace.
+///
+/// Implementations must be thread safe: the admin path (resize) and several I/O queues on different
+/// threads use one backend concurrently. Offsets and lengths passed in are within
+/// [`BlockBackend::size_bytes`] and multiples of [`BackendInfo::block_size`].
+pub trait BlockBackend: Send + Sync + fmt::Debug {
+    /// Current size in bytes (a multiple of the block size). It may change at run time (resize).
+    fn size_bytes(&self) -> u64;
+
+    /// Block size and capabilities.
+    fn info(&self) -> BackendInfo;
+
+    /// Starts `op`. Return [`Submitted::Done`] to complete at once, or keep `completer`, return
+    /// [`Submitted::Pending`] and call [`Completer::complete`] later from any thread.
+    fn submit(&self, op: IoOp, completer: Completer) -> Submitted;
+
+    /// For file-descriptor backends: the descriptor a driver may execute I/O on itself (io_uring, with
+    /// the request's buffers). `None` (the default) for backends that do their own I/O.
+    fn raw_device(&self) -> Option<RawDevice<'_>> {
+        None
+    }
+
+    /// Changes the size (volume resize). Backends that cannot resize return an error.
+    fn resize(&self, new_size_bytes: u64) -> io::Result<()> {
+        let _ = new_size_bytes;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this backend cannot be resized",
+        ))
+    }
+}
+
+fn check_range(offset: u64, len: u64, size: u64) -> Result<(), IoError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(IoError::OutOfRange { offset, len, size }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// MemoryBackend
+// ---------------------------------------------------------------------------------------------------
+
+const CHUNK: usize = 4096;
+
+/// A thin volume in memory: only written 4 KiB chunks take memory; unwritten and deallocated ranges
+/// read as zeros. Volatile (for tests and scale runs). Completes every request immediately.
+#[derive(Debug)]
+pub struct MemoryBackend {
+    block_size: u32,
+    size: AtomicU64,
+    chunks: Mutex<std::collections::HashMap<u64, Box<[u8; CHUNK]>>>,
+}
+
+impl MemoryBackend {
+    /// A volume of `size_bytes` (rounded down to the block size) with 512- or 4096-byte blocks.
+    ///
+    /// A block size other than 512 or 4096 is replaced by 512.
+    #[must_use]
+    pub fn new(size_bytes: u64, block_size: u32) -> Self {
+        let block_size = if block_size == 4096 { 4096 } else { 512 };
+        Self {
+            block_size,
+            size: AtomicU64::new(size_bytes - size_bytes % u64::from(block_size)),
+            chunks: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Bytes of memory holding data (allocated chunks × 4 KiB).
+    #[must_use]
+    pub fn allocated_bytes(&self) -> u64 {
+        self.chunks.lock().len() as u64 * CHUNK as u64
+    }
+
+    /// Reads synchronously (also what [`BlockBackend::submit`] does).
+    pub fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        check_range(offset, u64::from(len), self.size_bytes())?;
+        let mut out = BytesMut::zeroed(len as usize);
+        let chunks = self.chunks.lock();
+        self.for_each_piece(offset, u64::from(len), |chunk_no, in_chunk, at, n| {
+            if let (Some(chunk), Some(dst)) = (chunks.get(&chunk_no), out.get_mut(at..at + n)) {
+                if let Some(src) = chunk.get(in_chunk..in_chunk + n) {
+                    dst.copy_from_slice(src);
+                }
+            }
+        });
+        Ok(out.freeze())
+    }
+
+    /// Writes synchronously.
+    pub fn write(&self, offset: u64, data: &Payload) -> Result<(), IoError> {
+        check_range(offset, data.len() as u64, self.size_bytes())?;
+        let mut chunks = self.chunks.lock();
+        let mut flat = Vec::new();
+        let bytes: &[u8] = match data.segments() {
+            [one] => one,
+            _ => {
+                flat = data.iter_bytes().collect();
+                &flat
+            }
+        };
+        self.for_each_piece(offset, data.len() as u64, |chunk_no, in_chunk, at, n| {
+            let chunk = chunks.entry(chunk_no).or_insert_with(|| Box::new([0u8; CHUNK]));
+            if let (Some(dst), Some(src)) = (chunk.get_mut(in_chunk..in_chunk + n), bytes.get(at..at + n)) {
+                dst.copy_from_slice(src);
+            }
+        });
+        drop(flat);
+        Ok(())
+    }
+
+    /// Zeroes a range, freeing the chunks it covers entirely.
+    pub fn zero(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        check_range(offset, len, self.size_bytes())?;
+        let mut chunks = self.chunks.lock();
+        self.for_each_piece(offset, len, |chunk_no, in_chunk, _, n| {
+            if n == CHUNK {
+                chunks.remove(&chunk_no);
+            } else if let Some(dst) = chunks
+                .get_mut(&chunk_no)
+                .and_then(|c| c.get_mut(in_chunk..in_chunk + n))
+            {
+                dst.fill(0);
+            }
+        });
+        Ok(())
+    }
+
+    /// Calls `f(chunk number, offset in chunk, offset in the request, length)` for each chunk piece.
+    fn for_each_piece(&self, offset: u64, len: u64, mut f: impl FnMut(u64, usize, usize, usize)) {
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let chunk_no = pos / CHUNK as u64;
+            let in_chunk = (pos % CHUNK as u64) as usize;
+            let n = (CHUNK - in_chunk).min((end - pos) as usize);
+            f(chunk_no, in_chunk, (pos - offset) as usize, n);
+            pos += n as u64;
+        }
+    }
+
+    fn execute(&self, op: IoOp) -> IoResult {
+        match op {
+            IoOp::Read { offset, len } => self.read(offset, len).map(|b| IoOutput::Data(b.into())),
+            IoOp::Write { offset, data, .. } => self.write(offset, &data).map(|()| IoOutput::Done),
+            IoOp::Flush => Ok(IoOutput::Done),
+            IoOp::WriteZeroes { offset, len, .. } => self.zero(offset, len).map(|()| IoOutput::Done),
+            IoOp::Discard { ranges } => {
+                for r in ranges {
+                    self.zero(r.offset, r.len)?;
+                }
+                Ok(IoOutput::Done)
+            }
+        }
+    }
+}
+
+impl BlockBackend for MemoryBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            block_size: self.block_size,
+            volatile_write_cache: false,
+            discard: true,
+            write_zeroes: true,
+        }
+    }
+
+    fn submit(&self, op: IoOp, completer: Completer) -> Submitted {
+        drop(completer);
+        Submitted::Done(self.execute(op))
+    }
+
+    fn resize(&self, new_size_bytes: u64) -> io::Result<()> {
+        let new_size = new_size_bytes - new_size_bytes % u64::from(self.block_size);
+        let old = self.size.swap(new_size, Ordering::AcqRel);
+        if new_size < old {
+            // Shrinking drops the data beyond the end, so growing again reads zeros there.
+            let first_gone = new_size.div_ceil(CHUNK as u64);
+            self.chunks.lock().retain(|&no, _| no < first_gone);
+            if new_size % CHUNK as u64 != 0 {
+                let mut chunks = self.chunks.lock();
+                if let Some(c) = chunks.get_mut(&(new_size / CHUNK as u64)) {
+                    if let Some(tail) = c.get_mut((new_size % CHUNK as u64) as usize..) {
+                        tail.fill(0);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// FileBackend
+// ---------------------------------------------------------------------------------------------------
+
+/// A volume in a regular file or a block device, with plain positioned reads and writes
+/// (`pread`/`pwritev`), `fdatasync` for Flush and FUA, and `fallocate` for Write Zeroes and Deallocate
+/// (punching holes gives space back on files and discards on block devices).
+///
+/// Completes every request synchronously in [`BlockBackend::submit`]; a driver with an io_uring uses
+/// [`BlockBackend::raw_device`] instead and runs the same operations on its ring.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    size: AtomicU64,
+    block_size: u32,
+    is_block_device: bool,
+}
+
+impl FileBackend {
+    /// Opens an existing file or block device read-write. Its size is the file's size (rounded down to
+    /// the block size).
+    pub fn open(path: impl AsRef<Path>, block_size: u32) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path.as_ref())?;
+        Self::from_file(file, block_size)
+    }
+
+    /// Creates (or truncates to) a sparse file of `size_bytes`.
+    pub fn create(path: impl AsRef<Path>, size_bytes: u64, block_size: u32) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.set_len(size_bytes)?;
+        Self::from_file(file, block_size)
+    }
+
+    /// Wraps an open file or block device.
+    pub fn from_file(mut file: File, block_size: u32) -> io::Result<Self> {
+        use std::io::Seek;
+        let block_size = if block_size == 4096 { 4096 } else { 512 };
+        let meta = file.metadata()?;
+        let is_block_device = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
+        let len = if is_block_device {
+            file.seek(io::SeekFrom::End(0))?
+        } else {
+            meta.len()
+        };
+        Ok(Self {
+            file,
+            size: AtomicU64::new(len - len % u64::from(block_size)),
+            block_size,
+            is_block_device,
+        })
+    }
+
+    fn fallocate(&self, flags: rustix::fs::FallocateFlags, offset: u64, len: u64) -> Result<(), IoError> {
+        rustix::fs::fallocate(&self.file, flags, offset, len).map_err(|e| IoError::Io(e.into()))
+    }
+
+    /// Executes `op` synchronously.
+    pub fn execute(&self, op: IoOp) -> IoResult {
+        use rustix::fs::FallocateFlags as F;
+        let size = self.size_bytes();
+        match op {
+            IoOp::Read { offset, len } => {
+                check_range(offset, u64::from(len), size)?;
+                let mut buf = BytesMut::zeroed(len as usize);
+                let mut done = 0usize;
+                while done < buf.len() {
+                    let rest = buf.get_mut(done..).unwrap_or_default();
+                    match self.file.read_at(rest, offset + done as u64) {
+                        Ok(0) => break,
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                if done < buf.len() && self.is_block_device {
+                    return Err(IoError::ShortRead {
+                        want: u64::from(len),
+                        got: done as u64,
+                    });
+                }
+                // A regular file shorter than the volume reads as zeros past its end (sparse tail).
+                Ok(IoOutput::Data(buf.freeze().into()))
+            }
+            IoOp::Write { offset, data, fua } => {
+                check_range(offset, data.len() as u64, size)?;
+                let mut pos = offset;
+                for seg in data.segments() {
+                    let mut rest: &[u8] = seg;
+                    while !rest.is_empty() {
+                        match self.file.write_at(rest, pos) {
+                            Ok(0) => return Err(IoError::Io(io::ErrorKind::WriteZero.into())),
+                            Ok(n) => {
+                                rest = rest.get(n..).unwrap_or_default();
+                                pos += n as u64;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+                if fua {
+                    self.file.sync_data()?;
+                }
+                Ok(IoOutput::Done)
+            }
+            IoOp::Flush => {
+                self.file.sync_data()?;
+                Ok(IoOutput::Done)
+            }
+            IoOp::WriteZeroes {
+                offset,
+                len,
+                deallocate,
+            } => {
+                check_range(offset, len, size)?;
+                let flags = if deallocate {
+                    F::PUNCH_HOLE | F::KEEP_SIZE
+                } else {
+                    F::ZERO_RANGE | F::KEEP_SIZE
+                };
+                match self.fallocate(flags, offset, len) {
+                    Err(IoError::Io(e))
+                        if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) =>
+                    {
+                        self.write_zeros(offset, len)
+                    }
+                    other => other.map(|()| IoOutput::Done),
+                }
+            }
+            IoOp::Discard { ranges } => {
+                for r in &ranges {
+                    check_range(r.offset, r.len, size)?;
+                }
+                for r in ranges {
+                    match self.fallocate(F::PUNCH_HOLE | F::KEEP_SIZE, r.offset, r.len) {
+                        // Deallocation is advisory: a filesystem that cannot punch holes just keeps the
+                        // data, and the range must still read as zeros (we advertise DLFEAT zeros).
+                        Err(IoError::Io(e))
+                            if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) =>
+                        {
+                            self.write_zeros(r.offset, r.len)?;
+                        }
+                        other => other?,
+                    }
+                }
+                Ok(IoOutput::Done)
+            }
+        }
+    }
+
+    fn write_zeros(&self, offset: u64, len: u64) -> IoResult {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(ZEROS.get(..n).unwrap_or_default(), pos)?;
+            pos += n as u64;
+        }
+        Ok(IoOutput::Done)
+    }
+}
+
+impl BlockBackend for FileBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            block_size: self.block_size,
+            volatile_write_cache: true,
+            discard: true,
+            write_zeroes: true,
+        }
+    }
+
+    fn submit(&self, op: IoOp, completer: Completer) -> Submitted {
+        drop(completer);
+        Submitted::Done(self.execute(op))
+    }
+
+    fn raw_device(&self) -> Option<RawDevice<'_>> {
+        Some(RawDevice {
+            fd: self.file.as_fd(),
+            base_offset: 0,
+            direct: false,
+            alignment: 1,
+        })
+    }
+
+    fn resize(&self, new_size_bytes: u64) -> io::Result<()> {
+        let new_size = new_size_bytes - new_size_bytes % u64::from(self.block_size);
+        if self.is_block_device {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a block device is resized by its owner",
+            ));
+        }
+        self.file.set_len(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Runs `op` on `backend` and waits for the result: for drivers without an event loop (the blocking
+/// driver, tests). Backends that complete asynchronously are waited for on a channel.
+pub fn execute_blocking(backend: &dyn BlockBackend, op: IoOp) -> IoResult {
+    struct Channel(std::sync::mpsc::SyncSender<IoResult>);
+    impl CompletionSink for Channel {
+        fn complete(&self, _token: IoToken, result: IoResult) {
+            let _ = self.0.send(result);
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let completer = Completer::new(IoToken(0), Arc::new(Channel(tx)));
+    match backend.submit(op, completer) {
+        Submitted::Done(r) => r,
+        Submitted::Pending => rx
+            .recv()
+            .unwrap_or_else(|_| Err(IoError::Io(io::Error::other("backend dropped the request")))),
+    }
+}

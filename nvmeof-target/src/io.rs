@@ -1,0 +1,229 @@
+//! NVM commands on I/O queues: Read, Write, Flush, Write Zeroes, Dataset Management.
+
+use std::time::Instant;
+
+use nvmeof_proto::nvme::nvm::{parse_dsm_ranges, DsmCommand, RwCommand, WriteZeroesCommand};
+use nvmeof_proto::nvme::opcode::{FabricsCommandType, IoOpcode, FABRICS_OPCODE};
+use nvmeof_proto::nvme::{DataLocation, Status};
+use nvmeof_proto::{CapsuleCmd, Payload};
+use smallvec::SmallVec;
+
+use crate::backend::{ByteRange, IoOp};
+use crate::connection::{AfterData, Connection, Queued};
+use crate::subsystem::{Namespace, OpClass};
+
+impl Connection {
+    pub(crate) fn handle_io(&mut self, cmd: CapsuleCmd, now: Instant) {
+        let cid = cmd.sqe.cid.get();
+        if cmd.sqe.opcode == FABRICS_OPCODE {
+            match FabricsCommandType::from_u8(cmd.sqe.fctype()) {
+                Some(FabricsCommandType::Disconnect) => {
+                    self.respond(cid, Status::SUCCESS, 0);
+                    self.close(crate::CloseReason::Disconnected);
+                }
+                _ => self.respond(cid, Status::INVALID_OPCODE.with_dnr(), 0),
+            }
+            return;
+        }
+        let Some(subsys) = self.queue.as_ref().and_then(|q| q.ctrl.subsystem.clone()) else {
+            self.respond(cid, Status::INVALID_OPCODE.with_dnr(), 0);
+            return;
+        };
+        let nsid = cmd.sqe.nsid.get();
+        let Some(ns) = subsys.namespace(nsid) else {
+            self.respond(cid, Status::INVALID_NAMESPACE.with_dnr(), 0);
+            return;
+        };
+        let result = match IoOpcode::from_u8(cmd.sqe.opcode) {
+            Some(IoOpcode::Read) => self.read(&cmd, &ns, now),
+            Some(IoOpcode::Write) => self.write(&cmd, &ns, now),
+            Some(IoOpcode::Flush) => {
+                self.register(cid, Some(ns.clone()), OpClass::Other, now);
+                self.submit_io(cid, IoOp::Flush, None);
+                Ok(())
+            }
+            Some(IoOpcode::WriteZeroes) => self.write_zeroes(&cmd, &ns, now),
+            Some(IoOpcode::DatasetManagement) => self.dataset_management(&cmd, &ns, now),
+            _ => Err(Status::INVALID_OPCODE.with_dnr()),
+        };
+        if let Err(status) = result {
+            ns.stats()
+                .record(OpClass::Other, 0, false, std::time::Duration::ZERO);
+            self.respond(cid, status, 0);
+        }
+    }
+
+    /// Converts an LBA range to bytes, checking it against the namespace and MDTS.
+    fn byte_range(
+        &self,
+        ns: &Namespace,
+        slba: u64,
+        nlb: u32,
+        check_mdts: bool,
+    ) -> Result<(u64, u64), Status> {
+        let end = slba
+            .checked_add(u64::from(nlb))
+            .ok_or(Status::LBA_OUT_OF_RANGE.with_dnr())?;
+        if end > ns.size_blocks() {
+            return Err(Status::LBA_OUT_OF_RANGE.with_dnr());
+        }
+        let len = u64::from(nlb) << ns.block_shift();
+        if check_mdts && len > u64::from(self.target.shared.config.max_transfer_bytes) {
+            return Err(Status::INVALID_FIELD.with_dnr());
+        }
+        Ok((slba << ns.block_shift(), len))
+    }
+
+    fn read(&mut self, cmd: &CapsuleCmd, ns: &std::sync::Arc<Namespace>, now: Instant) -> Result<(), Status> {
+        let rw = RwCommand::from_sqe(&cmd.sqe);
+        let (offset, len) = self.byte_range(ns, rw.slba, rw.nlb, true)?;
+        match self.data_location(cmd)? {
+            DataLocation::Transport { length } if u64::from(length) == len => {}
+            _ => return Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
+        }
+        let len = u32::try_from(len).map_err(|_| Status::INVALID_FIELD.with_dnr())?;
+        self.start_command(
+            cmd.sqe.cid.get(),
+            Some(ns.clone()),
+            OpClass::Read,
+            Queued::Read { offset, len },
+            now,
+        );
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        cmd: &CapsuleCmd,
+        ns: &std::sync::Arc<Namespace>,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let rw = RwCommand::from_sqe(&cmd.sqe);
+        let (offset, len) = self.byte_range(ns, rw.slba, rw.nlb, true)?;
+        let then = AfterData::Write { offset, fua: rw.fua };
+        self.receive_data(cmd, ns, OpClass::Write, len, then, now)
+    }
+
+    fn write_zeroes(
+        &mut self,
+        cmd: &CapsuleCmd,
+        ns: &std::sync::Arc<Namespace>,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let wz = WriteZeroesCommand::from_sqe(&cmd.sqe);
+        let (offset, len) = self.byte_range(ns, wz.slba, wz.nlb, false)?;
+        let cid = cmd.sqe.cid.get();
+        self.register(cid, Some(ns.clone()), OpClass::Other, now);
+        self.submit_io(
+            cid,
+            IoOp::WriteZeroes {
+                offset,
+                len,
+                deallocate: wz.deallocate,
+            },
+            None,
+        );
+        Ok(())
+    }
+
+    fn dataset_management(
+        &mut self,
+        cmd: &CapsuleCmd,
+        ns: &std::sync::Arc<Namespace>,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let dsm = DsmCommand::from_sqe(&cmd.sqe);
+        let needed = dsm.payload_len() as u64;
+        // The Linux host always sends a 4096-byte buffer (256 range slots, unused ones zero): accept any
+        // length from what the ranges need up to that.
+        let len = match cmd.sqe.dptr.data_location() {
+            Some(DataLocation::InCapsule { length, .. } | DataLocation::Transport { length }) => {
+                u64::from(length)
+            }
+            _ => needed,
+        };
+        if len < needed || len > 4096 {
+            return Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr());
+        }
+        let then = AfterData::Dsm {
+            ranges: usize::from(dsm.ranges),
+            deallocate: dsm.deallocate,
+        };
+        self.receive_data(cmd, ns, OpClass::Other, len, then, now)
+    }
+
+    /// Gets a command's host-to-controller data: from the capsule, or through R2Ts.
+    fn receive_data(
+        &mut self,
+        cmd: &CapsuleCmd,
+        ns: &std::sync::Arc<Namespace>,
+        class: OpClass,
+        len: u64,
+        then: AfterData,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let cid = cmd.sqe.cid.get();
+        match self.data_location(cmd)? {
+            DataLocation::InCapsule { length, .. } if u64::from(length) == len => {
+                let data = cmd.data.slice(..length as usize);
+                self.register(cid, Some(ns.clone()), class, now);
+                self.data_received(cid, data, then, now);
+                Ok(())
+            }
+            DataLocation::Transport { length } if u64::from(length) == len && len > 0 => {
+                let total = u32::try_from(len).map_err(|_| Status::INVALID_FIELD.with_dnr())?;
+                self.start_command(cid, Some(ns.clone()), class, Queued::Receive { total, then }, now);
+                Ok(())
+            }
+            _ => Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
+        }
+    }
+
+    /// Dataset Management data arrived: deallocate the ranges (other attributes are hints).
+    pub(crate) fn dsm_data(
+        &mut self,
+        cid: u16,
+        data: &Payload,
+        ranges: usize,
+        deallocate: bool,
+        now: Instant,
+    ) {
+        let bytes = data.to_bytes();
+        let ns = self
+            .queue
+            .as_ref()
+            .and_then(|q| q.inflight.get(&cid))
+            .and_then(|c| c.ns.clone());
+        let Some(ns) = ns else { return };
+        let parsed = match parse_dsm_ranges(&bytes, ranges) {
+            Ok(r) => r,
+            Err(_) => {
+                self.finish_registered(cid, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), now);
+                return;
+            }
+        };
+        if !deallocate {
+            self.finish_registered(cid, Status::SUCCESS, now);
+            return;
+        }
+        let mut out: SmallVec<[ByteRange; 1]> = SmallVec::new();
+        for r in parsed {
+            let nlb = r.nlb.get();
+            if nlb == 0 {
+                continue;
+            }
+            match self.byte_range(&ns, r.slba.get(), nlb, false) {
+                Ok((offset, len)) => out.push(ByteRange { offset, len }),
+                Err(status) => {
+                    self.finish_registered(cid, status, now);
+                    return;
+                }
+            }
+        }
+        if out.is_empty() {
+            self.finish_registered(cid, Status::SUCCESS, now);
+            return;
+        }
+        self.submit_io(cid, IoOp::Discard { ranges: out }, None);
+    }
+}

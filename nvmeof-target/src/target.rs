@@ -1,0 +1,417 @@
+//! The target: the shared registry of subsystems and controllers, and its management API.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use nvmeof_proto::nvme::discovery::DISCOVERY_NQN;
+use nvmeof_proto::nvme::fabrics::{CNTLID_MAX, CNTLID_MIN, NQN_MAX_LEN};
+use nvmeof_proto::nvme::features::{AsyncEvent, AsyncEventConfig};
+use nvmeof_proto::nvme::identify::fill_space_padded;
+use parking_lot::{Mutex, RwLock};
+
+use crate::config::{TargetConfig, TransportParams};
+use crate::connection::Connection;
+use crate::controller::{Controller, ControllerInfo};
+use crate::subsystem::{HostAccess, Namespace, NamespaceConfig, Subsystem, SubsystemConfig};
+
+/// Errors of the target's management calls.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// No subsystem with this NQN.
+    #[error("no subsystem {0}")]
+    NoSuchSubsystem(String),
+    /// A subsystem with this NQN exists already.
+    #[error("subsystem {0} exists already")]
+    SubsystemExists(String),
+    /// The NQN is empty, too long (over 223 bytes) or is the discovery NQN.
+    #[error("invalid NQN {0:?}")]
+    InvalidNqn(String),
+    /// Serial or model number is not printable ASCII of the allowed length (20 / 40).
+    #[error("invalid {field}: {value:?}")]
+    InvalidIdentity {
+        /// Which field.
+        field: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// No namespace with this ID in the subsystem.
+    #[error("no namespace {nsid} in {subnqn}")]
+    NoSuchNamespace {
+        /// Subsystem NQN.
+        subnqn: String,
+        /// Namespace ID.
+        nsid: u32,
+    },
+    /// The namespace ID is in use.
+    #[error("namespace {nsid} exists in {subnqn}")]
+    NamespaceExists {
+        /// Subsystem NQN.
+        subnqn: String,
+        /// Namespace ID.
+        nsid: u32,
+    },
+    /// The namespace ID is 0, the broadcast value or beyond the configured maximum.
+    #[error("invalid namespace ID {0}")]
+    InvalidNsid(u32),
+    /// Hosts are connected and the operation was not forced.
+    #[error("{0} has {1} connected controller(s); use force to disconnect them")]
+    Busy(String, usize),
+    /// The backend refused (e.g. it cannot resize).
+    #[error("backend: {0}")]
+    Backend(#[from] std::io::Error),
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: TargetConfig,
+    subsystems: RwLock<BTreeMap<String, Arc<Subsystem>>>,
+    controllers: Mutex<ControllerTable>,
+    pub(crate) discovery_genctr: AtomicU64,
+    next_connection_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct ControllerTable {
+    by_id: HashMap<u16, Arc<Controller>>,
+    next: u16,
+}
+
+/// An NVMe over Fabrics target: subsystems, their namespaces, and the controllers hosts create.
+///
+/// Cheap to clone (one `Arc`); every clone is the same target. Connections are made with
+/// [`Target::accept`]. Management calls may be made from any thread while hosts are connected:
+/// namespace changes raise *Namespace Attribute Changed* events to connected controllers, and changes
+/// to what a host may see raise *Discovery Log Page Change* events to discovery controllers.
+#[derive(Clone)]
+pub struct Target {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("subsystems", &self.shared.subsystems.read().len())
+            .field("controllers", &self.shared.controllers.lock().by_id.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_nqn(nqn: &str) -> Result<(), TargetError> {
+    if nqn.is_empty() || nqn.len() > NQN_MAX_LEN || nqn == DISCOVERY_NQN || nqn.contains('\0') {
+        return Err(TargetError::InvalidNqn(nqn.to_owned()));
+    }
+    Ok(())
+}
+
+impl Target {
+    /// A target with no subsystems.
+    #[must_use]
+    pub fn new(config: TargetConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config: config.sanitized(),
+                subsystems: RwLock::new(BTreeMap::new()),
+                controllers: Mutex::new(ControllerTable {
+                    by_id: HashMap::new(),
+                    next: CNTLID_MIN,
+                }),
+                discovery_genctr: AtomicU64::new(1),
+                next_connection_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The (sanitized) configuration.
+    #[must_use]
+    pub fn config(&self) -> &TargetConfig {
+        &self.shared.config
+    }
+
+    /// Starts serving a new TCP connection. `now` starts its connect timeout.
+    #[must_use]
+    pub fn accept(&self, params: TransportParams, now: Instant) -> Connection {
+        let id = self.shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        Connection::new(self.clone(), id, params, now)
+    }
+
+    // ---- subsystems ----
+
+    /// Adds a subsystem.
+    pub fn add_subsystem(&self, config: SubsystemConfig) -> Result<Arc<Subsystem>, TargetError> {
+        check_nqn(&config.nqn)?;
+        let mut sn = [0u8; 20];
+        fill_space_padded(&mut sn, &config.serial).map_err(|_| TargetError::InvalidIdentity {
+            field: "serial",
+            value: config.serial.clone(),
+        })?;
+        let mut mn = [0u8; 40];
+        fill_space_padded(&mut mn, &config.model).map_err(|_| TargetError::InvalidIdentity {
+            field: "model",
+            value: config.model.clone(),
+        })?;
+        let subsys = {
+            let mut map = self.shared.subsystems.write();
+            if map.contains_key(&config.nqn) {
+                return Err(TargetError::SubsystemExists(config.nqn));
+            }
+            let subsys = Arc::new(Subsystem::new(config));
+            map.insert(subsys.nqn().to_owned(), subsys.clone());
+            subsys
+        };
+        self.discovery_changed();
+        Ok(subsys)
+    }
+
+    /// Removes a subsystem. With live controllers this fails unless `force`, which disconnects them.
+    pub fn remove_subsystem(&self, nqn: &str, force: bool) -> Result<(), TargetError> {
+        let live = self.controllers_of(nqn);
+        if !live.is_empty() && !force {
+            return Err(TargetError::Busy(nqn.to_owned(), live.len()));
+        }
+        if self.shared.subsystems.write().remove(nqn).is_none() {
+            return Err(TargetError::NoSuchSubsystem(nqn.to_owned()));
+        }
+        for c in live {
+            self.remove_controller(&c);
+        }
+        self.discovery_changed();
+        Ok(())
+    }
+
+    /// The subsystem with this NQN.
+    #[must_use]
+    pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        self.shared.subsystems.read().get(nqn).cloned()
+    }
+
+    /// NQNs of all subsystems.
+    #[must_use]
+    pub fn subsystem_nqns(&self) -> Vec<String> {
+        self.shared.subsystems.read().keys().cloned().collect()
+    }
+
+    pub(crate) fn subsystems_for_host(&self, hostnqn: &str) -> Vec<Arc<Subsystem>> {
+        self.shared
+            .subsystems
+            .read()
+            .values()
+            .filter(|s| s.allows_host(hostnqn))
+            .cloned()
+            .collect()
+    }
+
+    fn subsystem_or_err(&self, nqn: &str) -> Result<Arc<Subsystem>, TargetError> {
+        self.subsystem(nqn)
+            .ok_or_else(|| TargetError::NoSuchSubsystem(nqn.to_owned()))
+    }
+
+    /// Lets `hostnqn` connect to the subsystem.
+    pub fn allow_host(&self, subnqn: &str, hostnqn: &str) -> Result<(), TargetError> {
+        if self.subsystem_or_err(subnqn)?.set_host_allowed(hostnqn, true) {
+            self.discovery_changed();
+        }
+        Ok(())
+    }
+
+    /// Stops `hostnqn` from connecting to the subsystem. Controllers it has already are kept unless
+    /// `disconnect`.
+    pub fn deny_host(&self, subnqn: &str, hostnqn: &str, disconnect: bool) -> Result<(), TargetError> {
+        if self.subsystem_or_err(subnqn)?.set_host_allowed(hostnqn, false) {
+            self.discovery_changed();
+        }
+        if disconnect {
+            for c in self
+                .controllers_of(subnqn)
+                .into_iter()
+                .filter(|c| c.hostnqn == hostnqn)
+            {
+                self.remove_controller(&c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets whether any host may connect ([`HostAccess::AllowAny`]) or only the allowed ones.
+    pub fn set_host_access(&self, subnqn: &str, access: HostAccess) -> Result<(), TargetError> {
+        self.subsystem_or_err(subnqn)?.set_access(access);
+        self.discovery_changed();
+        Ok(())
+    }
+
+    // ---- namespaces ----
+
+    /// Attaches a namespace to a subsystem; connected hosts are told.
+    pub fn add_namespace(
+        &self,
+        subnqn: &str,
+        config: NamespaceConfig,
+    ) -> Result<Arc<Namespace>, TargetError> {
+        let subsys = self.subsystem_or_err(subnqn)?;
+        let nsid = config.nsid;
+        if nsid == 0 || nsid > self.shared.config.max_namespaces {
+            return Err(TargetError::InvalidNsid(nsid));
+        }
+        let block_size = config.backend.info().block_size;
+        let ns = Arc::new(Namespace::new(config, block_size));
+        let inserted = subsys.update_namespaces(|map| match map.entry(nsid) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(ns.clone());
+                true
+            }
+            std::collections::btree_map::Entry::Occupied(_) => false,
+        });
+        if !inserted {
+            return Err(TargetError::NamespaceExists {
+                subnqn: subnqn.to_owned(),
+                nsid,
+            });
+        }
+        self.namespace_changed(subnqn, nsid);
+        Ok(ns)
+    }
+
+    /// Detaches a namespace; connected hosts are told. Commands already running on it finish.
+    pub fn remove_namespace(&self, subnqn: &str, nsid: u32) -> Result<Arc<Namespace>, TargetError> {
+        let subsys = self.subsystem_or_err(subnqn)?;
+        let removed = subsys.update_namespaces(|map| map.remove(&nsid));
+        let ns = removed.ok_or_else(|| TargetError::NoSuchNamespace {
+            subnqn: subnqn.to_owned(),
+            nsid,
+        })?;
+        self.namespace_changed(subnqn, nsid);
+        Ok(ns)
+    }
+
+    /// Resizes a namespace's backend; connected hosts get a Namespace Attribute Changed event and see
+    /// the new size without reconnecting.
+    pub fn resize_namespace(&self, subnqn: &str, nsid: u32, new_size_bytes: u64) -> Result<(), TargetError> {
+        let ns =
+            self.subsystem_or_err(subnqn)?
+                .namespace(nsid)
+                .ok_or_else(|| TargetError::NoSuchNamespace {
+                    subnqn: subnqn.to_owned(),
+                    nsid,
+                })?;
+        ns.backend().resize(new_size_bytes)?;
+        self.namespace_changed(subnqn, nsid);
+        Ok(())
+    }
+
+    fn namespace_changed(&self, subnqn: &str, nsid: u32) {
+        for c in self.controllers_of(subnqn) {
+            c.raise_event(
+                AsyncEvent::NAMESPACE_ATTRIBUTE_CHANGED,
+                AsyncEventConfig::NAMESPACE_ATTRIBUTE,
+                Some(nsid),
+            );
+        }
+    }
+
+    /// The discovery log changed: new generation, and an event to discovery controllers that asked.
+    fn discovery_changed(&self) {
+        self.shared.discovery_genctr.fetch_add(1, Ordering::AcqRel);
+        let discovery: Vec<Arc<Controller>> = self
+            .shared
+            .controllers
+            .lock()
+            .by_id
+            .values()
+            .filter(|c| c.is_discovery())
+            .cloned()
+            .collect();
+        for c in discovery {
+            c.raise_event(
+                AsyncEvent::DISCOVERY_LOG_CHANGED,
+                AsyncEventConfig::DISCOVERY_LOG_CHANGE,
+                None,
+            );
+        }
+    }
+
+    // ---- controllers ----
+
+    /// Live controllers.
+    #[must_use]
+    pub fn controllers(&self) -> Vec<ControllerInfo> {
+        let table = self.shared.controllers.lock();
+        let mut out: Vec<ControllerInfo> = table
+            .by_id
+            .values()
+            .filter(|c| !c.is_dead())
+            .map(|c| ControllerInfo {
+                cntlid: c.cntlid,
+                subnqn: c.subsystem.as_ref().map_or(DISCOVERY_NQN, |s| s.nqn()).to_owned(),
+                hostnqn: c.hostnqn.clone(),
+                io_queues: c.io_queue_count(),
+                kato_ms: c.kato_ms(),
+            })
+            .collect();
+        out.sort_by_key(|c| c.cntlid);
+        out
+    }
+
+    /// Disconnects a controller (all its queues). Returns false if there is no such controller.
+    pub fn disconnect_controller(&self, cntlid: u16) -> bool {
+        let ctrl = self.shared.controllers.lock().by_id.get(&cntlid).cloned();
+        ctrl.is_some_and(|c| {
+            self.remove_controller(&c);
+            true
+        })
+    }
+
+    fn controllers_of(&self, subnqn: &str) -> Vec<Arc<Controller>> {
+        self.shared
+            .controllers
+            .lock()
+            .by_id
+            .values()
+            .filter(|c| c.subsystem.as_ref().is_some_and(|s| s.nqn() == subnqn))
+            .cloned()
+            .collect()
+    }
+
+    /// Creates a controller with a free CNTLID; `None` when all are taken.
+    pub(crate) fn create_controller(
+        &self,
+        subsystem: Option<Arc<Subsystem>>,
+        hostnqn: String,
+        hostid: [u8; 16],
+        kato_ms: u32,
+        now: Instant,
+    ) -> Option<Arc<Controller>> {
+        let mut table = self.shared.controllers.lock();
+        let span = usize::from(CNTLID_MAX - CNTLID_MIN) + 1;
+        if table.by_id.len() >= span {
+            return None;
+        }
+        let mut id = table.next;
+        while table.by_id.contains_key(&id) {
+            id = if id >= CNTLID_MAX { CNTLID_MIN } else { id + 1 };
+        }
+        table.next = if id >= CNTLID_MAX { CNTLID_MIN } else { id + 1 };
+        let ctrl = Arc::new(Controller::new(id, subsystem, hostnqn, hostid, kato_ms, now));
+        table.by_id.insert(id, ctrl.clone());
+        Some(ctrl)
+    }
+
+    pub(crate) fn find_controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
+        self.shared.controllers.lock().by_id.get(&cntlid).cloned()
+    }
+
+    /// Tears a controller down: gone from the table, every connection serving it woken to close.
+    pub(crate) fn remove_controller(&self, ctrl: &Arc<Controller>) {
+        {
+            let mut table = self.shared.controllers.lock();
+            if table
+                .by_id
+                .get(&ctrl.cntlid)
+                .is_some_and(|c| Arc::ptr_eq(c, ctrl))
+            {
+                table.by_id.remove(&ctrl.cntlid);
+            }
+        }
+        ctrl.kill();
+    }
+}
