@@ -56,6 +56,8 @@ pub struct Completion {
     pub cqe: Cqe,
     /// Data the controller sent (reads, Identify, log pages).
     pub data: Payload,
+    /// The command completed through a C2HData PDU with the SUCCESS flag (no response capsule).
+    pub via_success_flag: bool,
 }
 
 impl Completion {
@@ -234,6 +236,7 @@ impl HostQueue {
                         self.completions.push_back(Completion {
                             cqe,
                             data: Payload::new(),
+                            via_success_flag: true,
                         });
                     } else if let Some(p) = self.pending.get_mut(&cccid) {
                         p.data_in = Payload::new();
@@ -274,6 +277,7 @@ impl HostQueue {
                 self.completions.push_back(Completion {
                     cqe: r.cqe,
                     data: p.data_in,
+                    via_success_flag: false,
                 });
             }
             Pdu::C2hData(d) if self.ready => {
@@ -294,7 +298,11 @@ impl HostQueue {
                     self.pending.remove(&cid);
                     let mut cqe = Cqe::new(cid, 0, 0, Status::SUCCESS);
                     cqe.cid.set(cid);
-                    self.completions.push_back(Completion { cqe, data });
+                    self.completions.push_back(Completion {
+                        cqe,
+                        data,
+                        via_success_flag: true,
+                    });
                 }
             }
             Pdu::R2t(r) if self.ready => {
@@ -334,7 +342,8 @@ impl HostQueue {
     }
 }
 
-/// A Fabrics Connect command and its 1024 bytes of data.
+/// A Fabrics Connect command and its 1024 bytes of data. Set CATTR bit 2 in the returned SQE (byte
+/// 46) to ask for SQ flow control to be disabled.
 #[must_use]
 pub fn connect_command(
     qid: u16,

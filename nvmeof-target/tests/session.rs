@@ -751,3 +751,76 @@ fn removing_a_busy_subsystem_needs_force() {
     let _ = BytesMut::new();
     let _ = TargetConfig::default();
 }
+
+#[test]
+fn sq_head_and_the_success_flag() {
+    let now = Clock::new().0;
+    let (target, _) = target_with_volume();
+    let mut admin = Link::new(&target, HostOptions::default(), now);
+    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
+    set_features(&mut admin, 0x07, (1 << 16) | 1, now);
+    // SQ flow control on: every command gets a response capsule with the SQ head moving on.
+    let mut io = Link::new(&target, HostOptions::default(), now);
+    bring_up_io(&mut io, cntlid, 1, now);
+    let a = read(&mut io, 0, 1, now);
+    let b = read(&mut io, 0, 1, now);
+    assert!(!a.via_success_flag && !b.via_success_flag);
+    assert_eq!(
+        (a.cqe.sqid.get(), a.cqe.sqhd.get()),
+        (1, 2),
+        "Connect and the read consumed two entries"
+    );
+    assert_eq!(b.cqe.sqhd.get(), 3);
+    // SQ flow control disabled (CATTR bit 2, as Linux asks when the discovery entry allows it): a
+    // successful read completes with the SUCCESS flag on its last C2HData and no response capsule.
+    let mut io2 = Link::new(&target, HostOptions::default(), now);
+    io2.pump(now);
+    let (mut sqe, data) = host::connect_command(2, 128, 0, cntlid, HOSTID, SUBNQN, HOSTNQN);
+    sqe.as_mut_bytes()[46] = 1 << 2;
+    assert_eq!(io2.command(sqe, Some(data), 0, now).status(), Status::SUCCESS);
+    let c = read(&mut io2, 0, 8, now);
+    assert!(c.via_success_flag);
+    assert_eq!(c.data.len(), 4096);
+    // Errors still come as response capsules.
+    let e = read(&mut io2, u64::MAX - 1, 1, now);
+    assert!(!e.via_success_flag);
+    assert_eq!(e.status(), Status::LBA_OUT_OF_RANGE.with_dnr());
+}
+
+#[test]
+fn data_in_flight_per_connection_is_bounded() {
+    let now = Clock::new().0;
+    // The smallest budget: one maximal transfer (512 KiB) at a time.
+    let (target, _) = target_with_config(TargetConfig {
+        max_data_in_flight_per_connection: 0,
+        ..TargetConfig::default()
+    });
+    let mut admin = Link::new(&target, HostOptions::default(), now);
+    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
+    set_features(&mut admin, 0x07, 0, now);
+    let mut io = Link::new(&target, HostOptions::default(), now);
+    bring_up_io(&mut io, cntlid, 1, now);
+    io.defer_io = true;
+    let cids: Vec<u16> = (0..4u64)
+        .map(|i| {
+            io.host.submit(
+                rw_sqe(0x01, i * 1024, 1024, false),
+                Some(Payload::from(vec![i as u8; 512 * 1024])),
+                0,
+            )
+        })
+        .collect();
+    io.pump(now);
+    for step in 0..4 {
+        // Only one write's data is held (received and waiting for the backend); the others wait for
+        // their R2Ts.
+        assert_eq!(io.parked.len(), 1, "step {step}");
+        let req = io.parked.pop().unwrap();
+        let r = nvmeof_target::execute_blocking(req.namespace.backend().as_ref(), req.op);
+        io.conn.complete_io(req.token, r, now);
+        io.pump(now);
+    }
+    for cid in cids {
+        assert_eq!(io.take_completion(cid).status(), Status::SUCCESS);
+    }
+}
