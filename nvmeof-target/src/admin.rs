@@ -433,7 +433,9 @@ impl Connection {
             self.respond(cid, Status::INVALID_FIELD.with_dnr(), 0);
             return;
         }
-        let Ok(len) = usize::try_from(len) else {
+        // A log page read is a data transfer like any other: MDTS bounds it (and what we allocate).
+        let max = u64::from(self.target.shared.config.max_transfer_bytes);
+        let Some(len) = usize::try_from(len).ok().filter(|_| len <= max) else {
             self.respond(cid, Status::INVALID_FIELD.with_dnr(), 0);
             return;
         };

@@ -679,3 +679,198 @@ pub fn execute_blocking(backend: &dyn BlockBackend, op: IoOp) -> IoResult {
             .unwrap_or_else(|_| Err(IoError::Io(io::Error::other("backend dropped the request")))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(b: &dyn BlockBackend, op: IoOp) -> IoOutput {
+        execute_blocking(b, op).unwrap()
+    }
+
+    fn read(b: &dyn BlockBackend, offset: u64, len: u32) -> Vec<u8> {
+        match run(b, IoOp::Read { offset, len }) {
+            IoOutput::Data(d) => d.to_bytes().to_vec(),
+            IoOutput::Done => panic!("a read returns data"),
+        }
+    }
+
+    #[test]
+    fn memory_backend_is_thin() {
+        let b = MemoryBackend::new(1 << 30, 512);
+        assert_eq!(b.allocated_bytes(), 0);
+        assert_eq!(
+            read(&b, 123 * 512, 4096),
+            vec![0; 4096],
+            "unwritten reads as zeros"
+        );
+        let data: Payload = [Bytes::from(vec![1u8; 1000]), Bytes::from(vec![2u8; 3096])]
+            .into_iter()
+            .collect();
+        run(
+            &b,
+            IoOp::Write {
+                offset: 10 * 512,
+                data,
+                fua: false,
+            },
+        );
+        assert_eq!(
+            b.allocated_bytes(),
+            2 * 4096,
+            "a 4 KiB write straddling two chunks"
+        );
+        let back = read(&b, 10 * 512, 4096);
+        assert!(back[..1000].iter().all(|&x| x == 1) && back[1000..].iter().all(|&x| x == 2));
+        run(
+            &b,
+            IoOp::Discard {
+                ranges: [ByteRange {
+                    offset: 0,
+                    len: 64 * 1024,
+                }]
+                .into_iter()
+                .collect(),
+            },
+        );
+        assert_eq!(b.allocated_bytes(), 0, "deallocate gives the memory back");
+        assert!(matches!(
+            execute_blocking(
+                &b,
+                IoOp::Read {
+                    offset: (1 << 30) - 512,
+                    len: 1024
+                }
+            ),
+            Err(IoError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_backend_resize_drops_data_beyond_the_end() {
+        let b = MemoryBackend::new(1 << 20, 512);
+        run(
+            &b,
+            IoOp::Write {
+                offset: (1 << 20) - 512,
+                data: vec![9u8; 512].into(),
+                fua: false,
+            },
+        );
+        b.resize(512 * 1024).unwrap();
+        assert_eq!(b.size_bytes(), 512 * 1024);
+        b.resize(1 << 20).unwrap();
+        assert_eq!(
+            read(&b, (1 << 20) - 512, 512),
+            vec![0; 512],
+            "shrink then grow reads zeros"
+        );
+    }
+
+    #[test]
+    fn file_backend_reads_writes_zeroes_and_punches_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol");
+        let b = FileBackend::create(&path, 8 << 20, 4096).unwrap();
+        assert_eq!(b.info().block_size, 4096);
+        assert!(b.raw_device().is_some());
+        let blocks_before = std::fs::metadata(&path).unwrap().blocks();
+        let data: Vec<u8> = (0..1 << 20).map(|i| (i % 199) as u8 + 1).collect();
+        let segs: Payload = [
+            Bytes::from(data[..4096].to_vec()),
+            Bytes::from(data[4096..].to_vec()),
+        ]
+        .into_iter()
+        .collect();
+        run(
+            &b,
+            IoOp::Write {
+                offset: 1 << 20,
+                data: segs,
+                fua: true,
+            },
+        );
+        run(&b, IoOp::Flush);
+        assert_eq!(read(&b, 1 << 20, 1 << 20), data);
+        let blocks_written = std::fs::metadata(&path).unwrap().blocks();
+        assert!(blocks_written > blocks_before);
+        run(
+            &b,
+            IoOp::WriteZeroes {
+                offset: 1 << 20,
+                len: 8192,
+                deallocate: false,
+            },
+        );
+        assert_eq!(read(&b, 1 << 20, 8192), vec![0; 8192]);
+        run(
+            &b,
+            IoOp::Discard {
+                ranges: [ByteRange {
+                    offset: 1 << 20,
+                    len: 1 << 20,
+                }]
+                .into_iter()
+                .collect(),
+            },
+        );
+        assert_eq!(read(&b, 1 << 20, 1 << 20), vec![0; 1 << 20]);
+        let blocks_after = std::fs::metadata(&path).unwrap().blocks();
+        assert!(
+            blocks_after < blocks_written,
+            "punching holes gives space back ({blocks_after} < {blocks_written})"
+        );
+        b.resize(16 << 20).unwrap();
+        assert_eq!(b.size_bytes(), 16 << 20);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
+    }
+
+    #[test]
+    fn io_errors_map_to_nvme_statuses() {
+        assert_eq!(
+            IoError::NoSpace.status(false),
+            Status::CAPACITY_EXCEEDED.with_dnr()
+        );
+        assert_eq!(
+            IoError::Io(io::Error::other("x")).status(true),
+            Status::UNRECOVERED_READ_ERROR
+        );
+        assert_eq!(
+            IoError::Io(io::Error::other("x")).status(false),
+            Status::WRITE_FAULT
+        );
+        let enospc = io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
+        assert_eq!(
+            IoError::Io(enospc).status(false),
+            Status::CAPACITY_EXCEEDED.with_dnr()
+        );
+    }
+
+    #[test]
+    fn asynchronous_completion_from_another_thread() {
+        #[derive(Debug)]
+        struct Later;
+        impl BlockBackend for Later {
+            fn size_bytes(&self) -> u64 {
+                4096
+            }
+            fn info(&self) -> BackendInfo {
+                BackendInfo {
+                    block_size: 512,
+                    volatile_write_cache: false,
+                    discard: false,
+                    write_zeroes: false,
+                }
+            }
+            fn submit(&self, _op: IoOp, completer: Completer) -> Submitted {
+                std::thread::spawn(move || completer.complete(Ok(IoOutput::Done)));
+                Submitted::Pending
+            }
+        }
+        assert!(matches!(
+            execute_blocking(&Later, IoOp::Flush),
+            Ok(IoOutput::Done)
+        ));
+    }
+}

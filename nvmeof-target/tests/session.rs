@@ -314,6 +314,11 @@ fn admin_command_errors() {
         get_log_page(&mut admin, 0x02, 0, 2, 512, false, now).status(),
         Status::INVALID_FIELD.with_dnr()
     );
+    // A log page read beyond MDTS (a hostile 4 GiB request must not allocate 4 GiB).
+    assert_eq!(
+        get_log_page(&mut admin, 0x02, 0, 0, 0xffff_fffc, false, now).status(),
+        Status::INVALID_FIELD.with_dnr()
+    );
     // Unsupported feature; saving a feature.
     assert_eq!(
         set_features(&mut admin, 0x0c, 0, now).status(),
