@@ -222,7 +222,13 @@ impl Connection {
             max_data_pdu: cfg.maxh2cdata,
             ..DecoderConfig::controller()
         });
-        let span = tracing::debug_span!("nvmet_conn", id, peer = %params.peer_addr);
+        let span = tracing::debug_span!(
+            "nvmet_conn",
+            id,
+            peer = %params.peer_addr,
+            cntlid = tracing::field::Empty,
+            qid = tracing::field::Empty
+        );
         let deadline = now + cfg.connect_timeout;
         Self {
             target,
@@ -925,6 +931,8 @@ impl Connection {
     }
 
     pub(crate) fn set_live(&mut self, queue: Queue) {
+        self.span.record("cntlid", queue.ctrl.cntlid);
+        self.span.record("qid", queue.qid);
         if let Some(n) = &self.notifier {
             queue
                 .ctrl

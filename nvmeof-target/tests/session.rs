@@ -829,3 +829,40 @@ fn data_in_flight_per_connection_is_bounded() {
         assert_eq!(io.take_completion(cid).status(), Status::SUCCESS);
     }
 }
+
+#[test]
+fn discovery_controllers_hear_of_changes() {
+    let now = Clock::new().0;
+    let (target, _) = target_with_volume();
+    let mut link = Link::new(&target, HostOptions::default(), now);
+    bring_up_admin(&mut link, DISCOVERY_NQN, 0, now);
+    assert_eq!(link.conn.poll_timeout(), None, "KATO 0: no keep-alive timer");
+    // A persistent discovery controller enables discovery log change notices and waits.
+    assert_eq!(
+        set_features(&mut link, 0x0b, 1 << 31, now).status(),
+        Status::SUCCESS
+    );
+    let mut aer = Sqe::zeroed();
+    aer.opcode = 0x0c;
+    let cid = link.host.submit(aer, None, 0);
+    link.pump(now);
+    let mut sc = SubsystemConfig::new("nqn.2026-01.io.xatastor:new", "XS0009");
+    sc.allowed_hosts.push(HOSTNQN.into());
+    target.add_subsystem(sc).unwrap();
+    link.conn.handle_wakeup(now);
+    link.pump(now);
+    assert_eq!(
+        link.take_completion(cid).cqe.dw0.get(),
+        0x0070_f002,
+        "notice / discovery log change / log 70h"
+    );
+    // Discovery controllers have no I/O commands and no namespaces.
+    assert_eq!(
+        set_features(&mut link, 0x07, 0, now).status(),
+        Status::INVALID_FIELD.with_dnr()
+    );
+    assert_eq!(
+        identify(&mut link, 0x02, 0, now).status(),
+        Status::INVALID_FIELD.with_dnr()
+    );
+}
