@@ -23,27 +23,16 @@ fn read_cmd() -> Pdu {
     sqe.dptr = SglDescriptor::transport(4096);
     sqe.cdw10.set(123_456);
     sqe.cdw12.set(7);
-    Pdu::CapsuleCmd(CapsuleCmd {
-        sqe,
-        data: Default::default(),
-    })
+    Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Default::default() })
 }
 
 fn resp() -> Pdu {
-    Pdu::CapsuleResp(CapsuleResp {
-        cqe: Cqe::new(17, 1, 5, Status::SUCCESS),
-    })
+    Pdu::CapsuleResp(CapsuleResp { cqe: Cqe::new(17, 1, 5, Status::SUCCESS) })
 }
 
 fn c2h_4k() -> Pdu {
     let data = Bytes::from(vec![0xa5u8; 4096]);
-    Pdu::C2hData(C2hData {
-        cccid: 17,
-        datao: 0,
-        last: true,
-        success: true,
-        data: data.into(),
-    })
+    Pdu::C2hData(C2hData { cccid: 17, datao: 0, last: true, success: true, data: data.into() })
 }
 
 fn variants() -> [(&'static str, Digests); 2] {
@@ -83,11 +72,7 @@ fn decode(c: &mut Criterion) {
 
 fn encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("encode");
-    for (name, pdu) in [
-        ("capsule_cmd", read_cmd()),
-        ("capsule_resp", resp()),
-        ("c2h_data_4k", c2h_4k()),
-    ] {
+    for (name, pdu) in [("capsule_cmd", read_cmd()), ("capsule_resp", resp()), ("c2h_data_4k", c2h_4k())] {
         for (variant, digests) in variants() {
             let opts = EncodeOptions { digests, pda: 0 };
             g.throughput(Throughput::Elements(1));
@@ -109,9 +94,7 @@ fn crc(c: &mut Criterion) {
     for size in [4096usize, 128 * 1024] {
         let data = vec![0x5au8; size];
         g.throughput(Throughput::Bytes(size as u64));
-        g.bench_function(format!("{size}"), |b| {
-            b.iter(|| nvmeof_proto::digest::crc32c(black_box(&data)))
-        });
+        g.bench_function(format!("{size}"), |b| b.iter(|| nvmeof_proto::digest::crc32c(black_box(&data))));
     }
     g.finish();
 }

@@ -26,18 +26,12 @@ pub fn serve(listener: TcpListener, target: Target, port_id: u16) -> io::Result<
         let (stream, peer) = listener.accept()?;
         let local = stream.local_addr()?;
         let target = target.clone();
-        let params = TransportParams {
-            local_addr: local,
-            peer_addr: peer,
-            port_id,
-        };
-        std::thread::Builder::new()
-            .name(format!("nvmet-{peer}"))
-            .spawn(move || {
-                if let Err(e) = serve_connection(stream, &target, params) {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-            })?;
+        let params = TransportParams { local_addr: local, peer_addr: peer, port_id };
+        std::thread::Builder::new().name(format!("nvmet-{peer}")).spawn(move || {
+            if let Err(e) = serve_connection(stream, &target, params) {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        })?;
     }
 }
 
@@ -53,10 +47,8 @@ pub fn serve_connection(mut stream: TcpStream, target: &Target, params: Transpor
     let mut chunk = vec![0u8; 256 * 1024];
     loop {
         let now = Instant::now();
-        let wait = conn
-            .poll_timeout()
-            .map_or(WAKEUP_POLL, |d| d.saturating_duration_since(now))
-            .min(WAKEUP_POLL);
+        let wait =
+            conn.poll_timeout().map_or(WAKEUP_POLL, |d| d.saturating_duration_since(now)).min(WAKEUP_POLL);
         stream.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
         match stream.read(&mut chunk) {
             Ok(0) => conn.handle_peer_closed(),

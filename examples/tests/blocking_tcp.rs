@@ -32,11 +32,7 @@ impl TcpHost {
     fn connect(addr: std::net::SocketAddr, opts: HostOptions) -> Self {
         let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut h = Self {
-            stream,
-            queue: HostQueue::new(opts),
-            rx: BytesMut::new(),
-        };
+        let mut h = Self { stream, queue: HostQueue::new(opts), rx: BytesMut::new() };
         h.flush();
         while !h.queue.is_ready() {
             h.receive();
@@ -96,25 +92,16 @@ fn exercise(backend: Arc<dyn BlockBackend>, digests: Digests) {
     sc.access = HostAccess::DenyAllExcept;
     sc.allowed_hosts.push(HOSTNQN.into());
     target.add_subsystem(sc).unwrap();
-    target
-        .add_namespace(NQN, NamespaceConfig::derived(NQN, 1, backend))
-        .unwrap();
+    target.add_namespace(NQN, NamespaceConfig::derived(NQN, 1, backend)).unwrap();
     let addr = serve(target.clone());
-    let opts = HostOptions {
-        digests,
-        ..HostOptions::default()
-    };
+    let opts = HostOptions { digests, ..HostOptions::default() };
 
     let mut admin = TcpHost::connect(addr, opts);
     let (sqe, data) = host::connect_command(0, 32, 5000, CNTLID_DYNAMIC, [3; 16], NQN, HOSTNQN);
     let c = admin.command(sqe, Some(data), 0);
     assert_eq!(c.status(), Status::SUCCESS);
     let cntlid = c.cqe.dw0.get() as u16;
-    let c = admin.command(
-        host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001),
-        None,
-        0,
-    );
+    let c = admin.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001), None, 0);
     assert_eq!(c.status(), Status::SUCCESS);
     let mut nq = Sqe::zeroed();
     nq.opcode = 0x09;
@@ -132,16 +119,12 @@ fn exercise(backend: Arc<dyn BlockBackend>, digests: Digests) {
         .collect();
     let big: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 241) as u8).collect();
     assert_eq!(
-        queues[0]
-            .command(rw(0x01, 0, 512), Some(Payload::from(big.clone())), 0)
-            .status(),
+        queues[0].command(rw(0x01, 0, 512), Some(Payload::from(big.clone())), 0).status(),
         Status::SUCCESS
     );
     let small = vec![0x77u8; 2048];
     assert_eq!(
-        queues[1]
-            .command(rw(0x01, 600, 4), Some(Payload::from(small.clone())), 0)
-            .status(),
+        queues[1].command(rw(0x01, 600, 4), Some(Payload::from(small.clone())), 0).status(),
         Status::SUCCESS
     );
     let mut flush = Sqe::zeroed();
@@ -155,11 +138,7 @@ fn exercise(backend: Arc<dyn BlockBackend>, digests: Digests) {
 
     // Linux-style teardown: I/O sockets closed, then shutdown through CC, then the admin socket.
     drop(queues);
-    let c = admin.command(
-        host::property_set(offset::CC, PropertyWidth::Four, 0x0046_4001),
-        None,
-        0,
-    );
+    let c = admin.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_4001), None, 0);
     assert_eq!(c.status(), Status::SUCCESS);
     let mut shst = 0;
     for _ in 0..100 {

@@ -28,27 +28,10 @@ fn main() -> std::io::Result<()> {
     read_cmd.dptr = SglDescriptor::transport(4096);
 
     let host: Vec<Pdu> = vec![
-        Pdu::IcReq(IcReq {
-            pfv: 0,
-            hpda: 0,
-            digests: Digests::BOTH,
-            maxr2t: 0,
-        }),
-        Pdu::CapsuleCmd(CapsuleCmd {
-            sqe: write_cmd,
-            data: vec![0xa5; 512].into(),
-        }),
-        Pdu::CapsuleCmd(CapsuleCmd {
-            sqe: read_cmd,
-            data: Default::default(),
-        }),
-        Pdu::H2cData(H2cData {
-            cccid: 3,
-            ttag: 1,
-            datao: 0,
-            last: true,
-            data: vec![0x5a; 4096].into(),
-        }),
+        Pdu::IcReq(IcReq { pfv: 0, hpda: 0, digests: Digests::BOTH, maxr2t: 0 }),
+        Pdu::CapsuleCmd(CapsuleCmd { sqe: write_cmd, data: vec![0xa5; 512].into() }),
+        Pdu::CapsuleCmd(CapsuleCmd { sqe: read_cmd, data: Default::default() }),
+        Pdu::H2cData(H2cData { cccid: 3, ttag: 1, datao: 0, last: true, data: vec![0x5a; 4096].into() }),
         Pdu::H2cTermReq(TermReq {
             fes: FatalErrorStatus::PDU_SEQUENCE_ERROR,
             fei: 0,
@@ -56,21 +39,9 @@ fn main() -> std::io::Result<()> {
         }),
     ];
     let controller: Vec<Pdu> = vec![
-        Pdu::IcResp(IcResp {
-            pfv: 0,
-            cpda: 0,
-            digests: Digests::BOTH,
-            maxh2cdata: 131072,
-        }),
-        Pdu::CapsuleResp(CapsuleResp {
-            cqe: Cqe::new(1, 1, 1, Status::SUCCESS),
-        }),
-        Pdu::R2t(R2t {
-            cccid: 3,
-            ttag: 1,
-            r2to: 0,
-            r2tl: 4096,
-        }),
+        Pdu::IcResp(IcResp { pfv: 0, cpda: 0, digests: Digests::BOTH, maxh2cdata: 131072 }),
+        Pdu::CapsuleResp(CapsuleResp { cqe: Cqe::new(1, 1, 1, Status::SUCCESS) }),
+        Pdu::R2t(R2t { cccid: 3, ttag: 1, r2to: 0, r2tl: 4096 }),
         Pdu::C2hData(C2hData {
             cccid: 2,
             datao: 0,
@@ -89,14 +60,7 @@ fn main() -> std::io::Result<()> {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir)?;
         for (dir_bits, pdus) in [(1u8, &host), (2u8, &controller)] {
-            for digests in [
-                Digests::NONE,
-                Digests::BOTH,
-                Digests {
-                    header: true,
-                    data: false,
-                },
-            ] {
+            for digests in [Digests::NONE, Digests::BOTH, Digests { header: true, data: false }] {
                 for pda in [0u8, 7] {
                     let opts = EncodeOptions { digests, pda };
                     let mode = dir_bits | (u8::from(digests.header) << 2) | (u8::from(digests.data) << 3);

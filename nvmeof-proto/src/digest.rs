@@ -22,9 +22,7 @@ pub fn crc32c_segments<'a, I>(segments: I) -> u32
 where
     I: IntoIterator<Item = &'a Bytes>,
 {
-    segments
-        .into_iter()
-        .fold(0, |crc, seg| crc32c::crc32c_append(crc, seg))
+    segments.into_iter().fold(0, |crc, seg| crc32c::crc32c_append(crc, seg))
 }
 
 #[cfg(test)]

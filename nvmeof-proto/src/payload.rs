@@ -22,10 +22,7 @@ impl Payload {
     /// An empty payload.
     #[must_use]
     pub const fn new() -> Self {
-        Self {
-            segments: SmallVec::new_const(),
-            len: 0,
-        }
+        Self { segments: SmallVec::new_const(), len: 0 }
     }
 
     /// Appends a segment (empty segments are dropped).
@@ -174,12 +171,7 @@ impl PartialEq<[u8]> for Payload {
 
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Payload({} bytes in {} segments",
-            self.len,
-            self.segments.len()
-        )?;
+        write!(f, "Payload({} bytes in {} segments", self.len, self.segments.len())?;
         let head: Vec<u8> = self.iter_bytes().take(16).collect();
         if !head.is_empty() {
             write!(f, ", starts {head:02x?}")?;

@@ -14,19 +14,16 @@ const MAX_DATA: usize = 9000;
 
 fn payload(min: usize) -> impl Strategy<Value = Payload> {
     // Between one and three segments, so scattered payloads are covered too.
-    (
-        proptest::collection::vec(any::<u8>(), min..MAX_DATA),
-        0usize..3,
-        any::<prop::sample::Index>(),
-    )
-        .prop_map(|(v, splits, at)| {
+    (proptest::collection::vec(any::<u8>(), min..MAX_DATA), 0usize..3, any::<prop::sample::Index>()).prop_map(
+        |(v, splits, at)| {
             let b = Bytes::from(v);
             if splits == 0 || b.len() < 2 {
                 return Payload::from(b);
             }
             let cut = 1 + at.index(b.len() - 1);
             [b.slice(..cut), b.slice(cut..)].into_iter().collect()
-        })
+        },
+    )
 }
 
 fn digests() -> impl Strategy<Value = Digests> {
@@ -49,82 +46,41 @@ fn cqe() -> impl Strategy<Value = Cqe> {
 }
 
 fn term_req() -> impl Strategy<Value = TermReq> {
-    (
-        any::<u16>(),
-        any::<u32>(),
-        proptest::collection::vec(any::<u8>(), 0..=128),
-    )
-        .prop_map(|(fes, fei, d)| TermReq {
-            fes: FatalErrorStatus(fes),
-            fei,
-            data: Bytes::from(d),
-        })
+    (any::<u16>(), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..=128))
+        .prop_map(|(fes, fei, d)| TermReq { fes: FatalErrorStatus(fes), fei, data: Bytes::from(d) })
 }
 
 fn host_pdu() -> impl Strategy<Value = Pdu> {
     prop_oneof![
-        (any::<u16>(), 0u8..=31, digests(), any::<u32>()).prop_map(
-            |(pfv, hpda, digests, maxr2t)| Pdu::IcReq(IcReq {
-                pfv,
-                hpda,
-                digests,
-                maxr2t
-            })
-        ),
+        (any::<u16>(), 0u8..=31, digests(), any::<u32>())
+            .prop_map(|(pfv, hpda, digests, maxr2t)| Pdu::IcReq(IcReq { pfv, hpda, digests, maxr2t })),
         term_req().prop_map(Pdu::H2cTermReq),
         (sqe(), prop_oneof![Just(Payload::new()), payload(1)])
             .prop_map(|(sqe, data)| Pdu::CapsuleCmd(CapsuleCmd { sqe, data })),
-        (
-            any::<u16>(),
-            any::<u16>(),
-            any::<u32>(),
-            any::<bool>(),
-            payload(1)
-        )
-            .prop_map(|(cccid, ttag, datao, last, data)| Pdu::H2cData(H2cData {
-                cccid,
-                ttag,
-                datao,
-                last,
-                data
-            })),
+        (any::<u16>(), any::<u16>(), any::<u32>(), any::<bool>(), payload(1)).prop_map(
+            |(cccid, ttag, datao, last, data)| Pdu::H2cData(H2cData { cccid, ttag, datao, last, data })
+        ),
     ]
 }
 
 fn controller_pdu() -> impl Strategy<Value = Pdu> {
     prop_oneof![
         (any::<u16>(), 0u8..=31, digests(), any::<u32>()).prop_map(|(pfv, cpda, digests, maxh2cdata)| {
-            Pdu::IcResp(IcResp {
-                pfv,
-                cpda,
-                digests,
-                maxh2cdata,
-            })
+            Pdu::IcResp(IcResp { pfv, cpda, digests, maxh2cdata })
         }),
         term_req().prop_map(Pdu::C2hTermReq),
         cqe().prop_map(|cqe| Pdu::CapsuleResp(CapsuleResp { cqe })),
-        (
-            any::<u16>(),
-            any::<u32>(),
-            any::<bool>(),
-            any::<bool>(),
-            payload(1)
-        )
-            .prop_map(|(cccid, datao, last, success, data)| Pdu::C2hData(C2hData {
+        (any::<u16>(), any::<u32>(), any::<bool>(), any::<bool>(), payload(1)).prop_map(
+            |(cccid, datao, last, success, data)| Pdu::C2hData(C2hData {
                 cccid,
                 datao,
                 last: last || success,
                 success,
                 data
-            })),
-        (any::<u16>(), any::<u16>(), any::<u32>(), any::<u32>()).prop_map(|(cccid, ttag, r2to, r2tl)| {
-            Pdu::R2t(R2t {
-                cccid,
-                ttag,
-                r2to,
-                r2tl,
             })
-        }),
+        ),
+        (any::<u16>(), any::<u16>(), any::<u32>(), any::<u32>())
+            .prop_map(|(cccid, ttag, r2to, r2tl)| { Pdu::R2t(R2t { cccid, ttag, r2to, r2tl }) }),
     ]
 }
 

@@ -19,24 +19,14 @@ fn crc32c_ref(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
         }
     }
     !crc
 }
 
 fn any_direction(digests: Digests, pda: u8) -> DecoderConfig {
-    DecoderConfig {
-        direction: None,
-        digests,
-        pda,
-        max_capsule_data: 1 << 20,
-        max_data_pdu: 1 << 20,
-    }
+    DecoderConfig { direction: None, digests, pda, max_capsule_data: 1 << 20, max_data_pdu: 1 << 20 }
 }
 
 /// Encodes `pdu` and asserts the bytes; decodes `bytes` and asserts the PDU.
@@ -78,21 +68,9 @@ fn icreq() {
     let mut v = vec![0x00, 0x00, 0x80, 0x00, 0x80, 0x00, 0x00, 0x00];
     v.extend_from_slice(&[0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00]);
     v.resize(128, 0);
-    let pdu = Pdu::IcReq(IcReq {
-        pfv: 0,
-        hpda: 0,
-        digests: Digests::BOTH,
-        maxr2t: 0,
-    });
+    let pdu = Pdu::IcReq(IcReq { pfv: 0, hpda: 0, digests: Digests::BOTH, maxr2t: 0 });
     // ICReq never carries digests, whatever the connection negotiates later.
-    check(
-        pdu,
-        EncodeOptions {
-            digests: Digests::BOTH,
-            pda: 0,
-        },
-        &v,
-    );
+    check(pdu, EncodeOptions { digests: Digests::BOTH, pda: 0 }, &v);
 }
 
 #[test]
@@ -103,10 +81,7 @@ fn icresp() {
     let pdu = Pdu::IcResp(IcResp {
         pfv: 0,
         cpda: 0,
-        digests: Digests {
-            header: true,
-            data: false,
-        },
+        digests: Digests { header: true, data: false },
         maxh2cdata: 0x2_0000,
     });
     check(pdu, EncodeOptions::default(), &v);
@@ -125,19 +100,8 @@ fn term_reqs() {
             fei: 2,
             data: Bytes::copy_from_slice(&quoted),
         };
-        let pdu = if pdu_type {
-            Pdu::H2cTermReq(t)
-        } else {
-            Pdu::C2hTermReq(t)
-        };
-        check(
-            pdu,
-            EncodeOptions {
-                digests: Digests::BOTH,
-                pda: 3,
-            },
-            &v,
-        );
+        let pdu = if pdu_type { Pdu::H2cTermReq(t) } else { Pdu::C2hTermReq(t) };
+        check(pdu, EncodeOptions { digests: Digests::BOTH, pda: 3 }, &v);
     }
 }
 
@@ -146,14 +110,7 @@ fn capsule_cmd_without_data() {
     let (sqe, raw) = sqe_example();
     let mut v = vec![0x04, 0x00, 0x48, 0x00, 0x48, 0x00, 0x00, 0x00];
     v.extend_from_slice(&raw);
-    check(
-        Pdu::CapsuleCmd(CapsuleCmd {
-            sqe,
-            data: Payload::new(),
-        }),
-        EncodeOptions::default(),
-        &v,
-    );
+    check(Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::new() }), EncodeOptions::default(), &v);
 }
 
 #[test]
@@ -171,18 +128,8 @@ fn capsule_cmd_with_in_capsule_data_and_digests() {
     v.extend_from_slice(&hd.to_le_bytes());
     v.extend_from_slice(&data);
     v.extend_from_slice(&crc32c_ref(&data).to_le_bytes());
-    let pdu = Pdu::CapsuleCmd(CapsuleCmd {
-        sqe,
-        data: Payload::from(data.to_vec()),
-    });
-    check(
-        pdu,
-        EncodeOptions {
-            digests: Digests::BOTH,
-            pda: 0,
-        },
-        &v,
-    );
+    let pdu = Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::from(data.to_vec()) });
+    check(pdu, EncodeOptions { digests: Digests::BOTH, pda: 0 }, &v);
 }
 
 #[test]
@@ -193,18 +140,8 @@ fn capsule_cmd_data_aligned_to_cpda() {
     v.extend_from_slice(&raw);
     v.resize(96, 0);
     v.extend_from_slice(b"data");
-    let pdu = Pdu::CapsuleCmd(CapsuleCmd {
-        sqe,
-        data: Payload::from(&b"data"[..]),
-    });
-    check(
-        pdu,
-        EncodeOptions {
-            digests: Digests::NONE,
-            pda: 7,
-        },
-        &v,
-    );
+    let pdu = Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::from(&b"data"[..]) });
+    check(pdu, EncodeOptions { digests: Digests::NONE, pda: 7 }, &v);
 }
 
 #[test]
@@ -213,14 +150,8 @@ fn capsule_resp() {
     cqe.dw0.set(0xdead_beef);
     let mut v = vec![0x05, 0x00, 0x18, 0x00, 0x18, 0x00, 0x00, 0x00];
     // DW0, DW1, SQHD 5, SQID 1, CID 0x0123, status (0x4080 << 1 = 0x8100).
-    v.extend_from_slice(&[
-        0xef, 0xbe, 0xad, 0xde, 0, 0, 0, 0, 5, 0, 1, 0, 0x23, 0x01, 0x00, 0x81,
-    ]);
-    check(
-        Pdu::CapsuleResp(CapsuleResp { cqe }),
-        EncodeOptions::default(),
-        &v,
-    );
+    v.extend_from_slice(&[0xef, 0xbe, 0xad, 0xde, 0, 0, 0, 0, 5, 0, 1, 0, 0x23, 0x01, 0x00, 0x81]);
+    check(Pdu::CapsuleResp(CapsuleResp { cqe }), EncodeOptions::default(), &v);
 }
 
 #[test]
@@ -229,14 +160,7 @@ fn capsule_resp_with_header_digest() {
     let mut v = vec![0x05, 0x01, 0x18, 0x00, 0x1c, 0x00, 0x00, 0x00];
     v.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0]);
     v.extend_from_slice(&crc32c_ref(&v).to_le_bytes());
-    check(
-        Pdu::CapsuleResp(CapsuleResp { cqe }),
-        EncodeOptions {
-            digests: Digests::BOTH,
-            pda: 0,
-        },
-        &v,
-    );
+    check(Pdu::CapsuleResp(CapsuleResp { cqe }), EncodeOptions { digests: Digests::BOTH, pda: 0 }, &v);
 }
 
 #[test]
@@ -267,21 +191,9 @@ fn c2h_data_success_with_digests() {
     v.extend_from_slice(&crc32c_ref(&v).to_le_bytes());
     v.extend_from_slice(&data);
     v.extend_from_slice(&crc32c_ref(&data).to_le_bytes());
-    let pdu = Pdu::C2hData(C2hData {
-        cccid: 5,
-        datao: 0,
-        last: true,
-        success: true,
-        data: Payload::from(data),
-    });
-    check(
-        pdu,
-        EncodeOptions {
-            digests: Digests::BOTH,
-            pda: 0,
-        },
-        &v,
-    );
+    let pdu =
+        Pdu::C2hData(C2hData { cccid: 5, datao: 0, last: true, success: true, data: Payload::from(data) });
+    check(pdu, EncodeOptions { digests: Digests::BOTH, pda: 0 }, &v);
 }
 
 #[test]
@@ -300,14 +212,7 @@ fn c2h_data_aligned_to_hpda() {
         success: false,
         data: Payload::from(&b"hi"[..]),
     });
-    check(
-        pdu,
-        EncodeOptions {
-            digests: Digests::NONE,
-            pda: 7,
-        },
-        &v,
-    );
+    check(pdu, EncodeOptions { digests: Digests::NONE, pda: 7 }, &v);
 }
 
 #[test]
@@ -316,44 +221,22 @@ fn r2t() {
     v.extend_from_slice(&[
         0x23, 0x01, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, 0x00, 0, 0, 0, 0,
     ]);
-    let pdu = Pdu::R2t(R2t {
-        cccid: 0x0123,
-        ttag: 2,
-        r2to: 0x1_0000,
-        r2tl: 0x2_0000,
-    });
+    let pdu = Pdu::R2t(R2t { cccid: 0x0123, ttag: 2, r2to: 0x1_0000, r2tl: 0x2_0000 });
     check(pdu, EncodeOptions::default(), &v);
 }
 
 #[test]
 fn scattered_payload_is_sent_as_is_and_digested_in_place() {
-    let segments = [
-        Bytes::from_static(b"hello, "),
-        Bytes::from_static(b"scattered "),
-        Bytes::from_static(b"world"),
-    ];
+    let segments =
+        [Bytes::from_static(b"hello, "), Bytes::from_static(b"scattered "), Bytes::from_static(b"world")];
     let payload: Payload = segments.iter().cloned().collect();
-    let pdu = Pdu::C2hData(C2hData {
-        cccid: 1,
-        datao: 0,
-        last: true,
-        success: false,
-        data: payload,
-    });
-    let enc = pdu
-        .encode(&EncodeOptions {
-            digests: Digests::BOTH,
-            pda: 0,
-        })
-        .unwrap();
+    let pdu = Pdu::C2hData(C2hData { cccid: 1, datao: 0, last: true, success: false, data: payload });
+    let enc = pdu.encode(&EncodeOptions { digests: Digests::BOTH, pda: 0 }).unwrap();
     // The payload segments are the very same memory (no gathering copy).
     for (sent, original) in enc.data().segments().iter().zip(&segments) {
         assert_eq!(sent.as_ptr(), original.as_ptr());
     }
-    assert_eq!(
-        enc.data_digest(),
-        Some(crc32c_ref(b"hello, scattered world").to_le_bytes())
-    );
+    assert_eq!(enc.data_digest(), Some(crc32c_ref(b"hello, scattered world").to_le_bytes()));
     let mut slices = Vec::new();
     enc.io_slices(&mut slices);
     assert_eq!(slices.len(), 5, "header, three segments, digest");
@@ -372,15 +255,9 @@ fn decoded_data_is_a_slice_of_the_receive_buffer() {
     let mut buf = BytesMut::from(&wire[..]);
     let base = buf.as_ptr() as usize;
     let mut dec = PduDecoder::new(DecoderConfig::controller());
-    let Some(Pdu::H2cData(d)) = dec.decode(&mut buf).unwrap() else {
-        panic!("expected H2CData")
-    };
+    let Some(Pdu::H2cData(d)) = dec.decode(&mut buf).unwrap() else { panic!("expected H2CData") };
     assert_eq!(d.data.segments().len(), 1);
-    assert_eq!(
-        d.data.segments()[0].as_ptr() as usize,
-        base + 24,
-        "data points into the buffer"
-    );
+    assert_eq!(d.data.segments()[0].as_ptr() as usize, base + 24, "data points into the buffer");
 }
 
 // ---- invalid input: each rule of the common header, with the offset a termination request reports ----
@@ -393,11 +270,7 @@ fn decode_err(dec: &mut PduDecoder, bytes: &[u8]) -> DecodeError {
     let mut buf = BytesMut::from(bytes);
     let err = dec.decode(&mut buf).unwrap_err();
     if err.is_fatal() {
-        assert_eq!(
-            &buf[..],
-            bytes,
-            "a fatal error leaves the offending PDU in the buffer"
-        );
+        assert_eq!(&buf[..], bytes, "a fatal error leaves the offending PDU in the buffer");
     }
     err
 }
@@ -414,26 +287,16 @@ fn invalid_pdu_type() {
     let mut dec = controller();
     let err = decode_err(&mut dec, &[0x08, 0, 24, 0, 24, 0, 0, 0]);
     assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::PduType));
-    assert_eq!(
-        err.fatal_status(),
-        Some(FatalErrorStatus::INVALID_PDU_HEADER_FIELD)
-    );
+    assert_eq!(err.fatal_status(), Some(FatalErrorStatus::INVALID_PDU_HEADER_FIELD));
     assert_eq!(err.fei(), 0);
     // A controller must not receive controller-to-host PDUs.
-    let resp = Pdu::CapsuleResp(CapsuleResp { cqe: Cqe::default() })
-        .encode(&EncodeOptions::default())
-        .unwrap();
-    assert_eq!(
-        decode_err(&mut dec, &resp.to_vec()),
-        DecodeError::InvalidHeaderField(HeaderField::PduType)
-    );
+    let resp =
+        Pdu::CapsuleResp(CapsuleResp { cqe: Cqe::default() }).encode(&EncodeOptions::default()).unwrap();
+    assert_eq!(decode_err(&mut dec, &resp.to_vec()), DecodeError::InvalidHeaderField(HeaderField::PduType));
     // ... and a host none of the host-to-controller ones.
     let mut host = PduDecoder::new(DecoderConfig::host());
     let cmd = capsule_bytes(0, 72, 0, 72);
-    assert_eq!(
-        decode_err(&mut host, &cmd),
-        DecodeError::InvalidHeaderField(HeaderField::PduType)
-    );
+    assert_eq!(decode_err(&mut host, &cmd), DecodeError::InvalidHeaderField(HeaderField::PduType));
 }
 
 #[test]
@@ -455,41 +318,24 @@ fn invalid_flags() {
     );
     // Header digest negotiated, digest present and right, but HDGSTF clear.
     let mut with_digest = PduDecoder::new(DecoderConfig {
-        digests: Digests {
-            header: true,
-            data: false,
-        },
+        digests: Digests { header: true, data: false },
         ..DecoderConfig::controller()
     });
     let mut v = capsule_bytes(0x00, 72, 0, 76);
     let crc = crc32c_ref(&v[..72]);
     v[72..76].copy_from_slice(&crc.to_le_bytes());
-    assert_eq!(
-        decode_err(&mut with_digest, &v),
-        DecodeError::InvalidHeaderField(HeaderField::Flags)
-    );
+    assert_eq!(decode_err(&mut with_digest, &v), DecodeError::InvalidHeaderField(HeaderField::Flags));
     // ICReq has no flags at all.
     let mut icreq = vec![0x00, 0x01, 128, 0, 128, 0, 0, 0];
     icreq.resize(128, 0);
-    assert_eq!(
-        decode_err(&mut dec, &icreq),
-        DecodeError::InvalidHeaderField(HeaderField::Flags)
-    );
+    assert_eq!(decode_err(&mut dec, &icreq), DecodeError::InvalidHeaderField(HeaderField::Flags));
     // C2HData: SUCCESS requires LAST_PDU.
     let mut host = PduDecoder::new(DecoderConfig::host());
-    let mut c2h = vec![
-        0x07, 0x08, 24, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0,
-    ];
+    let mut c2h = vec![0x07, 0x08, 24, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0];
     c2h.extend_from_slice(b"data");
-    assert_eq!(
-        decode_err(&mut host, &c2h),
-        DecodeError::InvalidHeaderField(HeaderField::Flags)
-    );
+    assert_eq!(decode_err(&mut host, &c2h), DecodeError::InvalidHeaderField(HeaderField::Flags));
     c2h[1] = 0x0c;
-    assert!(matches!(
-        host.decode(&mut BytesMut::from(&c2h[..])),
-        Ok(Some(Pdu::C2hData(_)))
-    ));
+    assert!(matches!(host.decode(&mut BytesMut::from(&c2h[..])), Ok(Some(Pdu::C2hData(_)))));
 }
 
 #[test]
@@ -504,11 +350,7 @@ fn invalid_data_offset() {
     // In-capsule data cannot start inside the header, nor off the CPDA alignment (CPDA 0: 4 bytes).
     for pdo in [70u8, 74] {
         let err = decode_err(&mut controller(), &capsule_bytes(0, 72, pdo, 90));
-        assert_eq!(
-            err,
-            DecodeError::InvalidHeaderField(HeaderField::DataOffset),
-            "pdo {pdo}"
-        );
+        assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::DataOffset), "pdo {pdo}");
         assert_eq!(err.fei(), 3);
     }
     // Data present but PDO 0.
@@ -522,18 +364,10 @@ fn invalid_data_offset() {
         DecodeError::InvalidHeaderField(HeaderField::DataOffset)
     );
     let mut dec = controller();
-    assert!(matches!(
-        dec.decode(&mut BytesMut::from(&capsule_bytes(0, 72, 72, 72)[..])),
-        Ok(Some(_))
-    ));
+    assert!(matches!(dec.decode(&mut BytesMut::from(&capsule_bytes(0, 72, 72, 72)[..])), Ok(Some(_))));
     // Data PDUs must carry data.
-    let h2c = [
-        0x06, 0x04, 24, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    ];
-    assert_eq!(
-        decode_err(&mut controller(), &h2c),
-        DecodeError::InvalidHeaderField(HeaderField::DataOffset)
-    );
+    let h2c = [0x06, 0x04, 24, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(decode_err(&mut controller(), &h2c), DecodeError::InvalidHeaderField(HeaderField::DataOffset));
 }
 
 #[test]
@@ -544,18 +378,9 @@ fn data_may_start_later_than_the_minimum_if_aligned() {
     v.extend_from_slice(&raw);
     v.resize(128, 0);
     v.extend_from_slice(b"late");
-    let mut dec = PduDecoder::new(DecoderConfig {
-        pda: 7,
-        ..DecoderConfig::controller()
-    });
+    let mut dec = PduDecoder::new(DecoderConfig { pda: 7, ..DecoderConfig::controller() });
     let pdu = dec.decode(&mut BytesMut::from(&v[..])).unwrap();
-    assert_eq!(
-        pdu,
-        Some(Pdu::CapsuleCmd(CapsuleCmd {
-            sqe,
-            data: Payload::from(&b"late"[..])
-        }))
-    );
+    assert_eq!(pdu, Some(Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::from(&b"late"[..]) })));
 }
 
 #[test]
@@ -563,11 +388,7 @@ fn invalid_pdu_length() {
     let mut dec = controller();
     for plen in [0u32, 71] {
         let err = decode_err(&mut dec, &capsule_bytes(0, 72, 0, plen));
-        assert_eq!(
-            err,
-            DecodeError::InvalidHeaderField(HeaderField::PduLength),
-            "plen {plen}"
-        );
+        assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::PduLength), "plen {plen}");
         assert_eq!(err.fei(), 4);
     }
     // PDO beyond PLEN: no room for data.
@@ -578,10 +399,7 @@ fn invalid_pdu_length() {
     // ICReq is exactly 128 bytes.
     let mut icreq = vec![0x00, 0x00, 128, 0, 129, 0, 0, 0];
     icreq.resize(129, 0);
-    assert_eq!(
-        decode_err(&mut dec, &icreq),
-        DecodeError::InvalidHeaderField(HeaderField::PduLength)
-    );
+    assert_eq!(decode_err(&mut dec, &icreq), DecodeError::InvalidHeaderField(HeaderField::PduLength));
 }
 
 #[test]
@@ -598,23 +416,15 @@ fn malformed_term_req_is_not_answered_with_one() {
     // A wrong HLEN or a flag, likewise.
     let mut term = vec![0x02, 0x00, 25, 0, 25, 0, 0, 0];
     term.resize(25, 0);
-    assert_eq!(
-        decode_err(&mut dec, &term),
-        DecodeError::MalformedTermReq(HeaderField::HeaderLength)
-    );
+    assert_eq!(decode_err(&mut dec, &term), DecodeError::MalformedTermReq(HeaderField::HeaderLength));
     let mut term = vec![0x02, 0x01, 24, 0, 24, 0, 0, 0];
     term.resize(24, 0);
-    assert_eq!(
-        decode_err(&mut dec, &term),
-        DecodeError::MalformedTermReq(HeaderField::Flags)
-    );
+    assert_eq!(decode_err(&mut dec, &term), DecodeError::MalformedTermReq(HeaderField::Flags));
 }
 
 #[test]
 fn data_length_must_match_plen() {
-    let mut v = vec![
-        0x06, 0x04, 24, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,
-    ];
+    let mut v = vec![0x06, 0x04, 24, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0];
     v.extend_from_slice(b"data");
     let err = decode_err(&mut controller(), &v);
     assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::DataLength));
@@ -629,30 +439,14 @@ fn oversized_pdu_is_refused_from_its_header() {
     h2c.resize(24, 0);
     let mut buf = BytesMut::from(&h2c[..8]);
     assert_eq!(dec.decode(&mut buf).unwrap(), None);
-    assert_eq!(
-        dec.needed(),
-        16,
-        "the decoder asks for the header, not for the announced gigabyte"
-    );
+    assert_eq!(dec.needed(), 16, "the decoder asks for the header, not for the announced gigabyte");
     buf.extend_from_slice(&h2c[8..]);
     let err = dec.decode(&mut buf).unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::DataLimitExceeded {
-            len: 0x4000_0000,
-            max: 128 * 1024
-        }
-    );
-    assert_eq!(
-        err.fatal_status(),
-        Some(FatalErrorStatus::DATA_TRANSFER_LIMIT_EXCEEDED)
-    );
+    assert_eq!(err, DecodeError::DataLimitExceeded { len: 0x4000_0000, max: 128 * 1024 });
+    assert_eq!(err.fatal_status(), Some(FatalErrorStatus::DATA_TRANSFER_LIMIT_EXCEEDED));
     // In-capsule data beyond the capsule limit, likewise.
     let mut buf = BytesMut::from(&capsule_bytes(0, 72, 72, 72 + 8193)[..72]);
-    assert_eq!(
-        dec.decode(&mut buf).unwrap_err(),
-        DecodeError::DataLimitExceeded { len: 8193, max: 8192 }
-    );
+    assert_eq!(dec.decode(&mut buf).unwrap_err(), DecodeError::DataLimitExceeded { len: 8193, max: 8192 });
     // PLEN far beyond a TermReq's 152 bytes.
     let mut term = vec![0x02u8, 0, 24, 0, 0xff, 0xff, 0xff, 0xff];
     term.resize(24, 0);
@@ -666,45 +460,19 @@ fn oversized_pdu_is_refused_from_its_header() {
 fn corrupted_length_is_a_header_digest_error_not_a_hang() {
     // With header digests, a PLEN corrupted upwards must not make the decoder wait for bytes that
     // never come: the digest is checked first.
-    let opts = EncodeOptions {
-        digests: Digests::BOTH,
-        pda: 0,
-    };
-    let mut wire = Pdu::CapsuleResp(CapsuleResp { cqe: Cqe::default() })
-        .encode(&opts)
-        .unwrap()
-        .to_vec();
+    let opts = EncodeOptions { digests: Digests::BOTH, pda: 0 };
+    let mut wire = Pdu::CapsuleResp(CapsuleResp { cqe: Cqe::default() }).encode(&opts).unwrap().to_vec();
     wire[5] = 0x01; // PLEN 28 -> 284
-    let mut host = PduDecoder::new(DecoderConfig {
-        digests: Digests::BOTH,
-        ..DecoderConfig::host()
-    });
-    assert!(matches!(
-        decode_err(&mut host, &wire),
-        DecodeError::HeaderDigest { .. }
-    ));
+    let mut host = PduDecoder::new(DecoderConfig { digests: Digests::BOTH, ..DecoderConfig::host() });
+    assert!(matches!(decode_err(&mut host, &wire), DecodeError::HeaderDigest { .. }));
 }
 
 #[test]
 fn header_digest_error_is_fatal_and_leaves_the_buffer() {
-    let opts = EncodeOptions {
-        digests: Digests::BOTH,
-        pda: 0,
-    };
-    let mut wire = Pdu::R2t(R2t {
-        cccid: 1,
-        ttag: 2,
-        r2to: 0,
-        r2tl: 4096,
-    })
-    .encode(&opts)
-    .unwrap()
-    .to_vec();
+    let opts = EncodeOptions { digests: Digests::BOTH, pda: 0 };
+    let mut wire = Pdu::R2t(R2t { cccid: 1, ttag: 2, r2to: 0, r2tl: 4096 }).encode(&opts).unwrap().to_vec();
     wire[12] ^= 0x80; // flip a bit of R2TO
-    let mut host = PduDecoder::new(DecoderConfig {
-        digests: Digests::BOTH,
-        ..DecoderConfig::host()
-    });
+    let mut host = PduDecoder::new(DecoderConfig { digests: Digests::BOTH, ..DecoderConfig::host() });
     let err = decode_err(&mut host, &wire);
     assert!(matches!(err, DecodeError::HeaderDigest { .. }));
     assert_eq!(err.fatal_status(), Some(FatalErrorStatus::HEADER_DIGEST_ERROR));
@@ -716,27 +484,15 @@ fn header_digest_error_is_fatal_and_leaves_the_buffer() {
     // An unknown type quotes its received HLEN, at least the common header, at most 128 bytes, and
     // never more than was received.
     let err = DecodeError::InvalidHeaderField(HeaderField::PduType);
-    assert_eq!(
-        TermReq::for_error(&err, &[0x0f, 0, 0, 0, 0, 0, 0, 0, 1, 2])
-            .unwrap()
-            .data
-            .len(),
-        8
-    );
-    assert_eq!(
-        TermReq::for_error(&err, &[0x0f, 0, 200, 0]).unwrap().data.len(),
-        4
-    );
+    assert_eq!(TermReq::for_error(&err, &[0x0f, 0, 0, 0, 0, 0, 0, 0, 1, 2]).unwrap().data.len(), 8);
+    assert_eq!(TermReq::for_error(&err, &[0x0f, 0, 200, 0]).unwrap().data.len(), 4);
     let long = [0x0f, 0, 255, 0, 0, 0, 0, 0, 1, 2].repeat(30);
     assert_eq!(TermReq::for_error(&err, &long).unwrap().data.len(), 128);
 }
 
 #[test]
 fn data_digest_error_consumes_the_pdu_and_keeps_the_stream_in_sync() {
-    let opts = EncodeOptions {
-        digests: Digests::BOTH,
-        pda: 0,
-    };
+    let opts = EncodeOptions { digests: Digests::BOTH, pda: 0 };
     let bad = Pdu::H2cData(H2cData {
         cccid: 0x42,
         ttag: 3,
@@ -747,15 +503,9 @@ fn data_digest_error_consumes_the_pdu_and_keeps_the_stream_in_sync() {
     let mut wire = bad.encode(&opts).unwrap().to_vec();
     let last = wire.len() - 10;
     wire[last] ^= 1; // corrupt one data byte
-    let good = Pdu::CapsuleCmd(CapsuleCmd {
-        sqe: Sqe::zeroed(),
-        data: Payload::new(),
-    });
+    let good = Pdu::CapsuleCmd(CapsuleCmd { sqe: Sqe::zeroed(), data: Payload::new() });
     wire.extend_from_slice(&good.clone().encode(&opts).unwrap().to_vec());
-    let mut dec = PduDecoder::new(DecoderConfig {
-        digests: Digests::BOTH,
-        ..DecoderConfig::controller()
-    });
+    let mut dec = PduDecoder::new(DecoderConfig { digests: Digests::BOTH, ..DecoderConfig::controller() });
     let mut buf = BytesMut::from(&wire[..]);
     let err = dec.decode(&mut buf).unwrap_err();
     assert!(matches!(
@@ -781,10 +531,7 @@ fn data_digest_error_consumes_the_pdu_and_keeps_the_stream_in_sync() {
 fn data_digest_error_on_c2h_success_says_so() {
     // No CapsuleResp follows a C2HData with SUCCESS: the host must learn from the error to end the
     // command.
-    let opts = EncodeOptions {
-        digests: Digests::BOTH,
-        pda: 0,
-    };
+    let opts = EncodeOptions { digests: Digests::BOTH, pda: 0 };
     let pdu = Pdu::C2hData(C2hData {
         cccid: 9,
         datao: 4096,
@@ -794,21 +541,11 @@ fn data_digest_error_on_c2h_success_says_so() {
     });
     let mut wire = pdu.encode(&opts).unwrap().to_vec();
     wire[40] ^= 0xff;
-    let mut host = PduDecoder::new(DecoderConfig {
-        digests: Digests::BOTH,
-        ..DecoderConfig::host()
-    });
+    let mut host = PduDecoder::new(DecoderConfig { digests: Digests::BOTH, ..DecoderConfig::host() });
     let err = host.decode(&mut BytesMut::from(&wire[..])).unwrap_err();
     assert!(matches!(
         err,
-        DecodeError::DataDigest {
-            cccid: 9,
-            datao: 4096,
-            datal: 64,
-            last: true,
-            success: true,
-            ..
-        }
+        DecodeError::DataDigest { cccid: 9, datao: 4096, datal: 64, last: true, success: true, .. }
     ));
 }
 
@@ -816,84 +553,42 @@ fn data_digest_error_on_c2h_success_says_so() {
 fn zero_padded_data_digest_is_accepted_for_unaligned_lengths() {
     // SPDK digests data padded with zeros to a multiple of four bytes; Linux digests the data alone.
     let mut dec = PduDecoder::new(DecoderConfig {
-        digests: Digests {
-            header: false,
-            data: true,
-        },
+        digests: Digests { header: false, data: true },
         ..DecoderConfig::controller()
     });
     for digest_input in [&b"12345"[..], &b"12345\0\0\0"[..]] {
-        let mut v = vec![
-            0x06, 0x06, 24, 24, 33, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,
-        ];
+        let mut v = vec![0x06, 0x06, 24, 24, 33, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0];
         v.extend_from_slice(b"12345");
         v.extend_from_slice(&crc32c_ref(digest_input).to_le_bytes());
         let pdu = dec.decode(&mut BytesMut::from(&v[..])).unwrap().unwrap();
         assert_eq!(pdu.data_len(), 5);
     }
     // Anything else is still a digest error.
-    let mut v = vec![
-        0x06, 0x06, 24, 24, 33, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,
-    ];
+    let mut v = vec![0x06, 0x06, 24, 24, 33, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0];
     v.extend_from_slice(b"12345");
     v.extend_from_slice(&crc32c_ref(b"12346").to_le_bytes());
-    assert!(matches!(
-        dec.decode(&mut BytesMut::from(&v[..])),
-        Err(DecodeError::DataDigest { .. })
-    ));
+    assert!(matches!(dec.decode(&mut BytesMut::from(&v[..])), Err(DecodeError::DataDigest { .. })));
 }
 
 #[test]
 fn encoder_refuses_pdus_no_receiver_accepts() {
     use nvmeof_proto::EncodeError;
-    let empty = Pdu::H2cData(H2cData {
-        cccid: 1,
-        ttag: 1,
-        datao: 0,
-        last: true,
-        data: Payload::new(),
-    });
-    assert_eq!(
-        empty.encode(&EncodeOptions::default()),
-        Err(EncodeError::EmptyData)
-    );
-    let unfinished = Pdu::C2hData(C2hData {
-        cccid: 1,
-        datao: 0,
-        last: false,
-        success: true,
-        data: vec![1].into(),
-    });
-    assert_eq!(
-        unfinished.encode(&EncodeOptions::default()),
-        Err(EncodeError::SuccessWithoutLast)
-    );
+    let empty = Pdu::H2cData(H2cData { cccid: 1, ttag: 1, datao: 0, last: true, data: Payload::new() });
+    assert_eq!(empty.encode(&EncodeOptions::default()), Err(EncodeError::EmptyData));
+    let unfinished =
+        Pdu::C2hData(C2hData { cccid: 1, datao: 0, last: false, success: true, data: vec![1].into() });
+    assert_eq!(unfinished.encode(&EncodeOptions::default()), Err(EncodeError::SuccessWithoutLast));
     // A PDA beyond 31 counts as 31: data at 128, which still fits PDO.
-    let big_pda = Pdu::C2hData(C2hData {
-        cccid: 1,
-        datao: 0,
-        last: true,
-        success: false,
-        data: vec![1].into(),
-    });
-    let enc = big_pda
-        .encode(&EncodeOptions {
-            digests: Digests::NONE,
-            pda: 200,
-        })
-        .unwrap();
+    let big_pda =
+        Pdu::C2hData(C2hData { cccid: 1, datao: 0, last: true, success: false, data: vec![1].into() });
+    let enc = big_pda.encode(&EncodeOptions { digests: Digests::NONE, pda: 200 }).unwrap();
     assert_eq!(enc.header().len(), 128);
     assert_eq!(enc.header()[3], 128);
 }
 
 #[test]
 fn icreq_parameters_are_validated() {
-    let ok = IcReq {
-        pfv: 0,
-        hpda: 31,
-        digests: Digests::NONE,
-        maxr2t: 0,
-    };
+    let ok = IcReq { pfv: 0, hpda: 31, digests: Digests::NONE, maxr2t: 0 };
     assert_eq!(ok.validate(), Ok(()));
     let err = IcReq { pfv: 1, ..ok }.validate().unwrap_err();
     assert_eq!(err.fatal_status(), Some(FatalErrorStatus::UNSUPPORTED_PARAMETER));
@@ -901,46 +596,18 @@ fn icreq_parameters_are_validated() {
     let err = IcReq { hpda: 32, ..ok }.validate().unwrap_err();
     assert_eq!(err, DecodeError::InvalidHeaderField(HeaderField::DataAlignment));
     assert_eq!(err.fei(), 10);
-    let resp = IcResp {
-        pfv: 0,
-        cpda: 0,
-        digests: Digests::NONE,
-        maxh2cdata: 4096,
-    };
+    let resp = IcResp { pfv: 0, cpda: 0, digests: Digests::NONE, maxh2cdata: 4096 };
     assert_eq!(resp.validate(), Ok(()));
-    assert_eq!(
-        IcResp {
-            maxh2cdata: 4095,
-            ..resp
-        }
-        .validate()
-        .unwrap_err()
-        .fei(),
-        12
-    );
-    assert_eq!(
-        IcResp {
-            maxh2cdata: 4098,
-            ..resp
-        }
-        .validate()
-        .unwrap_err()
-        .fei(),
-        12
-    );
+    assert_eq!(IcResp { maxh2cdata: 4095, ..resp }.validate().unwrap_err().fei(), 12);
+    assert_eq!(IcResp { maxh2cdata: 4098, ..resp }.validate().unwrap_err().fei(), 12);
 }
 
 #[test]
 fn incomplete_input_says_how_much_is_missing() {
-    let wire = Pdu::R2t(R2t {
-        cccid: 1,
-        ttag: 2,
-        r2to: 0,
-        r2tl: 4096,
-    })
-    .encode(&EncodeOptions::default())
-    .unwrap()
-    .to_vec();
+    let wire = Pdu::R2t(R2t { cccid: 1, ttag: 2, r2to: 0, r2tl: 4096 })
+        .encode(&EncodeOptions::default())
+        .unwrap()
+        .to_vec();
     let mut dec = PduDecoder::new(DecoderConfig::host());
     let mut buf = BytesMut::new();
     assert_eq!(dec.decode(&mut buf).unwrap(), None);
@@ -958,10 +625,7 @@ fn incomplete_input_says_how_much_is_missing() {
 
 #[test]
 fn decoder_config_describes_the_largest_pdu() {
-    let cfg = DecoderConfig {
-        direction: Some(Direction::HostToController),
-        ..DecoderConfig::controller()
-    };
+    let cfg = DecoderConfig { direction: Some(Direction::HostToController), ..DecoderConfig::controller() };
     assert!(cfg.max_pdu_len() >= 128 * 1024 + 128 + 4);
     assert!(cfg.max_pdu_len() <= 128 * 1024 + 256 + 4);
 }

@@ -22,7 +22,7 @@ use nvmeof_proto::nvme::log::{self, CommandsSupportedEffects, FirmwareSlotLog, L
 use nvmeof_proto::nvme::nvm::{GetFeaturesCommand, GetLogPageCommand, IdentifyCommand, SetFeaturesCommand};
 use nvmeof_proto::nvme::opcode::{AdminOpcode, FabricsCommandType, IoOpcode, FABRICS_OPCODE};
 use nvmeof_proto::nvme::registers::{
-    self, Cap, Cc, PropertyWidth, ShutdownNotification, ShutdownStatus, Version,
+    self, Cap, Cc, Csts, PropertyWidth, ShutdownNotification, ShutdownStatus, Version,
 };
 use nvmeof_proto::nvme::{DataLocation, Status};
 use nvmeof_proto::{CapsuleCmd, Payload};
@@ -42,6 +42,8 @@ const IOCQES: u8 = 4;
 const CAP_TIMEOUT: u8 = 15;
 /// KAS: keep-alive granularity in 100 ms units.
 const KEEP_ALIVE_GRANULARITY: u16 = 10;
+/// Keep-alive timeout given to discovery controllers that ask for none (as Linux nvmet does).
+const DISCOVERY_DEFAULT_KATO_MS: u32 = 120_000;
 
 impl Connection {
     // ---- Fabrics Connect ----
@@ -71,12 +73,8 @@ impl Connection {
             self.respond(cid, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
             return;
         };
-        let invalid = |p: InvalidParameter| {
-            (
-                Status::CONNECT_INVALID_PARAMETERS.with_dnr(),
-                u64::from(p.to_dw0()),
-            )
-        };
+        let invalid =
+            |p: InvalidParameter| (Status::CONNECT_INVALID_PARAMETERS.with_dnr(), u64::from(p.to_dw0()));
         let result = (|| {
             let subnqn = cd.subnqn().map_err(|_| invalid(InvalidParameter::SUBNQN))?;
             let hostnqn = cd.hostnqn().map_err(|_| invalid(InvalidParameter::HOSTNQN))?;
@@ -94,17 +92,20 @@ impl Connection {
                 if cd.cntlid.get() != CNTLID_DYNAMIC {
                     return Err(invalid(InvalidParameter::CNTLID));
                 }
+                // A discovery controller without keep alive would live as long as its socket: give it
+                // the default timeout Linux's own target uses.
+                let kato = match c.kato.get() {
+                    0 => DISCOVERY_DEFAULT_KATO_MS,
+                    k => k,
+                };
                 let ctrl = self
                     .target
-                    .create_controller(None, hostnqn.to_owned(), cd.hostid, c.kato.get(), now)
+                    .create_controller(None, hostnqn.to_owned(), cd.hostid, kato, now)
                     .ok_or((Status::CONNECT_CONTROLLER_BUSY, 0))?;
                 ctrl.touch(now);
-                return Ok((ctrl, 0u16, entries, sq_flow_control));
+                return Ok((ctrl, 0u16, entries, sq_flow_control, 0));
             }
-            let subsys = self
-                .target
-                .subsystem(subnqn)
-                .ok_or_else(|| invalid(InvalidParameter::SUBNQN))?;
+            let subsys = self.target.subsystem(subnqn).ok_or_else(|| invalid(InvalidParameter::SUBNQN))?;
             if !subsys.allows_host(hostnqn) {
                 return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0));
             }
@@ -112,12 +113,22 @@ impl Connection {
                 if cd.cntlid.get() != CNTLID_DYNAMIC {
                     return Err(invalid(InvalidParameter::CNTLID));
                 }
+                if self.target.host_is_draining(&subsys, hostnqn) {
+                    // The host's previous controller still has writes landing: retry later.
+                    return Err((Status::CONNECT_CONTROLLER_BUSY, 0));
+                }
                 let ctrl = self
                     .target
-                    .create_controller(Some(subsys), hostnqn.to_owned(), cd.hostid, c.kato.get(), now)
+                    .create_controller(Some(subsys.clone()), hostnqn.to_owned(), cd.hostid, c.kato.get(), now)
                     .ok_or((Status::CONNECT_CONTROLLER_BUSY, 0))?;
+                // The subsystem may have been removed, or the host denied, while we were at it.
+                let still = self.target.subsystem(subnqn).is_some_and(|s| Arc::ptr_eq(&s, &subsys));
+                if !still || !subsys.allows_host(hostnqn) {
+                    self.target.remove_controller(&ctrl);
+                    return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0));
+                }
                 ctrl.touch(now);
-                return Ok((ctrl, 0, entries, sq_flow_control));
+                return Ok((ctrl, 0, entries, sq_flow_control, 0));
             }
             let ctrl = self
                 .target
@@ -128,20 +139,22 @@ impl Connection {
             if ctrl.hostnqn != hostnqn || ctrl.hostid != cd.hostid {
                 return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0));
             }
+            // Read before checking readiness: a reset in between makes the claim fail.
+            let generation = ctrl.enable_generation();
             if !ctrl.is_ready() {
                 return Err((Status::COMMAND_SEQUENCE_ERROR, 0));
             }
-            if !ctrl.claim_io_queue(qid) {
+            if !ctrl.claim_io_queue(qid, self.id, generation) {
                 return Err(invalid(InvalidParameter::QID));
             }
-            Ok((ctrl, qid, entries, sq_flow_control))
+            Ok((ctrl, qid, entries, sq_flow_control, generation))
         })();
         match result {
             Err((status, dw0)) => {
                 tracing::info!(parent: &self.span, ?status, "Connect refused");
                 self.respond(cid, status, dw0);
             }
-            Ok((ctrl, qid, entries, sq_flow_control)) => {
+            Ok((ctrl, qid, entries, sq_flow_control, generation)) => {
                 tracing::info!(
                     parent: &self.span,
                     cntlid = ctrl.cntlid,
@@ -152,7 +165,6 @@ impl Connection {
                     "queue connected"
                 );
                 let cntlid = ctrl.cntlid;
-                let generation = ctrl.enable_generation();
                 self.set_live(Queue {
                     ctrl,
                     qid,
@@ -163,10 +175,10 @@ impl Connection {
                     inflight: Default::default(),
                     waiting: Default::default(),
                     data_in_flight: 0,
-                    next_token: 0,
-                    shutdown: None,
+                    shutdown: Vec::new(),
                 });
                 self.respond(cid, Status::SUCCESS, u64::from(connect_success_dw0(cntlid)));
+                self.recheck_after_connect();
             }
         }
     }
@@ -212,10 +224,7 @@ impl Connection {
         match FabricsCommandType::from_u8(cmd.sqe.fctype()) {
             Some(FabricsCommandType::PropertyGet) => {
                 let c = PropertyGetCommand::from_sqe(&cmd.sqe);
-                match (
-                    c.width(),
-                    property_value(ctrl, c.offset(), &self.target.shared.config),
-                ) {
+                match (c.width(), property_value(ctrl, c.offset(), &self.target.shared.config)) {
                     (Some(w), Some((value, expected))) if w == expected => {
                         self.respond(cid, Status::SUCCESS, value)
                     }
@@ -252,18 +261,18 @@ impl Connection {
             let valid = cc.css() == 0
                 && cc.mps() == 0
                 && (ctrl.is_discovery() || (cc.iosqes() == IOSQES && cc.iocqes() == IOCQES));
-            csts = if valid {
-                csts.with_rdy(true)
-            } else {
-                csts.with_cfs(true)
-            };
+            csts = if valid { csts.with_rdy(true) } else { csts.with_cfs(true) };
             if !valid {
                 tracing::warn!(parent: &self.span, ?cc, "invalid CC: controller fatal status");
             }
         } else if !cc.en() && old.en() {
             tracing::debug!(parent: &self.span, "controller disabled: I/O queues deleted");
             ctrl.reset();
-            csts = csts.with_rdy(false).with_shst(ShutdownStatus::Normal);
+            // Outstanding Asynchronous Event Requests end with the reset.
+            if let Some(q) = self.queue.as_mut() {
+                q.inflight.retain(|_, c| !matches!(c.state, CmdState::Aer));
+            }
+            csts = Csts(0);
         }
         let shutdown = !matches!(cc.shn(), ShutdownNotification::None)
             && matches!(old.shn(), ShutdownNotification::None);
@@ -279,35 +288,26 @@ impl Connection {
     }
 
     /// Flushes every namespace, then reports the shutdown complete (the flush completions come back
-    /// through [`Connection::complete_io`] under an internal token).
+    /// through [`Connection::complete_io`] under internal tokens).
     fn start_shutdown(&mut self, ctrl: &Arc<Controller>, _now: Instant) {
-        let namespaces: Vec<_> = ctrl
-            .subsystem
-            .as_ref()
-            .map(|s| s.namespaces().values().cloned().collect())
-            .unwrap_or_default();
+        let namespaces: Vec<_> =
+            ctrl.subsystem.as_ref().map(|s| s.namespaces().values().cloned().collect()).unwrap_or_default();
         if namespaces.is_empty() {
             ctrl.set_csts(ctrl.csts().with_shst(ShutdownStatus::Complete));
             return;
         }
-        let token = crate::IoToken(self.new_token(0) | crate::connection::INTERNAL_TOKEN);
-        if let Some(q) = self.queue.as_mut() {
-            q.shutdown = Some((token.to_raw(), namespaces.len()));
-        }
         for ns in namespaces {
-            self.push_event(crate::Event::Io(crate::IoRequest {
-                token,
-                namespace: ns,
-                op: IoOp::Flush,
-            }));
+            self.submit_internal(ns, IoOp::Flush);
         }
     }
 
     pub(crate) fn finish_shutdown(&mut self) {
-        if let Some(q) = self.queue.as_mut() {
-            q.shutdown = None;
-            q.ctrl.set_csts(q.ctrl.csts().with_shst(ShutdownStatus::Complete));
-            tracing::debug!(parent: &self.span, "shutdown complete");
+        if let Some(q) = self.queue.as_ref() {
+            // A reset since the shutdown began cancels it.
+            if !matches!(q.ctrl.cc().shn(), ShutdownNotification::None) {
+                q.ctrl.set_csts(q.ctrl.csts().with_shst(ShutdownStatus::Complete));
+                tracing::debug!(parent: &self.span, "shutdown complete");
+            }
         }
     }
 
@@ -381,8 +381,7 @@ impl Connection {
         id.mdts = cfg.mdts();
         id.cntlid.set(ctrl.cntlid);
         id.ver.set(VERSION.raw());
-        id.ctratt
-            .set(identify::CTRATT_HOST_ID_128 | identify::CTRATT_TBKAS);
+        id.ctratt.set(identify::CTRATT_HOST_ID_128 | identify::CTRATT_TBKAS);
         id.acl = 3;
         id.aerl = cfg.max_async_events.saturating_sub(1);
         id.frmw = identify::frmw(1, true, false);
@@ -390,8 +389,7 @@ impl Connection {
         id.elpe = 0;
         id.sqes = (IOSQES << 4) | IOSQES;
         id.cqes = (IOCQES << 4) | IOCQES;
-        id.maxcmd
-            .set(u16::try_from(cfg.max_queue_entries).unwrap_or(u16::MAX));
+        id.maxcmd.set(u16::try_from(cfg.max_queue_entries).unwrap_or(u16::MAX));
         id.kas.set(KEEP_ALIVE_GRANULARITY);
         id.sgls.set(
             identify::SGLS_SUPPORTED_BYTE_ALIGNED
@@ -443,11 +441,7 @@ impl Connection {
         let page: Option<Vec<u8>> = match (g.log_page(), ctrl.is_discovery()) {
             (Some(LogPageId::Discovery), true) => {
                 let entries = self.discovery_entries(&ctrl.hostnqn);
-                let genctr = self
-                    .target
-                    .shared
-                    .discovery_genctr
-                    .load(std::sync::atomic::Ordering::Acquire);
+                let genctr = self.target.shared.discovery_genctr.load(std::sync::atomic::Ordering::Acquire);
                 nvmeof_proto::nvme::discovery::read_discovery_log(genctr, &entries, g.offset, &mut out);
                 None
             }
@@ -481,7 +475,8 @@ impl Connection {
 
     fn discovery_entries(&self, hostnqn: &str) -> Vec<DiscoveryLogEntry> {
         let addr = self.params.local_addr;
-        let traddr = addr.ip().to_string();
+        // A dual-stack listener sees IPv4 hosts as ::ffff:a.b.c.d: report the IPv4 address.
+        let traddr = addr.ip().to_canonical().to_string();
         let trsvcid = addr.port().to_string();
         self.target
             .subsystems_for_host(hostnqn)
@@ -547,10 +542,7 @@ impl Connection {
                     let max = u32::from(self.target.shared.config.max_io_queues);
                     let n = asked.submission_queues().min(asked.completion_queues()).min(max);
                     ctrl.set_io_queues_granted(n as u16);
-                    (
-                        Status::SUCCESS,
-                        u64::from(NumberOfQueues::from_counts(n, n).to_dw()),
-                    )
+                    (Status::SUCCESS, u64::from(NumberOfQueues::from_counts(n, n).to_dw()))
                 }
             }
             Some(FeatureId::AsyncEventConfig) => {
@@ -588,22 +580,21 @@ impl Connection {
                 Some(NumberOfQueues::from_counts(n, n).to_dw())
             }
             Some(FeatureId::AsyncEventConfig) => Some(ctrl.async_event_config()),
-            Some(FeatureId::KeepAliveTimer) => Some(
-                KeepAliveTimer {
-                    kato_ms: ctrl.kato_ms(),
-                }
-                .to_dw(),
-            ),
+            Some(FeatureId::KeepAliveTimer) => Some(KeepAliveTimer { kato_ms: ctrl.kato_ms() }.to_dw()),
             Some(FeatureId::VolatileWriteCache) if !discovery => {
                 Some(VolatileWriteCache { enabled: true }.to_dw())
             }
             Some(FeatureId::Arbitration | FeatureId::PowerManagement) if !discovery => Some(0),
             _ => None,
         };
+        // SEL = 3 (supported capabilities): bit 2 changeable; nothing is saveable or per namespace.
+        let changeable = !matches!(
+            f.feature(),
+            Some(FeatureId::VolatileWriteCache | FeatureId::Arbitration | FeatureId::PowerManagement)
+        );
         match value {
-            // SEL = 3 (supported capabilities): changeable, not saveable, not namespace specific.
             Some(_) if f.select == nvmeof_proto::nvme::features::FeatureSelect::SupportedCapabilities => {
-                self.respond(cid, Status::SUCCESS, 0b100)
+                self.respond(cid, Status::SUCCESS, if changeable { 0b100 } else { 0 })
             }
             Some(v) => self.respond(cid, Status::SUCCESS, u64::from(v)),
             None => self.respond(cid, Status::INVALID_FIELD.with_dnr(), 0),
@@ -615,27 +606,12 @@ impl Connection {
     fn async_event_request(&mut self, cid: u16, ctrl: &Arc<Controller>, now: Instant) {
         let limit = usize::from(self.target.shared.config.max_async_events);
         let Some(q) = self.queue.as_mut() else { return };
-        let outstanding = q
-            .inflight
-            .values()
-            .filter(|c| matches!(c.state, CmdState::Aer))
-            .count();
+        let outstanding = q.inflight.values().filter(|c| matches!(c.state, CmdState::Aer)).count();
         if outstanding >= limit {
             self.respond(cid, Status::AER_LIMIT_EXCEEDED.with_dnr(), 0);
             return;
         }
-        q.inflight.insert(
-            cid,
-            Cmd {
-                started: now,
-                ns: None,
-                class: OpClass::Other,
-                token: 0,
-                budget: 0,
-                bytes: 0,
-                state: CmdState::Aer,
-            },
-        );
+        q.inflight.insert(cid, Cmd::new(now, None, OpClass::Other, CmdState::Aer));
         let _ = ctrl;
         self.deliver_async_events();
     }
@@ -647,11 +623,8 @@ impl Connection {
             if q.qid != 0 {
                 return;
             }
-            let Some(&cid) = q
-                .inflight
-                .iter()
-                .find(|(_, c)| matches!(c.state, CmdState::Aer))
-                .map(|(cid, _)| cid)
+            let Some(&cid) =
+                q.inflight.iter().find(|(_, c)| matches!(c.state, CmdState::Aer)).map(|(cid, _)| cid)
             else {
                 return;
             };
@@ -712,11 +685,7 @@ fn commands_supported() -> CommandsSupportedEffects {
     }
     e.set_io(IoOpcode::Flush as u8, log::EFFECTS_CSUPP);
     e.set_io(IoOpcode::Read as u8, log::EFFECTS_CSUPP);
-    for op in [
-        IoOpcode::Write,
-        IoOpcode::WriteZeroes,
-        IoOpcode::DatasetManagement,
-    ] {
+    for op in [IoOpcode::Write, IoOpcode::WriteZeroes, IoOpcode::DatasetManagement] {
         e.set_io(op as u8, log::EFFECTS_CSUPP | log::EFFECTS_LBCC);
     }
     e
@@ -728,11 +697,7 @@ fn property_value(ctrl: &Controller, offset: u32, cfg: &crate::TargetConfig) -> 
     Some(match offset {
         CAP => {
             let mqes = u16::try_from(cfg.max_queue_entries - 1).unwrap_or(u16::MAX);
-            let cap = Cap(0)
-                .with_mqes(mqes)
-                .with_cqr(true)
-                .with_to(CAP_TIMEOUT)
-                .with_css(1);
+            let cap = Cap(0).with_mqes(mqes).with_cqr(true).with_to(CAP_TIMEOUT).with_css(1);
             (cap.raw(), PropertyWidth::Eight)
         }
         VS => (u64::from(VERSION.raw()), PropertyWidth::Four),

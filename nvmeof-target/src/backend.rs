@@ -209,9 +209,7 @@ impl Completer {
 
 impl fmt::Debug for Completer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Completer")
-            .field("token", &self.token)
-            .finish_non_exhaustive()
+        f.debug_struct("Completer").field("token", &self.token).finish_non_exhaustive()
     }
 }
 
@@ -277,10 +275,7 @@ pub trait BlockBackend: Send + Sync + fmt::Debug {
     /// Changes the size (volume resize). Backends that cannot resize return an error.
     fn resize(&self, new_size_bytes: u64) -> io::Result<()> {
         let _ = new_size_bytes;
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "this backend cannot be resized",
-        ))
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this backend cannot be resized"))
     }
 }
 
@@ -370,9 +365,8 @@ impl MemoryBackend {
         self.for_each_piece(offset, len, |chunk_no, in_chunk, _, n| {
             if n == CHUNK {
                 chunks.remove(&chunk_no);
-            } else if let Some(dst) = chunks
-                .get_mut(&chunk_no)
-                .and_then(|c| c.get_mut(in_chunk..in_chunk + n))
+            } else if let Some(dst) =
+                chunks.get_mut(&chunk_no).and_then(|c| c.get_mut(in_chunk..in_chunk + n))
             {
                 dst.fill(0);
             }
@@ -470,21 +464,14 @@ impl FileBackend {
     /// Opens an existing file or block device read-write. Its size is the file's size (rounded down to
     /// the block size).
     pub fn open(path: impl AsRef<Path>, block_size: u32) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path.as_ref())?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path.as_ref())?;
         Self::from_file(file, block_size)
     }
 
     /// Creates (or truncates to) a sparse file of `size_bytes`.
     pub fn create(path: impl AsRef<Path>, size_bytes: u64, block_size: u32) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+        let file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
         file.set_len(size_bytes)?;
         Self::from_file(file, block_size)
     }
@@ -495,11 +482,7 @@ impl FileBackend {
         let block_size = if block_size == 4096 { 4096 } else { 512 };
         let meta = file.metadata()?;
         let is_block_device = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
-        let len = if is_block_device {
-            file.seek(io::SeekFrom::End(0))?
-        } else {
-            meta.len()
-        };
+        let len = if is_block_device { file.seek(io::SeekFrom::End(0))? } else { meta.len() };
         Ok(Self {
             file,
             size: AtomicU64::new(len - len % u64::from(block_size)),
@@ -531,10 +514,7 @@ impl FileBackend {
                     }
                 }
                 if done < buf.len() && self.is_block_device {
-                    return Err(IoError::ShortRead {
-                        want: u64::from(len),
-                        got: done as u64,
-                    });
+                    return Err(IoError::ShortRead { want: u64::from(len), got: done as u64 });
                 }
                 // A regular file shorter than the volume reads as zeros past its end (sparse tail).
                 Ok(IoOutput::Data(buf.freeze().into()))
@@ -565,17 +545,10 @@ impl FileBackend {
                 self.file.sync_data()?;
                 Ok(IoOutput::Done)
             }
-            IoOp::WriteZeroes {
-                offset,
-                len,
-                deallocate,
-            } => {
+            IoOp::WriteZeroes { offset, len, deallocate } => {
                 check_range(offset, len, size)?;
-                let flags = if deallocate {
-                    F::PUNCH_HOLE | F::KEEP_SIZE
-                } else {
-                    F::ZERO_RANGE | F::KEEP_SIZE
-                };
+                let flags =
+                    if deallocate { F::PUNCH_HOLE | F::KEEP_SIZE } else { F::ZERO_RANGE | F::KEEP_SIZE };
                 match self.fallocate(flags, offset, len) {
                     Err(IoError::Io(e))
                         if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) =>
@@ -639,21 +612,13 @@ impl BlockBackend for FileBackend {
     }
 
     fn raw_device(&self) -> Option<RawDevice<'_>> {
-        Some(RawDevice {
-            fd: self.file.as_fd(),
-            base_offset: 0,
-            direct: false,
-            alignment: 1,
-        })
+        Some(RawDevice { fd: self.file.as_fd(), base_offset: 0, direct: false, alignment: 1 })
     }
 
     fn resize(&self, new_size_bytes: u64) -> io::Result<()> {
         let new_size = new_size_bytes - new_size_bytes % u64::from(self.block_size);
         if self.is_block_device {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "a block device is resized by its owner",
-            ));
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "a block device is resized by its owner"));
         }
         self.file.set_len(new_size)?;
         self.size.store(new_size, Ordering::Release);
@@ -674,9 +639,9 @@ pub fn execute_blocking(backend: &dyn BlockBackend, op: IoOp) -> IoResult {
     let completer = Completer::new(IoToken(0), Arc::new(Channel(tx)));
     match backend.submit(op, completer) {
         Submitted::Done(r) => r,
-        Submitted::Pending => rx
-            .recv()
-            .unwrap_or_else(|_| Err(IoError::Io(io::Error::other("backend dropped the request")))),
+        Submitted::Pending => {
+            rx.recv().unwrap_or_else(|_| Err(IoError::Io(io::Error::other("backend dropped the request"))))
+        }
     }
 }
 
@@ -699,49 +664,17 @@ mod tests {
     fn memory_backend_is_thin() {
         let b = MemoryBackend::new(1 << 30, 512);
         assert_eq!(b.allocated_bytes(), 0);
-        assert_eq!(
-            read(&b, 123 * 512, 4096),
-            vec![0; 4096],
-            "unwritten reads as zeros"
-        );
-        let data: Payload = [Bytes::from(vec![1u8; 1000]), Bytes::from(vec![2u8; 3096])]
-            .into_iter()
-            .collect();
-        run(
-            &b,
-            IoOp::Write {
-                offset: 10 * 512,
-                data,
-                fua: false,
-            },
-        );
-        assert_eq!(
-            b.allocated_bytes(),
-            2 * 4096,
-            "a 4 KiB write straddling two chunks"
-        );
+        assert_eq!(read(&b, 123 * 512, 4096), vec![0; 4096], "unwritten reads as zeros");
+        let data: Payload =
+            [Bytes::from(vec![1u8; 1000]), Bytes::from(vec![2u8; 3096])].into_iter().collect();
+        run(&b, IoOp::Write { offset: 10 * 512, data, fua: false });
+        assert_eq!(b.allocated_bytes(), 2 * 4096, "a 4 KiB write straddling two chunks");
         let back = read(&b, 10 * 512, 4096);
         assert!(back[..1000].iter().all(|&x| x == 1) && back[1000..].iter().all(|&x| x == 2));
-        run(
-            &b,
-            IoOp::Discard {
-                ranges: [ByteRange {
-                    offset: 0,
-                    len: 64 * 1024,
-                }]
-                .into_iter()
-                .collect(),
-            },
-        );
+        run(&b, IoOp::Discard { ranges: [ByteRange { offset: 0, len: 64 * 1024 }].into_iter().collect() });
         assert_eq!(b.allocated_bytes(), 0, "deallocate gives the memory back");
         assert!(matches!(
-            execute_blocking(
-                &b,
-                IoOp::Read {
-                    offset: (1 << 30) - 512,
-                    len: 1024
-                }
-            ),
+            execute_blocking(&b, IoOp::Read { offset: (1 << 30) - 512, len: 1024 }),
             Err(IoError::OutOfRange { .. })
         ));
     }
@@ -749,22 +682,11 @@ mod tests {
     #[test]
     fn memory_backend_resize_drops_data_beyond_the_end() {
         let b = MemoryBackend::new(1 << 20, 512);
-        run(
-            &b,
-            IoOp::Write {
-                offset: (1 << 20) - 512,
-                data: vec![9u8; 512].into(),
-                fua: false,
-            },
-        );
+        run(&b, IoOp::Write { offset: (1 << 20) - 512, data: vec![9u8; 512].into(), fua: false });
         b.resize(512 * 1024).unwrap();
         assert_eq!(b.size_bytes(), 512 * 1024);
         b.resize(1 << 20).unwrap();
-        assert_eq!(
-            read(&b, (1 << 20) - 512, 512),
-            vec![0; 512],
-            "shrink then grow reads zeros"
-        );
+        assert_eq!(read(&b, (1 << 20) - 512, 512), vec![0; 512], "shrink then grow reads zeros");
     }
 
     #[test]
@@ -777,43 +699,18 @@ mod tests {
         assert!(b.raw_device().is_some());
         let blocks_before = std::fs::metadata(&path).unwrap().blocks();
         let data: Vec<u8> = (0..1 << 20).map(|i| (i % 199) as u8 + 1).collect();
-        let segs: Payload = [
-            Bytes::from(data[..4096].to_vec()),
-            Bytes::from(data[4096..].to_vec()),
-        ]
-        .into_iter()
-        .collect();
-        run(
-            &b,
-            IoOp::Write {
-                offset: 1 << 20,
-                data: segs,
-                fua: true,
-            },
-        );
+        let segs: Payload =
+            [Bytes::from(data[..4096].to_vec()), Bytes::from(data[4096..].to_vec())].into_iter().collect();
+        run(&b, IoOp::Write { offset: 1 << 20, data: segs, fua: true });
         run(&b, IoOp::Flush);
         assert_eq!(read(&b, 1 << 20, 1 << 20), data);
         let blocks_written = std::fs::metadata(&path).unwrap().blocks();
         assert!(blocks_written > blocks_before);
-        run(
-            &b,
-            IoOp::WriteZeroes {
-                offset: 1 << 20,
-                len: 8192,
-                deallocate: false,
-            },
-        );
+        run(&b, IoOp::WriteZeroes { offset: 1 << 20, len: 8192, deallocate: false });
         assert_eq!(read(&b, 1 << 20, 8192), vec![0; 8192]);
         run(
             &b,
-            IoOp::Discard {
-                ranges: [ByteRange {
-                    offset: 1 << 20,
-                    len: 1 << 20,
-                }]
-                .into_iter()
-                .collect(),
-            },
+            IoOp::Discard { ranges: [ByteRange { offset: 1 << 20, len: 1 << 20 }].into_iter().collect() },
         );
         assert_eq!(read(&b, 1 << 20, 1 << 20), vec![0; 1 << 20]);
         let blocks_after = std::fs::metadata(&path).unwrap().blocks();
@@ -828,23 +725,11 @@ mod tests {
 
     #[test]
     fn io_errors_map_to_nvme_statuses() {
-        assert_eq!(
-            IoError::NoSpace.status(false),
-            Status::CAPACITY_EXCEEDED.with_dnr()
-        );
-        assert_eq!(
-            IoError::Io(io::Error::other("x")).status(true),
-            Status::UNRECOVERED_READ_ERROR
-        );
-        assert_eq!(
-            IoError::Io(io::Error::other("x")).status(false),
-            Status::WRITE_FAULT
-        );
+        assert_eq!(IoError::NoSpace.status(false), Status::CAPACITY_EXCEEDED.with_dnr());
+        assert_eq!(IoError::Io(io::Error::other("x")).status(true), Status::UNRECOVERED_READ_ERROR);
+        assert_eq!(IoError::Io(io::Error::other("x")).status(false), Status::WRITE_FAULT);
         let enospc = io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
-        assert_eq!(
-            IoError::Io(enospc).status(false),
-            Status::CAPACITY_EXCEEDED.with_dnr()
-        );
+        assert_eq!(IoError::Io(enospc).status(false), Status::CAPACITY_EXCEEDED.with_dnr());
     }
 
     #[test]
@@ -868,9 +753,6 @@ mod tests {
                 Submitted::Pending
             }
         }
-        assert!(matches!(
-            execute_blocking(&Later, IoOp::Flush),
-            Ok(IoOutput::Done)
-        ));
+        assert!(matches!(execute_blocking(&Later, IoOp::Flush), Ok(IoOutput::Done)));
     }
 }

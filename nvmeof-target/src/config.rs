@@ -69,17 +69,12 @@ impl TargetConfig {
             self.max_transfer_bytes = 1 << 24;
         }
         self.max_r2t_per_command = self.max_r2t_per_command.clamp(1, 256);
-        self.max_data_in_flight_per_connection = self
-            .max_data_in_flight_per_connection
-            .max(self.max_transfer_bytes as usize);
+        self.max_data_in_flight_per_connection =
+            self.max_data_in_flight_per_connection.max(self.max_transfer_bytes as usize);
         self.max_namespaces = self.max_namespaces.clamp(1, 0xffff_fffe);
         self.max_async_events = self.max_async_events.clamp(1, 16);
-        self.firmware_revision = self
-            .firmware_revision
-            .chars()
-            .filter(char::is_ascii_graphic)
-            .take(8)
-            .collect();
+        self.firmware_revision =
+            self.firmware_revision.chars().filter(char::is_ascii_graphic).take(8).collect();
         self
     }
 

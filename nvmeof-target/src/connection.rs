@@ -1,16 +1,16 @@
 //! One TCP connection: the NVMe/TCP queue state machine.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use nvmeof_proto::nvme::opcode::{FabricsCommandType, FABRICS_OPCODE};
 use nvmeof_proto::nvme::{Cqe, DataLocation, Status};
 use nvmeof_proto::{
     C2hData, CapsuleCmd, CapsuleResp, DecodeError, DecoderConfig, EncodeOptions, EncodedPdu,
-    FatalErrorStatus, H2cData, IcReq, IcResp, Payload, Pdu, PduDecoder, R2t, TermReq,
+    FatalErrorStatus, IcReq, IcResp, Payload, Pdu, PduDecoder, PduType, R2t, TermReq,
 };
 use smallvec::SmallVec;
 
@@ -30,15 +30,17 @@ pub enum Event {
     /// Carry out a backend operation, then hand the result to [`Connection::complete_io`]. Requests
     /// may be executed concurrently and completed in any order.
     Io(IoRequest),
-    /// Close the socket once every earlier [`Event::Transmit`] has been written. No further events
-    /// follow; results of outstanding I/O may still be passed in and are ignored.
+    /// Close the socket once every earlier [`Event::Transmit`] has been written. Backend requests
+    /// already handed out must still be completed (their results are counted, so that the host's
+    /// controller is not recreated while its old writes are still landing); keep the connection until
+    /// [`Connection::is_drained`], then drop it.
     Close(CloseReason),
 }
 
 /// A backend operation the engine needs done.
 #[must_use]
 pub struct IoRequest {
-    /// Identifies the request in [`Connection::complete_io`].
+    /// Identifies the request in [`Connection::complete_io`]; unique within the target.
     pub token: IoToken,
     /// The namespace (and through it the backend) to operate on.
     pub namespace: Arc<Namespace>,
@@ -68,7 +70,7 @@ pub enum CloseReason {
     /// The host broke the transport protocol; a C2HTermReq was sent (unless the offending PDU was
     /// itself a termination request).
     ProtocolError(DecodeError),
-    /// The host violated the PDU sequence rules (FES and FEI as sent in the C2HTermReq).
+    /// The host violated the PDU sequence rules (FES as sent in the C2HTermReq).
     SequenceError {
         /// Fatal Error Status sent.
         fes: FatalErrorStatus,
@@ -84,7 +86,7 @@ pub enum CloseReason {
     /// The controller this queue belongs to is gone (its admin queue closed, keep-alive expired on
     /// another connection, the controller was reset or removed by management).
     ControllerGone,
-    /// The driver reported that the peer closed the socket.
+    /// The driver reported that the peer closed the socket (or dropped the connection).
     PeerClosed,
 }
 
@@ -96,13 +98,39 @@ enum State {
     Closed,
 }
 
-/// An outstanding R2T of a command and the data received for it.
+/// Data of an H2CData smaller than this is copied into one buffer instead of pinning a receive buffer
+/// per PDU (a host sending tiny PDUs must not multiply the memory a command holds).
+const COALESCE_BELOW: usize = 4096;
+
+/// An R2T of a command and the data received for it.
 #[derive(Debug)]
 pub(crate) struct R2tSlot {
     offset: u32,
     len: u32,
     received: u32,
     data: Payload,
+    small: BytesMut,
+}
+
+impl R2tSlot {
+    fn append(&mut self, data: &Payload) {
+        if data.len() < COALESCE_BELOW {
+            for seg in data.segments() {
+                self.small.put_slice(seg);
+            }
+        } else {
+            self.flush_small();
+            for seg in data.segments() {
+                self.data.push(seg.clone());
+            }
+        }
+    }
+
+    fn flush_small(&mut self) {
+        if !self.small.is_empty() {
+            self.data.push(self.small.split().freeze());
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -119,8 +147,12 @@ pub(crate) enum CmdState {
     Receiving {
         total: u32,
         next_offset: u32,
+        received: u32,
         slots: Vec<R2tSlot>,
         then: AfterData,
+        /// Set when some of the data was corrupt: the rest of what was asked for is drained and the
+        /// command then fails with this status.
+        failed: Option<Status>,
     },
     /// The backend works on it.
     Io { read_len: Option<u32> },
@@ -147,6 +179,12 @@ pub(crate) struct Cmd {
     pub(crate) state: CmdState,
 }
 
+impl Cmd {
+    pub(crate) fn new(now: Instant, ns: Option<Arc<Namespace>>, class: OpClass, state: CmdState) -> Self {
+        Self { started: now, ns, class, token: 0, budget: 0, bytes: 0, state }
+    }
+}
+
 /// The queue a connection became with its Fabrics Connect.
 pub(crate) struct Queue {
     pub(crate) ctrl: Arc<Controller>,
@@ -159,9 +197,8 @@ pub(crate) struct Queue {
     /// Commands waiting for data budget, oldest first.
     pub(crate) waiting: VecDeque<u16>,
     pub(crate) data_in_flight: usize,
-    pub(crate) next_token: u64,
-    /// A shutdown's flushes: their shared token and how many are outstanding.
-    pub(crate) shutdown: Option<(u64, usize)>,
+    /// Tokens of a shutdown's flushes still outstanding.
+    pub(crate) shutdown: Vec<u64>,
 }
 
 /// Tokens with this bit belong to the engine's own requests (shutdown flushes), not to a command.
@@ -179,13 +216,20 @@ pub(crate) const INTERNAL_TOKEN: u64 = 1 << 63;
 ///
 /// 1. bytes arrived: append them to a `BytesMut` and call [`Connection::handle_input`];
 /// 2. a backend request finished: [`Connection::complete_io`];
-/// 3. the deadline from [`Connection::poll_timeout`] passed: [`Connection::handle_timeout`];
+/// 3. the deadline from [`Connection::poll_timeout`] passed: [`Connection::handle_timeout`] (re-read
+///    `poll_timeout` after every call: it moves with keep-alive traffic and Set Features);
 /// 4. the connection's notifier fired (see [`Connection::set_notifier`]): [`Connection::handle_wakeup`];
 /// 5. after any of these, drain [`Connection::poll_event`] until `None`: write `Transmit`s in order,
 ///    start `Io`s, and on `Close` close the socket after the earlier transmits.
 ///
+/// Backpressure is the driver's: stop calling `handle_input` while the bytes of earlier `Transmit`s
+/// not yet written exceed what you are prepared to buffer (a host that sends reads but does not read
+/// the data must not make the server buffer without limit). The engine bounds the data held for
+/// commands it is still working on ([`crate::TargetConfig::max_data_in_flight_per_connection`]).
+///
 /// Methods come in four kinds, as in quinn-proto: getters, `handle_*` (input, each taking `now`),
-/// commands, and `poll_*` (output). Nothing here blocks, reads a clock or spawns a thread.
+/// commands, and `poll_*` (output). Nothing here blocks, reads a clock or spawns a thread. Dropping a
+/// connection releases its queue (and, for an admin queue, its controller) as if the peer had closed.
 pub struct Connection {
     pub(crate) target: Target,
     pub(crate) id: u64,
@@ -201,6 +245,10 @@ pub struct Connection {
     /// Most R2Ts outstanding per command: the host's MAXR2T + 1, capped by the configuration.
     max_r2t: u32,
     pub(crate) queue: Option<Queue>,
+    next_token: u64,
+    /// After close: backend requests still running, and the controller whose count they hold.
+    draining: HashSet<u64>,
+    drain_ctrl: Option<Arc<Controller>>,
 }
 
 impl fmt::Debug for Connection {
@@ -211,6 +259,18 @@ impl fmt::Debug for Connection {
             .field("qid", &self.queue.as_ref().map(|q| q.qid))
             .field("cntlid", &self.queue.as_ref().map(|q| q.ctrl.cntlid))
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.teardown();
+        // Requests the driver never completed: give up on them (the driver dropped the connection).
+        if let Some(ctrl) = self.drain_ctrl.take() {
+            for _ in self.draining.drain() {
+                ctrl.io_finished();
+            }
+        }
     }
 }
 
@@ -229,7 +289,7 @@ impl Connection {
             cntlid = tracing::field::Empty,
             qid = tracing::field::Empty
         );
-        let deadline = now + cfg.connect_timeout;
+        let deadline = now.checked_add(cfg.connect_timeout).unwrap_or(now);
         Self {
             target,
             id,
@@ -244,6 +304,9 @@ impl Connection {
             connect_deadline: Some(deadline),
             max_r2t: 1,
             queue: None,
+            next_token: 0,
+            draining: HashSet::new(),
+            drain_ctrl: None,
         }
     }
 
@@ -259,6 +322,13 @@ impl Connection {
     #[must_use]
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
+    }
+
+    /// True once the connection is closed and every backend request it handed out was completed: the
+    /// driver may drop it.
+    #[must_use]
+    pub fn is_drained(&self) -> bool {
+        self.state == State::Closed && self.draining.is_empty()
     }
 
     /// The queue ID, once connected (0: admin queue).
@@ -293,13 +363,17 @@ impl Connection {
 
     // ---- commands ----
 
-    /// Sets the callback the engine invokes, from any thread, when this connection must be woken to
-    /// act on something that happened elsewhere (see [`Connection::handle_wakeup`]). Without one, the
-    /// driver must call `handle_wakeup` periodically to deliver asynchronous events.
+    /// Sets the callback the engine invokes when this connection must be woken to act on something
+    /// that happened elsewhere (see [`Connection::handle_wakeup`]); replaces an earlier one.
+    ///
+    /// The callback may run on any thread, synchronously from inside any engine or [`Target`] call
+    /// (including this connection's own `handle_*` calls). It must be quick, must not block, must not
+    /// call back into the engine and must not take a lock the driver holds around engine calls:
+    /// setting a flag and waking an event loop is what it is for. Without one, the driver must call
+    /// `handle_wakeup` periodically to deliver asynchronous events.
     pub fn set_notifier(&mut self, notifier: Notifier) {
         if let Some(q) = &self.queue {
-            q.ctrl
-                .attach_connection(self.id, q.qid == 0, Some(notifier.clone()));
+            q.ctrl.attach_connection(self.id, q.qid == 0, Some(notifier.clone()));
         }
         self.notifier = Some(notifier);
     }
@@ -316,11 +390,9 @@ impl Connection {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::AwaitIcReq | State::AwaitConnect => self.connect_deadline,
-            State::Live => self
-                .queue
-                .as_ref()
-                .filter(|q| q.qid == 0)
-                .and_then(|q| q.ctrl.keep_alive_deadline()),
+            State::Live => {
+                self.queue.as_ref().filter(|q| q.qid == 0).and_then(|q| q.ctrl.keep_alive_deadline())
+            }
             State::Closed => None,
         }
     }
@@ -366,9 +438,8 @@ impl Connection {
                     .is_some_and(|d| now >= d);
                 if expired {
                     tracing::info!(parent: &self.span, cntlid = self.cntlid(), "keep-alive timeout: controller torn down");
-                    if let Some(q) = &self.queue {
-                        self.target.remove_controller(&q.ctrl);
-                    }
+                    // Closing the admin queue tears the controller down (after detaching this
+                    // connection, so its own notifier is not called from here).
                     self.close(CloseReason::KeepAliveExpired);
                 }
             }
@@ -386,38 +457,46 @@ impl Connection {
         self.deliver_async_events();
     }
 
-    /// Hands in the result of an [`Event::Io`] request.
+    /// Hands in the result of an [`Event::Io`] request. Results for requests of a closed connection
+    /// are accepted (and only counted).
     pub fn complete_io(&mut self, token: IoToken, result: IoResult, now: Instant) {
         if self.state == State::Closed {
+            if self.draining.remove(&token.0) {
+                if let Some(c) = &self.drain_ctrl {
+                    c.io_finished();
+                }
+            }
             return;
         }
         let Some(q) = self.queue.as_mut() else { return };
         if token.0 & INTERNAL_TOKEN != 0 {
-            if let Some((t, remaining)) = q.shutdown.as_mut().filter(|(t, _)| *t == token.0) {
-                let _ = t;
+            if let Some(pos) = q.shutdown.iter().position(|t| *t == token.0) {
+                q.shutdown.swap_remove(pos);
+                q.ctrl.io_finished();
                 if let Err(e) = &result {
                     tracing::warn!(error = %e, "flush during shutdown failed");
                 }
-                *remaining = remaining.saturating_sub(1);
-                if *remaining == 0 {
+                if q.shutdown.is_empty() {
                     self.finish_shutdown();
                 }
             }
             return;
         }
         let cid = (token.0 & 0xffff) as u16;
-        match q
-            .inflight
-            .get(&cid)
-            .filter(|c| c.token == token.0)
-            .map(|c| &c.state)
-        {
-            Some(CmdState::Io { read_len }) => {
-                let read_len = *read_len;
-                self.finish_io(cid, read_len, result, now);
+        let read_len = match q.inflight.get(&cid).filter(|c| c.token == token.0).map(|c| &c.state) {
+            Some(CmdState::Io { read_len }) => *read_len,
+            _ => {
+                tracing::warn!(parent: &self.span, ?token, "completion for an unknown request");
+                return;
             }
-            _ => tracing::warn!(parent: &self.span, ?token, "completion for an unknown request"),
+        };
+        q.ctrl.io_finished();
+        // Traffic-based keep alive: completions count as activity too.
+        q.ctrl.touch(now);
+        if self.check_controller() {
+            return;
         }
+        self.finish_io(cid, read_len, result, now);
     }
 
     // ---- internals ----
@@ -434,10 +513,15 @@ impl Connection {
     }
 
     fn handle_decode_error(&mut self, err: DecodeError, buf: &mut BytesMut, now: Instant) {
-        if let DecodeError::DataDigest { pdu_type, cccid, .. } = err {
+        if let DecodeError::DataDigest { pdu_type, cccid, ttag, datao, datal, last, .. } = err {
             tracing::warn!(parent: &self.span, ?pdu_type, cccid, "data digest error");
-            // The command fails with Transient Transport Error; the stream stays in sync.
-            self.fail_command_on_digest_error(cccid, now);
+            match pdu_type {
+                PduType::CapsuleCmd => self.capsule_digest_error(cccid),
+                PduType::H2cData => {
+                    self.h2c_arrived(H2cArrival { cccid, ttag, datao, len: datal, last, data: None }, now)
+                }
+                _ => self.fatal(FatalErrorStatus::PDU_SEQUENCE_ERROR, "unexpected PDU"),
+            }
             return;
         }
         tracing::warn!(parent: &self.span, %err, "fatal transport error");
@@ -448,14 +532,25 @@ impl Connection {
         self.close(CloseReason::ProtocolError(err));
     }
 
+    /// A command capsule whose in-capsule data was corrupt: it takes its SQ entry and fails with
+    /// Transient Transport Error (the host may retry), without touching any command in flight.
+    fn capsule_digest_error(&mut self, cid: u16) {
+        let Some(q) = self.queue.as_mut().filter(|_| self.state == State::Live) else {
+            self.fatal(FatalErrorStatus::PDU_SEQUENCE_ERROR, "corrupt capsule before Connect");
+            return;
+        };
+        if q.inflight.contains_key(&cid) || q.inflight.len() as u32 >= q.entries {
+            self.fatal(FatalErrorStatus::PDU_SEQUENCE_ERROR, "corrupt capsule reusing a command ID");
+            return;
+        }
+        q.sqhd = (q.sqhd + 1) % q.entries;
+        self.respond(cid, Status::TRANSIENT_TRANSPORT_ERROR, 0);
+    }
+
     /// Sends a C2HTermReq for a PDU sequence error and closes.
     pub(crate) fn fatal(&mut self, fes: FatalErrorStatus, detail: &'static str) {
         tracing::warn!(parent: &self.span, ?fes, detail, "fatal protocol error");
-        self.transmit(Pdu::C2hTermReq(TermReq {
-            fes,
-            fei: 0,
-            data: Bytes::new(),
-        }));
+        self.transmit(Pdu::C2hTermReq(TermReq { fes, fei: 0, data: Bytes::new() }));
         self.close(CloseReason::SequenceError { fes, detail });
     }
 
@@ -464,15 +559,27 @@ impl Connection {
             return;
         }
         tracing::debug!(parent: &self.span, ?reason, "closing");
+        self.teardown();
+        self.events.push_back(Event::Close(reason));
+    }
+
+    /// Leaves the queue: detaches from the controller (tearing it down for an admin queue) and keeps
+    /// count of backend requests still running.
+    fn teardown(&mut self) {
         self.state = State::Closed;
-        if let Some(q) = self.queue.take() {
-            q.ctrl.detach_connection(self.id, q.qid);
-            if q.qid == 0 {
-                // The admin queue is gone: so is the controller, and with it its I/O queues.
-                self.target.remove_controller(&q.ctrl);
+        let Some(q) = self.queue.take() else { return };
+        for cmd in q.inflight.values() {
+            if matches!(cmd.state, CmdState::Io { .. }) && cmd.token != 0 {
+                self.draining.insert(cmd.token);
             }
         }
-        self.events.push_back(Event::Close(reason));
+        self.draining.extend(q.shutdown.iter().copied());
+        q.ctrl.detach_connection(self.id, q.qid);
+        if q.qid == 0 {
+            // The admin queue is gone: so is the controller, and with it its I/O queues.
+            self.target.remove_controller(&q.ctrl);
+        }
+        self.drain_ctrl = Some(q.ctrl);
     }
 
     pub(crate) fn transmit(&mut self, pdu: Pdu) {
@@ -490,43 +597,35 @@ impl Connection {
                 self.close(CloseReason::HostTerminated { fes: t.fes });
             }
             (State::AwaitConnect | State::Live, Pdu::CapsuleCmd(cmd)) => self.handle_capsule(cmd, now),
-            (State::Live, Pdu::H2cData(data)) => self.handle_h2c_data(data, now),
-            _ => self.fatal(
-                FatalErrorStatus::PDU_SEQUENCE_ERROR,
-                "PDU not allowed in this state",
-            ),
+            (State::Live, Pdu::H2cData(d)) => {
+                let arrival = H2cArrival {
+                    cccid: d.cccid,
+                    ttag: d.ttag,
+                    datao: d.datao,
+                    len: d.data.len() as u32,
+                    last: d.last,
+                    data: Some(d.data),
+                };
+                self.h2c_arrived(arrival, now);
+            }
+            _ => self.fatal(FatalErrorStatus::PDU_SEQUENCE_ERROR, "PDU not allowed in this state"),
         }
     }
 
     fn handle_icreq(&mut self, req: IcReq) {
         if let Err(err) = req.validate() {
-            // Quote the ICReq's common header fields as we understood them.
-            let term = TermReq {
-                fes: err
-                    .fatal_status()
-                    .unwrap_or(FatalErrorStatus::UNSUPPORTED_PARAMETER),
-                fei: err.fei(),
-                data: Bytes::new(),
-            };
-            self.transmit(Pdu::C2hTermReq(term));
+            let fes = err.fatal_status().unwrap_or(FatalErrorStatus::UNSUPPORTED_PARAMETER);
+            self.transmit(Pdu::C2hTermReq(TermReq { fes, fei: err.fei(), data: Bytes::new() }));
             self.close(CloseReason::ProtocolError(err));
             return;
         }
         let cfg = &self.target.shared.config;
         let digests = req.digests.intersect(cfg.digests);
-        let resp = IcResp {
-            pfv: 0,
-            cpda: 0,
-            digests,
-            maxh2cdata: cfg.maxh2cdata,
-        };
+        let resp = IcResp { pfv: 0, cpda: 0, digests, maxh2cdata: cfg.maxh2cdata };
         self.max_r2t = req.maxr2t.saturating_add(1).min(cfg.max_r2t_per_command);
         // ICResp goes out without digests; everything after uses the negotiated ones.
         self.transmit(Pdu::IcResp(resp));
-        self.encode = EncodeOptions {
-            digests,
-            pda: req.hpda,
-        };
+        self.encode = EncodeOptions { digests, pda: req.hpda };
         let mut dc = *self.decoder.config();
         dc.digests = digests;
         self.decoder.set_config(dc);
@@ -552,10 +651,7 @@ impl Connection {
             return;
         }
         if q.inflight.len() as u32 >= q.entries {
-            self.fatal(
-                FatalErrorStatus::PDU_SEQUENCE_ERROR,
-                "more commands than the queue has entries",
-            );
+            self.fatal(FatalErrorStatus::PDU_SEQUENCE_ERROR, "more commands than the queue has entries");
             return;
         }
         q.sqhd = (q.sqhd + 1) % q.entries;
@@ -623,29 +719,16 @@ impl Connection {
 
     // ---- commands with data and backend I/O ----
 
+    /// A token unique within the target: connection ID, a per-connection sequence number and the CID.
     pub(crate) fn new_token(&mut self, cid: u16) -> u64 {
-        let seq = self.queue.as_mut().map_or(0, |q| {
-            q.next_token = q.next_token.wrapping_add(1) & ((1 << 47) - 1);
-            q.next_token
-        });
-        (seq << 16) | u64::from(cid)
+        self.next_token = self.next_token.wrapping_add(1) & 0xff_ffff;
+        ((self.id & 0x7f_ffff) << 40) | (self.next_token << 16) | u64::from(cid)
     }
 
     /// Registers a command that goes straight to the backend (no data budget needed).
     pub(crate) fn register(&mut self, cid: u16, ns: Option<Arc<Namespace>>, class: OpClass, now: Instant) {
         if let Some(q) = self.queue.as_mut() {
-            q.inflight.insert(
-                cid,
-                Cmd {
-                    started: now,
-                    ns,
-                    class,
-                    token: 0,
-                    budget: 0,
-                    bytes: 0,
-                    state: CmdState::Io { read_len: None },
-                },
-            );
+            q.inflight.insert(cid, Cmd::new(now, ns, class, CmdState::Io { read_len: None }));
         }
     }
 
@@ -659,18 +742,7 @@ impl Connection {
         now: Instant,
     ) {
         let Some(q) = self.queue.as_mut() else { return };
-        q.inflight.insert(
-            cid,
-            Cmd {
-                started: now,
-                ns,
-                class,
-                token: 0,
-                budget: 0,
-                bytes: 0,
-                state: CmdState::Queued(queued),
-            },
-        );
+        q.inflight.insert(cid, Cmd::new(now, ns, class, CmdState::Queued(queued)));
         q.waiting.push_back(cid);
         self.run_waiting();
     }
@@ -694,9 +766,7 @@ impl Connection {
             }
             q.waiting.pop_front();
             q.data_in_flight += need;
-            let Some(cmd) = q.inflight.get_mut(&cid) else {
-                continue;
-            };
+            let Some(cmd) = q.inflight.get_mut(&cid) else { continue };
             cmd.budget = need;
             let queued = std::mem::replace(&mut cmd.state, CmdState::Io { read_len: None });
             match queued {
@@ -707,8 +777,10 @@ impl Connection {
                     cmd.state = CmdState::Receiving {
                         total,
                         next_offset: 0,
+                        received: 0,
                         slots: Vec::new(),
                         then,
+                        failed: None,
                     };
                     self.issue_r2ts(cid);
                 }
@@ -720,34 +792,34 @@ impl Connection {
     /// Emits an I/O request for a registered command.
     pub(crate) fn submit_io(&mut self, cid: u16, op: IoOp, read_len: Option<u32>) {
         let token = self.new_token(cid);
-        let Some(cmd) = self.queue.as_mut().and_then(|q| q.inflight.get_mut(&cid)) else {
-            return;
-        };
+        let Some(q) = self.queue.as_mut() else { return };
+        let Some(cmd) = q.inflight.get_mut(&cid) else { return };
         let Some(ns) = cmd.ns.clone() else { return };
         cmd.token = token;
         cmd.bytes = op.data_len();
         cmd.state = CmdState::Io { read_len };
-        self.events.push_back(Event::Io(IoRequest {
-            token: IoToken(token),
-            namespace: ns,
-            op,
-        }));
+        q.ctrl.io_started();
+        self.events.push_back(Event::Io(IoRequest { token: IoToken(token), namespace: ns, op }));
     }
 
-    /// Issues R2Ts up to the per-command limit, each at most MAXH2CDATA.
+    /// Emits an engine-internal I/O request (shutdown flush) counted against the controller.
+    pub(crate) fn submit_internal(&mut self, namespace: Arc<Namespace>, op: IoOp) {
+        let token = self.new_token(0) | INTERNAL_TOKEN;
+        let Some(q) = self.queue.as_mut() else { return };
+        q.shutdown.push(token);
+        q.ctrl.io_started();
+        self.events.push_back(Event::Io(IoRequest { token: IoToken(token), namespace, op }));
+    }
+
+    /// Issues R2Ts up to the per-command limit. A host that takes one R2T at a time (Linux: MAXR2T 0)
+    /// gets one R2T for the whole transfer (it sends the data in H2CData PDUs of at most MAXH2CDATA);
+    /// a host that takes several gets R2Ts of MAXH2CDATA each, several outstanding.
     fn issue_r2ts(&mut self, cid: u16) {
-        let chunk = self.target.shared.config.maxh2cdata;
+        let chunk = if self.max_r2t <= 1 { u32::MAX } else { self.target.shared.config.maxh2cdata };
         let max_r2t = self.max_r2t as usize;
         let mut r2ts = SmallVec::<[R2t; 4]>::new();
         if let Some(Cmd {
-            state:
-                CmdState::Receiving {
-                    total,
-                    next_offset,
-                    slots,
-                    ..
-                },
-            ..
+            state: CmdState::Receiving { total, next_offset, slots, failed: None, .. }, ..
         }) = self.queue.as_mut().and_then(|q| q.inflight.get_mut(&cid))
         {
             let outstanding = slots.iter().filter(|s| s.received < s.len).count();
@@ -761,13 +833,9 @@ impl Connection {
                     len,
                     received: 0,
                     data: Payload::new(),
+                    small: BytesMut::new(),
                 });
-                r2ts.push(R2t {
-                    cccid: cid,
-                    ttag: cid,
-                    r2to: *next_offset,
-                    r2tl: len,
-                });
+                r2ts.push(R2t { cccid: cid, ttag: cid, r2to: *next_offset, r2tl: len });
                 *next_offset += len;
             }
         }
@@ -776,38 +844,41 @@ impl Connection {
         }
     }
 
-    fn handle_h2c_data(&mut self, d: H2cData, now: Instant) {
+    /// An H2CData PDU arrived (`data` is `None` if its data digest was wrong).
+    fn h2c_arrived(&mut self, a: H2cArrival, now: Instant) {
         enum Outcome {
             More,
-            Done,
+            AllIn,
+            Drained(Status),
             Error(FatalErrorStatus, &'static str),
         }
-        let outcome = match self.queue.as_mut().and_then(|q| q.inflight.get_mut(&d.ttag)) {
+        let outcome = match self.queue.as_mut().and_then(|q| q.inflight.get_mut(&a.ttag)) {
             Some(Cmd {
-                state:
-                    CmdState::Receiving {
-                        total,
-                        next_offset,
-                        slots,
-                        ..
-                    },
+                state: CmdState::Receiving { total, next_offset, received, slots, failed, .. },
                 ..
-            }) if d.cccid == d.ttag => {
-                let len = d.data.len() as u32;
-                match slots
-                    .iter_mut()
-                    .find(|s| s.offset + s.received == d.datao && s.received < s.len)
-                {
-                    Some(slot) if len <= slot.len - slot.received => {
-                        slot.received += len;
-                        for seg in d.data.segments() {
-                            slot.data.push(seg.clone());
-                        }
-                        let all_in = *next_offset >= *total && slots.iter().all(|s| s.received == s.len);
-                        if all_in {
-                            Outcome::Done
+            }) if a.cccid == a.ttag => {
+                match slots.iter_mut().find(|s| s.offset + s.received == a.datao && s.received < s.len) {
+                    Some(slot) if a.len <= slot.len - slot.received => {
+                        slot.received += a.len;
+                        *received += a.len;
+                        if a.last != (slot.received == slot.len) {
+                            Outcome::Error(
+                                FatalErrorStatus::PDU_SEQUENCE_ERROR,
+                                "LAST_PDU does not end the R2T",
+                            )
                         } else {
-                            Outcome::More
+                            match &a.data {
+                                Some(data) if failed.is_none() => slot.append(data),
+                                Some(_) => {}
+                                None => *failed = Some(Status::TRANSIENT_TRANSPORT_ERROR),
+                            }
+                            let issued_done = slots.iter().all(|s| s.received == s.len);
+                            match *failed {
+                                Some(status) if issued_done => Outcome::Drained(status),
+                                Some(_) => Outcome::More,
+                                None if *received == *total && *next_offset >= *total => Outcome::AllIn,
+                                None => Outcome::More,
+                            }
                         }
                     }
                     _ => Outcome::Error(
@@ -816,30 +887,25 @@ impl Connection {
                     ),
                 }
             }
-            _ => Outcome::Error(
-                FatalErrorStatus::PDU_SEQUENCE_ERROR,
-                "H2CData without a matching R2T",
-            ),
+            _ => Outcome::Error(FatalErrorStatus::PDU_SEQUENCE_ERROR, "H2CData without a matching R2T"),
         };
         match outcome {
             Outcome::Error(fes, detail) => self.fatal(fes, detail),
-            Outcome::More => {
-                // A slot may have completed: keep the R2T window full.
-                self.issue_r2ts(d.ttag);
-            }
-            Outcome::Done => {
-                let Some(cmd) = self.queue.as_mut().and_then(|q| q.inflight.get_mut(&d.ttag)) else {
-                    return;
-                };
+            // A slot may have completed: keep the R2T window full.
+            Outcome::More => self.issue_r2ts(a.ttag),
+            Outcome::Drained(status) => self.finish_registered(a.ttag, status, now),
+            Outcome::AllIn => {
+                let Some(cmd) = self.queue.as_mut().and_then(|q| q.inflight.get_mut(&a.ttag)) else { return };
                 let state = std::mem::replace(&mut cmd.state, CmdState::Io { read_len: None });
                 if let CmdState::Receiving { slots, then, .. } = state {
                     let mut data = Payload::new();
-                    for s in slots {
+                    for mut s in slots {
+                        s.flush_small();
                         for seg in s.data.segments() {
                             data.push(seg.clone());
                         }
                     }
-                    self.data_received(d.ttag, data, then, now);
+                    self.data_received(a.ttag, data, then, now);
                 }
             }
         }
@@ -854,15 +920,15 @@ impl Connection {
     }
 
     fn finish_io(&mut self, cid: u16, read_len: Option<u32>, result: IoResult, now: Instant) {
-        let Some(cmd) = self.queue.as_mut().and_then(|q| q.inflight.remove(&cid)) else {
-            return;
-        };
+        let Some(cmd) = self.take_command(cid) else { return };
         let (status, data) = match (result, read_len) {
             (Ok(IoOutput::Data(data)), Some(len)) if data.len() == len as usize => {
                 (Status::SUCCESS, Some(data))
             }
-            (Ok(IoOutput::Data(_)), Some(_)) => (Status::INTERNAL_ERROR, None),
-            (Ok(_), Some(_)) => (Status::INTERNAL_ERROR, None),
+            (Ok(_), Some(_)) => {
+                tracing::error!(parent: &self.span, cid, "backend returned the wrong read length");
+                (Status::INTERNAL_ERROR, None)
+            }
             (Ok(_), None) => (Status::SUCCESS, None),
             (Err(e), read) => {
                 tracing::warn!(parent: &self.span, cid, error = %e, "backend I/O failed");
@@ -885,9 +951,19 @@ impl Connection {
         self.release_budget(cmd.budget);
     }
 
+    /// Removes a command from the queue's books (in flight and waiting).
+    fn take_command(&mut self, cid: u16) -> Option<Cmd> {
+        let q = self.queue.as_mut()?;
+        let cmd = q.inflight.remove(&cid)?;
+        if matches!(cmd.state, CmdState::Queued(_)) {
+            q.waiting.retain(|c| *c != cid);
+        }
+        Some(cmd)
+    }
+
     /// Completes a registered command without (further) backend I/O, and records it.
     pub(crate) fn finish_registered(&mut self, cid: u16, status: Status, now: Instant) {
-        if let Some(cmd) = self.queue.as_mut().and_then(|q| q.inflight.remove(&cid)) {
+        if let Some(cmd) = self.take_command(cid) {
             if let Some(ns) = &cmd.ns {
                 ns.stats().record(
                     cmd.class,
@@ -911,37 +987,48 @@ impl Connection {
         self.run_waiting();
     }
 
-    fn fail_command_on_digest_error(&mut self, cid: u16, now: Instant) {
-        let known = self.queue.as_ref().is_some_and(|q| q.inflight.contains_key(&cid));
-        if known {
-            self.finish_registered(cid, Status::TRANSIENT_TRANSPORT_ERROR, now);
-        } else if self.state == State::Live {
-            // A capsule whose in-capsule data was corrupt: the command was never registered.
-            self.respond(cid, Status::TRANSIENT_TRANSPORT_ERROR, 0);
-        } else {
-            self.fatal(
-                FatalErrorStatus::HEADER_DIGEST_ERROR,
-                "data digest error before Connect",
-            );
-        }
-    }
-
-    pub(crate) fn push_event(&mut self, ev: Event) {
-        self.events.push_back(ev);
-    }
-
+    /// Makes the connection a live queue of `queue.ctrl`; closes it at once if the controller was torn
+    /// down or reset while the Connect was being answered.
     pub(crate) fn set_live(&mut self, queue: Queue) {
         self.span.record("cntlid", queue.ctrl.cntlid);
         self.span.record("qid", queue.qid);
-        if let Some(n) = &self.notifier {
-            queue
-                .ctrl
-                .attach_connection(self.id, queue.qid == 0, Some(n.clone()));
-        } else {
-            queue.ctrl.attach_connection(self.id, queue.qid == 0, None);
-        }
+        queue.ctrl.attach_connection(self.id, queue.qid == 0, self.notifier.clone());
         self.queue = Some(queue);
         self.state = State::Live;
         self.connect_deadline = None;
+    }
+
+    /// After the Connect response: a controller torn down meanwhile closes the new queue.
+    pub(crate) fn recheck_after_connect(&mut self) {
+        self.check_controller();
+    }
+}
+
+/// The parts of an H2CData PDU the receive path needs.
+struct H2cArrival {
+    cccid: u16,
+    ttag: u16,
+    datao: u32,
+    len: u32,
+    last: bool,
+    data: Option<Payload>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_h2c_data_is_coalesced() {
+        let mut slot =
+            R2tSlot { offset: 0, len: 100, received: 0, data: Payload::new(), small: BytesMut::new() };
+        for i in 0..10u8 {
+            slot.append(&Payload::from(vec![i; 10]));
+        }
+        slot.flush_small();
+        assert_eq!(slot.data.segments().len(), 1, "ten tiny PDUs end up in one buffer");
+        assert_eq!(slot.data.len(), 100);
+        slot.append(&Payload::from(vec![0; 8192]));
+        assert_eq!(slot.data.segments().len(), 2, "large PDUs keep their receive buffers");
     }
 }

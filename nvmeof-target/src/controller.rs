@@ -4,9 +4,9 @@
 //! Connect (through its CNTLID). The I/O path touches only atomics here; the mutex guards what the
 //! admin path and the target's management calls change (queue bookkeeping, asynchronous events).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,12 +43,16 @@ pub(crate) struct Controller {
     io_queues_granted: AtomicU16,
     async_event_config: AtomicU32,
     dead: AtomicBool,
+    /// Backend requests handed to drivers and not yet completed, across all the controller's queues
+    /// (also after they closed).
+    outstanding_io: AtomicUsize,
     inner: Mutex<Inner>,
 }
 
 #[derive(Default)]
 struct Inner {
-    io_qids: BTreeSet<u16>,
+    /// I/O queue ID → the connection serving it.
+    io_qids: BTreeMap<u16, u64>,
     notifiers: Vec<(u64, Notifier)>,
     admin_connection: Option<u64>,
     events: VecDeque<AsyncEvent>,
@@ -79,6 +83,7 @@ impl Controller {
             io_queues_granted: AtomicU16::new(0),
             async_event_config: AtomicU32::new(0),
             dead: AtomicBool::new(false),
+            outstanding_io: AtomicUsize::new(0),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -97,13 +102,7 @@ impl Controller {
         if self.dead.swap(true, Ordering::AcqRel) {
             return false;
         }
-        let notifiers: Vec<Notifier> = self
-            .inner
-            .lock()
-            .notifiers
-            .iter()
-            .map(|(_, n)| n.clone())
-            .collect();
+        let notifiers: Vec<Notifier> = self.inner.lock().notifiers.iter().map(|(_, n)| n.clone()).collect();
         for n in notifiers {
             n();
         }
@@ -166,19 +165,35 @@ impl Controller {
         self.enable_generation.load(Ordering::Acquire)
     }
 
-    /// The host disabled the controller: its I/O queues are deleted.
+    // ---- backend requests ----
+
+    pub(crate) fn io_started(&self) {
+        self.outstanding_io.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn io_finished(&self) {
+        // Saturating: a driver that drops a connection gives up its requests once.
+        let _ = self.outstanding_io.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    pub(crate) fn outstanding_io(&self) -> usize {
+        self.outstanding_io.load(Ordering::Acquire)
+    }
+
+    /// The host disabled the controller (CC.EN 1 → 0): its I/O queues are deleted and its feature
+    /// settings and pending events return to their defaults.
     pub(crate) fn reset(&self) {
         self.enable_generation.fetch_add(1, Ordering::AcqRel);
+        self.io_queues_granted.store(0, Ordering::Relaxed);
+        self.async_event_config.store(0, Ordering::Relaxed);
         let notifiers: Vec<Notifier> = {
             let mut inner = self.inner.lock();
             inner.io_qids.clear();
+            inner.events.clear();
+            inner.changed_namespaces.clear();
+            inner.changed_overflow = false;
             let admin = inner.admin_connection;
-            inner
-                .notifiers
-                .iter()
-                .filter(|(id, _)| Some(*id) != admin)
-                .map(|(_, n)| n.clone())
-                .collect()
+            inner.notifiers.iter().filter(|(id, _)| Some(*id) != admin).map(|(_, n)| n.clone()).collect()
         };
         for n in notifiers {
             n();
@@ -205,11 +220,13 @@ impl Controller {
 
     // ---- connections ----
 
+    /// Registers (or replaces) a connection's notifier.
     pub(crate) fn attach_connection(&self, conn_id: u64, admin: bool, notifier: Option<Notifier>) {
         let mut inner = self.inner.lock();
         if admin {
             inner.admin_connection = Some(conn_id);
         }
+        inner.notifiers.retain(|(id, _)| *id != conn_id);
         if let Some(n) = notifier {
             inner.notifiers.push((conn_id, n));
         }
@@ -218,14 +235,24 @@ impl Controller {
     pub(crate) fn detach_connection(&self, conn_id: u64, qid: u16) {
         let mut inner = self.inner.lock();
         inner.notifiers.retain(|(id, _)| *id != conn_id);
-        if qid != 0 {
+        // Only if the qid is still this connection's (a reset may have handed it to a newer one).
+        if qid != 0 && inner.io_qids.get(&qid) == Some(&conn_id) {
             inner.io_qids.remove(&qid);
         }
     }
 
-    /// Claims an I/O queue ID; false if it is taken or beyond what was granted.
-    pub(crate) fn claim_io_queue(&self, qid: u16) -> bool {
-        qid != 0 && qid <= self.io_queues_granted().max(1) && self.inner.lock().io_qids.insert(qid)
+    /// Claims an I/O queue ID for a connection of enable generation `generation`; false if it is
+    /// taken, beyond what was granted, or the controller was torn down or reset meanwhile.
+    pub(crate) fn claim_io_queue(&self, qid: u16, conn_id: u64, generation: u32) -> bool {
+        if qid == 0 || qid > self.io_queues_granted().max(1) {
+            return false;
+        }
+        let mut inner = self.inner.lock();
+        if self.is_dead() || self.enable_generation() != generation || inner.io_qids.contains_key(&qid) {
+            return false;
+        }
+        inner.io_qids.insert(qid, conn_id);
+        true
     }
 
     pub(crate) fn io_queue_count(&self) -> usize {
@@ -253,11 +280,7 @@ impl Controller {
                 inner.events.push_back(event);
             }
             let admin = inner.admin_connection;
-            inner
-                .notifiers
-                .iter()
-                .find(|(id, _)| Some(*id) == admin)
-                .map(|(_, n)| n.clone())
+            inner.notifiers.iter().find(|(id, _)| Some(*id) == admin).map(|(_, n)| n.clone())
         };
         if let Some(n) = notifier {
             n();

@@ -111,10 +111,8 @@ impl HostQueue {
     /// A queue that starts by sending ICReq.
     #[must_use]
     pub fn new(options: HostOptions) -> Self {
-        let decoder = PduDecoder::new(DecoderConfig {
-            max_data_pdu: options.max_data_pdu,
-            ..DecoderConfig::host()
-        });
+        let decoder =
+            PduDecoder::new(DecoderConfig { max_data_pdu: options.max_data_pdu, ..DecoderConfig::host() });
         let mut q = Self {
             options,
             decoder,
@@ -185,14 +183,8 @@ impl HostQueue {
         }
         sqe.cid.set(cid);
         sqe.flags = (sqe.flags & 0x3f) | 0x40;
-        let inline_max = self
-            .options
-            .max_inline_data
-            .max(if sqe.opcode == 0x7f || !self.ready {
-                8192
-            } else {
-                0
-            });
+        let inline_max =
+            self.options.max_inline_data.max(if sqe.opcode == 0x7f || !self.ready { 8192 } else { 0 });
         let (capsule_data, data_out) = match data {
             Some(d) if !d.is_empty() && d.len() <= inline_max as usize => {
                 sqe.dptr = SglDescriptor::in_capsule(0, d.len() as u32);
@@ -207,18 +199,8 @@ impl HostQueue {
                 (Payload::new(), None)
             }
         };
-        self.pending.insert(
-            cid,
-            Pending {
-                data_out,
-                data_in: Payload::new(),
-                done_early: false,
-            },
-        );
-        self.send(Pdu::CapsuleCmd(CapsuleCmd {
-            sqe,
-            data: capsule_data,
-        }));
+        self.pending.insert(cid, Pending { data_out, data_in: Payload::new(), done_early: false });
+        self.send(Pdu::CapsuleCmd(CapsuleCmd { sqe, data: capsule_data }));
         cid
     }
 
@@ -258,10 +240,7 @@ impl HostQueue {
                 }
                 self.ready = true;
                 self.maxh2cdata = resp.maxh2cdata;
-                self.encode = EncodeOptions {
-                    digests: resp.digests,
-                    pda: resp.cpda,
-                };
+                self.encode = EncodeOptions { digests: resp.digests, pda: resp.cpda };
                 let mut cfg = *self.decoder.config();
                 cfg.digests = resp.digests;
                 cfg.pda = self.options.hpda;
@@ -298,22 +277,14 @@ impl HostQueue {
                     self.pending.remove(&cid);
                     let mut cqe = Cqe::new(cid, 0, 0, Status::SUCCESS);
                     cqe.cid.set(cid);
-                    self.completions.push_back(Completion {
-                        cqe,
-                        data,
-                        via_success_flag: true,
-                    });
+                    self.completions.push_back(Completion { cqe, data, via_success_flag: true });
                 }
             }
             Pdu::R2t(r) if self.ready => {
-                let p = self
-                    .pending
-                    .get(&r.cccid)
-                    .ok_or(HostError::Protocol("R2T for an unknown command"))?;
-                let data = p
-                    .data_out
-                    .as_ref()
-                    .ok_or(HostError::Protocol("R2T for a command without data"))?;
+                let p =
+                    self.pending.get(&r.cccid).ok_or(HostError::Protocol("R2T for an unknown command"))?;
+                let data =
+                    p.data_out.as_ref().ok_or(HostError::Protocol("R2T for a command without data"))?;
                 let end = r.r2to as usize + r.r2tl as usize;
                 if r.r2tl == 0 || end > data.len() {
                     return Err(HostError::Protocol("R2T outside the command's data"));

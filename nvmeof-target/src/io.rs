@@ -47,8 +47,7 @@ impl Connection {
             _ => Err(Status::INVALID_OPCODE.with_dnr()),
         };
         if let Err(status) = result {
-            ns.stats()
-                .record(OpClass::Other, 0, false, std::time::Duration::ZERO);
+            ns.stats().record(OpClass::Other, 0, false, std::time::Duration::ZERO);
             self.respond(cid, status, 0);
         }
     }
@@ -61,9 +60,7 @@ impl Connection {
         nlb: u32,
         check_mdts: bool,
     ) -> Result<(u64, u64), Status> {
-        let end = slba
-            .checked_add(u64::from(nlb))
-            .ok_or(Status::LBA_OUT_OF_RANGE.with_dnr())?;
+        let end = slba.checked_add(u64::from(nlb)).ok_or(Status::LBA_OUT_OF_RANGE.with_dnr())?;
         if end > ns.size_blocks() {
             return Err(Status::LBA_OUT_OF_RANGE.with_dnr());
         }
@@ -114,15 +111,7 @@ impl Connection {
         let (offset, len) = self.byte_range(ns, wz.slba, wz.nlb, false)?;
         let cid = cmd.sqe.cid.get();
         self.register(cid, Some(ns.clone()), OpClass::Other, now);
-        self.submit_io(
-            cid,
-            IoOp::WriteZeroes {
-                offset,
-                len,
-                deallocate: wz.deallocate,
-            },
-            None,
-        );
+        self.submit_io(cid, IoOp::WriteZeroes { offset, len, deallocate: wz.deallocate }, None);
         Ok(())
     }
 
@@ -145,10 +134,7 @@ impl Connection {
         if len < needed || len > 4096 {
             return Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr());
         }
-        let then = AfterData::Dsm {
-            ranges: usize::from(dsm.ranges),
-            deallocate: dsm.deallocate,
-        };
+        let then = AfterData::Dsm { ranges: usize::from(dsm.ranges), deallocate: dsm.deallocate };
         self.receive_data(cmd, ns, OpClass::Other, len, then, now)
     }
 
@@ -189,11 +175,7 @@ impl Connection {
         now: Instant,
     ) {
         let bytes = data.to_bytes();
-        let ns = self
-            .queue
-            .as_ref()
-            .and_then(|q| q.inflight.get(&cid))
-            .and_then(|c| c.ns.clone());
+        let ns = self.queue.as_ref().and_then(|q| q.inflight.get(&cid)).and_then(|c| c.ns.clone());
         let Some(ns) = ns else { return };
         let parsed = match parse_dsm_ranges(&bytes, ranges) {
             Ok(r) => r,

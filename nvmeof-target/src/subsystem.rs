@@ -107,9 +107,7 @@ pub struct NamespaceConfig {
 
 impl fmt::Debug for NamespaceConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NamespaceConfig")
-            .field("nsid", &self.nsid)
-            .finish_non_exhaustive()
+        f.debug_struct("NamespaceConfig").field("nsid", &self.nsid).finish_non_exhaustive()
     }
 }
 
@@ -124,12 +122,7 @@ impl NamespaceConfig {
         // RFC 4122 version 8 (custom) / variant bits.
         uuid[6] = (uuid[6] & 0x0f) | 0x80;
         uuid[8] = (uuid[8] & 0x3f) | 0x80;
-        Self {
-            nsid,
-            backend,
-            nguid,
-            uuid,
-        }
+        Self { nsid, backend, nguid, uuid }
     }
 }
 
@@ -138,12 +131,7 @@ fn derive_id(name: &str, n: u32, salt: u32) -> [u8; 16] {
     let mut out = [0u8; 16];
     for (half, seed) in [(0usize, 0xcbf2_9ce4_8422_2325u64), (8, 0x8422_2325_cbf2_9ce4)] {
         let mut h = seed;
-        for b in name
-            .bytes()
-            .chain(n.to_le_bytes())
-            .chain(salt.to_le_bytes())
-            .chain([half as u8])
-        {
+        for b in name.bytes().chain(n.to_le_bytes()).chain(salt.to_le_bytes()).chain([half as u8]) {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }

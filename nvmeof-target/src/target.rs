@@ -68,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) config: TargetConfig,
     subsystems: RwLock<BTreeMap<String, Arc<Subsystem>>>,
     controllers: Mutex<ControllerTable>,
+    /// Torn-down controllers whose backend requests have not all completed yet.
+    draining: Mutex<Vec<Arc<Controller>>>,
     pub(crate) discovery_genctr: AtomicU64,
     next_connection_id: AtomicU64,
 }
@@ -113,10 +115,8 @@ impl Target {
             shared: Arc::new(Shared {
                 config: config.sanitized(),
                 subsystems: RwLock::new(BTreeMap::new()),
-                controllers: Mutex::new(ControllerTable {
-                    by_id: HashMap::new(),
-                    next: CNTLID_MIN,
-                }),
+                controllers: Mutex::new(ControllerTable { by_id: HashMap::new(), next: CNTLID_MIN }),
+                draining: Mutex::new(Vec::new()),
                 discovery_genctr: AtomicU64::new(1),
                 next_connection_id: AtomicU64::new(1),
             }),
@@ -142,15 +142,12 @@ impl Target {
     pub fn add_subsystem(&self, config: SubsystemConfig) -> Result<Arc<Subsystem>, TargetError> {
         check_nqn(&config.nqn)?;
         let mut sn = [0u8; 20];
-        fill_space_padded(&mut sn, &config.serial).map_err(|_| TargetError::InvalidIdentity {
-            field: "serial",
-            value: config.serial.clone(),
-        })?;
+        fill_space_padded(&mut sn, &config.serial)
+            .map_err(|_| TargetError::InvalidIdentity { field: "serial", value: config.serial.clone() })?;
         let mut mn = [0u8; 40];
-        fill_space_padded(&mut mn, &config.model).map_err(|_| TargetError::InvalidIdentity {
-            field: "model",
-            value: config.model.clone(),
-        })?;
+        fill_space_padded(&mut mn, &config.model)
+            .map_err(|_| TargetError::InvalidIdentity { field: "model", value: config.model.clone() })?;
+        self.bump_genctr();
         let subsys = {
             let mut map = self.shared.subsystems.write();
             if map.contains_key(&config.nqn) {
@@ -170,10 +167,13 @@ impl Target {
         if !live.is_empty() && !force {
             return Err(TargetError::Busy(nqn.to_owned(), live.len()));
         }
+        self.bump_genctr();
         if self.shared.subsystems.write().remove(nqn).is_none() {
             return Err(TargetError::NoSuchSubsystem(nqn.to_owned()));
         }
-        for c in live {
+        // Collected after unpublishing, so a Connect racing with the removal is caught too (Connect
+        // re-checks that its subsystem is still published after creating its controller).
+        for c in self.controllers_of(nqn) {
             self.remove_controller(&c);
         }
         self.discovery_changed();
@@ -193,22 +193,16 @@ impl Target {
     }
 
     pub(crate) fn subsystems_for_host(&self, hostnqn: &str) -> Vec<Arc<Subsystem>> {
-        self.shared
-            .subsystems
-            .read()
-            .values()
-            .filter(|s| s.allows_host(hostnqn))
-            .cloned()
-            .collect()
+        self.shared.subsystems.read().values().filter(|s| s.allows_host(hostnqn)).cloned().collect()
     }
 
     fn subsystem_or_err(&self, nqn: &str) -> Result<Arc<Subsystem>, TargetError> {
-        self.subsystem(nqn)
-            .ok_or_else(|| TargetError::NoSuchSubsystem(nqn.to_owned()))
+        self.subsystem(nqn).ok_or_else(|| TargetError::NoSuchSubsystem(nqn.to_owned()))
     }
 
     /// Lets `hostnqn` connect to the subsystem.
     pub fn allow_host(&self, subnqn: &str, hostnqn: &str) -> Result<(), TargetError> {
+        self.bump_genctr();
         if self.subsystem_or_err(subnqn)?.set_host_allowed(hostnqn, true) {
             self.discovery_changed();
         }
@@ -218,15 +212,12 @@ impl Target {
     /// Stops `hostnqn` from connecting to the subsystem. Controllers it has already are kept unless
     /// `disconnect`.
     pub fn deny_host(&self, subnqn: &str, hostnqn: &str, disconnect: bool) -> Result<(), TargetError> {
+        self.bump_genctr();
         if self.subsystem_or_err(subnqn)?.set_host_allowed(hostnqn, false) {
             self.discovery_changed();
         }
         if disconnect {
-            for c in self
-                .controllers_of(subnqn)
-                .into_iter()
-                .filter(|c| c.hostnqn == hostnqn)
-            {
+            for c in self.controllers_of(subnqn).into_iter().filter(|c| c.hostnqn == hostnqn) {
                 self.remove_controller(&c);
             }
         }
@@ -235,6 +226,7 @@ impl Target {
 
     /// Sets whether any host may connect ([`HostAccess::AllowAny`]) or only the allowed ones.
     pub fn set_host_access(&self, subnqn: &str, access: HostAccess) -> Result<(), TargetError> {
+        self.bump_genctr();
         self.subsystem_or_err(subnqn)?.set_access(access);
         self.discovery_changed();
         Ok(())
@@ -263,10 +255,7 @@ impl Target {
             std::collections::btree_map::Entry::Occupied(_) => false,
         });
         if !inserted {
-            return Err(TargetError::NamespaceExists {
-                subnqn: subnqn.to_owned(),
-                nsid,
-            });
+            return Err(TargetError::NamespaceExists { subnqn: subnqn.to_owned(), nsid });
         }
         self.namespace_changed(subnqn, nsid);
         Ok(ns)
@@ -276,10 +265,7 @@ impl Target {
     pub fn remove_namespace(&self, subnqn: &str, nsid: u32) -> Result<Arc<Namespace>, TargetError> {
         let subsys = self.subsystem_or_err(subnqn)?;
         let removed = subsys.update_namespaces(|map| map.remove(&nsid));
-        let ns = removed.ok_or_else(|| TargetError::NoSuchNamespace {
-            subnqn: subnqn.to_owned(),
-            nsid,
-        })?;
+        let ns = removed.ok_or_else(|| TargetError::NoSuchNamespace { subnqn: subnqn.to_owned(), nsid })?;
         self.namespace_changed(subnqn, nsid);
         Ok(ns)
     }
@@ -287,13 +273,10 @@ impl Target {
     /// Resizes a namespace's backend; connected hosts get a Namespace Attribute Changed event and see
     /// the new size without reconnecting.
     pub fn resize_namespace(&self, subnqn: &str, nsid: u32, new_size_bytes: u64) -> Result<(), TargetError> {
-        let ns =
-            self.subsystem_or_err(subnqn)?
-                .namespace(nsid)
-                .ok_or_else(|| TargetError::NoSuchNamespace {
-                    subnqn: subnqn.to_owned(),
-                    nsid,
-                })?;
+        let ns = self
+            .subsystem_or_err(subnqn)?
+            .namespace(nsid)
+            .ok_or_else(|| TargetError::NoSuchNamespace { subnqn: subnqn.to_owned(), nsid })?;
         ns.backend().resize(new_size_bytes)?;
         self.namespace_changed(subnqn, nsid);
         Ok(())
@@ -309,24 +292,19 @@ impl Target {
         }
     }
 
+    /// Moves the discovery log generation on. Called before and after each change, so that a host
+    /// reading the log in pieces while it changes sees two different generation counters.
+    fn bump_genctr(&self) {
+        self.shared.discovery_genctr.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The discovery log changed: new generation, and an event to discovery controllers that asked.
     fn discovery_changed(&self) {
-        self.shared.discovery_genctr.fetch_add(1, Ordering::AcqRel);
-        let discovery: Vec<Arc<Controller>> = self
-            .shared
-            .controllers
-            .lock()
-            .by_id
-            .values()
-            .filter(|c| c.is_discovery())
-            .cloned()
-            .collect();
+        self.bump_genctr();
+        let discovery: Vec<Arc<Controller>> =
+            self.shared.controllers.lock().by_id.values().filter(|c| c.is_discovery()).cloned().collect();
         for c in discovery {
-            c.raise_event(
-                AsyncEvent::DISCOVERY_LOG_CHANGED,
-                AsyncEventConfig::DISCOVERY_LOG_CHANGE,
-                None,
-            );
+            c.raise_event(AsyncEvent::DISCOVERY_LOG_CHANGED, AsyncEventConfig::DISCOVERY_LOG_CHANGE, None);
         }
     }
 
@@ -404,14 +382,23 @@ impl Target {
     pub(crate) fn remove_controller(&self, ctrl: &Arc<Controller>) {
         {
             let mut table = self.shared.controllers.lock();
-            if table
-                .by_id
-                .get(&ctrl.cntlid)
-                .is_some_and(|c| Arc::ptr_eq(c, ctrl))
-            {
+            if table.by_id.get(&ctrl.cntlid).is_some_and(|c| Arc::ptr_eq(c, ctrl)) {
                 table.by_id.remove(&ctrl.cntlid);
             }
         }
-        ctrl.kill();
+        if ctrl.kill() && ctrl.outstanding_io() > 0 {
+            self.shared.draining.lock().push(ctrl.clone());
+        }
+    }
+
+    /// True if an earlier controller of `hostnqn` on `subsys` is gone but still has backend requests
+    /// running: its host cannot create a new controller for the same subsystem until they complete
+    /// (so a retried write cannot be overtaken by an old one still landing).
+    pub(crate) fn host_is_draining(&self, subsys: &Arc<Subsystem>, hostnqn: &str) -> bool {
+        let mut draining = self.shared.draining.lock();
+        draining.retain(|c| c.outstanding_io() > 0);
+        draining
+            .iter()
+            .any(|c| c.hostnqn == hostnqn && c.subsystem.as_ref().is_some_and(|s| Arc::ptr_eq(s, subsys)))
     }
 }

@@ -17,24 +17,10 @@ const BLOCKS: u64 = 2048; // 1 MiB of 512-byte blocks
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write {
-        slba: u64,
-        blocks: u32,
-        fill: u8,
-        fua: bool,
-    },
-    Read {
-        slba: u64,
-        blocks: u32,
-    },
-    WriteZeroes {
-        slba: u64,
-        blocks: u32,
-        deallocate: bool,
-    },
-    Deallocate {
-        ranges: Vec<(u64, u32)>,
-    },
+    Write { slba: u64, blocks: u32, fill: u8, fua: bool },
+    Read { slba: u64, blocks: u32 },
+    WriteZeroes { slba: u64, blocks: u32, deallocate: bool },
+    Deallocate { ranges: Vec<(u64, u32)> },
     Flush,
 }
 
@@ -55,9 +41,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn pattern(slba: u64, blocks: u32, fill: u8) -> Vec<u8> {
-    (0..blocks as usize * 512)
-        .map(|i| fill ^ ((slba as usize * 512 + i) % 253) as u8)
-        .collect()
+    (0..blocks as usize * 512).map(|i| fill ^ ((slba as usize * 512 + i) % 253) as u8).collect()
 }
 
 proptest! {

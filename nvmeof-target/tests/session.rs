@@ -67,10 +67,7 @@ fn linux_connect_sequence_then_io() {
     let nq = set_features(&mut admin, 0x07, (3 << 16) | 3, now);
     assert_eq!(nq.status(), Status::SUCCESS);
     assert_eq!(nq.cqe.dw0.get(), (3 << 16) | 3, "four queues granted");
-    assert_eq!(
-        set_features(&mut admin, 0x0b, 1 << 8, now).status(),
-        Status::SUCCESS
-    );
+    assert_eq!(set_features(&mut admin, 0x0b, 1 << 8, now).status(), Status::SUCCESS);
 
     // Namespace scan: CNS 06 (errors tolerated), 02, then 03 and 00 per namespace.
     assert_eq!(
@@ -90,9 +87,7 @@ fn linux_connect_sequence_then_io() {
     let descs = identify(&mut admin, 0x03, 1, now);
     assert_eq!(descs.status(), Status::SUCCESS);
     let bytes = descs.data.to_bytes();
-    let kinds: Vec<u8> = parse_ns_id_descriptors(&bytes)
-        .map(|d| d.unwrap().nidt())
-        .collect();
+    let kinds: Vec<u8> = parse_ns_id_descriptors(&bytes).map(|d| d.unwrap().nidt()).collect();
     assert_eq!(kinds, vec![2, 3, 4], "NGUID, UUID, CSI");
     let ns = identify(&mut admin, 0x00, 1, now);
     let ns = IdentifyNamespace::read_from_bytes(&ns.data.to_bytes()).unwrap();
@@ -126,9 +121,7 @@ fn nvme_discover_lists_exactly_the_hosts_subsystems() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
     // A subsystem this host may not see, and one it may.
-    target
-        .add_subsystem(SubsystemConfig::new("nqn.2026-01.io.xatastor:hidden", "XS0002"))
-        .unwrap();
+    target.add_subsystem(SubsystemConfig::new("nqn.2026-01.io.xatastor:hidden", "XS0002")).unwrap();
     let mut visible = SubsystemConfig::new("nqn.2026-01.io.xatastor:other", "XS0003");
     visible.allowed_hosts.push(HOSTNQN.into());
     target.add_subsystem(visible).unwrap();
@@ -156,16 +149,9 @@ fn nvme_discover_lists_exactly_the_hosts_subsystems() {
         off += n;
     }
     let log = DiscoveryLogPage::parse(&page).unwrap();
-    let mut nqns: Vec<String> = log
-        .entries
-        .iter()
-        .map(|e| e.subnqn().unwrap().to_owned())
-        .collect();
+    let mut nqns: Vec<String> = log.entries.iter().map(|e| e.subnqn().unwrap().to_owned()).collect();
     nqns.sort();
-    assert_eq!(
-        nqns,
-        vec!["nqn.2026-01.io.xatastor:other".to_owned(), SUBNQN.to_owned()]
-    );
+    assert_eq!(nqns, vec!["nqn.2026-01.io.xatastor:other".to_owned(), SUBNQN.to_owned()]);
     for e in log.entries {
         assert_eq!(e.trtype, 3, "TCP");
         assert_eq!(e.adrfam, 1, "IPv4");
@@ -175,15 +161,10 @@ fn nvme_discover_lists_exactly_the_hosts_subsystems() {
     }
     // A change to what the host may see bumps the generation counter.
     let genctr = log.header.genctr.get();
-    target
-        .allow_host("nqn.2026-01.io.xatastor:hidden", HOSTNQN)
-        .unwrap();
+    target.allow_host("nqn.2026-01.io.xatastor:hidden", HOSTNQN).unwrap();
     let again = get_log_page(&mut link, 0x70, 0, 0, 1024, false, now);
     assert!(u64::from_le_bytes(again.data.to_bytes()[..8].try_into().unwrap()) > genctr);
-    assert_eq!(
-        u64::from_le_bytes(again.data.to_bytes()[8..16].try_into().unwrap()),
-        3
-    );
+    assert_eq!(u64::from_le_bytes(again.data.to_bytes()[8..16].try_into().unwrap()), 3);
 }
 
 #[test]
@@ -197,45 +178,24 @@ fn connect_refusals_carry_the_specified_statuses() {
         link.command(sqe, Some(data), 0, now)
     };
     // A host not on the list (default deny).
-    let c = connect(
-        SUBNQN,
-        "nqn.2014-08.org.nvmexpress:uuid:intruder",
-        0,
-        CNTLID_DYNAMIC,
-        32,
-    );
+    let c = connect(SUBNQN, "nqn.2014-08.org.nvmexpress:uuid:intruder", 0, CNTLID_DYNAMIC, 32);
     assert_eq!(c.status(), Status::CONNECT_INVALID_HOST.with_dnr());
     // An unknown subsystem: Invalid Parameters pointing at SUBNQN in the data.
     let c = connect("nqn.2026-01.io.xatastor:nope", HOSTNQN, 0, CNTLID_DYNAMIC, 32);
     assert_eq!(c.status(), Status::CONNECT_INVALID_PARAMETERS.with_dnr());
-    assert_eq!(
-        InvalidParameter::from_dw0(c.cqe.dw0.get()),
-        InvalidParameter::SUBNQN
-    );
+    assert_eq!(InvalidParameter::from_dw0(c.cqe.dw0.get()), InvalidParameter::SUBNQN);
     // Admin queue with a static CNTLID.
     let c = connect(SUBNQN, HOSTNQN, 0, 5, 32);
-    assert_eq!(
-        InvalidParameter::from_dw0(c.cqe.dw0.get()),
-        InvalidParameter::CNTLID
-    );
+    assert_eq!(InvalidParameter::from_dw0(c.cqe.dw0.get()), InvalidParameter::CNTLID);
     // An I/O queue of a controller that does not exist.
     let c = connect(SUBNQN, HOSTNQN, 1, 0x1234, 128);
-    assert_eq!(
-        InvalidParameter::from_dw0(c.cqe.dw0.get()),
-        InvalidParameter::CNTLID
-    );
+    assert_eq!(InvalidParameter::from_dw0(c.cqe.dw0.get()), InvalidParameter::CNTLID);
     // Queue too large.
     let c = connect(SUBNQN, HOSTNQN, 0, CNTLID_DYNAMIC, 1024);
-    assert_eq!(
-        InvalidParameter::from_dw0(c.cqe.dw0.get()),
-        InvalidParameter::SQSIZE
-    );
+    assert_eq!(InvalidParameter::from_dw0(c.cqe.dw0.get()), InvalidParameter::SQSIZE);
     // Admin queue smaller than 32 entries.
     let c = connect(SUBNQN, HOSTNQN, 0, CNTLID_DYNAMIC, 16);
-    assert_eq!(
-        InvalidParameter::from_dw0(c.cqe.dw0.get()),
-        InvalidParameter::SQSIZE
-    );
+    assert_eq!(InvalidParameter::from_dw0(c.cqe.dw0.get()), InvalidParameter::SQSIZE);
     // I/O queue beyond the granted number, and a second connect of the same QID.
     let mut admin = Link::new(&target, HostOptions::default(), now);
     let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
@@ -247,9 +207,7 @@ fn connect_refusals_carry_the_specified_statuses() {
     let c = connect(SUBNQN, HOSTNQN, 1, cntlid, 128);
     assert_eq!(InvalidParameter::from_dw0(c.cqe.dw0.get()), InvalidParameter::QID);
     // Another host cannot join this host's controller.
-    target
-        .allow_host(SUBNQN, "nqn.2014-08.org.nvmexpress:uuid:other")
-        .unwrap();
+    target.allow_host(SUBNQN, "nqn.2014-08.org.nvmexpress:uuid:other").unwrap();
     let c = connect(SUBNQN, "nqn.2014-08.org.nvmexpress:uuid:other", 3, cntlid, 128);
     assert_eq!(c.status(), Status::CONNECT_INVALID_HOST.with_dnr());
 }
@@ -266,10 +224,7 @@ fn commands_before_connect_or_enable_are_refused() {
     // After Connect but before CC.EN: Command Sequence Error.
     let (sqe, data) = host::connect_command(0, 32, 5000, CNTLID_DYNAMIC, HOSTID, SUBNQN, HOSTNQN);
     assert_eq!(link.command(sqe, Some(data), 0, now).status(), Status::SUCCESS);
-    assert_eq!(
-        identify(&mut link, 1, 0, now).status(),
-        Status::COMMAND_SEQUENCE_ERROR
-    );
+    assert_eq!(identify(&mut link, 1, 0, now).status(), Status::COMMAND_SEQUENCE_ERROR);
     // Property Get of a property that does not exist, or with the wrong width.
     let c = link.command(host::property_get(0x30, PropertyWidth::Four), None, 0, now);
     assert_eq!(c.status(), Status::INVALID_FIELD.with_dnr());
@@ -286,25 +241,13 @@ fn admin_command_errors() {
     // Unknown opcode.
     let mut sqe = Sqe::zeroed();
     sqe.opcode = 0x80; // Format NVM: not supported
-    assert_eq!(
-        admin.command(sqe, None, 0, now).status(),
-        Status::INVALID_OPCODE.with_dnr()
-    );
+    assert_eq!(admin.command(sqe, None, 0, now).status(), Status::INVALID_OPCODE.with_dnr());
     // Identify of an unsupported CNS, of a namespace out of range, of an inactive namespace.
-    assert_eq!(
-        identify(&mut admin, 0x13, 0, now).status(),
-        Status::INVALID_FIELD.with_dnr()
-    );
-    assert_eq!(
-        identify(&mut admin, 0x00, 0xffff_fff0, now).status(),
-        Status::INVALID_NAMESPACE.with_dnr()
-    );
+    assert_eq!(identify(&mut admin, 0x13, 0, now).status(), Status::INVALID_FIELD.with_dnr());
+    assert_eq!(identify(&mut admin, 0x00, 0xffff_fff0, now).status(), Status::INVALID_NAMESPACE.with_dnr());
     let inactive = identify(&mut admin, 0x00, 7, now);
     assert_eq!(inactive.status(), Status::SUCCESS);
-    assert!(
-        inactive.data.iter_bytes().all(|b| b == 0),
-        "inactive namespace: all zeros"
-    );
+    assert!(inactive.data.iter_bytes().all(|b| b == 0), "inactive namespace: all zeros");
     // Unknown log page, unaligned offset.
     assert_eq!(
         get_log_page(&mut admin, 0x0d, 0, 0, 512, false, now).status(),
@@ -320,10 +263,7 @@ fn admin_command_errors() {
         Status::INVALID_FIELD.with_dnr()
     );
     // Unsupported feature; saving a feature.
-    assert_eq!(
-        set_features(&mut admin, 0x0c, 0, now).status(),
-        Status::INVALID_FIELD.with_dnr()
-    );
+    assert_eq!(set_features(&mut admin, 0x0c, 0, now).status(), Status::INVALID_FIELD.with_dnr());
     assert_eq!(
         set_features(&mut admin, 0x0b | (1u32 << 31), 0, now).status(),
         Status::FEATURE_NOT_SAVEABLE.with_dnr()
@@ -343,13 +283,8 @@ fn admin_command_errors() {
     dup.opcode = 0x18;
     dup.cid.set(31);
     // The host helper would pick a new CID; send the raw capsule instead.
-    let pdu = nvmeof_proto::Pdu::CapsuleCmd(nvmeof_proto::CapsuleCmd {
-        sqe: dup,
-        data: Payload::new(),
-    });
-    admin
-        .to_target
-        .extend_from_slice(&pdu.encode(&Default::default()).unwrap().to_vec());
+    let pdu = nvmeof_proto::Pdu::CapsuleCmd(nvmeof_proto::CapsuleCmd { sqe: dup, data: Payload::new() });
+    admin.to_target.extend_from_slice(&pdu.encode(&Default::default()).unwrap().to_vec());
     admin.conn.handle_input(&mut admin.to_target, now);
     admin.drain_events(now);
     let mut buf = std::mem::take(&mut admin.to_host);
@@ -370,14 +305,7 @@ fn io_paths_and_statuses() {
     let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
     set_features(&mut admin, 0x07, 0, now);
     // MAXR2T 3: several R2Ts outstanding per command.
-    let mut io = Link::new(
-        &target,
-        HostOptions {
-            maxr2t: 3,
-            ..HostOptions::default()
-        },
-        now,
-    );
+    let mut io = Link::new(&target, HostOptions { maxr2t: 3, ..HostOptions::default() }, now);
     bring_up_io(&mut io, cntlid, 1, now);
 
     // In-capsule write (4 KiB) and R2T write (512 KiB = 4 R2Ts of 128 KiB), read back.
@@ -389,12 +317,7 @@ fn io_paths_and_statuses() {
     assert_eq!(read(&mut io, 1000, 1024, now).data, Payload::from(big));
 
     // FUA write and flush.
-    let c = io.command(
-        rw_sqe(0x01, 16, 1, true),
-        Some(Payload::from(vec![1u8; 512])),
-        0,
-        now,
-    );
+    let c = io.command(rw_sqe(0x01, 16, 1, true), Some(Payload::from(vec![1u8; 512])), 0, now);
     assert_eq!(c.status(), Status::SUCCESS);
     let mut flush = Sqe::zeroed();
     flush.nsid.set(1);
@@ -415,50 +338,28 @@ fn io_paths_and_statuses() {
     dsm.nsid.set(1);
     dsm.cdw10.set(0);
     dsm.cdw11.set(1 << 2);
-    assert_eq!(
-        io.command(dsm, Some(Payload::from(ranges)), 0, now).status(),
-        Status::SUCCESS
-    );
+    assert_eq!(io.command(dsm, Some(Payload::from(ranges)), 0, now).status(), Status::SUCCESS);
     assert!(backend.allocated_bytes() < before, "deallocate frees memory");
     assert!(read(&mut io, 1008, 1016, now).data.iter_bytes().all(|b| b == 0));
 
     // Errors: out of range, bad namespace, beyond MDTS, unknown opcode, SGL length mismatch.
     let blocks = (64u64 << 20) / 512;
-    assert_eq!(
-        read(&mut io, blocks - 1, 2, now).status(),
-        Status::LBA_OUT_OF_RANGE.with_dnr()
-    );
+    assert_eq!(read(&mut io, blocks - 1, 2, now).status(), Status::LBA_OUT_OF_RANGE.with_dnr());
     let mut bad_ns = rw_sqe(0x02, 0, 1, false);
     bad_ns.nsid.set(9);
-    assert_eq!(
-        io.command(bad_ns, None, 512, now).status(),
-        Status::INVALID_NAMESPACE.with_dnr()
-    );
-    assert_eq!(
-        read(&mut io, 0, 2048, now).status(),
-        Status::INVALID_FIELD.with_dnr(),
-        "1 MiB > MDTS"
-    );
+    assert_eq!(io.command(bad_ns, None, 512, now).status(), Status::INVALID_NAMESPACE.with_dnr());
+    assert_eq!(read(&mut io, 0, 2048, now).status(), Status::INVALID_FIELD.with_dnr(), "1 MiB > MDTS");
     let mut odd = Sqe::zeroed();
     odd.opcode = 0x7e;
     odd.nsid.set(1);
-    assert_eq!(
-        io.command(odd, None, 0, now).status(),
-        Status::INVALID_OPCODE.with_dnr()
-    );
+    assert_eq!(io.command(odd, None, 0, now).status(), Status::INVALID_OPCODE.with_dnr());
     assert_eq!(
         io.command(rw_sqe(0x02, 0, 2, false), None, 512, now).status(),
         Status::DATA_SGL_LENGTH_INVALID.with_dnr()
     );
 
     // Statistics went up.
-    let stats = target
-        .subsystem(SUBNQN)
-        .unwrap()
-        .namespace(1)
-        .unwrap()
-        .stats()
-        .snapshot();
+    let stats = target.subsystem(SUBNQN).unwrap().namespace(1).unwrap().stats().snapshot();
     assert!(stats.reads >= 4 && stats.writes >= 3);
     assert_eq!(stats.write_bytes, 4096 + 512 * 1024 + 512);
     assert!(stats.errors >= 3);
@@ -475,13 +376,7 @@ fn completions_may_come_back_in_any_order() {
     bring_up_io(&mut io, cntlid, 1, now);
     io.defer_io = true;
     let cids: Vec<u16> = (0..8u64)
-        .map(|i| {
-            io.host.submit(
-                rw_sqe(0x01, i * 8, 8, false),
-                Some(Payload::from(vec![i as u8; 4096])),
-                0,
-            )
-        })
+        .map(|i| io.host.submit(rw_sqe(0x01, i * 8, 8, false), Some(Payload::from(vec![i as u8; 4096])), 0))
         .collect();
     io.pump(now);
     assert_eq!(io.parked.len(), 8);
@@ -496,10 +391,7 @@ fn completions_may_come_back_in_any_order() {
     }
     io.defer_io = false;
     for i in 0..8u64 {
-        assert!(read(&mut io, i * 8, 8, now)
-            .data
-            .iter_bytes()
-            .all(|b| b == i as u8));
+        assert!(read(&mut io, i * 8, 8, now).data.iter_bytes().all(|b| b == i as u8));
     }
 }
 
@@ -521,17 +413,11 @@ fn keep_alive_expiry_tears_the_controller_down() {
     let mut ka = Sqe::zeroed();
     ka.opcode = 0x18;
     assert_eq!(admin.command(ka, None, 0, t1).status(), Status::SUCCESS);
-    assert_eq!(
-        admin.conn.poll_timeout().unwrap(),
-        t1 + Duration::from_millis(2000)
-    );
+    assert_eq!(admin.conn.poll_timeout().unwrap(), t1 + Duration::from_millis(2000));
     let t2 = clock.advance(Duration::from_millis(1500));
     assert_eq!(write(&mut io, 0, vec![5; 512], t2).status(), Status::SUCCESS);
     admin.conn.handle_timeout(t2 + Duration::from_millis(1000));
-    assert!(
-        admin.closed.is_none() && admin.conn.poll_event().is_none(),
-        "I/O traffic kept it alive"
-    );
+    assert!(admin.closed.is_none() && admin.conn.poll_event().is_none(), "I/O traffic kept it alive");
 
     // Silence past KATO: the controller and all its queues go.
     let t3 = clock.advance(Duration::from_millis(2001));
@@ -550,10 +436,7 @@ fn resize_raises_namespace_attribute_changed() {
     let (target, _) = target_with_volume();
     let mut admin = Link::new(&target, HostOptions::default(), now);
     bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    assert_eq!(
-        set_features(&mut admin, 0x0b, 1 << 8, now).status(),
-        Status::SUCCESS
-    );
+    assert_eq!(set_features(&mut admin, 0x0b, 1 << 8, now).status(), Status::SUCCESS);
     let mut aer = Sqe::zeroed();
     aer.opcode = 0x0c;
     let aer_cid = admin.host.submit(aer, None, 0);
@@ -566,27 +449,16 @@ fn resize_raises_namespace_attribute_changed() {
         w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }));
     target.resize_namespace(SUBNQN, 1, 128 << 20).unwrap();
-    assert_eq!(
-        woken.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "admin connection woken"
-    );
+    assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1, "admin connection woken");
     admin.conn.handle_wakeup(now);
     admin.pump(now);
     let ev = admin.take_completion(aer_cid);
-    assert_eq!(
-        ev.cqe.dw0.get(),
-        0x0004_0002,
-        "notice / namespace attribute changed / log 04h"
-    );
+    assert_eq!(ev.cqe.dw0.get(), 0x0004_0002, "notice / namespace attribute changed / log 04h");
     // Linux then reads the Changed Namespace List (RAE 0) and Identify Namespace.
     let changed = get_log_page(&mut admin, 0x04, 0xffff_ffff, 0, 4096, false, now);
     assert_eq!(&changed.data.to_bytes()[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
     let again = get_log_page(&mut admin, 0x04, 0xffff_ffff, 0, 4096, false, now);
-    assert!(
-        again.data.iter_bytes().all(|b| b == 0),
-        "reading cleared the list"
-    );
+    assert!(again.data.iter_bytes().all(|b| b == 0), "reading cleared the list");
     let ns = IdentifyNamespace::read_from_bytes(&identify(&mut admin, 0, 1, now).data.to_bytes()).unwrap();
     assert_eq!(ns.nsze.get(), (128 << 20) / 512);
 
@@ -595,9 +467,7 @@ fn resize_raises_namespace_attribute_changed() {
     aer.opcode = 0x0c;
     let aer2 = admin.host.submit(aer, None, 0);
     let backend = std::sync::Arc::new(nvmeof_target::MemoryBackend::new(1 << 20, 4096));
-    target
-        .add_namespace(SUBNQN, NamespaceConfig::derived(SUBNQN, 2, backend))
-        .unwrap();
+    target.add_namespace(SUBNQN, NamespaceConfig::derived(SUBNQN, 2, backend)).unwrap();
     admin.conn.handle_wakeup(now);
     admin.pump(now);
     assert_eq!(admin.take_completion(aer2).cqe.dw0.get(), 0x0004_0002);
@@ -622,26 +492,13 @@ fn linux_style_disconnect_and_shutdown() {
     assert_eq!(io.closed, Some(CloseReason::PeerClosed));
     assert_eq!(target.controllers()[0].io_queues, 0);
     // ... then CC.SHN = normal: the target flushes and reports shutdown complete.
-    let c = admin.command(
-        host::property_set(offset::CC, PropertyWidth::Four, 0x0046_4001),
-        None,
-        0,
-        now,
-    );
+    let c = admin.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_4001), None, 0, now);
     assert_eq!(c.status(), Status::SUCCESS);
-    let csts = admin.command(
-        host::property_get(offset::CSTS, PropertyWidth::Four),
-        None,
-        0,
-        now,
-    );
+    let csts = admin.command(host::property_get(offset::CSTS, PropertyWidth::Four), None, 0, now);
     assert_eq!((csts.cqe.dw0.get() >> 2) & 0b11, 0b10, "SHST complete");
     admin.conn.handle_peer_closed();
     admin.drain_events(now);
-    assert!(
-        target.controllers().is_empty(),
-        "the controller is freed with its admin queue"
-    );
+    assert!(target.controllers().is_empty(), "the controller is freed with its admin queue");
     // A Fabrics Disconnect on an I/O queue also works.
     let mut admin = Link::new(&target, HostOptions::default(), now);
     let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
@@ -657,10 +514,7 @@ fn linux_style_disconnect_and_shutdown() {
 fn digests_and_a_corrupt_data_digest() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
-    let opts = HostOptions {
-        digests: Digests::BOTH,
-        ..HostOptions::default()
-    };
+    let opts = HostOptions { digests: Digests::BOTH, ..HostOptions::default() };
     let mut admin = Link::new(&target, opts, now);
     let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
     set_features(&mut admin, 0x07, 0, now);
@@ -671,19 +525,14 @@ fn digests_and_a_corrupt_data_digest() {
     assert_eq!(read(&mut io, 0, 128, now).data, Payload::from(data.clone()));
 
     // Corrupt one byte of an in-capsule write on the wire: the command fails, the queue lives on.
-    let cid = io
-        .host
-        .submit(rw_sqe(0x01, 0, 1, false), Some(Payload::from(vec![9u8; 512])), 0);
+    let cid = io.host.submit(rw_sqe(0x01, 0, 1, false), Some(Payload::from(vec![9u8; 512])), 0);
     let pdu = io.host.poll_transmit().unwrap();
     let mut wire = pdu.to_vec();
     let at = wire.len() - 10;
     wire[at] ^= 0xff;
     io.to_target.extend_from_slice(&wire);
     io.pump(now);
-    assert_eq!(
-        io.take_completion(cid).status(),
-        Status::TRANSIENT_TRANSPORT_ERROR
-    );
+    assert_eq!(io.take_completion(cid).status(), Status::TRANSIENT_TRANSPORT_ERROR);
     assert!(io.closed.is_none());
     assert_eq!(
         read(&mut io, 0, 1, now).data,
@@ -709,11 +558,7 @@ fn hostile_bytes_end_only_their_own_connection() {
     ]);
     bad.pump(now);
     assert!(matches!(bad.closed, Some(CloseReason::SequenceError { .. })));
-    assert!(
-        bad.host_error.as_deref().unwrap_or("").contains("terminated"),
-        "{:?}",
-        bad.host_error
-    );
+    assert!(bad.host_error.as_deref().unwrap_or("").contains("terminated"), "{:?}", bad.host_error);
     // Garbage: invalid header field, C2HTermReq, closed.
     let mut junk = Link::new(&target, HostOptions::default(), now);
     junk.pump(now);
@@ -744,10 +589,7 @@ fn removing_a_busy_subsystem_needs_force() {
     let (target, _) = target_with_volume();
     let mut admin = Link::new(&target, HostOptions::default(), now);
     bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    assert!(matches!(
-        target.remove_subsystem(SUBNQN, false),
-        Err(nvmeof_target::TargetError::Busy(..))
-    ));
+    assert!(matches!(target.remove_subsystem(SUBNQN, false), Err(nvmeof_target::TargetError::Busy(..))));
     target.remove_subsystem(SUBNQN, true).unwrap();
     admin.conn.handle_wakeup(now);
     admin.drain_events(now);
@@ -770,11 +612,7 @@ fn sq_head_and_the_success_flag() {
     let a = read(&mut io, 0, 1, now);
     let b = read(&mut io, 0, 1, now);
     assert!(!a.via_success_flag && !b.via_success_flag);
-    assert_eq!(
-        (a.cqe.sqid.get(), a.cqe.sqhd.get()),
-        (1, 2),
-        "Connect and the read consumed two entries"
-    );
+    assert_eq!((a.cqe.sqid.get(), a.cqe.sqhd.get()), (1, 2), "Connect and the read consumed two entries");
     assert_eq!(b.cqe.sqhd.get(), 3);
     // SQ flow control disabled (CATTR bit 2, as Linux asks when the discovery entry allows it): a
     // successful read completes with the SUCCESS flag on its last C2HData and no response capsule.
@@ -796,10 +634,8 @@ fn sq_head_and_the_success_flag() {
 fn data_in_flight_per_connection_is_bounded() {
     let now = Clock::new().0;
     // The smallest budget: one maximal transfer (512 KiB) at a time.
-    let (target, _) = target_with_config(TargetConfig {
-        max_data_in_flight_per_connection: 0,
-        ..TargetConfig::default()
-    });
+    let (target, _) =
+        target_with_config(TargetConfig { max_data_in_flight_per_connection: 0, ..TargetConfig::default() });
     let mut admin = Link::new(&target, HostOptions::default(), now);
     let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
     set_features(&mut admin, 0x07, 0, now);
@@ -836,12 +672,10 @@ fn discovery_controllers_hear_of_changes() {
     let (target, _) = target_with_volume();
     let mut link = Link::new(&target, HostOptions::default(), now);
     bring_up_admin(&mut link, DISCOVERY_NQN, 0, now);
-    assert_eq!(link.conn.poll_timeout(), None, "KATO 0: no keep-alive timer");
+    // KATO 0 from `nvme discover`: the target still keeps a 120 s timer, as Linux's target does.
+    assert_eq!(link.conn.poll_timeout(), Some(now + Duration::from_secs(120)));
     // A persistent discovery controller enables discovery log change notices and waits.
-    assert_eq!(
-        set_features(&mut link, 0x0b, 1 << 31, now).status(),
-        Status::SUCCESS
-    );
+    assert_eq!(set_features(&mut link, 0x0b, 1 << 31, now).status(), Status::SUCCESS);
     let mut aer = Sqe::zeroed();
     aer.opcode = 0x0c;
     let cid = link.host.submit(aer, None, 0);
@@ -857,12 +691,190 @@ fn discovery_controllers_hear_of_changes() {
         "notice / discovery log change / log 70h"
     );
     // Discovery controllers have no I/O commands and no namespaces.
-    assert_eq!(
-        set_features(&mut link, 0x07, 0, now).status(),
-        Status::INVALID_FIELD.with_dnr()
-    );
-    assert_eq!(
-        identify(&mut link, 0x02, 0, now).status(),
-        Status::INVALID_FIELD.with_dnr()
-    );
+    assert_eq!(set_features(&mut link, 0x07, 0, now).status(), Status::INVALID_FIELD.with_dnr());
+    assert_eq!(identify(&mut link, 0x02, 0, now).status(), Status::INVALID_FIELD.with_dnr());
+}
+
+fn io_setup(target: &nvmeof_target::Target, opts: HostOptions, now: std::time::Instant) -> (Link, Link, u16) {
+    let mut admin = Link::new(target, opts, now);
+    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
+    assert_eq!(set_features(&mut admin, 0x07, (1 << 16) | 1, now).status(), Status::SUCCESS);
+    let mut io = Link::new(target, opts, now);
+    bring_up_io(&mut io, cntlid, 1, now);
+    (admin, io, cntlid)
+}
+
+/// Encodes a PDU as the host would (for hand-crafted, possibly corrupted traffic).
+fn wire(pdu: nvmeof_proto::Pdu, digests: Digests) -> Vec<u8> {
+    pdu.encode(&nvmeof_proto::EncodeOptions { digests, pda: 0 }).unwrap().to_vec()
+}
+
+#[test]
+fn corrupt_h2c_data_fails_only_its_command_after_draining_the_r2t() {
+    let now = Clock::new().0;
+    let (target, backend) = target_with_volume();
+    let opts = HostOptions { digests: Digests::BOTH, max_inline_data: 0, ..HostOptions::default() };
+    let (_admin, mut io, _) = io_setup(&target, opts, now);
+    // A 16 KiB write via one R2T; the host's H2CData PDUs are intercepted and one is corrupted.
+    let cid = io.host.submit(rw_sqe(0x01, 0, 32, false), Some(Payload::from(vec![0x11u8; 16384])), 0);
+    // Deliver the capsule by hand and keep the R2T from the host: we answer it ourselves, with the
+    // data in two H2CData PDUs, the first one corrupt.
+    let capsule = io.host.poll_transmit().unwrap();
+    io.to_target.extend_from_slice(&capsule.to_vec());
+    io.conn.handle_input(&mut io.to_target, now);
+    io.drain_events(now);
+    let mut dec = nvmeof_proto::PduDecoder::new(nvmeof_proto::DecoderConfig {
+        digests: Digests::BOTH,
+        ..nvmeof_proto::DecoderConfig::host()
+    });
+    match dec.decode(&mut io.to_host).unwrap() {
+        Some(nvmeof_proto::Pdu::R2t(r)) => assert_eq!((r.cccid, r.r2to, r.r2tl), (cid, 0, 16384)),
+        other => panic!("expected an R2T, got {other:?}"),
+    }
+    let part = |off: usize, last: bool| {
+        nvmeof_proto::Pdu::H2cData(nvmeof_proto::H2cData {
+            cccid: cid,
+            ttag: cid,
+            datao: off as u32,
+            last,
+            data: Payload::from(vec![0x22u8; 8192]),
+        })
+    };
+    let mut first = wire(part(0, false), Digests::BOTH);
+    let n = first.len();
+    first[n - 10] ^= 1;
+    io.to_target.extend_from_slice(&first);
+    io.conn.handle_input(&mut io.to_target, now);
+    io.drain_events(now);
+    assert!(io.to_host.is_empty(), "no completion before the R2T's data is all in");
+    io.to_target.extend_from_slice(&wire(part(8192, true), Digests::BOTH));
+    io.conn.handle_input(&mut io.to_target, now);
+    io.drain_events(now);
+    assert!(io.closed.is_none(), "a data digest error is not fatal");
+    match dec.decode(&mut io.to_host).unwrap() {
+        Some(nvmeof_proto::Pdu::CapsuleResp(r)) => {
+            assert_eq!(r.cqe.cid.get(), cid);
+            assert_eq!(r.cqe.status(), Status::TRANSIENT_TRANSPORT_ERROR);
+        }
+        other => panic!("expected the failed write's response, got {other:?}"),
+    }
+    io.to_host.clear();
+    // The host forgets the command it never got an answer for (it was failed underneath it).
+    io.host = nvmeof_target::host::HostQueue::new(opts);
+    assert!(io.closed.is_none());
+    assert!(backend.read(0, 16384).unwrap().iter().all(|&b| b == 0), "nothing was written");
+}
+
+#[test]
+fn corrupt_capsule_reusing_a_busy_command_id_is_fatal() {
+    let now = Clock::new().0;
+    let (target, _) = target_with_volume();
+    let opts = HostOptions { digests: Digests::BOTH, ..HostOptions::default() };
+    let (_admin, mut io, _) = io_setup(&target, opts, now);
+    io.defer_io = true;
+    let busy = io.host.submit(rw_sqe(0x02, 0, 1, false), None, 512);
+    io.pump(now);
+    assert_eq!(io.parked.len(), 1);
+    let mut sqe = rw_sqe(0x01, 0, 1, false);
+    sqe.cid.set(busy);
+    sqe.dptr = nvmeof_proto::nvme::SglDescriptor::in_capsule(0, 512);
+    let capsule = nvmeof_proto::Pdu::CapsuleCmd(nvmeof_proto::CapsuleCmd { sqe, data: Payload::from(vec![1u8; 512]) });
+    let mut bytes = wire(capsule, Digests::BOTH);
+    let n = bytes.len();
+    bytes[n - 10] ^= 1;
+    io.to_target.extend_from_slice(&bytes);
+    io.conn.handle_input(&mut io.to_target, now);
+    io.drain_events(now);
+    assert!(matches!(io.closed, Some(CloseReason::SequenceError { .. })));
+}
+
+#[test]
+fn disabling_the_controller_deletes_its_io_queues() {
+    let now = Clock::new().0;
+    let (target, _) = target_with_volume();
+    let (mut admin, mut io, cntlid) = io_setup(&target, HostOptions::default(), now);
+    let woken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = woken.clone();
+    io.conn.set_notifier(std::sync::Arc::new(move || w.store(true, std::sync::atomic::Ordering::SeqCst)));
+    let c = admin.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0000), None, 0, now);
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert!(woken.load(std::sync::atomic::Ordering::SeqCst), "the I/O queue was woken");
+    io.conn.handle_wakeup(now);
+    io.drain_events(now);
+    assert_eq!(io.closed, Some(CloseReason::ControllerGone));
+    // Re-enable: the queue count must be negotiated again, and QID 1 is free for a new connection.
+    let c = admin.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001), None, 0, now);
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(set_features(&mut admin, 0x07, 0, now).status(), Status::SUCCESS);
+    let mut io2 = Link::new(&target, HostOptions::default(), now);
+    bring_up_io(&mut io2, cntlid, 1, now);
+    // The old connection going away now must not free QID 1 from under the new one.
+    drop(io);
+    let mut io3 = Link::new(&target, HostOptions::default(), now);
+    io3.pump(now);
+    let (sqe, data) = host::connect_command(1, 128, 0, cntlid, HOSTID, SUBNQN, HOSTNQN);
+    let c = io3.command(sqe, Some(data), 0, now);
+    assert_eq!(InvalidParameter::from_dw0(c.cqe.dw0.get()), InvalidParameter::QID);
+    assert_eq!(write(&mut io2, 0, vec![1; 512], now).status(), Status::SUCCESS);
+}
+
+#[test]
+fn dropping_a_connection_releases_its_controller() {
+    let now = Clock::new().0;
+    let (target, _) = target_with_volume();
+    let mut admin = Link::new(&target, HostOptions::default(), now);
+    bring_up_admin(&mut admin, SUBNQN, 5000, now);
+    assert_eq!(target.controllers().len(), 1);
+    drop(admin);
+    assert!(target.controllers().is_empty());
+    target.remove_subsystem(SUBNQN, false).unwrap();
+}
+
+#[test]
+fn io_tokens_are_unique_across_connections() {
+    let now = Clock::new().0;
+    let (target, _) = target_with_volume();
+    let (_admin, mut io1, cntlid) = io_setup(&target, HostOptions::default(), now);
+    let mut io2 = Link::new(&target, HostOptions::default(), now);
+    bring_up_io(&mut io2, cntlid, 2, now);
+    io1.defer_io = true;
+    io2.defer_io = true;
+    for link in [&mut io1, &mut io2] {
+        let mut sqe = rw_sqe(0x02, 0, 1, false);
+        sqe.cid.set(7);
+        link.host.submit(sqe, None, 512);
+        link.pump(now);
+    }
+    assert_ne!(io1.parked[0].token, io2.parked[0].token);
+}
+
+#[test]
+fn a_host_cannot_recreate_its_controller_while_old_writes_are_running() {
+    let now = Clock::new().0;
+    let (target, _) = target_with_volume();
+    let (admin, mut io, _) = io_setup(&target, HostOptions::default(), now);
+    io.defer_io = true;
+    let _ = io.host.submit(rw_sqe(0x01, 0, 1, false), Some(Payload::from(vec![1u8; 512])), 0);
+    io.pump(now);
+    assert_eq!(io.parked.len(), 1);
+    // The host loses both connections (error recovery) while the write is still in the backend.
+    drop(admin);
+    io.conn.handle_wakeup(now);
+    io.drain_events(now);
+    assert_eq!(io.closed, Some(CloseReason::ControllerGone));
+    assert!(!io.conn.is_drained());
+    // Reconnecting now is refused with a retryable status...
+    let mut again = Link::new(&target, HostOptions::default(), now);
+    again.pump(now);
+    let (sqe, data) = host::connect_command(0, 32, 5000, CNTLID_DYNAMIC, HOSTID, SUBNQN, HOSTNQN);
+    let c = again.command(sqe, Some(data), 0, now);
+    assert_eq!(c.status(), Status::CONNECT_CONTROLLER_BUSY);
+    assert!(!c.status().dnr());
+    // ... until the old write has landed.
+    let req = io.parked.pop().unwrap();
+    let r = nvmeof_target::execute_blocking(req.namespace.backend().as_ref(), req.op);
+    io.conn.complete_io(req.token, r, now);
+    assert!(io.conn.is_drained());
+    let mut again = Link::new(&target, HostOptions::default(), now);
+    bring_up_admin(&mut again, SUBNQN, 5000, now);
 }

@@ -66,8 +66,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tib" => 1 << 40,
         _ => return Err(format!("unknown unit {unit:?} (use KiB, MiB, GiB, TiB)")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn main() -> ExitCode {

@@ -461,9 +461,7 @@ impl Default for DiscoveryLogEntry {
 /// Length in bytes of a discovery log page with `numrec` entries (saturating; never overflows).
 #[must_use]
 pub fn discovery_log_len(numrec: u64) -> u64 {
-    numrec
-        .saturating_add(1)
-        .saturating_mul(DISCOVERY_LOG_ENTRY_LEN as u64)
+    numrec.saturating_add(1).saturating_mul(DISCOVERY_LOG_ENTRY_LEN as u64)
 }
 
 /// The whole discovery log page: header (GENCTR `genctr`, NUMREC `entries.len()`) then the entries.
@@ -526,10 +524,7 @@ pub enum DiscoveryLogError {
 impl<'a> DiscoveryLogPage<'a> {
     /// Reads a page: the header, then NUMREC entries; bytes after them are ignored. Never panics.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, DiscoveryLogError> {
-        let truncated = |needed: u64| DiscoveryLogError::Truncated {
-            needed,
-            available: bytes.len(),
-        };
+        let truncated = |needed: u64| DiscoveryLogError::Truncated { needed, available: bytes.len() };
         let (header, rest) = DiscoveryLogHeader::ref_from_prefix(bytes)
             .map_err(|_| truncated(DISCOVERY_LOG_HEADER_LEN as u64))?;
         let numrec = header.numrec.get();
@@ -596,10 +591,7 @@ mod tests {
         assert_eq!(TransportType::from_u8(3), Some(TransportType::Tcp));
         assert_eq!(TransportType::from_u8(254), Some(TransportType::IntraHost));
         assert_eq!(AddressFamily::from_u8(2), Some(AddressFamily::Ipv6));
-        assert_eq!(
-            DiscoverySubtype::from_u8(3),
-            Some(DiscoverySubtype::CurrentDiscovery)
-        );
+        assert_eq!(DiscoverySubtype::from_u8(3), Some(DiscoverySubtype::CurrentDiscovery));
         assert_eq!(TcpSecurityType::from_u8(2), Some(TcpSecurityType::Tls13));
         assert_eq!(TcpSecurityType::from_u8(0xff), None);
     }
@@ -657,26 +649,11 @@ mod tests {
             Err(DiscoveryEntryError::NotAnIpAddress)
         );
         assert!(matches!(
-            DiscoveryLogEntry::tcp(
-                NQN,
-                "192.0.2.1",
-                &"9".repeat(33),
-                1,
-                DiscoverySubtype::NvmSubsystem
-            ),
-            Err(DiscoveryEntryError::Trsvcid(StringFieldError::TooLong {
-                len: 33,
-                max: 32
-            }))
+            DiscoveryLogEntry::tcp(NQN, "192.0.2.1", &"9".repeat(33), 1, DiscoverySubtype::NvmSubsystem),
+            Err(DiscoveryEntryError::Trsvcid(StringFieldError::TooLong { len: 33, max: 32 }))
         ));
         assert!(matches!(
-            DiscoveryLogEntry::tcp(
-                &"n".repeat(224),
-                "192.0.2.1",
-                "4420",
-                1,
-                DiscoverySubtype::NvmSubsystem
-            ),
+            DiscoveryLogEntry::tcp(&"n".repeat(224), "192.0.2.1", "4420", 1, DiscoverySubtype::NvmSubsystem),
             Err(DiscoveryEntryError::SubNqn(StringFieldError::TooLong { .. }))
         ));
     }
@@ -731,9 +708,7 @@ mod tests {
         let entries = sample_entries(3);
         let page = serialize_discovery_log(42, &entries);
         let total = page.len() as u64;
-        let offsets = [
-            0u64, 1, 16, 1000, 1023, 1024, 1025, 2047, 2048, 3000, 4095, 4096, 5000,
-        ];
+        let offsets = [0u64, 1, 16, 1000, 1023, 1024, 1025, 2047, 2048, 3000, 4095, 4096, 5000];
         let lens = [0usize, 1, 4, 16, 1024, 1500, 4096, 6000];
         for &offset in &offsets {
             for &len in &lens {
@@ -769,27 +744,18 @@ mod tests {
         let page = serialize_discovery_log(1, &entries);
         assert_eq!(
             DiscoveryLogPage::parse(&page[..100]),
-            Err(DiscoveryLogError::Truncated {
-                needed: 1024,
-                available: 100
-            })
+            Err(DiscoveryLogError::Truncated { needed: 1024, available: 100 })
         );
         assert_eq!(
             DiscoveryLogPage::parse(&page[..3071]),
-            Err(DiscoveryLogError::Truncated {
-                needed: 3072,
-                available: 3071
-            })
+            Err(DiscoveryLogError::Truncated { needed: 3072, available: 3071 })
         );
         // A header claiming an absurd record count.
         let mut bogus = page.clone();
         bogus[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(
             DiscoveryLogPage::parse(&bogus),
-            Err(DiscoveryLogError::Truncated {
-                needed: u64::MAX,
-                available: 3072
-            })
+            Err(DiscoveryLogError::Truncated { needed: u64::MAX, available: 3072 })
         );
         // Trailing bytes are ignored.
         let mut longer = page.clone();

@@ -290,10 +290,7 @@ pub enum NqnError {
 /// Reads a NUL-terminated, zero-padded NQN field: the bytes before the first NUL, which must be
 /// non-empty, at most [`NQN_MAX_LEN`] bytes and valid UTF-8. Bytes after the terminator are ignored.
 pub fn nqn_str(field: &[u8; NQN_FIELD_LEN]) -> Result<&str, NqnError> {
-    let len = field
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(NqnError::NotTerminated)?;
+    let len = field.iter().position(|&b| b == 0).ok_or(NqnError::NotTerminated)?;
     let bytes = field.get(..len).ok_or(NqnError::NotTerminated)?;
     if bytes.is_empty() {
         return Err(NqnError::Empty);
@@ -430,33 +427,19 @@ const IATTR_DATA: u32 = 1 << 16;
 
 impl InvalidParameter {
     /// Invalid QID (SQE byte 42).
-    pub const QID: Self = Self::Sqe {
-        offset: core::mem::offset_of!(ConnectCommand, qid) as u16,
-    };
+    pub const QID: Self = Self::Sqe { offset: core::mem::offset_of!(ConnectCommand, qid) as u16 };
     /// Invalid SQSIZE (SQE byte 44).
-    pub const SQSIZE: Self = Self::Sqe {
-        offset: core::mem::offset_of!(ConnectCommand, sqsize) as u16,
-    };
+    pub const SQSIZE: Self = Self::Sqe { offset: core::mem::offset_of!(ConnectCommand, sqsize) as u16 };
     /// Invalid CATTR (SQE byte 46).
-    pub const CATTR: Self = Self::Sqe {
-        offset: core::mem::offset_of!(ConnectCommand, cattr) as u16,
-    };
+    pub const CATTR: Self = Self::Sqe { offset: core::mem::offset_of!(ConnectCommand, cattr) as u16 };
     /// Invalid KATO (SQE byte 48).
-    pub const KATO: Self = Self::Sqe {
-        offset: core::mem::offset_of!(ConnectCommand, kato) as u16,
-    };
+    pub const KATO: Self = Self::Sqe { offset: core::mem::offset_of!(ConnectCommand, kato) as u16 };
     /// Invalid controller ID (data byte 16).
-    pub const CNTLID: Self = Self::Data {
-        offset: core::mem::offset_of!(ConnectData, cntlid) as u16,
-    };
+    pub const CNTLID: Self = Self::Data { offset: core::mem::offset_of!(ConnectData, cntlid) as u16 };
     /// Unknown or invalid subsystem NQN (data byte 256).
-    pub const SUBNQN: Self = Self::Data {
-        offset: core::mem::offset_of!(ConnectData, subnqn) as u16,
-    };
+    pub const SUBNQN: Self = Self::Data { offset: core::mem::offset_of!(ConnectData, subnqn) as u16 };
     /// Invalid host NQN (data byte 512).
-    pub const HOSTNQN: Self = Self::Data {
-        offset: core::mem::offset_of!(ConnectData, hostnqn) as u16,
-    };
+    pub const HOSTNQN: Self = Self::Data { offset: core::mem::offset_of!(ConnectData, hostnqn) as u16 };
 
     /// DW0 of the *Connect Invalid Parameters* completion.
     #[must_use]
@@ -770,10 +753,7 @@ mod tests {
         assert_eq!(ConnectCommand::from(sqe), built);
         assert_eq!(built.to_sqe().as_bytes(), &raw[..]);
         assert_eq!(ConnectCommand::view(&sqe), &built);
-        assert_eq!(
-            FabricsCommandHeader::from_sqe(&sqe).command_type(),
-            Some(FabricsCommandType::Connect)
-        );
+        assert_eq!(FabricsCommandHeader::from_sqe(&sqe).command_type(), Some(FabricsCommandType::Connect));
     }
 
     #[test]
@@ -905,10 +885,7 @@ mod tests {
         let cmd = PropertyGetCommand::read_from_bytes(&raw[..]).unwrap();
         assert_eq!(cmd.width(), Some(PropertyWidth::Eight));
         assert_eq!(cmd.offset(), 0);
-        assert_eq!(
-            PropertyGetCommand::new(7, 0, PropertyWidth::Eight).as_bytes(),
-            &raw[..]
-        );
+        assert_eq!(PropertyGetCommand::new(7, 0, PropertyWidth::Eight).as_bytes(), &raw[..]);
 
         raw[40] = 0;
         raw[44..48].copy_from_slice(&0x1cu32.to_le_bytes()); // CSTS
@@ -917,10 +894,7 @@ mod tests {
         assert_eq!(cmd.width(), Some(PropertyWidth::Four));
         assert_eq!(cmd.offset(), 0x1c);
         raw[40] = 2;
-        assert_eq!(
-            PropertyGetCommand::read_from_bytes(&raw[..]).unwrap().width(),
-            None
-        );
+        assert_eq!(PropertyGetCommand::read_from_bytes(&raw[..]).unwrap().width(), None);
     }
 
     #[test]

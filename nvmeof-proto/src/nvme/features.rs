@@ -136,11 +136,7 @@ impl FeatureCapabilities {
     /// Decodes completion DW0.
     #[must_use]
     pub const fn from_dw0(dw0: u32) -> Self {
-        Self {
-            saveable: dw0 & 1 != 0,
-            namespace_specific: dw0 & 2 != 0,
-            changeable: dw0 & 4 != 0,
-        }
+        Self { saveable: dw0 & 1 != 0, namespace_specific: dw0 & 2 != 0, changeable: dw0 & 4 != 0 }
     }
 }
 
@@ -165,19 +161,13 @@ impl NumberOfQueues {
     #[must_use]
     pub fn from_counts(submission_queues: u32, completion_queues: u32) -> Self {
         let zero_based = |n: u32| u16::try_from(n.saturating_sub(1)).unwrap_or(u16::MAX);
-        Self {
-            nsq: zero_based(submission_queues),
-            ncq: zero_based(completion_queues),
-        }
+        Self { nsq: zero_based(submission_queues), ncq: zero_based(completion_queues) }
     }
 
     /// Decodes CDW11 / DW0.
     #[must_use]
     pub const fn from_dw(dw: u32) -> Self {
-        Self {
-            nsq: dw as u16,
-            ncq: (dw >> 16) as u16,
-        }
+        Self { nsq: dw as u16, ncq: (dw >> 16) as u16 }
     }
 
     /// Encodes CDW11 / DW0.
@@ -386,18 +376,12 @@ impl AsyncEvent {
     };
 
     /// ANA Change: notice, information `0x03`, Asymmetric Namespace Access log (`0x0c`).
-    pub const ANA_CHANGE: AsyncEvent = AsyncEvent {
-        kind: AsyncEventType::Notice,
-        info: notice::ANA_CHANGE,
-        log_page: 0x0c,
-    };
+    pub const ANA_CHANGE: AsyncEvent =
+        AsyncEvent { kind: AsyncEventType::Notice, info: notice::ANA_CHANGE, log_page: 0x0c };
 
     /// Discovery Log Page Change: notice, information `0xf0`, discovery log page (`0x70`).
-    pub const DISCOVERY_LOG_CHANGED: AsyncEvent = AsyncEvent {
-        kind: AsyncEventType::Notice,
-        info: notice::DISCOVERY_LOG_PAGE_CHANGE,
-        log_page: 0x70,
-    };
+    pub const DISCOVERY_LOG_CHANGED: AsyncEvent =
+        AsyncEvent { kind: AsyncEventType::Notice, info: notice::DISCOVERY_LOG_PAGE_CHANGE, log_page: 0x70 };
 
     /// Encodes completion DW0.
     #[must_use]
@@ -448,10 +432,7 @@ mod tests {
         assert_eq!(q.completion_queues(), 8);
         assert_eq!(NumberOfQueues::from_counts(8, 8).to_dw(), 0x0007_0007);
         assert_eq!(NumberOfQueues { nsq: 1, ncq: 0x20 }.to_dw(), 0x0020_0001);
-        assert_eq!(
-            NumberOfQueues::from_counts(0, 100_000),
-            NumberOfQueues { nsq: 0, ncq: 0xffff }
-        );
+        assert_eq!(NumberOfQueues::from_counts(0, 100_000), NumberOfQueues { nsq: 0, ncq: 0xffff });
         assert!(q.is_valid_request());
         assert!(!NumberOfQueues::from_dw(0xffff_0000).is_valid_request());
         assert!(!NumberOfQueues::from_dw(0x0000_ffff).is_valid_request());
@@ -481,24 +462,13 @@ mod tests {
         for ev in [
             AsyncEvent::NAMESPACE_ATTRIBUTE_CHANGED,
             AsyncEvent::DISCOVERY_LOG_CHANGED,
-            AsyncEvent {
-                kind: AsyncEventType::SmartHealth,
-                info: 0x01,
-                log_page: 0x02,
-            },
-            AsyncEvent {
-                kind: AsyncEventType::Reserved(4),
-                info: 0xff,
-                log_page: 0xff,
-            },
+            AsyncEvent { kind: AsyncEventType::SmartHealth, info: 0x01, log_page: 0x02 },
+            AsyncEvent { kind: AsyncEventType::Reserved(4), info: 0xff, log_page: 0xff },
         ] {
             assert_eq!(AsyncEvent::from_dw0(ev.to_dw0()), ev);
         }
         // Reserved bits are ignored on decode.
-        assert_eq!(
-            AsyncEvent::from_dw0(0xff70_f0fa),
-            AsyncEvent::DISCOVERY_LOG_CHANGED
-        );
+        assert_eq!(AsyncEvent::from_dw0(0xff70_f0fa), AsyncEvent::DISCOVERY_LOG_CHANGED);
     }
 
     #[test]
@@ -508,11 +478,7 @@ mod tests {
         assert!(VolatileWriteCache::from_dw(0xffff_ffff).enabled);
         assert!(!VolatileWriteCache::from_dw(0xffff_fffe).enabled);
         assert_eq!(VolatileWriteCache { enabled: true }.to_dw(), 1);
-        let caps = FeatureCapabilities {
-            saveable: false,
-            namespace_specific: true,
-            changeable: true,
-        };
+        let caps = FeatureCapabilities { saveable: false, namespace_specific: true, changeable: true };
         assert_eq!(caps.to_dw0(), 0b110);
         assert_eq!(FeatureCapabilities::from_dw0(0b110), caps);
         for bits in 0..8u8 {

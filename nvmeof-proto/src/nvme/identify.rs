@@ -200,10 +200,7 @@ pub enum StringFieldError {
 pub fn fill_space_padded(field: &mut [u8], value: &str) -> Result<(), StringFieldError> {
     let bytes = value.as_bytes();
     if bytes.len() > field.len() {
-        return Err(StringFieldError::TooLong {
-            len: bytes.len(),
-            max: field.len(),
-        });
+        return Err(StringFieldError::TooLong { len: bytes.len(), max: field.len() });
     }
     if !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
         return Err(StringFieldError::NotPrintableAscii);
@@ -224,10 +221,7 @@ pub fn fill_nul_padded(field: &mut [u8], value: &str) -> Result<(), StringFieldE
     let bytes = value.as_bytes();
     let max = field.len().saturating_sub(1);
     if bytes.len() > max {
-        return Err(StringFieldError::TooLong {
-            len: bytes.len(),
-            max,
-        });
+        return Err(StringFieldError::TooLong { len: bytes.len(), max });
     }
     if bytes.contains(&0) {
         return Err(StringFieldError::ContainsNul);
@@ -242,10 +236,7 @@ pub fn fill_nul_padded(field: &mut [u8], value: &str) -> Result<(), StringFieldE
 /// Writes an NQN into a 256-byte NQN field (at most [`NQN_MAX_LEN`] bytes, NUL padded).
 pub fn fill_nqn(field: &mut [u8], nqn: &str) -> Result<(), StringFieldError> {
     if nqn.len() > NQN_MAX_LEN {
-        return Err(StringFieldError::TooLong {
-            len: nqn.len(),
-            max: NQN_MAX_LEN,
-        });
+        return Err(StringFieldError::TooLong { len: nqn.len(), max: NQN_MAX_LEN });
     }
     fill_nul_padded(field, nqn)
 }
@@ -366,11 +357,7 @@ pub const fn frmw(slots: u8, slot1_read_only: bool, activate_without_reset: bool
     };
     (slots << 1)
         | if slot1_read_only { FRMW_SLOT1_READ_ONLY } else { 0 }
-        | if activate_without_reset {
-            FRMW_ACTIVATE_WITHOUT_RESET
-        } else {
-            0
-        }
+        | if activate_without_reset { FRMW_ACTIVATE_WITHOUT_RESET } else { 0 }
 }
 
 /// LPA bit 0: SMART / Health log page per namespace.
@@ -884,11 +871,7 @@ impl LbaFormat {
         if !data_size.is_power_of_two() || !(512..=65536).contains(&data_size) {
             return None;
         }
-        Some(Self {
-            ms: U16::new(0),
-            lbads: data_size.trailing_zeros() as u8,
-            rp: 0,
-        })
+        Some(Self { ms: U16::new(0), lbads: data_size.trailing_zeros() as u8, rp: 0 })
     }
 
     /// LBA data size in bytes, or `None` if LBADS is below 9 (format not available) or absurd.
@@ -1098,10 +1081,7 @@ impl IdentifyNamespace {
         if formats.is_empty() || formats.len() > self.lbaf.len() {
             return false;
         }
-        let padded = formats
-            .iter()
-            .copied()
-            .chain(core::iter::repeat(LbaFormat::default()));
+        let padded = formats.iter().copied().chain(core::iter::repeat(LbaFormat::default()));
         for (dst, src) in self.lbaf.iter_mut().zip(padded) {
             *dst = src;
         }
@@ -1334,17 +1314,12 @@ pub fn write_ns_id_descriptors(
         needed = needed.saturating_add(d.encoded_len());
     }
     if needed > out.len() {
-        return Err(NsIdDescError::NoSpace {
-            needed,
-            capacity: out.len(),
-        });
+        return Err(NsIdDescError::NoSpace { needed, capacity: out.len() });
     }
     let encoded = descriptors.iter().flat_map(|d| {
         let nid = d.nid();
         // Length checked above: 1..=255.
-        [d.nidt(), nid.len() as u8, 0, 0]
-            .into_iter()
-            .chain(nid.iter().copied())
+        [d.nidt(), nid.len() as u8, 0, 0].into_iter().chain(nid.iter().copied())
     });
     for (dst, src) in out.iter_mut().zip(encoded.chain(core::iter::repeat(0))) {
         *dst = src;
@@ -1357,11 +1332,7 @@ pub fn write_ns_id_descriptors(
 /// with the wrong length. Never panics, whatever the input.
 #[must_use]
 pub fn parse_ns_id_descriptors(data: &[u8]) -> NsIdDescriptors<'_> {
-    NsIdDescriptors {
-        data,
-        pos: 0,
-        done: false,
-    }
+    NsIdDescriptors { data, pos: 0, done: false }
 }
 
 /// Iterator returned by [`parse_ns_id_descriptors`].
@@ -1397,12 +1368,7 @@ impl<'a> NsIdDescriptors<'a> {
             _ => nidl,
         };
         if nidl != expected {
-            return Some(Err(NsIdDescError::BadLength {
-                offset,
-                nidt,
-                nidl,
-                expected,
-            }));
+            return Some(Err(NsIdDescError::BadLength { offset, nidt, nidl, expected }));
         }
         let end = 4 + usize::from(nidl);
         let Some(nid) = rest.get(4..end) else {
@@ -1623,18 +1589,9 @@ mod tests {
     #[test]
     fn string_fields_validate_and_pad() {
         let mut f = [0xaau8; 8];
-        assert_eq!(
-            fill_space_padded(&mut f, "123456789"),
-            Err(StringFieldError::TooLong { len: 9, max: 8 })
-        );
-        assert_eq!(
-            fill_space_padded(&mut f, "tab\t"),
-            Err(StringFieldError::NotPrintableAscii)
-        );
-        assert_eq!(
-            fill_space_padded(&mut f, "é"),
-            Err(StringFieldError::NotPrintableAscii)
-        );
+        assert_eq!(fill_space_padded(&mut f, "123456789"), Err(StringFieldError::TooLong { len: 9, max: 8 }));
+        assert_eq!(fill_space_padded(&mut f, "tab\t"), Err(StringFieldError::NotPrintableAscii));
+        assert_eq!(fill_space_padded(&mut f, "é"), Err(StringFieldError::NotPrintableAscii));
         assert_eq!(f, [0xaa; 8], "unchanged on error");
         fill_space_padded(&mut f, "12345678").unwrap();
         assert_eq!(&f, b"12345678");
@@ -1643,14 +1600,8 @@ mod tests {
         assert_eq!(field_str(&f), Some(""));
 
         let mut n = [0xaau8; 8];
-        assert_eq!(
-            fill_nul_padded(&mut n, "12345678"),
-            Err(StringFieldError::TooLong { len: 8, max: 7 })
-        );
-        assert_eq!(
-            fill_nul_padded(&mut n, "a\0b"),
-            Err(StringFieldError::ContainsNul)
-        );
+        assert_eq!(fill_nul_padded(&mut n, "12345678"), Err(StringFieldError::TooLong { len: 8, max: 7 }));
+        assert_eq!(fill_nul_padded(&mut n, "a\0b"), Err(StringFieldError::ContainsNul));
         fill_nul_padded(&mut n, "héllo").unwrap();
         assert_eq!(&n, b"h\xc3\xa9llo\0\0");
         assert_eq!(field_str(&n), Some("héllo"));
@@ -1659,10 +1610,7 @@ mod tests {
         let long = "n".repeat(NQN_MAX_LEN + 1);
         assert_eq!(
             fill_nqn(&mut nqn, &long),
-            Err(StringFieldError::TooLong {
-                len: NQN_MAX_LEN + 1,
-                max: NQN_MAX_LEN
-            })
+            Err(StringFieldError::TooLong { len: NQN_MAX_LEN + 1, max: NQN_MAX_LEN })
         );
         fill_nqn(&mut nqn, &long[..NQN_MAX_LEN]).unwrap();
         assert_eq!(field_str(&nqn).map(str::len), Some(NQN_MAX_LEN));
@@ -1794,11 +1742,7 @@ mod tests {
         assert_eq!(LbaFormat::with_data_size(131_072), None);
         assert_eq!(LbaFormat::with_data_size(1000), None);
         assert_eq!(LbaFormat::with_data_size(0), None);
-        let f = LbaFormat {
-            ms: U16::new(8),
-            lbads: 12,
-            rp: 0xfe,
-        };
+        let f = LbaFormat { ms: U16::new(8), lbads: 12, rp: 0xfe };
         assert_eq!(f.as_bytes(), &[8, 0, 12, 0xfe]);
         assert_eq!(f.relative_performance(), 2);
         assert_eq!(LbaFormat { lbads: 0, ..f }.data_size(), None);
@@ -1829,14 +1773,8 @@ mod tests {
     #[test]
     fn ns_list_parser_tolerates_any_length() {
         let list = NamespaceIdList::active(0, [1, 2, 0x0102_0304]);
-        assert_eq!(
-            parse_ns_id_list(list.as_bytes()).collect::<Vec<_>>(),
-            vec![1, 2, 0x0102_0304]
-        );
-        assert_eq!(
-            parse_ns_id_list(&list.as_bytes()[..10]).collect::<Vec<_>>(),
-            vec![1, 2]
-        );
+        assert_eq!(parse_ns_id_list(list.as_bytes()).collect::<Vec<_>>(), vec![1, 2, 0x0102_0304]);
+        assert_eq!(parse_ns_id_list(&list.as_bytes()[..10]).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(parse_ns_id_list(&[]).count(), 0);
         assert_eq!(parse_ns_id_list(&[1, 0, 0]).count(), 0);
         let full = [0xffu8; 4096];
@@ -1871,13 +1809,7 @@ mod tests {
 
     #[test]
     fn ns_id_descriptors_unknown_types_are_kept() {
-        let descs = [
-            NsIdDescriptor::Other {
-                nidt: 0x7f,
-                nid: &[9, 9, 9],
-            },
-            NsIdDescriptor::Csi(2),
-        ];
+        let descs = [NsIdDescriptor::Other { nidt: 0x7f, nid: &[9, 9, 9] }, NsIdDescriptor::Csi(2)];
         let mut out = [0u8; 16];
         assert_eq!(write_ns_id_descriptors(&descs, &mut out), Ok(12));
         assert_eq!(out, [0x7f, 3, 0, 0, 9, 9, 9, 4, 1, 0, 0, 2, 0, 0, 0, 0]);
@@ -1890,10 +1822,7 @@ mod tests {
         let mut out = [0xeeu8; 16];
         assert_eq!(
             write_ns_id_descriptors(&[NsIdDescriptor::Nguid([0; 16])], &mut out),
-            Err(NsIdDescError::NoSpace {
-                needed: 20,
-                capacity: 16
-            })
+            Err(NsIdDescError::NoSpace { needed: 20, capacity: 16 })
         );
         assert_eq!(
             write_ns_id_descriptors(&[NsIdDescriptor::Other { nidt: 9, nid: &[] }], &mut out),
@@ -1907,10 +1836,7 @@ mod tests {
         assert_eq!(out, [0xee; 16], "unchanged on error");
         // An exactly filled buffer needs no terminator.
         let mut exact = [0u8; 5];
-        assert_eq!(
-            write_ns_id_descriptors(&[NsIdDescriptor::Csi(0)], &mut exact),
-            Ok(5)
-        );
+        assert_eq!(write_ns_id_descriptors(&[NsIdDescriptor::Csi(0)], &mut exact), Ok(5));
         assert_eq!(parse_ns_id_descriptors(&exact).count(), 1);
     }
 
@@ -1921,12 +1847,7 @@ mod tests {
         let mut it = parse_ns_id_descriptors(&bad_len);
         assert_eq!(
             it.next(),
-            Some(Err(NsIdDescError::BadLength {
-                offset: 0,
-                nidt: 1,
-                nidl: 16,
-                expected: 8
-            }))
+            Some(Err(NsIdDescError::BadLength { offset: 0, nidt: 1, nidl: 16, expected: 8 }))
         );
         assert_eq!(it.next(), None);
 
@@ -1941,10 +1862,7 @@ mod tests {
         let header_cut = [4u8, 1, 0, 0, 0, 4, 1];
         assert_eq!(
             parse_ns_id_descriptors(&header_cut).collect::<Vec<_>>(),
-            vec![
-                Ok(NsIdDescriptor::Csi(0)),
-                Err(NsIdDescError::Truncated { offset: 5 })
-            ]
+            vec![Ok(NsIdDescriptor::Csi(0)), Err(NsIdDescError::Truncated { offset: 5 })]
         );
 
         // Zero tail shorter than a header, empty input, and NIDL 0 all end the list.
@@ -1958,9 +1876,7 @@ mod tests {
         // Every 1-, 2- and 3-byte prefix shape plus a sweep of headers over a short buffer.
         for nidt in 0..=255u8 {
             for nidl in [0u8, 1, 7, 8, 15, 16, 17, 255] {
-                let data = [
-                    nidt, nidl, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-                ];
+                let data = [nidt, nidl, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
                 for end in 0..=data.len() {
                     for item in parse_ns_id_descriptors(&data[..end]) {
                         let _ = item;

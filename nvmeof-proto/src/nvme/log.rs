@@ -176,10 +176,7 @@ impl LogPageId {
 /// This is the Get Log Page transfer for a page held as bytes. It never panics and its work is
 /// bounded by `out.len()` whatever `offset` is.
 pub fn copy_window(page: &[u8], offset: u64, out: &mut [u8]) {
-    let src = usize::try_from(offset)
-        .ok()
-        .and_then(|o| page.get(o..))
-        .unwrap_or(&[]);
+    let src = usize::try_from(offset).ok().and_then(|o| page.get(o..)).unwrap_or(&[]);
     let n = src.len().min(out.len());
     if let (Some(dst), Some(src)) = (out.get_mut(..n), src.get(..n)) {
         dst.copy_from_slice(src);
@@ -552,10 +549,7 @@ pub const CHANGED_NS_LIST_OVERFLOW: u32 = 0xffff_ffff;
 #[must_use]
 pub fn changed_namespace_list(nsids: impl IntoIterator<Item = u32>) -> NamespaceIdList {
     let cap = NamespaceIdList::CAPACITY;
-    let set = smallest_distinct(
-        nsids.into_iter().filter(|&id| id != 0 && id != NSID_BROADCAST),
-        cap + 1,
-    );
+    let set = smallest_distinct(nsids.into_iter().filter(|&id| id != 0 && id != NSID_BROADCAST), cap + 1);
     if set.len() > cap {
         NamespaceIdList::from_ascending([CHANGED_NS_LIST_OVERFLOW])
     } else {
@@ -794,8 +788,7 @@ mod tests {
         s.available_spare = 100;
         s.available_spare_threshold = 10;
         s.data_units_read.set(SmartLog::data_units(512_001));
-        s.data_units_written
-            .set(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
+        s.data_units_written.set(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
         s.power_cycles.set(u128::from(7u64));
         s.power_on_hours.set(u128::from(u64::MAX));
         s.temperature_sensors[0] = U16::new(300);
@@ -857,10 +850,7 @@ mod tests {
     fn changed_namespace_list_sorts_dedups_and_overflows() {
         let list = changed_namespace_list([5, 3, 5, 0, NSID_BROADCAST, 1]);
         assert_eq!(list.iter().collect::<Vec<_>>(), vec![1, 3, 5]);
-        assert_eq!(
-            &list.as_bytes()[..16],
-            &[1, 0, 0, 0, 3, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]
-        );
+        assert_eq!(&list.as_bytes()[..16], &[1, 0, 0, 0, 3, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]);
 
         let exactly = changed_namespace_list((1..=1024u32).chain(1..=1024));
         assert_eq!(exactly.len(), 1024);

@@ -77,11 +77,7 @@ impl RwCommand {
     /// A plain command for `nlb` blocks at `slba`.
     #[must_use]
     pub fn new(slba: u64, nlb: u32) -> Self {
-        Self {
-            slba,
-            nlb,
-            ..Self::default()
-        }
+        Self { slba, nlb, ..Self::default() }
     }
 
     /// Decodes CDW10..=13.
@@ -284,11 +280,7 @@ impl DsmRange {
     /// A range of `nlb` blocks at `slba` with no context attributes.
     #[must_use]
     pub fn new(slba: u64, nlb: u32) -> Self {
-        Self {
-            context_attributes: U32::new(0),
-            nlb: U32::new(nlb),
-            slba: U64::new(slba),
-        }
+        Self { context_attributes: U32::new(0), nlb: U32::new(nlb), slba: U64::new(slba) }
     }
 }
 
@@ -317,12 +309,9 @@ pub fn parse_dsm_ranges(payload: &[u8], ranges: usize) -> Result<&[DsmRange], Ds
     if ranges > DSM_MAX_RANGES {
         return Err(DsmError::TooManyRanges { ranges });
     }
-    <[DsmRange]>::ref_from_prefix_with_elems(payload, ranges)
-        .map(|(list, _)| list)
-        .map_err(|_| DsmError::PayloadTooShort {
-            needed: ranges * core::mem::size_of::<DsmRange>(),
-            got: payload.len(),
-        })
+    <[DsmRange]>::ref_from_prefix_with_elems(payload, ranges).map(|(list, _)| list).map_err(|_| {
+        DsmError::PayloadTooShort { needed: ranges * core::mem::size_of::<DsmRange>(), got: payload.len() }
+    })
 }
 
 /// Identify.
@@ -417,12 +406,7 @@ impl GetLogPageCommand {
     #[must_use]
     pub fn new(lid: u8, offset: u64, len: u64) -> Self {
         let dwords = (len / 4).max(1) - 1;
-        Self {
-            lid,
-            numd: u32::try_from(dwords).unwrap_or(u32::MAX),
-            offset,
-            ..Self::default()
-        }
+        Self { lid, numd: u32::try_from(dwords).unwrap_or(u32::MAX), offset, ..Self::default() }
     }
 
     /// Decodes CDW10..=14.
@@ -537,11 +521,7 @@ impl SetFeaturesCommand {
     #[must_use]
     pub fn from_sqe(sqe: &Sqe) -> Self {
         let cdw10 = sqe.cdw10.get();
-        Self {
-            fid: cdw10 as u8,
-            save: bit(cdw10, 31),
-            value: sqe.cdw11.get(),
-        }
+        Self { fid: cdw10 as u8, save: bit(cdw10, 31), value: sqe.cdw11.get() }
     }
 
     /// Writes CDW10..=11.
@@ -576,10 +556,7 @@ impl AbortCommand {
     #[must_use]
     pub fn from_sqe(sqe: &Sqe) -> Self {
         let cdw10 = sqe.cdw10.get();
-        Self {
-            sqid: cdw10 as u16,
-            cid: (cdw10 >> 16) as u16,
-        }
+        Self { sqid: cdw10 as u16, cid: (cdw10 >> 16) as u16 }
     }
 
     /// Writes CDW10.
@@ -617,11 +594,12 @@ mod tests {
         assert_eq!(rw.len_bytes(512), 4096);
         assert_eq!(rw.end_lba(), Some(0x1_0000_0018));
 
-        let built = RwCommand {
-            fua: true,
-            ..RwCommand::new(0x1_0000_0010, 8)
-        }
-        .to_sqe(IoOpcode::Read as u8, 5, 1, SglDescriptor::transport(4096));
+        let built = RwCommand { fua: true, ..RwCommand::new(0x1_0000_0010, 8) }.to_sqe(
+            IoOpcode::Read as u8,
+            5,
+            1,
+            SglDescriptor::transport(4096),
+        );
         assert_eq!(built.as_bytes(), &raw[..]);
     }
 
@@ -639,10 +617,7 @@ mod tests {
         };
         let mut sqe = Sqe::zeroed();
         rw.apply(&mut sqe);
-        assert_eq!(
-            sqe.cdw12.get(),
-            0xffff | (0x2 << 20) | (0xa << 26) | (1 << 30) | (1 << 31)
-        );
+        assert_eq!(sqe.cdw12.get(), 0xffff | (0x2 << 20) | (0xa << 26) | (1 << 30) | (1 << 31));
         assert_eq!(sqe.cdw13.get(), 0xbeef_0042);
         assert_eq!(RwCommand::from_sqe(&sqe), rw);
         assert_eq!(rw.end_lba(), None);
@@ -669,12 +644,7 @@ mod tests {
         sqe.opcode = 0x08;
         wz.apply(&mut sqe);
         assert_eq!(sqe.as_bytes(), &raw[..]);
-        let all = WriteZeroesCommand {
-            fua: true,
-            limited_retry: true,
-            prinfo: 0xf,
-            ..wz
-        };
+        let all = WriteZeroesCommand { fua: true, limited_retry: true, prinfo: 0xf, ..wz };
         all.apply(&mut sqe);
         assert_eq!(WriteZeroesCommand::from_sqe(&sqe), all);
     }
@@ -688,24 +658,14 @@ mod tests {
         let dsm = DsmCommand::from_sqe(&sqe_from(&raw));
         assert_eq!(
             dsm,
-            DsmCommand {
-                ranges: 2,
-                deallocate: true,
-                integral_write: false,
-                integral_read: false
-            }
+            DsmCommand { ranges: 2, deallocate: true, integral_write: false, integral_read: false }
         );
         assert_eq!(dsm.payload_len(), 32);
         let mut sqe = Sqe::zeroed();
         sqe.opcode = 0x09;
         dsm.apply(&mut sqe);
         assert_eq!(sqe.as_bytes(), &raw[..]);
-        let idrw = DsmCommand {
-            ranges: 256,
-            deallocate: false,
-            integral_write: true,
-            integral_read: true,
-        };
+        let idrw = DsmCommand { ranges: 256, deallocate: false, integral_write: true, integral_read: true };
         idrw.apply(&mut sqe);
         assert_eq!(sqe.cdw10.get(), 0xff);
         assert_eq!(sqe.cdw11.get(), 0b011);
@@ -730,10 +690,7 @@ mod tests {
             Err(DsmError::PayloadTooShort { needed: 32, got: 31 })
         );
         assert_eq!(parse_dsm_ranges(&[], 0).map(<[DsmRange]>::len), Ok(0));
-        assert_eq!(
-            parse_dsm_ranges(&[0; 8192], 257),
-            Err(DsmError::TooManyRanges { ranges: 257 })
-        );
+        assert_eq!(parse_dsm_ranges(&[0; 8192], 257), Err(DsmError::TooManyRanges { ranges: 257 }));
         assert_eq!(parse_dsm_ranges(&[0; 4096], 256).map(<[DsmRange]>::len), Ok(256));
         assert!(parse_dsm_ranges(&[0; 4095], 256).is_err());
     }
@@ -748,16 +705,7 @@ mod tests {
         raw[47] = 0x02; // CSI: zoned
         raw[56] = 0x03; // UUID index
         let id = IdentifyCommand::from_sqe(&sqe_from(&raw));
-        assert_eq!(
-            id,
-            IdentifyCommand {
-                cns: 1,
-                cntid: 0x42,
-                cns_specific_id: 7,
-                csi: 2,
-                uuid_index: 3
-            }
-        );
+        assert_eq!(id, IdentifyCommand { cns: 1, cntid: 0x42, cns_specific_id: 7, csi: 2, uuid_index: 3 });
         let mut sqe = Sqe::zeroed();
         sqe.opcode = AdminOpcode::Identify as u8;
         id.apply(&mut sqe);
@@ -795,24 +743,13 @@ mod tests {
         assert_eq!(sqe.as_bytes(), &raw[..]);
 
         // NUMD spans NUMDU:NUMDL.
-        let big = GetLogPageCommand {
-            numd: 0x0003_0001,
-            csi: 0x02,
-            lsp: 0x7f,
-            ..GetLogPageCommand::default()
-        };
+        let big =
+            GetLogPageCommand { numd: 0x0003_0001, csi: 0x02, lsp: 0x7f, ..GetLogPageCommand::default() };
         big.apply(&mut sqe);
         assert_eq!(sqe.cdw10.get() >> 16, 0x0001);
         assert_eq!(sqe.cdw11.get() & 0xffff, 0x0003);
         assert_eq!(GetLogPageCommand::from_sqe(&sqe), big);
-        assert_eq!(
-            GetLogPageCommand {
-                numd: u32::MAX,
-                ..big
-            }
-            .len_bytes(),
-            1 << 34
-        );
+        assert_eq!(GetLogPageCommand { numd: u32::MAX, ..big }.len_bytes(), 1 << 34);
         assert_eq!(GetLogPageCommand::new(0x70, 0, 1024).numd, 255);
         assert_eq!(GetLogPageCommand::new(0x70, 0, 2).numd, 0);
     }
@@ -825,14 +762,7 @@ mod tests {
         raw[43] = 0x80; // SV
         raw[44..48].copy_from_slice(&0x0007_0007u32.to_le_bytes());
         let set = SetFeaturesCommand::from_sqe(&sqe_from(&raw));
-        assert_eq!(
-            set,
-            SetFeaturesCommand {
-                fid: 7,
-                save: true,
-                value: 0x0007_0007
-            }
-        );
+        assert_eq!(set, SetFeaturesCommand { fid: 7, save: true, value: 0x0007_0007 });
         assert_eq!(set.feature(), Some(FeatureId::NumberOfQueues));
         let mut sqe = Sqe::zeroed();
         sqe.opcode = 0x09;

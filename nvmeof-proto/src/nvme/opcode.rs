@@ -313,50 +313,20 @@ mod tests {
 
     #[test]
     fn direction_follows_low_two_bits() {
-        assert_eq!(
-            AdminOpcode::Identify.data_direction(),
-            DataDirection::ControllerToHost
-        );
-        assert_eq!(
-            AdminOpcode::GetLogPage.data_direction(),
-            DataDirection::ControllerToHost
-        );
-        assert_eq!(
-            AdminOpcode::SetFeatures.data_direction(),
-            DataDirection::HostToController
-        );
-        assert_eq!(
-            AdminOpcode::GetFeatures.data_direction(),
-            DataDirection::ControllerToHost
-        );
+        assert_eq!(AdminOpcode::Identify.data_direction(), DataDirection::ControllerToHost);
+        assert_eq!(AdminOpcode::GetLogPage.data_direction(), DataDirection::ControllerToHost);
+        assert_eq!(AdminOpcode::SetFeatures.data_direction(), DataDirection::HostToController);
+        assert_eq!(AdminOpcode::GetFeatures.data_direction(), DataDirection::ControllerToHost);
         assert_eq!(AdminOpcode::KeepAlive.data_direction(), DataDirection::None);
-        assert_eq!(
-            AdminOpcode::AsyncEventRequest.data_direction(),
-            DataDirection::None
-        );
-        assert_eq!(
-            AdminOpcode::Fabrics.data_direction(),
-            DataDirection::Bidirectional
-        );
+        assert_eq!(AdminOpcode::AsyncEventRequest.data_direction(), DataDirection::None);
+        assert_eq!(AdminOpcode::Fabrics.data_direction(), DataDirection::Bidirectional);
         assert_eq!(IoOpcode::Write.data_direction(), DataDirection::HostToController);
         assert_eq!(IoOpcode::Read.data_direction(), DataDirection::ControllerToHost);
         assert_eq!(IoOpcode::Flush.data_direction(), DataDirection::None);
-        assert_eq!(
-            IoOpcode::DatasetManagement.data_direction(),
-            DataDirection::HostToController
-        );
-        assert_eq!(
-            IoOpcode::ReservationReport.data_direction(),
-            DataDirection::ControllerToHost
-        );
-        assert_eq!(
-            FabricsCommandType::Connect.data_direction(),
-            DataDirection::HostToController
-        );
-        assert_eq!(
-            FabricsCommandType::PropertySet.data_direction(),
-            DataDirection::None
-        );
+        assert_eq!(IoOpcode::DatasetManagement.data_direction(), DataDirection::HostToController);
+        assert_eq!(IoOpcode::ReservationReport.data_direction(), DataDirection::ControllerToHost);
+        assert_eq!(FabricsCommandType::Connect.data_direction(), DataDirection::HostToController);
+        assert_eq!(FabricsCommandType::PropertySet.data_direction(), DataDirection::None);
         assert_eq!(
             FabricsCommandType::AuthenticationReceive.data_direction(),
             DataDirection::ControllerToHost

@@ -103,10 +103,9 @@ impl SglDescriptor {
                 0 => Some(DataLocation::None),
                 length => Some(DataLocation::Transport { length }),
             },
-            (SGL_TYPE_DATA_BLOCK, SGL_SUBTYPE_OFFSET) => Some(DataLocation::InCapsule {
-                offset: self.address.get(),
-                length: self.length.get(),
-            }),
+            (SGL_TYPE_DATA_BLOCK, SGL_SUBTYPE_OFFSET) => {
+                Some(DataLocation::InCapsule { offset: self.address.get(), length: self.length.get() })
+            }
             _ => None,
         }
     }
@@ -133,18 +132,9 @@ mod tests {
     #[test]
     fn byte_exact_transport_descriptor() {
         let d = SglDescriptor::transport(0x2000);
-        assert_eq!(
-            d.as_bytes(),
-            &[0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x20, 0, 0, 0, 0, 0, 0x5a]
-        );
-        assert_eq!(
-            d.data_location(),
-            Some(DataLocation::Transport { length: 0x2000 })
-        );
-        assert_eq!(
-            SglDescriptor::transport(0).data_location(),
-            Some(DataLocation::None)
-        );
+        assert_eq!(d.as_bytes(), &[0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x20, 0, 0, 0, 0, 0, 0x5a]);
+        assert_eq!(d.data_location(), Some(DataLocation::Transport { length: 0x2000 }));
+        assert_eq!(SglDescriptor::transport(0).data_location(), Some(DataLocation::None));
     }
 
     #[test]

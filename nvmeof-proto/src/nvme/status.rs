@@ -279,12 +279,7 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.name() {
             Some(name) => f.write_str(name)?,
-            None => write!(
-                f,
-                "status sct={:#x} sc={:#04x}",
-                self.code_type().to_bits(),
-                self.code()
-            )?,
+            None => write!(f, "status sct={:#x} sc={:#04x}", self.code_type().to_bits(), self.code())?,
         }
         if self.dnr() {
             f.write_str(" (do not retry)")?;
@@ -325,13 +320,7 @@ mod tests {
 
     #[test]
     fn display_is_human_readable() {
-        assert_eq!(
-            Status::INVALID_OPCODE.with_dnr().to_string(),
-            "Invalid Command Opcode (do not retry)"
-        );
-        assert_eq!(
-            Status::new(StatusCodeType::VendorSpecific, 0x11).to_string(),
-            "status sct=0x7 sc=0x11"
-        );
+        assert_eq!(Status::INVALID_OPCODE.with_dnr().to_string(), "Invalid Command Opcode (do not retry)");
+        assert_eq!(Status::new(StatusCodeType::VendorSpecific, 0x11).to_string(), "status sct=0x7 sc=0x11");
     }
 }

@@ -124,10 +124,7 @@ impl PduDecoder {
     /// A decoder with the given configuration.
     #[must_use]
     pub const fn new(config: DecoderConfig) -> Self {
-        Self {
-            config,
-            needed: COMMON_HEADER_LEN,
-        }
+        Self { config, needed: COMMON_HEADER_LEN }
     }
 
     /// The current configuration.
@@ -203,13 +200,7 @@ impl PduDecoder {
             return Err(invalid(HeaderField::Flags));
         }
         let plen = usize::try_from(ch.plen.get()).unwrap_or(usize::MAX);
-        let mut layout = Layout {
-            pdu_type,
-            flags: fl,
-            plen,
-            data: None,
-            data_digest: false,
-        };
+        let mut layout = Layout { pdu_type, flags: fl, plen, data: None, data_digest: false };
         let hlen = usize::from(ch.hlen);
 
         match pdu_type {
@@ -253,11 +244,8 @@ impl PduDecoder {
                     .checked_sub(pdo + trailer)
                     .filter(|&n| n > 0)
                     .ok_or(invalid(HeaderField::PduLength))?;
-                let max = if pdu_type == PduType::CapsuleCmd {
-                    cfg.max_capsule_data
-                } else {
-                    cfg.max_data_pdu
-                };
+                let max =
+                    if pdu_type == PduType::CapsuleCmd { cfg.max_capsule_data } else { cfg.max_data_pdu };
                 if data_len > max as usize {
                     let len = u32::try_from(data_len).unwrap_or(u32::MAX);
                     return Err(DecodeError::DataLimitExceeded { len, max });
@@ -302,9 +290,7 @@ fn check_header_digest(buf: &[u8], hlen: usize) -> Result<(), DecodeError> {
 
 /// Parses a PDU-specific header from the front of `buf` (already known to hold `plen` bytes).
 fn header<T: FromBytes>(buf: &[u8]) -> Result<T, DecodeError> {
-    T::read_from_prefix(buf)
-        .map(|(h, _)| h)
-        .map_err(|_| invalid(HeaderField::HeaderLength))
+    T::read_from_prefix(buf).map(|(h, _)| h).map_err(|_| invalid(HeaderField::HeaderLength))
 }
 
 /// Builds the PDU from a buffer holding all of it; consumes exactly `plen` bytes, except on a fatal
@@ -335,21 +321,12 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
         }
         PduType::R2t => {
             let h: R2tHeader = header(buf)?;
-            Pdu::R2t(R2t {
-                cccid: h.cccid.get(),
-                ttag: h.ttag.get(),
-                r2to: h.r2to.get(),
-                r2tl: h.r2tl.get(),
-            })
+            Pdu::R2t(R2t { cccid: h.cccid.get(), ttag: h.ttag.get(), r2to: h.r2to.get(), r2tl: h.r2tl.get() })
         }
         PduType::H2cTermReq | PduType::C2hTermReq => {
             let h: TermReqHeader = header(buf)?;
             let data = take_data(buf, layout).to_bytes();
-            let t = TermReq {
-                fes: FatalErrorStatus(h.fes.get()),
-                fei: h.fei.get(),
-                data,
-            };
+            let t = TermReq { fes: FatalErrorStatus(h.fes.get()), fei: h.fei.get(), data };
             return Ok(if layout.pdu_type == PduType::H2cTermReq {
                 Pdu::H2cTermReq(t)
             } else {
@@ -365,10 +342,7 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
         PduType::H2cData | PduType::C2hData => {
             let h: DataHeader = header(buf)?;
             let datal = h.datal.get();
-            if layout
-                .data
-                .is_none_or(|(_, len)| Ok(len) != usize::try_from(datal))
-            {
+            if layout.data.is_none_or(|(_, len)| Ok(len) != usize::try_from(datal)) {
                 return Err(invalid(HeaderField::DataLength));
             }
             let last = layout.flags & flags::LAST_PDU != 0;
@@ -376,23 +350,11 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
             if layout.pdu_type == PduType::H2cData {
                 let ttag = h.ttag.get();
                 let data = take_checked_data(buf, layout, DigestContext::new(layout, cccid, ttag, datao))?;
-                return Ok(Pdu::H2cData(H2cData {
-                    cccid,
-                    ttag,
-                    datao,
-                    last,
-                    data,
-                }));
+                return Ok(Pdu::H2cData(H2cData { cccid, ttag, datao, last, data }));
             }
             let success = layout.flags & flags::SUCCESS != 0;
             let data = take_checked_data(buf, layout, DigestContext::new(layout, cccid, 0, datao))?;
-            return Ok(Pdu::C2hData(C2hData {
-                cccid,
-                datao,
-                last,
-                success,
-                data,
-            }));
+            return Ok(Pdu::C2hData(C2hData { cccid, datao, last, success, data }));
         }
     };
     buf.advance(layout.plen);

@@ -136,11 +136,7 @@ impl Pdu {
             Pdu::H2cData(H2cData { data, .. }) | Pdu::C2hData(C2hData { data, .. }) if data.is_empty() => {
                 return Err(EncodeError::EmptyData);
             }
-            Pdu::C2hData(C2hData {
-                success: true,
-                last: false,
-                ..
-            }) => {
+            Pdu::C2hData(C2hData { success: true, last: false, .. }) => {
                 return Err(EncodeError::SuccessWithoutLast);
             }
             _ => {}
@@ -160,11 +156,7 @@ impl Pdu {
             Pdu::IcReq(_) | Pdu::IcResp(_) | Pdu::CapsuleResp(_) | Pdu::R2t(_) => (Payload::new(), false),
         };
         let data_digest = with_data_offset && opts.digests.data;
-        let pdo = if with_data_offset {
-            data_offset(pdu_type, header_digest, opts.pda)
-        } else {
-            0
-        };
+        let pdo = if with_data_offset { data_offset(pdu_type, header_digest, opts.pda) } else { 0 };
         let data_start = if with_data_offset { pdo } else { header_end };
         let plen = data_start + data.len() + if data_digest { DIGEST_LEN } else { 0 };
         let plen = u32::try_from(plen).map_err(|_| EncodeError::TooLarge { len: data.len() })?;
@@ -197,11 +189,7 @@ impl Pdu {
         let header = scratch.split().freeze();
 
         let data_digest = data_digest.then(|| data.crc32c().to_le_bytes());
-        Ok(EncodedPdu {
-            header,
-            data,
-            data_digest,
-        })
+        Ok(EncodedPdu { header, data, data_digest })
     }
 }
 
@@ -230,13 +218,7 @@ fn write_header(pdu: &Pdu, mut ch: CommonHeader, datal: u32, out: &mut BytesMut)
             .as_bytes(),
         ),
         Pdu::H2cTermReq(t) | Pdu::C2hTermReq(t) => out.put_slice(
-            TermReqHeader {
-                ch,
-                fes: U16::new(t.fes.0),
-                fei: U32::new(t.fei),
-                reserved: [0; 10],
-            }
-            .as_bytes(),
+            TermReqHeader { ch, fes: U16::new(t.fes.0), fei: U32::new(t.fei), reserved: [0; 10] }.as_bytes(),
         ),
         Pdu::CapsuleCmd(c) => out.put_slice(CapsuleCmdHeader { ch, sqe: c.sqe }.as_bytes()),
         Pdu::CapsuleResp(r) => out.put_slice(CapsuleRespHeader { ch, cqe: r.cqe }.as_bytes()),

@@ -145,10 +145,7 @@ impl PduType {
     /// True for types that carry a header digest when header digests are enabled.
     #[must_use]
     pub const fn has_digests(self) -> bool {
-        !matches!(
-            self,
-            Self::IcReq | Self::IcResp | Self::H2cTermReq | Self::C2hTermReq
-        )
+        !matches!(self, Self::IcReq | Self::IcResp | Self::H2cTermReq | Self::C2hTermReq)
     }
 
     /// True for types whose data starts at PDO and may be protected by a data digest.
@@ -169,23 +166,14 @@ pub struct Digests {
 
 impl Digests {
     /// No digests.
-    pub const NONE: Self = Self {
-        header: false,
-        data: false,
-    };
+    pub const NONE: Self = Self { header: false, data: false };
     /// Header and data digests.
-    pub const BOTH: Self = Self {
-        header: true,
-        data: true,
-    };
+    pub const BOTH: Self = Self { header: true, data: true };
 
     /// Decodes the DGST byte of ICReq/ICResp (reserved bits ignored).
     #[must_use]
     pub const fn from_bits(bits: u8) -> Self {
-        Self {
-            header: bits & 0x01 != 0,
-            data: bits & 0x02 != 0,
-        }
+        Self { header: bits & 0x01 != 0, data: bits & 0x02 != 0 }
     }
 
     /// Encodes the DGST byte.
@@ -199,10 +187,7 @@ impl Digests {
     /// digests it asked for, so a controller should support both.
     #[must_use]
     pub const fn intersect(self, other: Self) -> Self {
-        Self {
-            header: self.header && other.header,
-            data: self.data && other.data,
-        }
+        Self { header: self.header && other.header, data: self.data && other.data }
     }
 }
 
@@ -306,15 +291,9 @@ impl TermReq {
             _ => 0,
         };
         // Clamp to [8, 128], then to what was received (which may be less than 8).
-        let quote = usize::from(hlen)
-            .clamp(COMMON_HEADER_LEN, TERM_REQ_MAX_DATA_LEN)
-            .min(offending.len());
+        let quote = usize::from(hlen).clamp(COMMON_HEADER_LEN, TERM_REQ_MAX_DATA_LEN).min(offending.len());
         let data = Bytes::copy_from_slice(offending.get(..quote).unwrap_or(offending));
-        Some(Self {
-            fes,
-            fei: err.fei(),
-            data,
-        })
+        Some(Self { fes, fei: err.fei(), data })
     }
 }
 

@@ -39,9 +39,7 @@ pub fn target_with_config(config: TargetConfig) -> (Target, Arc<MemoryBackend>) 
     sc.allowed_hosts.push(HOSTNQN.into());
     target.add_subsystem(sc).unwrap();
     let backend = Arc::new(MemoryBackend::new(64 << 20, 512));
-    target
-        .add_namespace(SUBNQN, NamespaceConfig::derived(SUBNQN, 1, backend.clone()))
-        .unwrap();
+    target.add_namespace(SUBNQN, NamespaceConfig::derived(SUBNQN, 1, backend.clone())).unwrap();
     (target, backend)
 }
 
@@ -132,16 +130,12 @@ impl Link {
         while let Some(c) = self.host.poll_completion() {
             self.stash.push(c);
         }
-        let pos = self
-            .stash
-            .iter()
-            .position(|c| c.cqe.cid.get() == cid)
-            .unwrap_or_else(|| {
-                panic!(
-                    "command {cid} did not complete (closed: {:?}, host error: {:?})",
-                    self.closed, self.host_error
-                )
-            });
+        let pos = self.stash.iter().position(|c| c.cqe.cid.get() == cid).unwrap_or_else(|| {
+            panic!(
+                "command {cid} did not complete (closed: {:?}, host error: {:?})",
+                self.closed, self.host_error
+            )
+        });
         self.stash.remove(pos)
     }
 
@@ -158,43 +152,19 @@ impl Link {
 /// EN=0 then EN=1, CSTS until ready, VS, Identify Controller. Returns the CNTLID.
 pub fn bring_up_admin(link: &mut Link, subnqn: &str, kato_ms: u32, now: Instant) -> u16 {
     link.pump(now);
-    assert!(
-        link.host.is_ready(),
-        "ICResp: {:?} {:?}",
-        link.closed,
-        link.host_error
-    );
+    assert!(link.host.is_ready(), "ICResp: {:?} {:?}", link.closed, link.host_error);
     let (sqe, data) = host::connect_command(0, 32, kato_ms, CNTLID_DYNAMIC, HOSTID, subnqn, HOSTNQN);
     let c = link.command(sqe, Some(data), 0, now);
     assert_eq!(c.status(), Status::SUCCESS, "admin Connect");
     let cntlid = c.cqe.dw0.get() as u16;
-    let cap = link.command(
-        host::property_get(offset::CAP, PropertyWidth::Eight),
-        None,
-        0,
-        now,
-    );
+    let cap = link.command(host::property_get(offset::CAP, PropertyWidth::Eight), None, 0, now);
     assert_eq!(cap.status(), Status::SUCCESS);
-    assert_eq!(
-        (cap.cqe.result_u64() >> 48) & 0xf,
-        0,
-        "MPSMIN must be 0 (4 KiB pages)"
-    );
+    assert_eq!((cap.cqe.result_u64() >> 48) & 0xf, 0, "MPSMIN must be 0 (4 KiB pages)");
     for cc in [0x0046_0000u64, 0x0046_0001] {
-        let r = link.command(
-            host::property_set(offset::CC, PropertyWidth::Four, cc),
-            None,
-            0,
-            now,
-        );
+        let r = link.command(host::property_set(offset::CC, PropertyWidth::Four, cc), None, 0, now);
         assert_eq!(r.status(), Status::SUCCESS);
     }
-    let csts = link.command(
-        host::property_get(offset::CSTS, PropertyWidth::Four),
-        None,
-        0,
-        now,
-    );
+    let csts = link.command(host::property_get(offset::CSTS, PropertyWidth::Four), None, 0, now);
     assert_eq!(csts.cqe.dw0.get() & 1, 1, "CSTS.RDY");
     let vs = link.command(host::property_get(offset::VS, PropertyWidth::Four), None, 0, now);
     assert!(vs.cqe.dw0.get() >= 0x0001_0300);
@@ -205,11 +175,7 @@ pub fn identify(link: &mut Link, cns: u8, nsid: u32, now: Instant) -> Completion
     let mut sqe = Sqe::zeroed();
     sqe.opcode = 0x06;
     sqe.nsid.set(nsid);
-    IdentifyCommand {
-        cns,
-        ..Default::default()
-    }
-    .apply(&mut sqe);
+    IdentifyCommand { cns, ..Default::default() }.apply(&mut sqe);
     link.command(sqe, None, 4096, now)
 }
 
@@ -260,12 +226,7 @@ pub fn rw_sqe(opcode: u8, slba: u64, blocks: u32, fua: bool) -> Sqe {
 
 pub fn write(link: &mut Link, slba: u64, data: Vec<u8>, now: Instant) -> Completion {
     let blocks = (data.len() / 512) as u32;
-    link.command(
-        rw_sqe(0x01, slba, blocks, false),
-        Some(Payload::from(data)),
-        0,
-        now,
-    )
+    link.command(rw_sqe(0x01, slba, blocks, false), Some(Payload::from(data)), 0, now)
 }
 
 pub fn read(link: &mut Link, slba: u64, blocks: u32, now: Instant) -> Completion {

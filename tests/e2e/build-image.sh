@@ -1,0 +1,170 @@
+#!/bin/bash
+# Build (or reuse) the Debian bookworm guest image for the NVMe/TCP end-to-end tests.
+#
+# Usage: tests/e2e/build-image.sh [--force]
+#
+# The image is cached outside the repository, in
+#   ${XATASTOR_E2E_CACHE:-/var/cache/xatastor-e2e}/<key>/
+# where <key> is a hash of this script and of guest/init.sh (the guest's PID 1,
+# baked into the image), so editing either one (e.g. the package list) builds a
+# new image. The directory holds:
+#   vmlinuz      the guest kernel (Debian linux-image-amd64)
+#   initrd.img   the Debian initramfs (loads virtio_blk + ext4, mounts /dev/vda)
+#   rootfs.img   raw ext4 image of the debootstrap'd root filesystem
+#                (boot it read-only / with snapshot=on: it is shared by every run)
+#   manifest.txt kernel version, package versions, build time
+#
+# XATASTOR_E2E_KEEP_BUILD=1 keeps the half-built tree after a failure (debugging).
+# Progress goes to stderr; the image directory is printed on stdout (last line).
+# Needs root, debootstrap, mke2fs (>= 1.43 for -d) and access to a Debian mirror
+# (XATASTOR_E2E_MIRROR, default http://deb.debian.org/debian).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CACHE="${XATASTOR_E2E_CACHE:-/var/cache/xatastor-e2e}"
+MIRROR="${XATASTOR_E2E_MIRROR:-http://deb.debian.org/debian}"
+SUITE=bookworm
+# Packages installed in the guest (besides debootstrap's minbase set).
+PACKAGES=(
+    linux-image-amd64 initramfs-tools zstd
+    kmod nvme-cli fio xfsprogs util-linux e2fsprogs iproute2 procps
+)
+# Modules the initramfs must contain to mount the root disk.
+INITRD_MODULES=(virtio_pci virtio_blk ext4 crc32c_generic)
+
+FORCE=0
+for arg in "$@"; do
+    case "$arg" in
+        --force) FORCE=1 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "build-image.sh: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '[build-image %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { printf '[build-image] ERROR: %s\n' "$*" >&2; exit 1; }
+
+KEY="$(cat "$HERE/build-image.sh" "$HERE/guest/init.sh" | sha256sum | cut -c1-16)"
+OUT="$CACHE/$KEY"
+
+if [[ $FORCE == 0 && -f "$OUT/.complete" ]]; then
+    log "reusing cached image $OUT"
+    echo "$OUT"
+    exit 0
+fi
+
+[[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot)"
+for tool in debootstrap mke2fs chroot sha256sum flock; do
+    command -v "$tool" >/dev/null || die "missing tool: $tool (apt-get install debootstrap e2fsprogs util-linux)"
+done
+mkdir -p "$CACHE" || die "cannot create cache directory $CACHE"
+
+# One builder at a time per cache directory.
+exec 9>"$CACHE/.lock"
+flock 9
+if [[ $FORCE == 0 && -f "$OUT/.complete" ]]; then
+    log "image was built by a concurrent run: $OUT"
+    echo "$OUT"
+    exit 0
+fi
+
+T0=$(date +%s)
+WORK="$CACHE/.build-$KEY.$$"
+ROOT="$WORK/root"
+cleanup() {
+    local rc=$?
+    # Never leave mounts behind inside the chroot.
+    for m in "$ROOT/proc" "$ROOT/sys" "$ROOT/dev"; do
+        mountpoint -q "$m" 2>/dev/null && umount -l "$m" || true
+    done
+    if [[ $rc != 0 && -n ${XATASTOR_E2E_KEEP_BUILD:-} ]]; then
+        log "FAILED (exit $rc); build directory kept: $WORK"
+    elif [[ -d "$WORK" ]]; then
+        rm -rf --one-file-system "$WORK"
+        if [[ $rc != 0 ]]; then log "FAILED (exit $rc)"; fi
+    fi
+}
+trap cleanup EXIT
+rm -rf --one-file-system "$CACHE"/.build-"$KEY".* 2>/dev/null || true
+mkdir -p "$ROOT"
+
+log "debootstrap $SUITE (minbase + ${PACKAGES[*]}) from $MIRROR into $ROOT"
+INCLUDE="$(IFS=,; echo "${PACKAGES[*]}")"
+if ! debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$ROOT" "$MIRROR" \
+        > "$WORK/debootstrap.log" 2>&1; then
+    tail -n 30 "$WORK/debootstrap.log" >&2
+    [[ -f "$ROOT/debootstrap/debootstrap.log" ]] && tail -n 30 "$ROOT/debootstrap/debootstrap.log" >&2
+    die "debootstrap failed (see above)"
+fi
+log "debootstrap done ($(( $(date +%s) - T0 ))s)"
+
+KVERS=("$ROOT"/lib/modules/*)
+[[ ${#KVERS[@]} == 1 && -d ${KVERS[0]} ]] || die "expected exactly one kernel in $ROOT/lib/modules, found: ${KVERS[*]}"
+KVER="$(basename "${KVERS[0]}")"
+[[ -f "$ROOT/boot/vmlinuz-$KVER" ]] || die "kernel image $ROOT/boot/vmlinuz-$KVER missing"
+for m in nvme-tcp nvme-fabrics nvme-core xfs virtio_net qemu_fw_cfg; do
+    [[ -n "$(find "$ROOT/lib/modules/$KVER" -name "${m//-/[-_]}.ko*")" ]] \
+        || grep -qw "${m//-/_}" "$ROOT/lib/modules/$KVER/modules.builtin" \
+        || die "kernel $KVER has no module $m"
+done
+
+log "configuring guest (init, hostname, nvme)"
+install -m 0755 "$HERE/guest/init.sh" "$ROOT/sbin/xe2e-init"
+echo xe2e-guest > "$ROOT/etc/hostname"
+echo "127.0.0.1 localhost xe2e-guest" > "$ROOT/etc/hosts"
+: > "$ROOT/etc/fstab"
+mkdir -p "$ROOT/etc/nvme"
+# Small, deterministic initramfs: only what is needed to mount /dev/vda.
+mkdir -p "$ROOT/etc/initramfs-tools/conf.d"
+cat > "$ROOT/etc/initramfs-tools/conf.d/xe2e.conf" <<EOF
+MODULES=list
+COMPRESS=zstd
+EOF
+printf '%s\n' "${INITRD_MODULES[@]}" > "$ROOT/etc/initramfs-tools/modules"
+
+log "regenerating initramfs for $KVER"
+mount -t proc proc "$ROOT/proc"
+mount -t sysfs sysfs "$ROOT/sys"
+mount --bind /dev "$ROOT/dev"
+if ! chroot "$ROOT" update-initramfs -c -k "$KVER" > "$WORK/initramfs.log" 2>&1; then
+    cat "$WORK/initramfs.log" >&2
+    die "update-initramfs failed"
+fi
+umount "$ROOT/dev" "$ROOT/sys" "$ROOT/proc"
+[[ -f "$ROOT/boot/initrd.img-$KVER" ]] || die "initrd $ROOT/boot/initrd.img-$KVER missing"
+# lsinitramfs lives in the chroot; the host may not have initramfs-tools.
+INITRD_LIST="$(chroot "$ROOT" lsinitramfs "/boot/initrd.img-$KVER")" || die "lsinitramfs failed"
+for m in virtio_pci virtio_blk ext4; do
+    grep -q "/$m\.ko" <<<"$INITRD_LIST" || die "module $m missing from the initramfs"
+done
+
+log "recording manifest and trimming the rootfs"
+{
+    echo "key: $KEY"
+    echo "suite: $SUITE"
+    echo "mirror: $MIRROR"
+    echo "kernel: $KVER"
+    echo "built: $(date -u +%FT%TZ)"
+    echo "packages:"
+    chroot "$ROOT" dpkg-query -W -f='  ${Package} ${Version}\n'
+} > "$WORK/manifest.txt"
+cp "$ROOT/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
+cp "$ROOT/boot/initrd.img-$KVER" "$WORK/initrd.img"
+rm -rf "$ROOT"/usr/share/{doc,man,info,locale}/* "$ROOT"/var/cache/apt/archives/*.deb \
+       "$ROOT"/var/lib/apt/lists/* "$ROOT"/boot/initrd.img-* "$ROOT"/debootstrap
+
+log "creating ext4 root image"
+USED_MB=$(du -sm --one-file-system "$ROOT" | cut -f1)
+SIZE_MB=$(( USED_MB * 5 / 4 + 256 ))
+mke2fs -q -F -t ext4 -L xe2e-root -m 0 -d "$ROOT" "$WORK/rootfs.img" "${SIZE_MB}M" \
+    || die "mke2fs -d failed"
+echo "rootfs: ${USED_MB} MiB used, image ${SIZE_MB} MiB (sparse)" >> "$WORK/manifest.txt"
+echo "build-seconds: $(( $(date +%s) - T0 ))" >> "$WORK/manifest.txt"
+
+rm -rf --one-file-system "$ROOT"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+mv "$WORK/vmlinuz" "$WORK/initrd.img" "$WORK/rootfs.img" "$WORK/manifest.txt" "$OUT/"
+touch "$OUT/.complete"
+log "image ready in $OUT (kernel $KVER, rootfs ${USED_MB} MiB, $(( $(date +%s) - T0 ))s)"
+echo "$OUT"
