@@ -385,7 +385,11 @@ impl Connection {
         id.acl = 3;
         id.aerl = cfg.max_async_events.saturating_sub(1);
         id.frmw = identify::frmw(1, true, false);
-        id.lpa = identify::LPA_COMMAND_EFFECTS | identify::LPA_EXTENDED_DATA;
+        // Extended data (NUMDU, offsets) everywhere; the effects log only where there are I/O commands.
+        id.lpa = identify::LPA_EXTENDED_DATA;
+        if !ctrl.is_discovery() {
+            id.lpa |= identify::LPA_COMMAND_EFFECTS;
+        }
         id.elpe = 0;
         id.sqes = (IOSQES << 4) | IOSQES;
         id.cqes = (IOCQES << 4) | IOCQES;

@@ -778,7 +778,8 @@ fn corrupt_capsule_reusing_a_busy_command_id_is_fatal() {
     let mut sqe = rw_sqe(0x01, 0, 1, false);
     sqe.cid.set(busy);
     sqe.dptr = nvmeof_proto::nvme::SglDescriptor::in_capsule(0, 512);
-    let capsule = nvmeof_proto::Pdu::CapsuleCmd(nvmeof_proto::CapsuleCmd { sqe, data: Payload::from(vec![1u8; 512]) });
+    let capsule =
+        nvmeof_proto::Pdu::CapsuleCmd(nvmeof_proto::CapsuleCmd { sqe, data: Payload::from(vec![1u8; 512]) });
     let mut bytes = wire(capsule, Digests::BOTH);
     let n = bytes.len();
     bytes[n - 10] ^= 1;

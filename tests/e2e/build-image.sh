@@ -156,7 +156,7 @@ rm -rf "$ROOT"/usr/share/{doc,man,info,locale}/* "$ROOT"/var/cache/apt/archives/
 log "creating ext4 root image"
 USED_MB=$(du -sm --one-file-system "$ROOT" | cut -f1)
 SIZE_MB=$(( USED_MB * 5 / 4 + 256 ))
-mke2fs -q -F -t ext4 -L xe2e-root -m 0 -d "$ROOT" "$WORK/rootfs.img" "${SIZE_MB}M" \
+mke2fs -q -F -t ext4 -L xe2e-root -m 0 -d "$ROOT" "$WORK/rootfs.img" "${SIZE_MB}M" >&2 \
     || die "mke2fs -d failed"
 echo "rootfs: ${USED_MB} MiB used, image ${SIZE_MB} MiB (sparse)" >> "$WORK/manifest.txt"
 echo "build-seconds: $(( $(date +%s) - T0 ))" >> "$WORK/manifest.txt"

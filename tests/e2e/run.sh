@@ -1,0 +1,228 @@
+#!/bin/bash
+# End-to-end test: the Linux NVMe/TCP initiator (in a QEMU guest) against nvmeof-blocking-target.
+#
+# Usage: tests/e2e/run.sh [options]
+#   --scenario FILE     guest scenario script (default: tests/e2e/scenarios/nvme-tcp.sh)
+#   --only "A B ..."    run only these scenarios (names as printed in PASS/FAIL lines)
+#   --target-log FILTER target log filter (default: debug; e.g. info, nvmeof_target=trace)
+#   --timeout SECS      hard limit for the whole guest run (default: 2400)
+#   --out DIR           where to keep logs (default: a new /tmp/xatastor-e2e.XXXXXX)
+#   --no-cargo          do not run cargo build (use the existing target/release binary)
+#   -v, --verbose       stream the guest console while it runs
+#
+# Steps: build/reuse the guest image (build-image.sh), build the target (cargo, release),
+# start it on 127.0.0.1 with a free port and an in-memory 512 MiB namespace, boot the guest
+# under QEMU TCG with the scenario script (passed through fw_cfg), collect one result line per
+# scenario from the guest's second serial port, stop everything.
+# Prints "PASS <name>" / "FAIL <name>: <reason>" per scenario and "N passed, M failed";
+# exits 1 if anything failed (or the guest did not finish), 2 on a harness error.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+
+SCENARIO="$HERE/scenarios/nvme-tcp.sh"
+ONLY=""
+TARGET_LOG="debug"
+TIMEOUT=2400
+OUT=""
+CARGO=1
+VERBOSE=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --scenario) SCENARIO="$(realpath "$2")"; shift 2 ;;
+        --only) ONLY="$2"; shift 2 ;;
+        --target-log) TARGET_LOG="$2"; shift 2 ;;
+        --timeout) TIMEOUT="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        --no-cargo) CARGO=0; shift ;;
+        -v|--verbose) VERBOSE=1; shift ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+# Fixed identities shared by the target's allow-list and the guest scenario.
+NQN="nqn.2026-01.io.xatastor:e2e"
+SERIAL="XSE2E0001"
+# 512 MiB: mkfs.xfs (xfsprogs 6.1) refuses filesystems smaller than 300 MB.
+SIZE_BYTES=$(( 512 << 20 ))
+BLOCK_SIZE=512
+HOSTNQN="nqn.2026-01.io.xatastor:e2e-guest"
+HOSTID="6a0f3e5c-2b1d-4c8e-9f70-0e2e00000001"
+BAD_HOSTNQN="nqn.2026-01.io.xatastor:e2e-intruder"
+BAD_HOSTID="6a0f3e5c-2b1d-4c8e-9f70-0e2e000000ff"
+GUEST_MEM="${XATASTOR_E2E_GUEST_MEM:-2048}"
+GUEST_CPUS="${XATASTOR_E2E_GUEST_CPUS:-2}"
+
+T_START=$(date +%s)
+log() { printf '[e2e %s +%ss] %s\n' "$(date +%T)" "$(( $(date +%s) - T_START ))" "$*" >&2; }
+die() { printf '[e2e] ERROR: %s\n' "$*" >&2; exit 2; }
+
+[[ -f $SCENARIO ]] || die "scenario script not found: $SCENARIO"
+for tool in qemu-system-x86_64 timeout; do
+    command -v "$tool" >/dev/null || die "missing tool: $tool (apt-get install -t bookworm-backports qemu-system-x86)"
+done
+[[ $CARGO == 0 ]] || command -v cargo >/dev/null || die "missing tool: cargo"
+
+if [[ -z $OUT ]]; then OUT="$(mktemp -d /tmp/xatastor-e2e.XXXXXX)"; else mkdir -p "$OUT"; fi
+CONSOLE="$OUT/console.log"   # guest ttyS0: kernel + scenario output
+RESULTS="$OUT/results.log"   # guest ttyS1: PLAN/PASS/FAIL/TIME lines only
+TARGET_LOGFILE="$OUT/target.log"
+: > "$CONSOLE"; : > "$RESULTS"; : > "$TARGET_LOGFILE"
+
+TARGET_PID=""
+QEMU_PID=""
+TAIL_PIDS=()
+cleanup() {
+    local rc=$?
+    [[ -n $QEMU_PID ]] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
+    [[ -n $TARGET_PID ]] && kill "$TARGET_PID" 2>/dev/null && wait "$TARGET_PID" 2>/dev/null
+    local p
+    for p in "${TAIL_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    [[ -d $OUT ]] && echo "[e2e] logs: $OUT (console.log, target.log, results.log)" >&2
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- (a) guest image -----------------------------------------------------------------------
+log "guest image"
+IMAGE="$("$HERE/build-image.sh" | tail -n1)" || die "build-image.sh failed"
+for f in vmlinuz initrd.img rootfs.img; do
+    [[ -f $IMAGE/$f ]] || die "image $IMAGE lacks $f"
+done
+
+# --- (b) target binary ---------------------------------------------------------------------
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+BIN="$CARGO_TARGET_DIR/release/nvmeof-blocking-target"
+if [[ $CARGO == 1 ]]; then
+    log "cargo build --release -p xatastor-examples --bin nvmeof-blocking-target"
+    (cd "$REPO" && cargo build --release -p xatastor-examples --bin nvmeof-blocking-target) \
+        > "$OUT/cargo.log" 2>&1 || { tail -n 40 "$OUT/cargo.log" >&2; die "cargo build failed"; }
+fi
+[[ -x $BIN ]] || die "target binary not found: $BIN"
+
+# --- (c) target ----------------------------------------------------------------------------
+# Port 0: the kernel picks a free port; the target prints the bound address.
+log "starting target ($BIN, log filter '$TARGET_LOG')"
+NO_COLOR=1 "$BIN" --listen 127.0.0.1:0 --memory "$SIZE_BYTES" --block-size "$BLOCK_SIZE" \
+    --nqn "$NQN" --serial "$SERIAL" --host "$HOSTNQN" --log "$TARGET_LOG" \
+    > "$TARGET_LOGFILE" 2>&1 &
+TARGET_PID=$!
+PORT=""
+for _ in $(seq 1 100); do
+    PORT="$(sed -n 's/^serving .* on 127\.0\.0\.1:\([0-9]\+\)$/\1/p' "$TARGET_LOGFILE" | head -n1 || true)"
+    [[ -n $PORT ]] && break
+    kill -0 "$TARGET_PID" 2>/dev/null || { cat "$TARGET_LOGFILE" >&2; die "target exited at startup"; }
+    sleep 0.1
+done
+[[ -n $PORT ]] || { cat "$TARGET_LOGFILE" >&2; die "target did not report its listening address"; }
+log "target pid $TARGET_PID listening on 127.0.0.1:$PORT (guest: 10.0.2.2:$PORT)"
+
+# --- (d) guest -----------------------------------------------------------------------------
+cat > "$OUT/env.sh" <<EOF
+E2E_ADDR=10.0.2.2
+E2E_PORT=$PORT
+E2E_NQN=$NQN
+E2E_SERIAL=$SERIAL
+E2E_SIZE_BYTES=$SIZE_BYTES
+E2E_BLOCK_SIZE=$BLOCK_SIZE
+E2E_HOSTNQN=$HOSTNQN
+E2E_HOSTID=$HOSTID
+E2E_BAD_HOSTNQN=$BAD_HOSTNQN
+E2E_BAD_HOSTID=$BAD_HOSTID
+E2E_ONLY="$ONLY"
+EOF
+cp "$SCENARIO" "$OUT/scenario.sh"
+
+QEMU=(
+    qemu-system-x86_64 -accel tcg -cpu max -smp "$GUEST_CPUS" -m "$GUEST_MEM"
+    -nodefaults -no-user-config -no-reboot -display none -monitor none
+    -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img"
+    -append "console=ttyS0 root=/dev/vda rw init=/sbin/xe2e-init panic=-1 quiet"
+    # The cached image is shared: never write to it.
+    -drive "file=$IMAGE/rootfs.img,if=virtio,format=raw,snapshot=on"
+    -netdev user,id=n0 -device virtio-net-pci,netdev=n0
+    -fw_cfg "name=opt/xatastor/scenario,file=$OUT/scenario.sh"
+    -fw_cfg "name=opt/xatastor/env,file=$OUT/env.sh"
+    -serial "file:$CONSOLE" -serial "file:$RESULTS"
+)
+printf '%q ' "${QEMU[@]}" > "$OUT/qemu.cmdline"
+log "booting guest (TCG, ${GUEST_CPUS} cpus, ${GUEST_MEM} MiB, hard timeout ${TIMEOUT}s)"
+T_BOOT=$(date +%s)
+timeout -k 10 "$TIMEOUT" "${QEMU[@]}" > "$OUT/qemu.log" 2>&1 &
+QEMU_PID=$!
+
+# Live progress on stderr (the canonical result lines are printed at the end, on stdout).
+tail --pid="$QEMU_PID" -n +1 -F "$RESULTS" 2>/dev/null | tr -d '\r' | sed -u -n 's/^\(PASS\|FAIL\)/[e2e] guest: &/p' >&2 &
+TAIL_PIDS+=($!)
+if [[ $VERBOSE == 1 ]]; then
+    tail --pid="$QEMU_PID" -n +1 -F "$CONSOLE" 2>/dev/null | sed -u 's/^/  | /' >&2 &
+    TAIL_PIDS+=($!)
+fi
+
+set +e
+wait "$QEMU_PID"
+QEMU_RC=$?
+set -e
+QEMU_PID=""
+T_GUEST=$(( $(date +%s) - T_BOOT ))
+sleep 0.5 # let the tails catch up
+log "guest finished after ${T_GUEST}s (qemu exit status $QEMU_RC)"
+
+# --- (f) stop the target -------------------------------------------------------------------
+TARGET_ALIVE=1
+kill -0 "$TARGET_PID" 2>/dev/null || TARGET_ALIVE=0
+if [[ $TARGET_ALIVE == 1 ]]; then
+    kill "$TARGET_PID" 2>/dev/null || true
+    wait "$TARGET_PID" 2>/dev/null || true
+    TARGET_RC="killed by the harness"
+else
+    set +e; wait "$TARGET_PID"; TARGET_RC="exited with status $?"; set -e
+fi
+TARGET_PID=""
+
+# --- (e) results ---------------------------------------------------------------------------
+tr -d '\r' < "$RESULTS" > "$OUT/results.txt"
+PLAN="$(sed -n 's/^PLAN //p' "$OUT/results.txt" | tail -n1)"
+passed=0
+failed=0
+report() { # report PASS|FAIL name [reason]
+    if [[ $1 == PASS ]]; then
+        echo "PASS $2"; passed=$(( passed + 1 ))
+    else
+        echo "FAIL $2: $3"; failed=$(( failed + 1 ))
+    fi
+}
+if [[ -z $PLAN ]]; then
+    report FAIL guest-boot "the guest never started the scenario (qemu status $QEMU_RC); see $CONSOLE"
+fi
+for name in $PLAN; do
+    line="$(grep -E "^(PASS|FAIL) $name(:|\$)" "$OUT/results.txt" | tail -n1 || true)"
+    if [[ -z $line ]]; then
+        why="no result"
+        if [[ $QEMU_RC == 124 || $QEMU_RC == 137 ]]; then why+=" (guest killed by the ${TIMEOUT}s timeout)"
+        elif ! grep -q '^E2E-GUEST-END' "$OUT/results.txt"; then why+=" (guest ended early, qemu status $QEMU_RC)"; fi
+        report FAIL "$name" "$why"
+    elif [[ $line == PASS* ]]; then
+        report PASS "$name"
+    else
+        report FAIL "$name" "${line#FAIL "$name": }"
+    fi
+done
+# The target must survive everything the initiator did to it.
+if [[ $TARGET_ALIVE == 0 ]]; then
+    report FAIL target-process "the target died during the run ($TARGET_RC); see $TARGET_LOGFILE"
+elif grep -q 'panicked at' "$TARGET_LOGFILE"; then
+    report FAIL target-process "a target thread panicked: $(grep -m1 'panicked at' "$TARGET_LOGFILE")"
+fi
+
+T_TOTAL=$(( $(date +%s) - T_START ))
+BOOT_S="$(sed -n 's/.*running scenario (uptime \([0-9.]*s\)).*/\1/p' "$CONSOLE" | head -n1)"
+{
+    echo "timings: total ${T_TOTAL}s, guest ${T_GUEST}s (scenario started at guest uptime ${BOOT_S:-?})"
+    sed -n 's/^TIME /  /p' "$OUT/results.txt"
+} >&2
+echo "$passed passed, $failed failed"
+[[ $failed == 0 ]]
