@@ -37,7 +37,7 @@ while [[ $# -gt 0 ]]; do
         --out) OUT="$2"; shift 2 ;;
         --no-cargo) CARGO=0; shift ;;
         -v|--verbose) VERBOSE=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -76,6 +76,7 @@ QEMU_PID=""
 TAIL_PIDS=()
 cleanup() {
     local rc=$?
+    set +e
     [[ -n $QEMU_PID ]] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
     [[ -n $TARGET_PID ]] && kill "$TARGET_PID" 2>/dev/null && wait "$TARGET_PID" 2>/dev/null
     local p
@@ -155,7 +156,7 @@ timeout -k 10 "$TIMEOUT" "${QEMU[@]}" > "$OUT/qemu.log" 2>&1 &
 QEMU_PID=$!
 
 # Live progress on stderr (the canonical result lines are printed at the end, on stdout).
-tail --pid="$QEMU_PID" -n +1 -F "$RESULTS" 2>/dev/null | tr -d '\r' | sed -u -n 's/^\(PASS\|FAIL\)/[e2e] guest: &/p' >&2 &
+tail --pid="$QEMU_PID" -n +1 -F "$RESULTS" 2>/dev/null | sed -u -n 's/\r$//; s/^\(PASS\|FAIL\)/[e2e] guest: &/p' >&2 &
 TAIL_PIDS+=($!)
 if [[ $VERBOSE == 1 ]]; then
     tail --pid="$QEMU_PID" -n +1 -F "$CONSOLE" 2>/dev/null | sed -u 's/^/  | /' >&2 &
