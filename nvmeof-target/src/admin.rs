@@ -151,7 +151,14 @@ impl Connection {
         })();
         match result {
             Err((status, dw0)) => {
-                tracing::info!(parent: &self.span, ?status, "Connect refused");
+                tracing::info!(
+                    parent: &self.span,
+                    ?status,
+                    qid = c.qid.get(),
+                    host = cd.hostnqn().unwrap_or("?"),
+                    subsystem = cd.subnqn().unwrap_or("?"),
+                    "Connect refused"
+                );
                 self.respond(cid, status, dw0);
             }
             Ok((ctrl, qid, entries, sq_flow_control, generation)) => {
