@@ -10,7 +10,7 @@
 //!                                                 └─▶ C2HData … (SUCCESS) ───────────────▶ Completion
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::BytesMut;
 use nvmeof_proto::nvme::fabrics::{ConnectCommand, ConnectData, PropertyGetCommand, PropertySetCommand};
@@ -104,6 +104,9 @@ pub struct HostQueue {
     transmit: VecDeque<EncodedPdu>,
     pending: HashMap<u16, Pending>,
     completions: VecDeque<Completion>,
+    /// CIDs of completions not yet taken with `poll_completion`: not reusable until then, so a caller
+    /// that maps CIDs to its own records never sees one CID stand for two commands.
+    unpolled: HashSet<u16>,
     next_cid: u16,
 }
 
@@ -122,6 +125,7 @@ impl HostQueue {
             transmit: VecDeque::new(),
             pending: HashMap::new(),
             completions: VecDeque::new(),
+            unpolled: HashSet::new(),
             next_cid: 0,
         };
         q.send(Pdu::IcReq(IcReq {
@@ -152,17 +156,30 @@ impl HostQueue {
 
     /// The next finished command.
     pub fn poll_completion(&mut self) -> Option<Completion> {
-        self.completions.pop_front()
+        let c = self.completions.pop_front()?;
+        self.unpolled.remove(&c.cqe.cid.get());
+        Some(c)
     }
 
-    /// A fresh command ID.
-    pub fn next_cid(&mut self) -> u16 {
-        loop {
+    fn in_use(&self, cid: u16) -> bool {
+        self.pending.contains_key(&cid) || self.unpolled.contains(&cid)
+    }
+
+    fn complete(&mut self, c: Completion) {
+        self.unpolled.insert(c.cqe.cid.get());
+        self.completions.push_back(c);
+    }
+
+    /// A command ID neither outstanding nor waiting in an unpolled completion; `None` when all 65536
+    /// are in use.
+    pub fn next_cid(&mut self) -> Option<u16> {
+        for _ in 0..=u16::MAX {
             self.next_cid = self.next_cid.wrapping_add(1);
-            if !self.pending.contains_key(&self.next_cid) {
-                return self.next_cid;
+            if !self.in_use(self.next_cid) {
+                return Some(self.next_cid);
             }
         }
+        None
     }
 
     fn send(&mut self, pdu: Pdu) {
@@ -178,8 +195,9 @@ impl HostQueue {
     /// C2HData). The SQE's CID is kept if not already in use, else replaced; returns the CID used.
     pub fn submit(&mut self, mut sqe: Sqe, data: Option<Payload>, read_len: u32) -> u16 {
         let mut cid = sqe.cid.get();
-        if self.pending.contains_key(&cid) {
-            cid = self.next_cid();
+        if self.in_use(cid) {
+            // All 65536 in use cannot happen with a sane queue depth; reuse the given CID then.
+            cid = self.next_cid().unwrap_or(cid);
         }
         sqe.cid.set(cid);
         sqe.flags = (sqe.flags & 0x3f) | 0x40;
@@ -215,11 +233,7 @@ impl HostQueue {
                         let mut cqe = Cqe::new(cccid, 0, 0, Status::TRANSIENT_TRANSPORT_ERROR);
                         cqe.cid.set(cccid);
                         self.pending.remove(&cccid);
-                        self.completions.push_back(Completion {
-                            cqe,
-                            data: Payload::new(),
-                            via_success_flag: true,
-                        });
+                        self.complete(Completion { cqe, data: Payload::new(), via_success_flag: true });
                     } else if let Some(p) = self.pending.get_mut(&cccid) {
                         p.data_in = Payload::new();
                     }
@@ -253,11 +267,7 @@ impl HostQueue {
                     .pending
                     .remove(&cid)
                     .ok_or(HostError::Protocol("response for an unknown command"))?;
-                self.completions.push_back(Completion {
-                    cqe: r.cqe,
-                    data: p.data_in,
-                    via_success_flag: false,
-                });
+                self.complete(Completion { cqe: r.cqe, data: p.data_in, via_success_flag: false });
             }
             Pdu::C2hData(d) if self.ready => {
                 let p = self
@@ -277,7 +287,7 @@ impl HostQueue {
                     self.pending.remove(&cid);
                     let mut cqe = Cqe::new(cid, 0, 0, Status::SUCCESS);
                     cqe.cid.set(cid);
-                    self.completions.push_back(Completion { cqe, data, via_success_flag: true });
+                    self.complete(Completion { cqe, data, via_success_flag: true });
                 }
             }
             Pdu::R2t(r) if self.ready => {

@@ -879,3 +879,20 @@ fn a_host_cannot_recreate_its_controller_while_old_writes_are_running() {
     let mut again = Link::new(&target, HostOptions::default(), now);
     bring_up_admin(&mut again, SUBNQN, 5000, now);
 }
+
+#[test]
+fn the_test_host_never_reuses_a_command_id_before_its_completion_is_taken() {
+    let now = Clock::new().0;
+    let (target, _) = target_with_volume();
+    let (_admin, mut io, _) = io_setup(&target, HostOptions::default(), now);
+    let a = io.host.submit(rw_sqe(0x02, 0, 1, false), None, 512);
+    let b = io.host.submit(rw_sqe(0x02, 8, 1, false), None, 512);
+    io.pump(now);
+    // Both completions wait in the host's queue; a new command must not take either CID.
+    let c = io.host.submit(rw_sqe(0x02, 16, 1, false), None, 512);
+    assert!(c != a && c != b);
+    io.pump(now);
+    let got: Vec<u16> = io.pending_completions().iter().map(|c| c.cqe.cid.get()).collect();
+    assert_eq!(got.len(), 3);
+    assert!(got.contains(&a) && got.contains(&b) && got.contains(&c));
+}

@@ -14,6 +14,10 @@
 # start it on 127.0.0.1 with a free port and an in-memory 512 MiB namespace, boot the guest
 # under QEMU TCG with the scenario script (passed through fw_cfg), collect one result line per
 # scenario from the guest's second serial port, stop everything.
+# While the guest runs, "ACTION <scenario> <command> ..." lines on that port make run.sh act on
+# the host: `resize BYTES` (sent to the target's --control FIFO), `keepalive-mark CNTLID KATO`
+# and `keepalive-check CNTLID KATO` (the keepalive-expiry scenario; its verdict is decided here,
+# from target.log). A scenario fails if the guest or the host-side check says so.
 # Prints "PASS <name>" / "FAIL <name>: <reason>" per scenario and "N passed, M failed";
 # exits 1 if anything failed (or the guest did not finish), 2 on a harness error.
 set -euo pipefail
@@ -52,6 +56,10 @@ HOSTNQN="nqn.2026-01.io.xatastor:e2e-guest"
 HOSTID="6a0f3e5c-2b1d-4c8e-9f70-0e2e00000001"
 BAD_HOSTNQN="nqn.2026-01.io.xatastor:e2e-intruder"
 BAD_HOSTID="6a0f3e5c-2b1d-4c8e-9f70-0e2e000000ff"
+# keepalive-expiry: the guest connects with this KATO (s); the target must tear the controller
+# down at most KATO + KATO_MARGIN seconds after the guest's NIC went down.
+KATO=5
+KATO_MARGIN=2
 GUEST_MEM="${XATASTOR_E2E_GUEST_MEM:-2048}"
 GUEST_CPUS="${XATASTOR_E2E_GUEST_CPUS:-2}"
 
@@ -67,20 +75,25 @@ done
 
 if [[ -z $OUT ]]; then OUT="$(mktemp -d /tmp/xatastor-e2e.XXXXXX)"; else mkdir -p "$OUT"; fi
 CONSOLE="$OUT/console.log"   # guest ttyS0: kernel + scenario output
-RESULTS="$OUT/results.log"   # guest ttyS1: PLAN/PASS/FAIL/TIME lines only
+RESULTS="$OUT/results.log"   # guest ttyS1: PLAN/PASS/FAIL/TIME/ACTION lines only
 TARGET_LOGFILE="$OUT/target.log"
-: > "$CONSOLE"; : > "$RESULTS"; : > "$TARGET_LOGFILE"
+ACTIONS="$OUT/actions.log"   # what run.sh did for the guest's ACTION lines (host clock)
+CONTROL="$OUT/control.fifo"  # the target's --control FIFO
+: > "$CONSOLE"; : > "$RESULTS"; : > "$TARGET_LOGFILE"; : > "$ACTIONS"
+rm -f "$CONTROL"
+mkfifo "$CONTROL" || die "mkfifo $CONTROL failed"
 
 TARGET_PID=""
 QEMU_PID=""
 TAIL_PIDS=()
+READER_PID=""
 cleanup() {
     local rc=$?
     set +e
     [[ -n $QEMU_PID ]] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
     [[ -n $TARGET_PID ]] && kill "$TARGET_PID" 2>/dev/null && wait "$TARGET_PID" 2>/dev/null
     local p
-    for p in "${TAIL_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${TAIL_PIDS[@]}" $READER_PID; do kill "$p" 2>/dev/null; done
     [[ -d $OUT ]] && echo "[e2e] logs: $OUT (console.log, target.log, results.log)" >&2
     exit "$rc"
 }
@@ -108,9 +121,12 @@ fi
 # Port 0: the kernel picks a free port; the target prints the bound address.
 log "starting target ($BIN, log filter '$TARGET_LOG')"
 NO_COLOR=1 "$BIN" --listen 127.0.0.1:0 --memory "$SIZE_BYTES" --block-size "$BLOCK_SIZE" \
-    --nqn "$NQN" --serial "$SERIAL" --host "$HOSTNQN" --log "$TARGET_LOG" \
+    --nqn "$NQN" --serial "$SERIAL" --host "$HOSTNQN" --log "$TARGET_LOG" --control "$CONTROL" \
     > "$TARGET_LOGFILE" 2>&1 &
 TARGET_PID=$!
+# Read-write, like the target: opening never blocks and writes never fail, even if the target
+# has died (the pipe buffer is far larger than the few commands sent).
+exec {CONTROL_FD}<>"$CONTROL"
 PORT=""
 for _ in $(seq 1 100); do
     PORT="$(sed -n 's/^serving .* on 127\.0\.0\.1:\([0-9]\+\)$/\1/p' "$TARGET_LOGFILE" | head -n1 || true)"
@@ -134,6 +150,7 @@ E2E_HOSTID=$HOSTID
 E2E_BAD_HOSTNQN=$BAD_HOSTNQN
 E2E_BAD_HOSTID=$BAD_HOSTID
 E2E_ONLY="$ONLY"
+E2E_KATO=$KATO
 EOF
 cp "$SCENARIO" "$OUT/scenario.sh"
 
@@ -155,6 +172,41 @@ T_BOOT=$(date +%s)
 timeout -k 10 "$TIMEOUT" "${QEMU[@]}" > "$OUT/qemu.log" 2>&1 &
 QEMU_PID=$!
 
+# --- guest requests ("ACTION <scenario> <command> [args]" on ttyS1), served while it runs --
+now_s() { date +%s.%N; }
+# control CMD...: send one command to the target, wait (5 s at most) for its "control:" reply.
+control() {
+    local n i reply=""
+    n=$(grep -c '^control: ' "$TARGET_LOGFILE")
+    echo "$*" >&"$CONTROL_FD"
+    for i in $(seq 1 50); do
+        reply=$(grep '^control: ' "$TARGET_LOGFILE" | tail -n +$(( n + 1 )) | head -n1)
+        [[ -n $reply ]] && break
+        sleep 0.1
+    done
+    echo "${reply:-control: no reply within 5s}"
+}
+# One line per ACTION in actions.log: "<host time> <scenario> <command> <args> | <outcome>".
+serve_actions() {
+    set +e
+    local line name cmd args t reply
+    while IFS= read -r line; do
+        line=${line%$'\r'}
+        [[ $line == "ACTION "* ]] || continue
+        t=$(now_s)
+        read -r name cmd args <<<"${line#ACTION }"
+        case $cmd in
+            resize) reply=$(control resize "$args") ;;
+            keepalive-mark|keepalive-check) reply=$(control controllers) ;;
+            *) reply="unknown action" ;;
+        esac
+        echo "$t $name $cmd $args | $reply" >> "$ACTIONS"
+        echo "[e2e] guest action: $name $cmd $args -> $reply" >&2
+    done
+}
+tail --pid="$QEMU_PID" -n +1 -F "$RESULTS" 2>/dev/null | serve_actions &
+READER_PID=$!
+
 # Live progress on stderr (the canonical result lines are printed at the end, on stdout).
 tail --pid="$QEMU_PID" -n +1 -F "$RESULTS" 2>/dev/null | sed -u -n 's/\r$//; s/^\(PASS\|FAIL\)/[e2e] guest: &/p' >&2 &
 TAIL_PIDS+=($!)
@@ -170,6 +222,10 @@ set -e
 QEMU_PID=""
 T_GUEST=$(( $(date +%s) - T_BOOT ))
 sleep 0.5 # let the tails catch up
+# The action reader ends with its tail (at QEMU's exit); it may be finishing a control command.
+for _ in $(seq 1 100); do kill -0 "$READER_PID" 2>/dev/null || break; sleep 0.1; done
+kill "$READER_PID" 2>/dev/null || true
+READER_PID=""
 log "guest finished after ${T_GUEST}s (qemu exit status $QEMU_RC)"
 
 # --- (f) stop the target -------------------------------------------------------------------
@@ -187,6 +243,58 @@ TARGET_PID=""
 # --- (e) results ---------------------------------------------------------------------------
 tr -d '\r' < "$RESULTS" > "$OUT/results.txt"
 PLAN="$(sed -n 's/^PLAN //p' "$OUT/results.txt" | tail -n1)"
+# Host-side verdicts, from what the guest asked for (ACTION lines) and what run.sh saw.
+# log_epoch LINE: the time of a target.log line (its RFC 3339 timestamp), in epoch seconds.
+log_epoch() { date -d "$(cut -d' ' -f1 <<<"$1")" +%s.%N 2>/dev/null; }
+# keepalive_verdict NAME: why the keep-alive check of scenario NAME failed; empty if it passed.
+keepalive_verdict() {
+    local name=$1 mark check cntlid kato t_mark t_check line t_down delay reason=""
+    mark=$(grep -E "^[0-9.]+ $name keepalive-mark " "$ACTIONS" | tail -n1)
+    check=$(grep -E "^[0-9.]+ $name keepalive-check " "$ACTIONS" | tail -n1)
+    [[ -n $mark ]] || { echo "run.sh did not see the guest's keepalive-mark"; return; }
+    [[ -n $check ]] || { echo "run.sh did not see the guest's keepalive-check"; return; }
+    read -r t_mark _ _ cntlid kato _ <<<"$mark"
+    read -r t_check _ <<<"$check"
+    # At the mark the controller was live, with the KATO the guest asked for.
+    if ! grep -qE "cntlid=$cntlid [^;]*kato_ms=$(( kato * 1000 ))(;|\$)" <<<"${mark#*|}"; then
+        echo "at the mark, the target did not list cntlid $cntlid with kato_ms=$(( kato * 1000 )): ${mark#*| }"
+        return
+    fi
+    # When the guest stopped waiting (KATO + 3 s), the controller was gone.
+    if grep -qE "cntlid=$cntlid( |;|\$)" <<<"${check#*|}"; then
+        reason="the target still listed controller $cntlid $(awk -v a="$t_mark" -v b="$t_check" 'BEGIN {printf "%.1f", b - a}')s after the link went down (KATO ${kato}s); "
+    fi
+    line=$(grep -E "keep-alive timeout: controller torn down.*cntlid=(Some\()?$cntlid\b" "$TARGET_LOGFILE" | head -n1)
+    if [[ -z $line ]]; then
+        local other
+        other=$(grep -E "cntlid=$cntlid[ }].*closing reason=" "$TARGET_LOGFILE" | head -n1)
+        echo "${reason}no 'keep-alive timeout: controller torn down' for cntlid $cntlid in target.log${other:+; first close: $other}"
+        return
+    fi
+    t_down=$(log_epoch "$line")
+    [[ -n $t_down ]] || { echo "${reason}cannot read the time of: $line"; return; }
+    delay=$(awk -v a="$t_mark" -v b="$t_down" 'BEGIN {printf "%.2f", b - a}')
+    echo "[e2e] keepalive-expiry: target tore down cntlid $cntlid ${delay}s after the guest's link went down (KATO ${kato}s, limit $(( kato + KATO_MARGIN ))s)" >&2
+    if awk -v d="$delay" 'BEGIN {exit !(d < 0)}'; then
+        reason+="controller $cntlid torn down ${delay}s BEFORE the link went down; "
+    elif awk -v d="$delay" -v l="$(( kato + KATO_MARGIN ))" 'BEGIN {exit !(d > l)}'; then
+        reason+="controller $cntlid torn down ${delay}s after the link went down, later than KATO ${kato}s + ${KATO_MARGIN}s; "
+    fi
+    echo "${reason%; }"
+}
+# host_verdict NAME: why the host side fails scenario NAME; empty if it has nothing against it.
+host_verdict() {
+    local name=$1 r="" bad k
+    # Every control command the scenario needed must have succeeded.
+    bad=$(grep -E "^[0-9.]+ $name resize " "$ACTIONS" | grep -v '| control: ok' | head -n1 || true)
+    [[ -z $bad ]] || r="target control command failed: ${bad#* $name }"
+    if [[ $name == keepalive-expiry ]]; then
+        k=$(keepalive_verdict "$name")
+        [[ -z $k ]] || r+="${r:+; }$k"
+    fi
+    echo "$r"
+}
+
 passed=0
 failed=0
 report() { # report PASS|FAIL name [reason]
@@ -201,15 +309,18 @@ if [[ -z $PLAN ]]; then
 fi
 for name in $PLAN; do
     line="$(grep -E "^(PASS|FAIL) $name(:|\$)" "$OUT/results.txt" | tail -n1 || true)"
+    host="$(host_verdict "$name")"
     if [[ -z $line ]]; then
         why="no result"
         if [[ $QEMU_RC == 124 || $QEMU_RC == 137 ]]; then why+=" (guest killed by the ${TIMEOUT}s timeout)"
         elif ! grep -q '^E2E-GUEST-END' "$OUT/results.txt"; then why+=" (guest ended early, qemu status $QEMU_RC)"; fi
-        report FAIL "$name" "$why"
-    elif [[ $line == PASS* ]]; then
+        report FAIL "$name" "$why${host:+ [host: $host]}"
+    elif [[ $line == PASS* && -z $host ]]; then
         report PASS "$name"
+    elif [[ $line == PASS* ]]; then
+        report FAIL "$name" "$host"
     else
-        report FAIL "$name" "${line#FAIL "$name": }"
+        report FAIL "$name" "${line#FAIL "$name": }${host:+ [host: $host]}"
     fi
 done
 # The target must survive everything the initiator did to it.

@@ -5,9 +5,21 @@
 //! nvme discover -t tcp -a 127.0.0.1 -s 4420
 //! nvme connect -t tcp -a 127.0.0.1 -s 4420 -n nqn.2026-01.io.xatastor:blocking
 //! ```
+//!
+//! With `--control PATH` (a FIFO) it also reads management commands at run time, one per line:
+//!
+//! ```sh
+//! mkfifo /tmp/ctl
+//! nvmeof-blocking-target --memory 1GiB --allow-any-host --control /tmp/ctl &
+//! echo "resize 2GiB" > /tmp/ctl     # stderr: control: ok resize ...
+//! echo "controllers" > /tmp/ctl     # stderr: control: ok controllers ...
+//! ```
 
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -51,6 +63,15 @@ struct Args {
     /// Log filter (tracing-subscriber syntax), e.g. `info`, `nvmeof_target=debug`.
     #[arg(long, default_value = "info")]
     log: String,
+    /// Read run-time commands, one per line, from this FIFO (make it with `mkfifo` first).
+    ///
+    /// Commands: `resize SIZE` resizes namespace 1 (e.g. `resize 1GiB`; connected hosts get a
+    /// Namespace Attribute Changed event and see the new size without reconnecting); `controllers`
+    /// lists the live controllers. Each command prints one line to stderr, `control: ok ...` or
+    /// `control: error ...`. The target keeps the FIFO open, so writers may come and go
+    /// (e.g. `echo "resize 2GiB" > PATH`).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -107,6 +128,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     target.add_subsystem(sc)?;
     target.add_namespace(&args.nqn, NamespaceConfig::derived(&args.nqn, 1, backend.clone()))?;
+    if let Some(path) = &args.control {
+        spawn_control(path, target.clone(), args.nqn.clone())?;
+    }
     let listener =
         TcpListener::bind(args.listen).map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -123,8 +147,85 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.hosts.is_empty() && !args.allow_any_host {
         eprintln!("  note: no host may connect: add --host NQN or --allow-any-host");
     }
+    if let Some(path) = &args.control {
+        eprintln!("  control: reading commands from {}", path.display());
+    }
     nvmeof_target_serve(listener, target)?;
     Ok(())
+}
+
+/// Opens the control FIFO and serves its commands on a thread of its own.
+fn spawn_control(path: &Path, target: Target, nqn: String) -> Result<(), Box<dyn std::error::Error>> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("--control {}: {e} (create it with mkfifo)", path.display()))?;
+    if !meta.file_type().is_fifo() {
+        return Err(format!("--control {}: not a FIFO (create it with mkfifo)", path.display()).into());
+    }
+    // Read and write: opening does not wait for a writer, and the reader never sees end-of-file
+    // when a writer closes, so any number of writers can come and go.
+    let fifo = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("--control {}: {e}", path.display()))?;
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        for line in BufReader::new(fifo).lines() {
+            match line {
+                Ok(line) => {
+                    let line = line.trim();
+                    if !line.is_empty() && !line.starts_with('#') {
+                        match control_command(&target, &nqn, line) {
+                            Ok(msg) => eprintln!("control: ok {msg}"),
+                            Err(msg) => eprintln!("control: error {line:?}: {msg}"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("control: error reading the control FIFO: {e}; no more commands");
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// Executes one control command; the text of the `ok` or `error` line.
+fn control_command(target: &Target, nqn: &str, line: &str) -> Result<String, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["resize", size] => {
+            let bytes = parse_size(size)?;
+            if bytes == 0 {
+                return Err("the size must not be 0".into());
+            }
+            let ns = target
+                .subsystem(nqn)
+                .and_then(|s| s.namespace(1))
+                .ok_or_else(|| format!("no namespace 1 in {nqn}"))?;
+            let old = ns.backend().size_bytes();
+            target.resize_namespace(nqn, 1, bytes).map_err(|e| e.to_string())?;
+            Ok(format!("resize {nqn} nsid 1: {old} -> {} bytes", ns.backend().size_bytes()))
+        }
+        ["controllers"] => {
+            let list = target.controllers();
+            let items: Vec<String> = list
+                .iter()
+                .map(|c| {
+                    format!(
+                        "cntlid={} subnqn={} hostnqn={} io_queues={} kato_ms={}",
+                        c.cntlid, c.subnqn, c.hostnqn, c.io_queues, c.kato_ms
+                    )
+                })
+                .collect();
+            if items.is_empty() {
+                Ok("controllers 0".into())
+            } else {
+                Ok(format!("controllers {}: {}", items.len(), items.join("; ")))
+            }
+        }
+        _ => Err("unknown command (commands: resize SIZE, controllers)".into()),
+    }
 }
 
 fn nvmeof_target_serve(listener: TcpListener, target: Target) -> std::io::Result<()> {

@@ -9,10 +9,15 @@
 #   E2E_HOSTNQN E2E_HOSTID            the host identity the target allows
 #   E2E_BAD_HOSTNQN E2E_BAD_HOSTID    a host identity the target must refuse
 #   E2E_ONLY            optional space-separated list of scenario names to run
+#   E2E_KATO            keep-alive timeout (s) used by keepalive-expiry
 #
 # Output: one line per scenario on /dev/ttyS1 ("PASS <name>" / "FAIL <name>: <reason>"),
 # preceded by "PLAN <names...>"; everything else (command traces, tool output, dmesg)
 # goes to stdout = the serial console.
+# Requests to the host: "ACTION <scenario> <command> [args...]" lines on /dev/ttyS1, which
+# run.sh acts on while the guest runs (see action() and run.sh: resize, keepalive-mark,
+# keepalive-check). There is no reply channel: the guest observes the effect (e.g. polls the
+# namespace size), and run.sh adds its own verdict for the scenario (e.g. keepalive-expiry).
 #
 # Scenarios keep going after a failure; each one establishes the connection state it
 # needs (helpers connect/disconnect), so a failing scenario does not mask later ones.
@@ -28,6 +33,19 @@ mkdir -p "$STATE" "$MNT"
 # that breaks the association fails in bounded time instead of hanging.
 CONNECT_OPTS=(--ctrl-loss-tmo=20 --reconnect-delay=2)
 FIO_TIMEOUT=900
+# How long the guest waits for a resize to show up (the host learns it from an AEN).
+RESIZE_WAIT_S=20
+E2E_KATO=${E2E_KATO:-5}
+
+# The kernel's own nvmet-tcp target inside the guest (control-* scenarios): file-backed
+# namespace on tmpfs, listening on the guest's loopback.
+CTL_NQN=nqn.2026-01.io.xatastor:e2e-control
+CTL_SERIAL=XSE2ECTL01
+CTL_ADDR=127.0.0.1
+CTL_PORT=4420
+CTL_SIZE_BYTES=$(( 64 << 20 ))
+CTL_FILE=$STATE/control-ns.img
+NVMET=/sys/kernel/config/nvmet
 
 : "${E2E_ADDR:?}" "${E2E_PORT:?}" "${E2E_NQN:?}" "${E2E_SERIAL:?}" "${E2E_SIZE_BYTES:?}"
 : "${E2E_BLOCK_SIZE:?}" "${E2E_HOSTNQN:?}" "${E2E_HOSTID:?}" "${E2E_BAD_HOSTNQN:?}" "${E2E_BAD_HOSTID:?}"
@@ -43,49 +61,75 @@ log() { echo "--- [$(now)s] $*"; }
 x() { echo "+ $*"; "$@"; }
 # Record why the current scenario fails (first reason wins) and leave it.
 fail() { [[ -e $STATE/reason ]] || echo "$*" > "$STATE/reason"; exit 1; }
+# Ask run.sh (on the host) to do something now, on behalf of the current scenario.
+action() { log "ACTION $E2E_SCENARIO $*"; echo "ACTION $E2E_SCENARIO $*" > "$RESULTS"; }
 
 # ---------------------------------------------------------------------------------------
 # helpers
 
-# Block device (name, e.g. nvme0n1) of namespace 1 of our subsystem, if connected.
-ns_dev() {
+# Block device (name, e.g. nvme0n1) of the first namespace of subsystem $1, if connected.
+ns_dev_of() {
     local b nqn
     for b in /sys/block/nvme*; do
         [[ -e $b ]] || continue
         b=${b##*/}
         [[ $b =~ ^nvme[0-9]+n[0-9]+$ ]] || continue # skip hidden multipath paths nvmeXcYnZ
         nqn=$(cat "/sys/block/$b/device/subsysnqn" 2>/dev/null) || continue
-        [[ $nqn == "$E2E_NQN" ]] || continue
+        [[ $nqn == "$1" ]] || continue
         [[ -b /dev/$b ]] || continue
         echo "$b"
         return 0
     done
     return 1
 }
+ns_dev() { ns_dev_of "$E2E_NQN"; }
 
-# Controllers (nvmeX) connected to our subsystem (any host NQN), one per line.
-our_ctrls() {
+# Controllers (nvmeX) connected to subsystem $1 (any host NQN), one per line.
+ctrls_of() {
     local c
     for c in /sys/class/nvme/nvme*; do
         [[ -e $c ]] || continue
-        [[ $(cat "$c/subsysnqn" 2>/dev/null) == "$E2E_NQN" ]] && echo "${c##*/}"
+        [[ $(cat "$c/subsysnqn" 2>/dev/null) == "$1" ]] && echo "${c##*/}"
     done
     return 0
 }
+our_ctrls() { ctrls_of "$E2E_NQN"; }
 
-wait_for_dev() {
+wait_for_dev_of() {
     local i d
     for i in $(seq 1 150); do # 30 s
-        if d=$(ns_dev); then echo "$d"; return 0; fi
+        if d=$(ns_dev_of "$1"); then echo "$d"; return 0; fi
+        sleep 0.2
+    done
+    return 1
+}
+wait_for_dev() { wait_for_dev_of "$E2E_NQN"; }
+
+wait_for_no_ctrl_of() {
+    local i
+    for i in $(seq 1 150); do
+        [[ -z $(ctrls_of "$1") ]] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+wait_for_no_ctrl() { wait_for_no_ctrl_of "$E2E_NQN"; }
+
+# wait_for_ctrl_state CTRL STATE SECONDS
+wait_for_ctrl_state() {
+    local i
+    for i in $(seq 1 $(( $3 * 5 ))); do
+        [[ $(cat "/sys/class/nvme/$1/state" 2>/dev/null) == "$2" ]] && return 0
         sleep 0.2
     done
     return 1
 }
 
-wait_for_no_ctrl() {
+# wait_for_size DEV BYTES SECONDS: until blockdev --getsize64 reports BYTES.
+wait_for_size() {
     local i
-    for i in $(seq 1 150); do
-        [[ -z $(our_ctrls) ]] && return 0
+    for i in $(seq 1 $(( $3 * 5 ))); do
+        [[ $(blockdev --getsize64 "/dev/$1" 2>/dev/null) == "$2" ]] && return 0
         sleep 0.2
     done
     return 1
@@ -97,24 +141,32 @@ need_nvme_tcp() {
     modprobe nvme-tcp >&2 || fail "modprobe nvme-tcp failed"
 }
 
-# connect [extra nvme-connect options...]: connect with the allowed host identity,
-# wait for the namespace block device; prints its name.
-connect() {
+# connect_to ADDR PORT NQN [extra nvme-connect options...]: connect with the allowed host
+# identity, wait for the namespace block device; prints its name.
+connect_to() {
+    local addr=$1 port=$2 nqn=$3
+    shift 3
     need_nvme_tcp
-    x timeout 60 nvme connect -t tcp -a "$E2E_ADDR" -s "$E2E_PORT" -n "$E2E_NQN" \
+    x timeout 60 nvme connect -t tcp -a "$addr" -s "$port" -n "$nqn" \
         --hostnqn "$E2E_HOSTNQN" --hostid "$E2E_HOSTID" "${CONNECT_OPTS[@]}" "$@" >&2 \
-        || fail "nvme connect $* failed (rc=$?)"
+        || fail "nvme connect to $nqn $* failed (rc=$?)"
     local d
-    d=$(wait_for_dev) || fail "namespace block device did not appear within 30s after nvme connect $*"
+    d=$(wait_for_dev_of "$nqn") || fail "namespace block device did not appear within 30s after nvme connect to $nqn $*"
     echo "$d"
+}
+# connect [extra nvme-connect options...]: the same, to our target.
+connect() { connect_to "$E2E_ADDR" "$E2E_PORT" "$E2E_NQN" "$@"; }
+
+disconnect_of() {
+    if [[ -n $(ctrls_of "$1") ]]; then
+        x timeout 60 nvme disconnect -n "$1" || fail "nvme disconnect -n $1 failed (rc=$?)"
+    fi
+    wait_for_no_ctrl_of "$1" || fail "controller still present 30s after nvme disconnect: $(ctrls_of "$1" | tr '\n' ' ')"
 }
 
 disconnect() {
     mountpoint -q "$MNT" && umount "$MNT"
-    if [[ -n $(our_ctrls) ]]; then
-        x timeout 60 nvme disconnect -n "$E2E_NQN" || fail "nvme disconnect -n $E2E_NQN failed (rc=$?)"
-    fi
-    wait_for_no_ctrl || fail "controller still present 30s after nvme disconnect: $(our_ctrls | tr '\n' ' ')"
+    disconnect_of "$E2E_NQN"
 }
 
 # Connected with default options (reusing an existing connection).
@@ -144,7 +196,13 @@ fio_verify() {
 sc_discover() {
     x modprobe nvme-tcp || fail "modprobe nvme-tcp failed"
     [[ -e /dev/nvme-fabrics ]] || fail "/dev/nvme-fabrics missing after modprobe nvme-tcp"
-    x timeout 60 nvme discover -t tcp -a "$E2E_ADDR" -s "$E2E_PORT" \
+    discover_check "$E2E_ADDR" "$E2E_PORT" "$E2E_NQN"
+}
+
+# discover_check ADDR PORT NQN: nvme discover succeeds and lists exactly one NVM subsystem, NQN.
+discover_check() {
+    local addr=$1 port=$2 nqn=$3
+    x timeout 60 nvme discover -t tcp -a "$addr" -s "$port" \
         --hostnqn "$E2E_HOSTNQN" --hostid "$E2E_HOSTID" > "$STATE/discover.out" 2>&1
     local rc=$?
     cat "$STATE/discover.out"
@@ -156,7 +214,7 @@ sc_discover() {
     echo "entries: $entries"
     nvm_nqns=$(grep -v 'discovery subsystem|' <<<"$entries" | cut -d'|' -f2 | sed 's/[ \t]*$//' | sort -u)
     [[ -n $entries ]] || fail "discovery log has no entries"
-    [[ $nvm_nqns == "$E2E_NQN" ]] || fail "discovery log lists NVM subsystems [$(echo $nvm_nqns)], expected exactly [$E2E_NQN]"
+    [[ $nvm_nqns == "$nqn" ]] || fail "discovery log lists NVM subsystems [$(echo $nvm_nqns)], expected exactly [$nqn]"
     [[ $(grep -vc 'discovery subsystem|' <<<"$entries") == 1 ]] \
         || fail "discovery log has $(grep -vc 'discovery subsystem|' <<<"$entries") NVM subsystem entries, expected 1"
 }
@@ -296,6 +354,186 @@ sc_discard() {
     x umount "$MNT" || fail "umount failed"
 }
 
+# resize_and_wait DEV BYTES: ask the host to resize our namespace, wait until DEV shows it.
+resize_and_wait() {
+    local dev=$1 want=$2 t0 t1
+    t0=$(now)
+    action resize "$want"
+    if ! wait_for_size "$dev" "$want" "$RESIZE_WAIT_S"; then
+        fail "/dev/$dev is still $(blockdev --getsize64 "/dev/$dev" 2>&1) bytes ${RESIZE_WAIT_S}s after the target was asked to resize it to $want (guest nvme dmesg since: $(dmesg_since_mark | grep -i nvme | tail -n3 | tr '\n' ' '))"
+    fi
+    t1=$(now)
+    log "/dev/$dev is $want bytes, $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}')s after the request"
+}
+
+# no_reconnect CTRL CNTLID DEV: the controller is the same association as before (same
+# controller ID, live) and the kernel logged nothing about resets or reconnects since the mark.
+no_reconnect() {
+    local ctrl=$1 cntlid=$2 dev=$3 now_cntlid state
+    now_cntlid=$(cat "/sys/class/nvme/$ctrl/cntlid" 2>/dev/null)
+    state=$(cat "/sys/class/nvme/$ctrl/state" 2>/dev/null)
+    [[ $now_cntlid == "$cntlid" && $state == live ]] \
+        || fail "controller changed: $ctrl cntlid ${now_cntlid:-gone} (was $cntlid), state ${state:-gone}"
+    [[ $(ns_dev) == "$dev" ]] || fail "namespace device changed: /dev/$(ns_dev) (was /dev/$dev)"
+    local bad
+    bad=$(dmesg_since_mark | grep -iE 'new ctrl|creating [0-9]+ I/O queues|reconnect|error recovery|resetting|keep-alive|I/O tag .* timeout' | head -n3)
+    [[ -z $bad ]] || fail "the kernel reset/reconnected the controller: $(tr '\n' ' ' <<<"$bad")"
+}
+
+cfs_write() { # cfs_write FILE VALUE: write a configfs attribute
+    echo "+ echo $2 > $1"
+    echo "$2" > "$1" || fail "writing '$2' to $1 failed"
+}
+
+# The kernel's nvmet-tcp target in the guest: subsystem CTL_NQN (allowed host: ours), a
+# file-backed namespace on tmpfs (buffered I/O: tmpfs has no O_DIRECT in 6.1), port 1 on
+# CTL_ADDR:CTL_PORT. Idempotent, so every control-* scenario can run alone.
+nvmet_setup() {
+    [[ -L $NVMET/ports/1/subsystems/$CTL_NQN ]] && return 0
+    x modprobe nvmet || fail "modprobe nvmet failed"
+    x modprobe nvmet-tcp || fail "modprobe nvmet-tcp failed"
+    mountpoint -q /sys/kernel/config || x mount -t configfs configfs /sys/kernel/config \
+        || fail "cannot mount configfs"
+    [[ -d $NVMET ]] || fail "$NVMET missing after modprobe nvmet"
+    x truncate -s "$CTL_SIZE_BYTES" "$CTL_FILE" || fail "cannot create $CTL_FILE"
+    local sub=$NVMET/subsystems/$CTL_NQN port=$NVMET/ports/1
+    mkdir -p "$NVMET/hosts/$E2E_HOSTNQN" "$sub" "$port" || fail "mkdir in $NVMET failed"
+    cfs_write "$sub/attr_allow_any_host" 0
+    cfs_write "$sub/attr_serial" "$CTL_SERIAL"
+    [[ -L $sub/allowed_hosts/$E2E_HOSTNQN ]] || ln -s "$NVMET/hosts/$E2E_HOSTNQN" "$sub/allowed_hosts/$E2E_HOSTNQN" \
+        || fail "cannot allow $E2E_HOSTNQN on $CTL_NQN"
+    mkdir -p "$sub/namespaces/1" || fail "cannot create namespace 1"
+    if [[ $(cat "$sub/namespaces/1/enable") != 1 ]]; then
+        cfs_write "$sub/namespaces/1/device_path" "$CTL_FILE"
+        cfs_write "$sub/namespaces/1/buffered_io" 1
+        cfs_write "$sub/namespaces/1/enable" 1
+    fi
+    cfs_write "$port/addr_trtype" tcp
+    cfs_write "$port/addr_adrfam" ipv4
+    cfs_write "$port/addr_traddr" "$CTL_ADDR"
+    cfs_write "$port/addr_trsvcid" "$CTL_PORT"
+    x ln -s "$sub" "$port/subsystems/$CTL_NQN" || fail "cannot enable $CTL_NQN on port 1"
+    dmesg | grep -i nvmet | tail -n3
+}
+
+nvmet_teardown() {
+    [[ -d $NVMET ]] || return 0
+    local sub=$NVMET/subsystems/$CTL_NQN
+    rm -f "$NVMET/ports/1/subsystems/$CTL_NQN"
+    rmdir "$NVMET/ports/1" 2>/dev/null
+    [[ -d $sub/namespaces/1 ]] && { echo 0 > "$sub/namespaces/1/enable"; rmdir "$sub/namespaces/1"; }
+    rm -f "$sub/allowed_hosts/$E2E_HOSTNQN"
+    rmdir "$sub" "$NVMET/hosts/$E2E_HOSTNQN" 2>/dev/null
+    rm -f "$CTL_FILE"
+    return 0
+}
+
+# ---------------------------------------------------------------------------------------
+# scenarios: run-time changes and failures
+
+# The target grows the namespace while we are connected (and shrinks it back); the host must
+# see both sizes through the Namespace Attribute Changed event, without any reconnect.
+sc_resize() {
+    local dev
+    dev=$(ensure_connected) || exit 1
+    local ctrl cntlid size0 big
+    ctrl=$(our_ctrls | head -n1)
+    cntlid=$(cat "/sys/class/nvme/$ctrl/cntlid")
+    size0=$(blockdev --getsize64 "/dev/$dev") || fail "blockdev --getsize64 /dev/$dev failed"
+    [[ $size0 == "$E2E_SIZE_BYTES" ]] || fail "/dev/$dev is $size0 bytes before the resize, expected $E2E_SIZE_BYTES"
+    big=$(( E2E_SIZE_BYTES * 2 ))
+    log "controller $ctrl cntlid $cntlid, /dev/$dev $size0 bytes; growing to $big"
+    dmesg_mark
+    resize_and_wait "$dev" "$big"
+    no_reconnect "$ctrl" "$cntlid" "$dev"
+    x nvme id-ns "/dev/$dev" > "$STATE/id-ns.out" 2>&1 || { cat "$STATE/id-ns.out"; fail "nvme id-ns /dev/$dev failed"; }
+    local nsze
+    nsze=$(awk '/^nsze[ \t]*:/ {print $3}' "$STATE/id-ns.out")
+    [[ -n $nsze ]] && (( nsze == big / E2E_BLOCK_SIZE )) || fail "id-ns nsze=$nsze after growing, expected $(( big / E2E_BLOCK_SIZE ))"
+    # The new space works: a pattern in the last 2 MiB, read back with O_DIRECT.
+    x dd if=/dev/urandom of="$STATE/pattern" bs=1M count=2 status=none || fail "cannot make pattern"
+    x dd if="$STATE/pattern" of="/dev/$dev" bs=1M seek=$(( big / 1048576 - 2 )) oflag=direct conv=fsync status=none \
+        || fail "writing beyond the old end of /dev/$dev failed"
+    x dd if="/dev/$dev" of="$STATE/readback" bs=1M skip=$(( big / 1048576 - 2 )) count=2 iflag=direct status=none \
+        || fail "reading beyond the old end of /dev/$dev failed"
+    x cmp "$STATE/pattern" "$STATE/readback" || fail "data written beyond the old end reads back differently"
+    log "shrinking back to $E2E_SIZE_BYTES"
+    resize_and_wait "$dev" "$E2E_SIZE_BYTES"
+    no_reconnect "$ctrl" "$cntlid" "$dev"
+    dmesg_since_mark | grep -i 'capacity change'
+    return 0
+}
+
+# The connection vanishes without a disconnect (the guest's NIC goes down): the target must
+# free the controller when its keep-alive timer expires. The guest marks the moment; run.sh
+# checks target.log for the teardown and its delay (host-side verdict, see run.sh).
+sc_keepalive_expiry() {
+    need_nvme_tcp
+    disconnect
+    local dev ctrl cntlid
+    dev=$(connect --keep-alive-tmo="$E2E_KATO") || exit 1
+    ctrl=$(our_ctrls | head -n1)
+    cntlid=$(cat "/sys/class/nvme/$ctrl/cntlid")
+    [[ -n $cntlid ]] || fail "no cntlid for $ctrl"
+    [[ -e /sys/class/net/eth0 ]] || fail "the guest has no eth0"
+    log "controller $ctrl cntlid $cntlid, kato ${E2E_KATO}s (sysfs kato: $(cat "/sys/class/nvme/$ctrl/kato" 2>/dev/null || echo n/a))"
+    dmesg_mark
+    action keepalive-mark "$cntlid" "$E2E_KATO"
+    x ip link set dev eth0 down || fail "ip link set dev eth0 down failed"
+    sleep $(( E2E_KATO + 3 ))
+    action keepalive-check "$cntlid" "$E2E_KATO"
+    # Always bring the network back before anything can fail.
+    x ip link set dev eth0 up
+    x ip route replace default via 10.0.2.2 dev eth0
+    log "guest side while the link was down:"
+    dmesg_since_mark | grep -i nvme
+    # The initiator's own keep-alive failed too; it reconnects now that the link is back,
+    # which the target must accept (a new controller).
+    wait_for_ctrl_state "$ctrl" live 30 \
+        || fail "$ctrl did not reconnect within 30s after the link came back (state $(cat "/sys/class/nvme/$ctrl/state" 2>/dev/null || echo gone))"
+    log "reconnected: $ctrl cntlid $(cat "/sys/class/nvme/$ctrl/cntlid")"
+    disconnect
+}
+
+# ---------------------------------------------------------------------------------------
+# control: the same basic scenarios against the Linux kernel's own nvmet-tcp target in the
+# guest, so that a failure can be told apart (ours vs. the initiator/guest/harness).
+
+sc_control_discover() {
+    need_nvme_tcp
+    nvmet_setup
+    discover_check "$CTL_ADDR" "$CTL_PORT" "$CTL_NQN"
+}
+
+sc_control_connect() {
+    nvmet_setup
+    disconnect_of "$CTL_NQN"
+    local dev ctrl
+    dev=$(connect_to "$CTL_ADDR" "$CTL_PORT" "$CTL_NQN" --nr-io-queues 2) || exit 1
+    ctrl=$(ctrls_of "$CTL_NQN" | head -n1)
+    log "kernel target: /dev/$dev on $ctrl"
+    x nvme id-ctrl "/dev/$ctrl" > "$STATE/id-ctrl.out" 2>&1 || { cat "$STATE/id-ctrl.out"; fail "nvme id-ctrl /dev/$ctrl failed"; }
+    local sn bytes
+    sn=$(awk -F: '$1 ~ /^sn[ \t]*$/ {gsub(/^[ \t]+|[ \t]+$/, "", $2); print $2}' "$STATE/id-ctrl.out")
+    [[ $sn == "$CTL_SERIAL" ]] || fail "id-ctrl sn='$sn', expected '$CTL_SERIAL'"
+    bytes=$(blockdev --getsize64 "/dev/$dev") || fail "blockdev --getsize64 /dev/$dev failed"
+    (( bytes == CTL_SIZE_BYTES )) || fail "/dev/$dev is $bytes bytes, expected $CTL_SIZE_BYTES"
+}
+
+sc_control_fio_verify_4k() {
+    nvmet_setup
+    local dev
+    dev=$(ns_dev_of "$CTL_NQN") || dev=$(connect_to "$CTL_ADDR" "$CTL_PORT" "$CTL_NQN") || exit 1
+    fio_verify "$dev" 4k 8m
+}
+
+sc_control_disconnect() {
+    nvmet_setup
+    [[ -n $(ctrls_of "$CTL_NQN") ]] || connect_to "$CTL_ADDR" "$CTL_PORT" "$CTL_NQN" > /dev/null || exit 1
+    disconnect_of "$CTL_NQN"
+    [[ -z $(ns_dev_of "$CTL_NQN") ]] || fail "block device still present after disconnect"
+}
+
 # ---------------------------------------------------------------------------------------
 # driver
 
@@ -309,6 +547,13 @@ SCENARIOS=(
     digests:sc_digests
     host-denied:sc_host_denied
     discard:sc_discard
+    resize:sc_resize
+    control-discover:sc_control_discover
+    control-connect:sc_control_connect
+    control-fio-verify-4k:sc_control_fio_verify_4k
+    control-disconnect:sc_control_disconnect
+    # Last: it takes the network down for a while.
+    keepalive-expiry:sc_keepalive_expiry
 )
 
 selected=()
@@ -325,7 +570,7 @@ for s in "${selected[@]}"; do
     rm -f "$STATE/reason"
     log "BEGIN $name"
     t0=$(date +%s)
-    ( "$fn" )
+    ( E2E_SCENARIO=$name; "$fn" )
     rc=$?
     dt=$(( $(date +%s) - t0 ))
     if [[ $rc == 0 ]]; then
@@ -343,6 +588,7 @@ done
 log "cleanup"
 mountpoint -q "$MNT" && umount "$MNT"
 [[ -e /dev/nvme-fabrics ]] && timeout 60 nvme disconnect-all
+( nvmet_teardown )
 log "controllers left: $(ls /sys/class/nvme 2>/dev/null | tr '\n' ' ')"
 echo "===== guest dmesg | grep -i nvme ====="
 dmesg | grep -i nvme
