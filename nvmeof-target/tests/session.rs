@@ -301,12 +301,8 @@ fn admin_command_errors() {
 fn io_paths_and_statuses() {
     let now = Clock::new().0;
     let (target, backend) = target_with_volume();
-    let mut admin = Link::new(&target, HostOptions::default(), now);
-    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    set_features(&mut admin, 0x07, 0, now);
-    // MAXR2T 3: several R2Ts outstanding per command.
-    let mut io = Link::new(&target, HostOptions { maxr2t: 3, ..HostOptions::default() }, now);
-    bring_up_io(&mut io, cntlid, 1, now);
+    let (_admin, mut io, _) =
+        io_setup(&target, HostOptions { maxr2t: 3, ..HostOptions::default() }, 5000, now);
 
     // In-capsule write (4 KiB) and R2T write (512 KiB = 4 R2Ts of 128 KiB), read back.
     let small: Vec<u8> = vec![0xab; 4096];
@@ -369,11 +365,7 @@ fn io_paths_and_statuses() {
 fn completions_may_come_back_in_any_order() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
-    let mut admin = Link::new(&target, HostOptions::default(), now);
-    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    set_features(&mut admin, 0x07, 0, now);
-    let mut io = Link::new(&target, HostOptions::default(), now);
-    bring_up_io(&mut io, cntlid, 1, now);
+    let (_admin, mut io, _) = io_setup(&target, HostOptions::default(), 5000, now);
     io.defer_io = true;
     let cids: Vec<u16> = (0..8u64)
         .map(|i| io.host.submit(rw_sqe(0x01, i * 8, 8, false), Some(Payload::from(vec![i as u8; 4096])), 0))
@@ -400,11 +392,7 @@ fn keep_alive_expiry_tears_the_controller_down() {
     let mut clock = Clock::new();
     let now = clock.0;
     let (target, _) = target_with_volume();
-    let mut admin = Link::new(&target, HostOptions::default(), now);
-    let cntlid = bring_up_admin(&mut admin, SUBNQN, 2000, now);
-    set_features(&mut admin, 0x07, 0, now);
-    let mut io = Link::new(&target, HostOptions::default(), now);
-    bring_up_io(&mut io, cntlid, 1, now);
+    let (mut admin, mut io, _) = io_setup(&target, HostOptions::default(), 2000, now);
     let deadline = admin.conn.poll_timeout().unwrap();
     assert_eq!(deadline, now + Duration::from_millis(2000));
 
@@ -481,11 +469,7 @@ fn resize_raises_namespace_attribute_changed() {
 fn linux_style_disconnect_and_shutdown() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
-    let mut admin = Link::new(&target, HostOptions::default(), now);
-    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    set_features(&mut admin, 0x07, 0, now);
-    let mut io = Link::new(&target, HostOptions::default(), now);
-    bring_up_io(&mut io, cntlid, 1, now);
+    let (mut admin, mut io, _) = io_setup(&target, HostOptions::default(), 5000, now);
     // The I/O socket is shut down (no Fabrics Disconnect)...
     io.conn.handle_peer_closed();
     io.drain_events(now);
@@ -500,11 +484,7 @@ fn linux_style_disconnect_and_shutdown() {
     admin.drain_events(now);
     assert!(target.controllers().is_empty(), "the controller is freed with its admin queue");
     // A Fabrics Disconnect on an I/O queue also works.
-    let mut admin = Link::new(&target, HostOptions::default(), now);
-    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    set_features(&mut admin, 0x07, 0, now);
-    let mut io = Link::new(&target, HostOptions::default(), now);
-    bring_up_io(&mut io, cntlid, 1, now);
+    let (_admin, mut io, _) = io_setup(&target, HostOptions::default(), 5000, now);
     let disconnect = nvmeof_proto::nvme::fabrics::DisconnectCommand::new(0).to_sqe();
     assert_eq!(io.command(disconnect, None, 0, now).status(), Status::SUCCESS);
     assert_eq!(io.closed, Some(CloseReason::Disconnected));
@@ -515,11 +495,7 @@ fn digests_and_a_corrupt_data_digest() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
     let opts = HostOptions { digests: Digests::BOTH, ..HostOptions::default() };
-    let mut admin = Link::new(&target, opts, now);
-    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    set_features(&mut admin, 0x07, 0, now);
-    let mut io = Link::new(&target, opts, now);
-    bring_up_io(&mut io, cntlid, 1, now);
+    let (_admin, mut io, _) = io_setup(&target, opts, 5000, now);
     let data: Vec<u8> = (0..65536u32).map(|i| (i % 13) as u8).collect();
     assert_eq!(write(&mut io, 0, data.clone(), now).status(), Status::SUCCESS);
     assert_eq!(read(&mut io, 0, 128, now).data, Payload::from(data.clone()));
@@ -603,12 +579,7 @@ fn removing_a_busy_subsystem_needs_force() {
 fn sq_head_and_the_success_flag() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
-    let mut admin = Link::new(&target, HostOptions::default(), now);
-    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    set_features(&mut admin, 0x07, (1 << 16) | 1, now);
-    // SQ flow control on: every command gets a response capsule with the SQ head moving on.
-    let mut io = Link::new(&target, HostOptions::default(), now);
-    bring_up_io(&mut io, cntlid, 1, now);
+    let (_admin, mut io, cntlid) = io_setup(&target, HostOptions::default(), 5000, now);
     let a = read(&mut io, 0, 1, now);
     let b = read(&mut io, 0, 1, now);
     assert!(!a.via_success_flag && !b.via_success_flag);
@@ -636,11 +607,7 @@ fn data_in_flight_per_connection_is_bounded() {
     // The smallest budget: one maximal transfer (512 KiB) at a time.
     let (target, _) =
         target_with_config(TargetConfig { max_data_in_flight_per_connection: 0, ..TargetConfig::default() });
-    let mut admin = Link::new(&target, HostOptions::default(), now);
-    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    set_features(&mut admin, 0x07, 0, now);
-    let mut io = Link::new(&target, HostOptions::default(), now);
-    bring_up_io(&mut io, cntlid, 1, now);
+    let (_admin, mut io, _) = io_setup(&target, HostOptions::default(), 5000, now);
     io.defer_io = true;
     let cids: Vec<u16> = (0..4u64)
         .map(|i| {
@@ -695,15 +662,6 @@ fn discovery_controllers_hear_of_changes() {
     assert_eq!(identify(&mut link, 0x02, 0, now).status(), Status::INVALID_FIELD.with_dnr());
 }
 
-fn io_setup(target: &nvmeof_target::Target, opts: HostOptions, now: std::time::Instant) -> (Link, Link, u16) {
-    let mut admin = Link::new(target, opts, now);
-    let cntlid = bring_up_admin(&mut admin, SUBNQN, 5000, now);
-    assert_eq!(set_features(&mut admin, 0x07, (1 << 16) | 1, now).status(), Status::SUCCESS);
-    let mut io = Link::new(target, opts, now);
-    bring_up_io(&mut io, cntlid, 1, now);
-    (admin, io, cntlid)
-}
-
 /// Encodes a PDU as the host would (for hand-crafted, possibly corrupted traffic).
 fn wire(pdu: nvmeof_proto::Pdu, digests: Digests) -> Vec<u8> {
     pdu.encode(&nvmeof_proto::EncodeOptions { digests, pda: 0 }).unwrap().to_vec()
@@ -714,7 +672,7 @@ fn corrupt_h2c_data_fails_only_its_command_after_draining_the_r2t() {
     let now = Clock::new().0;
     let (target, backend) = target_with_volume();
     let opts = HostOptions { digests: Digests::BOTH, max_inline_data: 0, ..HostOptions::default() };
-    let (_admin, mut io, _) = io_setup(&target, opts, now);
+    let (_admin, mut io, _) = io_setup(&target, opts, 5000, now);
     // A 16 KiB write via one R2T; the host's H2CData PDUs are intercepted and one is corrupted.
     let cid = io.host.submit(rw_sqe(0x01, 0, 32, false), Some(Payload::from(vec![0x11u8; 16384])), 0);
     // Deliver the capsule by hand and keep the R2T from the host: we answer it ourselves, with the
@@ -770,7 +728,7 @@ fn corrupt_capsule_reusing_a_busy_command_id_is_fatal() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
     let opts = HostOptions { digests: Digests::BOTH, ..HostOptions::default() };
-    let (_admin, mut io, _) = io_setup(&target, opts, now);
+    let (_admin, mut io, _) = io_setup(&target, opts, 5000, now);
     io.defer_io = true;
     let busy = io.host.submit(rw_sqe(0x02, 0, 1, false), None, 512);
     io.pump(now);
@@ -793,7 +751,7 @@ fn corrupt_capsule_reusing_a_busy_command_id_is_fatal() {
 fn disabling_the_controller_deletes_its_io_queues() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
-    let (mut admin, mut io, cntlid) = io_setup(&target, HostOptions::default(), now);
+    let (mut admin, mut io, cntlid) = io_setup(&target, HostOptions::default(), 5000, now);
     let woken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let w = woken.clone();
     io.conn.set_notifier(std::sync::Arc::new(move || w.store(true, std::sync::atomic::Ordering::SeqCst)));
@@ -835,7 +793,7 @@ fn dropping_a_connection_releases_its_controller() {
 fn io_tokens_are_unique_across_connections() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
-    let (_admin, mut io1, cntlid) = io_setup(&target, HostOptions::default(), now);
+    let (_admin, mut io1, cntlid) = io_setup(&target, HostOptions::default(), 5000, now);
     let mut io2 = Link::new(&target, HostOptions::default(), now);
     bring_up_io(&mut io2, cntlid, 2, now);
     io1.defer_io = true;
@@ -853,7 +811,7 @@ fn io_tokens_are_unique_across_connections() {
 fn a_host_cannot_recreate_its_controller_while_old_writes_are_running() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
-    let (admin, mut io, _) = io_setup(&target, HostOptions::default(), now);
+    let (admin, mut io, _) = io_setup(&target, HostOptions::default(), 5000, now);
     io.defer_io = true;
     let _ = io.host.submit(rw_sqe(0x01, 0, 1, false), Some(Payload::from(vec![1u8; 512])), 0);
     io.pump(now);
@@ -884,7 +842,7 @@ fn a_host_cannot_recreate_its_controller_while_old_writes_are_running() {
 fn the_test_host_never_reuses_a_command_id_before_its_completion_is_taken() {
     let now = Clock::new().0;
     let (target, _) = target_with_volume();
-    let (_admin, mut io, _) = io_setup(&target, HostOptions::default(), now);
+    let (_admin, mut io, _) = io_setup(&target, HostOptions::default(), 5000, now);
     let a = io.host.submit(rw_sqe(0x02, 0, 1, false), None, 512);
     let b = io.host.submit(rw_sqe(0x02, 8, 1, false), None, 512);
     io.pump(now);

@@ -246,3 +246,13 @@ impl Clock {
         self.0
     }
 }
+
+/// An admin queue brought up as Linux does, two I/O queues granted, and I/O queue 1 connected.
+pub fn io_setup(target: &Target, opts: HostOptions, kato_ms: u32, now: Instant) -> (Link, Link, u16) {
+    let mut admin = Link::new(target, opts, now);
+    let cntlid = bring_up_admin(&mut admin, SUBNQN, kato_ms, now);
+    assert_eq!(set_features(&mut admin, 0x07, (1 << 16) | 1, now).status(), Status::SUCCESS);
+    let mut io = Link::new(target, opts, now);
+    bring_up_io(&mut io, cntlid, 1, now);
+    (admin, io, cntlid)
+}
