@@ -6,5 +6,8 @@
 //! - [`blocking`]: a thread-per-connection `std::net` driver for the sans-I/O [`nvmeof_target`]
 //!   engine, and the `nvmeof-blocking-target` binary built on it, which serves memory or file volumes
 //!   on a TCP port to any NVMe/TCP host (the Linux kernel initiator included).
+//! - [`tokio_driver`]: the same engine driven from tokio (one task per connection), to show that the
+//!   engine is runtime-agnostic.
 
 pub mod blocking;
+pub mod tokio_driver;

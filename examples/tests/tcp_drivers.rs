@@ -1,6 +1,6 @@
-//! The blocking driver over real TCP on loopback: a host (the in-tree test initiator) connects an
-//! admin queue and two I/O queues to a memory volume and to a file volume, writes through R2T and
-//! in-capsule paths, reads back, and disconnects.
+//! Both drivers over real TCP on loopback — the blocking thread-per-connection one and the tokio one: a
+//! host (the in-tree test initiator) connects an admin queue and two I/O queues to a memory volume and
+//! to a file volume, writes through R2T and in-capsule paths, reads back, and disconnects.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -71,10 +71,34 @@ impl TcpHost {
     }
 }
 
-fn serve(target: Target) -> std::net::SocketAddr {
+#[derive(Clone, Copy)]
+enum Driver {
+    Blocking,
+    Tokio,
+}
+
+fn serve(target: Target, driver: Driver) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || xatastor_examples::blocking::serve(listener, target, 1));
+    match driver {
+        Driver::Blocking => {
+            std::thread::spawn(move || xatastor_examples::blocking::serve(listener, target, 1));
+        }
+        Driver::Tokio => {
+            listener.set_nonblocking(true).unwrap();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    xatastor_examples::tokio_driver::serve(listener, target, 1).await
+                })
+            });
+        }
+    }
     addr
 }
 
@@ -86,14 +110,14 @@ fn rw(opcode: u8, slba: u64, blocks: u32) -> Sqe {
     sqe
 }
 
-fn exercise(backend: Arc<dyn BlockBackend>, digests: Digests) {
+fn exercise(backend: Arc<dyn BlockBackend>, digests: Digests, driver: Driver) {
     let target = Target::new(TargetConfig::default());
     let mut sc = SubsystemConfig::new(NQN, "TCP1");
     sc.access = HostAccess::DenyAllExcept;
     sc.allowed_hosts.push(HOSTNQN.into());
     target.add_subsystem(sc).unwrap();
     target.add_namespace(NQN, NamespaceConfig::derived(NQN, 1, backend)).unwrap();
-    let addr = serve(target.clone());
+    let addr = serve(target.clone(), driver);
     let opts = HostOptions { digests, ..HostOptions::default() };
 
     let mut admin = TcpHost::connect(addr, opts);
@@ -161,13 +185,25 @@ fn exercise(backend: Arc<dyn BlockBackend>, digests: Digests) {
 }
 
 #[test]
-fn memory_volume_over_tcp() {
-    exercise(Arc::new(MemoryBackend::new(16 << 20, 512)), Digests::NONE);
+fn blocking_driver_memory_volume() {
+    exercise(Arc::new(MemoryBackend::new(16 << 20, 512)), Digests::NONE, Driver::Blocking);
 }
 
 #[test]
-fn file_volume_over_tcp_with_digests() {
+fn blocking_driver_file_volume_with_digests() {
     let dir = tempfile::tempdir().unwrap();
     let backend = FileBackend::create(dir.path().join("vol.img"), 16 << 20, 512).unwrap();
-    exercise(Arc::new(backend), Digests::BOTH);
+    exercise(Arc::new(backend), Digests::BOTH, Driver::Blocking);
+}
+
+#[test]
+fn tokio_driver_memory_volume_with_digests() {
+    exercise(Arc::new(MemoryBackend::new(16 << 20, 512)), Digests::BOTH, Driver::Tokio);
+}
+
+#[test]
+fn tokio_driver_file_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FileBackend::create(dir.path().join("vol.img"), 16 << 20, 512).unwrap();
+    exercise(Arc::new(backend), Digests::NONE, Driver::Tokio);
 }
