@@ -40,7 +40,7 @@ pub struct TargetConfig {
 impl Default for TargetConfig {
     fn default() -> Self {
         Self {
-            max_queue_entries: 128,
+            max_queue_entries: 1024,
             max_io_queues: 64,
             inline_data_size: 8192,
             maxh2cdata: 128 * 1024,

@@ -191,7 +191,7 @@ fn connect_refusals_carry_the_specified_statuses() {
     let c = connect(SUBNQN, HOSTNQN, 1, 0x1234, 128);
     assert_eq!(InvalidParameter::from_dw0(c.cqe.dw0.get()), InvalidParameter::CNTLID);
     // Queue too large.
-    let c = connect(SUBNQN, HOSTNQN, 0, CNTLID_DYNAMIC, 1024);
+    let c = connect(SUBNQN, HOSTNQN, 0, CNTLID_DYNAMIC, 2048);
     assert_eq!(InvalidParameter::from_dw0(c.cqe.dw0.get()), InvalidParameter::SQSIZE);
     // Admin queue smaller than 32 entries.
     let c = connect(SUBNQN, HOSTNQN, 0, CNTLID_DYNAMIC, 16);

@@ -28,7 +28,12 @@ SUITE=bookworm
 PACKAGES=(
     linux-image-amd64 initramfs-tools zstd
     kmod nvme-cli fio xfsprogs util-linux e2fsprogs iproute2 procps
+    # The postgres scenario: server (initdb, pg_ctl, postgres) and client (psql, pgbench).
+    # debootstrap installs Depends only, never Recommends.
+    postgresql-15 postgresql-client-15
 )
+# PostgreSQL binaries the postgres scenario runs directly (there is no systemd in the guest).
+PG_BINDIR=/usr/lib/postgresql/15/bin
 # Modules the initramfs must contain to mount the root disk.
 INITRD_MODULES=(virtio_pci virtio_blk ext4 crc32c_generic)
 
@@ -108,6 +113,11 @@ for m in nvme-tcp nvme-fabrics nvme-core xfs virtio_net qemu_fw_cfg; do
         || die "kernel $KVER has no module $m"
 done
 
+for b in initdb pg_ctl postgres pg_controldata psql pgbench; do
+    [[ -x "$ROOT$PG_BINDIR/$b" ]] || die "PostgreSQL binary $PG_BINDIR/$b missing"
+done
+grep -q '^postgres:' "$ROOT/etc/passwd" || die "no postgres user in the guest"
+
 log "configuring guest (init, hostname, nvme)"
 install -m 0755 "$HERE/guest/init.sh" "$ROOT/sbin/xe2e-init"
 echo xe2e-guest > "$ROOT/etc/hostname"
@@ -129,6 +139,13 @@ mount --bind /dev "$ROOT/dev"
 if ! chroot "$ROOT" update-initramfs -c -k "$KVER" > "$WORK/initramfs.log" 2>&1; then
     cat "$WORK/initramfs.log" >&2
     die "update-initramfs failed"
+fi
+# postgresql-common's postinst created the packaged cluster 15/main (never started: debootstrap
+# installs a policy-rc.d that denies it). The scenario makes its own cluster on the NVMe
+# namespace; drop this one (it would only take space in the image).
+if [[ -d "$ROOT/etc/postgresql/15/main" ]]; then
+    chroot "$ROOT" pg_dropcluster 15 main > "$WORK/pg_dropcluster.log" 2>&1 \
+        || die "pg_dropcluster 15 main failed: $(tail -n 3 "$WORK/pg_dropcluster.log")"
 fi
 umount "$ROOT/dev" "$ROOT/sys" "$ROOT/proc"
 [[ -f "$ROOT/boot/initrd.img-$KVER" ]] || die "initrd $ROOT/boot/initrd.img-$KVER missing"

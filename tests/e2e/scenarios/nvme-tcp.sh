@@ -496,6 +496,171 @@ sc_keepalive_expiry() {
 }
 
 # ---------------------------------------------------------------------------------------
+# postgres: vanilla PostgreSQL 15 (from the guest image) on a file system on our namespace.
+# The cluster lives in $PG_DATA on the NVMe volume; the server log and the Unix socket stay
+# on the guest's tmpfs (readable even if the volume fails). No TCP: listen_addresses=''.
+
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_DATA=$MNT/pgdata
+PG_SOCK=$STATE/pgsock
+PG_LOG=$STATE/postgres.log
+PG_SCALE=2                             # pgbench -i -s 2: 200000 rows in pgbench_accounts
+PG_ACCOUNTS=$(( PG_SCALE * 100000 ))
+PG_BENCH_SECONDS=5
+PG_INIT_TIMEOUT=300                    # bound for initdb and pgbench -i (TCG is slow)
+
+# Run a PostgreSQL program as the postgres user, bounded: pg_run SECONDS PROGRAM ARGS...
+pg_run() { local t=$1 p=$2; shift 2; x timeout -k 5 "$t" runuser -u postgres -- "$PG_BIN/$p" "$@"; }
+# One SQL command string, unaligned tuples only, on the Unix socket.
+pg_sql() { timeout -k 5 120 runuser -u postgres -- "$PG_BIN/psql" -h "$PG_SOCK" -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
+pg_log_tail() { tail -n "${1:-6}" "$PG_LOG" 2>/dev/null | sed 's/^[0-9-]* [0-9:.]* [A-Z]* //' | cut -c1-160 | tr '\n' '|'; }
+# Fail with the last lines of the server log in the reason (the whole log goes to the console).
+pg_fail() {
+    echo "===== $PG_LOG ====="; cat "$PG_LOG" 2>/dev/null; echo "===== end of $PG_LOG ====="
+    fail "$* [postgres log: $(pg_log_tail)]"
+}
+pg_running() {
+    [[ -f $PG_DATA/postmaster.pid ]] \
+        && timeout 20 runuser -u postgres -- "$PG_BIN/pg_ctl" status -D "$PG_DATA" > /dev/null 2>&1
+}
+
+pg_start() { # pg_start WHAT
+    pg_run 100 pg_ctl start -D "$PG_DATA" -l "$PG_LOG" -w -t 90 || pg_fail "pg_ctl start ($1) failed (rc=$?)"
+    pg_sql 'SELECT 1' > /dev/null || pg_fail "no answer on $PG_SOCK after pg_ctl start ($1)"
+}
+# Clean shutdown (-m fast: a shutdown checkpoint), and pg_controldata agrees that it was clean.
+pg_stop() { # pg_stop WHAT
+    pg_run 130 pg_ctl stop -D "$PG_DATA" -m fast -w -t 120 || pg_fail "pg_ctl stop ($1) failed (rc=$?)"
+    local st
+    st=$(timeout 20 runuser -u postgres -- "$PG_BIN/pg_controldata" -D "$PG_DATA" 2>&1 | sed -n 's/^Database cluster state: *//p')
+    log "pg_controldata after stop ($1): state '$st'"
+    [[ $st == "shut down" ]] || pg_fail "cluster state after pg_ctl stop ($1) is '$st', expected 'shut down'"
+}
+
+# EXIT trap of the scenario: whatever happened, no server is left running on the volume and
+# the volume is unmounted (bounded), so the next scenario can disconnect.
+pg_cleanup() {
+    if [[ -f $PG_DATA/postmaster.pid ]]; then
+        local pid
+        pid=$(head -n1 "$PG_DATA/postmaster.pid" 2>/dev/null)
+        echo "pg_cleanup: server still running (pid ${pid:-?}); immediate stop"
+        pg_running && timeout -k 5 40 runuser -u postgres -- "$PG_BIN/pg_ctl" stop -D "$PG_DATA" -m immediate -w -t 30
+        if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; fi
+    fi
+    local i
+    for i in $(seq 1 50); do pgrep -u postgres > /dev/null || break; sleep 0.2; done
+    pkill -KILL -u postgres 2>/dev/null
+    if mountpoint -q "$MNT"; then
+        timeout 60 umount "$MNT" || { echo "pg_cleanup: umount $MNT failed; lazy unmount"; umount -l "$MNT"; }
+    fi
+    return 0
+}
+
+# The state that must survive: row count (first word), balances, history, digest of every account.
+pg_state() {
+    pg_sql "SELECT (SELECT count(*) FROM pgbench_accounts)
+                   || ' sum(abalance)=' || (SELECT sum(abalance) FROM pgbench_accounts)
+                   || ' history=' || (SELECT count(*) FROM pgbench_history)
+                   || ' md5=' || (SELECT md5(string_agg(aid || ':' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts)"
+}
+
+secs_since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
+
+sc_postgres() {
+    [[ -x $PG_BIN/postgres ]] || fail "$PG_BIN/postgres missing: the guest image has no PostgreSQL 15 (rebuild it)"
+    need_nvme_tcp
+    disconnect
+    trap pg_cleanup EXIT
+    # POSIX shared memory for the server (the init only created the directory).
+    mountpoint -q /dev/shm || x mount -t tmpfs -o mode=1777,size=256m tmpfs /dev/shm || fail "cannot mount /dev/shm"
+    mkdir -p "$PG_SOCK" && chown postgres:postgres "$PG_SOCK" || fail "cannot create $PG_SOCK"
+    : > "$PG_LOG" && chown postgres:postgres "$PG_LOG" || fail "cannot create $PG_LOG"
+    dmesg_mark
+    local dev t0 rc out
+    dev=$(connect) || exit 1
+    log "namespace device: /dev/$dev ($(blockdev --getsize64 "/dev/$dev") bytes)"
+    x mkfs.xfs -f -q "/dev/$dev" || fail "mkfs.xfs /dev/$dev failed"
+    x mount -t xfs "/dev/$dev" "$MNT" || fail "mount /dev/$dev failed"
+    mkdir -p "$PG_DATA" && chown postgres:postgres "$PG_DATA" && chmod 700 "$PG_DATA" || fail "cannot create $PG_DATA"
+
+    t0=$(now)
+    pg_run "$PG_INIT_TIMEOUT" initdb -D "$PG_DATA" -U postgres -A trust -E UTF8 --no-locale --no-instructions \
+        > "$STATE/initdb.out" 2>&1
+    rc=$?
+    cat "$STATE/initdb.out"
+    [[ $rc == 0 ]] || fail "initdb on /dev/$dev failed (rc=$rc): $(tail -n 3 "$STATE/initdb.out" | tr '\n' '|')"
+    log "initdb took $(secs_since "$t0")s"
+    # Unix socket only, on the guest's tmpfs. Everything else: PostgreSQL's defaults (fsync on).
+    {
+        echo "# e2e (tests/e2e/scenarios/nvme-tcp.sh)"
+        echo "listen_addresses = ''"
+        echo "unix_socket_directories = '$PG_SOCK'"
+    } >> "$PG_DATA/postgresql.conf" || fail "cannot write $PG_DATA/postgresql.conf"
+    pg_start "1st"
+    log "server: $(pg_sql 'SELECT version()'); data_directory $(pg_sql 'SHOW data_directory'); fsync $(pg_sql 'SHOW fsync')"
+
+    t0=$(now)
+    pg_run "$PG_INIT_TIMEOUT" pgbench -h "$PG_SOCK" -i -s "$PG_SCALE" postgres > "$STATE/pgbench-i.out" 2>&1
+    rc=$?
+    cat "$STATE/pgbench-i.out"
+    [[ $rc == 0 ]] || pg_fail "pgbench -i -s $PG_SCALE failed (rc=$rc): $(tail -n 2 "$STATE/pgbench-i.out" | tr '\n' '|')"
+    log "pgbench -i -s $PG_SCALE took $(secs_since "$t0")s"
+
+    pg_run $(( PG_BENCH_SECONDS + 60 )) pgbench -h "$PG_SOCK" -c 2 -j 2 -T "$PG_BENCH_SECONDS" postgres \
+        > "$STATE/pgbench.out" 2>&1
+    rc=$?
+    cat "$STATE/pgbench.out"
+    [[ $rc == 0 ]] || pg_fail "pgbench -T $PG_BENCH_SECONDS failed (rc=$rc): $(tail -n 2 "$STATE/pgbench.out" | tr '\n' '|')"
+    local done_tx failed_tx
+    done_tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$STATE/pgbench.out")
+    failed_tx=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$STATE/pgbench.out")
+    [[ -n $done_tx ]] && (( done_tx > 0 )) || pg_fail "pgbench -T $PG_BENCH_SECONDS processed no transactions ('$done_tx')"
+    [[ $failed_tx == 0 ]] || pg_fail "pgbench -T $PG_BENCH_SECONDS: '$failed_tx' failed transactions"
+    log "pgbench -T $PG_BENCH_SECONDS: $done_tx transactions, $(grep -m1 '^tps' "$STATE/pgbench.out")"
+
+    local state1 state2
+    state1=$(pg_state) || pg_fail "reading the pgbench state failed"
+    log "state before the round trip: count=$state1"
+    [[ ${state1%% *} == "$PG_ACCOUNTS" ]] \
+        || pg_fail "SELECT count(*) FROM pgbench_accounts = ${state1%% *}, expected $PG_ACCOUNTS"
+    pg_stop "1st"
+
+    # Round trip through the target: unmount, disconnect, connect again (a new controller).
+    x umount "$MNT" || fail "umount after the 1st stop failed"
+    disconnect
+    [[ -z $(ns_dev) ]] || fail "block device still present after disconnect"
+    dev=$(connect) || exit 1
+    log "reconnected: /dev/$dev"
+    # The file system itself came back consistent (read-only check, before mounting).
+    x timeout 120 xfs_repair -n "/dev/$dev" > "$STATE/xfs_repair.out" 2>&1
+    rc=$?
+    cat "$STATE/xfs_repair.out"
+    [[ $rc == 0 ]] || fail "xfs_repair -n /dev/$dev after reconnect failed (rc=$rc): $(tail -n 2 "$STATE/xfs_repair.out" | tr '\n' '|')"
+    x mount -t xfs "/dev/$dev" "$MNT" || fail "mount /dev/$dev after reconnect failed"
+    local log_lines
+    log_lines=$(wc -l < "$PG_LOG")
+    pg_start "2nd, after reconnect"
+    # A cleanly stopped cluster starts without crash recovery.
+    if tail -n +"$(( log_lines + 1 ))" "$PG_LOG" | grep -E 'not properly shut down|redo starts|automatic recovery'; then
+        pg_fail "PostgreSQL ran crash recovery after a clean shutdown"
+    fi
+    state2=$(pg_state) || pg_fail "reading the pgbench state after reconnect failed"
+    log "state after the round trip:  count=$state2"
+    [[ $state2 == "$state1" ]] \
+        || pg_fail "data changed across stop/umount/disconnect/connect/mount/start: before [$state1], after [$state2]"
+    # The primary key index agrees with the table (amcheck, heapallindexed).
+    out=$(pg_sql "CREATE EXTENSION IF NOT EXISTS amcheck; SELECT bt_index_check('pgbench_accounts_pkey', true)" 2>&1) \
+        || pg_fail "amcheck bt_index_check(pgbench_accounts_pkey) failed: $(tr '\n' '|' <<<"$out")"
+    pg_stop "2nd"
+    echo "===== $PG_LOG ====="; cat "$PG_LOG"; echo "===== end of $PG_LOG ====="
+    x umount "$MNT" || fail "umount after the 2nd stop failed"
+    disconnect
+    local bad
+    bad=$(dmesg_since_mark | grep -iE '(nvme|xfs|blk_update_request|buffer i/o).*(error|corrupt|timeout|reset|shut ?down|fail)' | head -n3)
+    [[ -z $bad ]] || fail "the kernel logged errors during the postgres scenario: $(tr '\n' ' ' <<<"$bad")"
+}
+
+# ---------------------------------------------------------------------------------------
 # control: the same basic scenarios against the Linux kernel's own nvmet-tcp target in the
 # guest, so that a failure can be told apart (ours vs. the initiator/guest/harness).
 
@@ -552,6 +717,7 @@ SCENARIOS=(
     control-connect:sc_control_connect
     control-fio-verify-4k:sc_control_fio_verify_4k
     control-disconnect:sc_control_disconnect
+    postgres:sc_postgres
     # Last: it takes the network down for a while.
     keepalive-expiry:sc_keepalive_expiry
 )
