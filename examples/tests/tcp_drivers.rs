@@ -50,7 +50,12 @@ impl TcpHost {
 
     fn receive(&mut self) {
         let mut buf = [0u8; 65536];
-        let n = self.stream.read(&mut buf).unwrap();
+        let n = loop {
+            match self.stream.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.unwrap(),
+            }
+        };
         assert!(n > 0, "target closed the connection");
         self.rx.extend_from_slice(&buf[..n]);
         self.queue.handle_input(&mut self.rx).unwrap();
@@ -75,6 +80,8 @@ impl TcpHost {
 enum Driver {
     Blocking,
     Tokio,
+    /// The io_uring server of xatastor-core, two workers.
+    IoUring,
 }
 
 fn serve(target: Target, driver: Driver) -> std::net::SocketAddr {
@@ -83,6 +90,16 @@ fn serve(target: Target, driver: Driver) -> std::net::SocketAddr {
     match driver {
         Driver::Blocking => {
             std::thread::spawn(move || xatastor_examples::blocking::serve(listener, target, 1));
+        }
+        Driver::IoUring => {
+            drop(listener);
+            let mut config = xatastor_core::ServerConfig::new("127.0.0.1:0".parse().unwrap());
+            config.workers = 2;
+            let server = xatastor_core::Server::start(target, config).unwrap();
+            let addr = server.local_addr();
+            // Leaked on purpose: the server runs until the test process ends.
+            std::mem::forget(server);
+            return addr;
         }
         Driver::Tokio => {
             listener.set_nonblocking(true).unwrap();
@@ -206,4 +223,16 @@ fn tokio_driver_file_volume() {
     let dir = tempfile::tempdir().unwrap();
     let backend = FileBackend::create(dir.path().join("vol.img"), 16 << 20, 512).unwrap();
     exercise(Arc::new(backend), Digests::NONE, Driver::Tokio);
+}
+
+#[test]
+fn io_uring_server_memory_volume() {
+    exercise(Arc::new(MemoryBackend::new(16 << 20, 512)), Digests::NONE, Driver::IoUring);
+}
+
+#[test]
+fn io_uring_server_file_volume_with_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FileBackend::create(dir.path().join("vol.img"), 16 << 20, 512).unwrap();
+    exercise(Arc::new(backend), Digests::BOTH, Driver::IoUring);
 }

@@ -3,8 +3,9 @@
 //! The Xatastor storage node: serves 100K–1M mostly idle thin volumes per node over NVMe/TCP, where an
 //! idle volume costs its disk space and nothing else.
 //!
-//! **Status: not yet implemented.** This crate currently holds only this description; the server and
-//! the catalog arrive with their issues. It will hold:
+//! **Status: early.** [`server`] holds a first version of the io_uring server (connections, timers
+//! and wake-ups on the ring; backend I/O still synchronous on the worker); the catalog and the
+//! lifecycle arrive with their issues. The crate will hold:
 //!
 //! ```text
 //!   worker 0 .. worker N-1  (one per core, each: io_uring, SO_REUSEPORT listener, buffer pool)
@@ -20,3 +21,7 @@
 //!   per-volume threads, timers or file descriptors;
 //! - a persistent volume catalog with intent → backend operation → commit lifecycle steps that reconcile
 //!   after a crash, lazy activation of volumes on Connect, and a host → volumes index for discovery.
+
+pub mod server;
+
+pub use server::{Server, ServerConfig};

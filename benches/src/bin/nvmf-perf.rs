@@ -133,7 +133,12 @@ impl Conn {
     }
 
     fn receive(&mut self) -> Result<(), String> {
-        let n = self.stream.read(&mut self.buf).map_err(|e| format!("receive: {e}"))?;
+        let n = loop {
+            match self.stream.read(&mut self.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.map_err(|e| format!("receive: {e}"))?,
+            }
+        };
         if n == 0 {
             return Err("the target closed the connection".into());
         }

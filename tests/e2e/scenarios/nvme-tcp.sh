@@ -653,6 +653,7 @@ sc_postgres() {
         || pg_fail "amcheck bt_index_check(pgbench_accounts_pkey) failed: $(tr '\n' '|' <<<"$out")"
     pg_stop "2nd"
     echo "===== $PG_LOG ====="; cat "$PG_LOG"; echo "===== end of $PG_LOG ====="
+    log "space used on the namespace: $(df -h --output=used,size "$MNT" | tail -n1); $PG_DATA: $(du -sh "$PG_DATA" | cut -f1)"
     x umount "$MNT" || fail "umount after the 2nd stop failed"
     disconnect
     local bad
