@@ -3,10 +3,13 @@
 # QD 1, 32 and 128 with 1 and 2 connections, 128 KiB sequential read and write, memory-backed volume,
 # plus the target's CPU seconds per million I/Os (utime + stime from /proc/PID/stat).
 #
-# Usage: benches/perf-table.sh [--target-bin PATH] [--time SECS] [--warmup SECS]
+# Usage: benches/perf-table.sh [--target-bin PATH] [--driver blocking|io-uring] [--workers N]
+#                              [--time SECS] [--warmup SECS]
 #   --target-bin  the server to measure (default: target/release/nvmeof-blocking-target); it must
 #                 accept --listen ADDR --memory SIZE --allow-any-host --nqn NQN and print
 #                 "serving ... on ADDR" on stderr
+#   --driver      passed to the target (default io-uring: xatastor-core's server)
+#   --workers     io_uring server workers (default 1, leaving a core to the load generator)
 #   --time        seconds measured per row (default 5)
 #   --warmup      seconds of warm-up per row (default 1)
 # Note: the load generator and the target share this machine's cores; say so with the figures.
@@ -15,10 +18,14 @@ cd "$(dirname "$0")/.."
 TARGET_BIN=target/release/nvmeof-blocking-target
 TIME=5
 WARMUP=1
+DRIVER=io-uring
+WORKERS=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --target-bin) TARGET_BIN="$2"; shift 2 ;;
         --time) TIME="$2"; shift 2 ;;
+        --driver) DRIVER="$2"; shift 2 ;;
+        --workers) WORKERS="$2"; shift 2 ;;
         --warmup) WARMUP="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0" | sed '$d'; exit 0 ;;
         *) echo "perf-table.sh: unknown argument $1" >&2; exit 2 ;;
@@ -27,7 +34,8 @@ done
 cargo build --release -q -p xatastor-benches --bin nvmf-perf -p xatastor-examples
 NQN="nqn.2026-01.io.xatastor:perf"
 LOG=$(mktemp)
-"$TARGET_BIN" --listen 127.0.0.1:0 --memory 4GiB --allow-any-host --nqn "$NQN" --log warn 2>"$LOG" &
+"$TARGET_BIN" --driver "$DRIVER" --workers "$WORKERS" --listen 127.0.0.1:0 --memory 4GiB --allow-any-host \
+    --nqn "$NQN" --log warn 2>"$LOG" &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -f "$LOG"' EXIT
 ADDR=""
@@ -68,4 +76,4 @@ for wl in randread randwrite; do
 done
 row read 131072 1 16
 row write 131072 1 16
-echo "(target: $TARGET_BIN; $(nproc) cores shared by target and load generator; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
+echo "(target: $TARGET_BIN --driver $DRIVER --workers $WORKERS; $(nproc) cores shared by target and load generator; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"

@@ -23,16 +23,31 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use nvmeof_target::{
     BlockBackend, FileBackend, HostAccess, MemoryBackend, NamespaceConfig, SubsystemConfig, Target,
     TargetConfig,
 };
 
-/// Serve one volume over NVMe/TCP (thread per connection, blocking I/O; for tests and evaluation).
+/// Which driver serves the connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Driver {
+    /// One thread per connection, blocking sockets.
+    Blocking,
+    /// xatastor-core's thread-per-core io_uring server.
+    IoUring,
+}
+
+/// Serve one volume over NVMe/TCP (for tests and evaluation).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    /// Driver: the blocking thread-per-connection one, or the io_uring server.
+    #[arg(long, value_enum, default_value_t = Driver::Blocking)]
+    driver: Driver,
+    /// Worker threads of the io_uring server (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:4420")]
     listen: SocketAddr,
@@ -131,9 +146,30 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(path) = &args.control {
         spawn_control(path, target.clone(), args.nqn.clone())?;
     }
-    let listener =
-        TcpListener::bind(args.listen).map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let addr = listener.local_addr()?;
+    let (addr, serve): (SocketAddr, Box<dyn FnOnce() -> std::io::Result<()>>) = match args.driver {
+        Driver::Blocking => {
+            let listener = TcpListener::bind(args.listen)
+                .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+            let addr = listener.local_addr()?;
+            let target = target.clone();
+            (addr, Box::new(move || xatastor_examples::blocking::serve(listener, target, 1)))
+        }
+        Driver::IoUring => {
+            let mut config = xatastor_core::ServerConfig::new(args.listen);
+            config.workers = args.workers;
+            let server = xatastor_core::Server::start(target.clone(), config)
+                .map_err(|e| format!("cannot start the io_uring server on {}: {e}", args.listen))?;
+            let addr = server.local_addr();
+            (
+                addr,
+                Box::new(move || loop {
+                    // The workers serve until the process is killed.
+                    let _ = &server;
+                    std::thread::park();
+                }),
+            )
+        }
+    };
     eprintln!(
         "serving {} ({} bytes) on {addr}\n  nvme discover -t tcp -a {} -s {}\n  nvme connect -t tcp -a {} -s {} -n {}",
         args.nqn,
@@ -150,7 +186,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(path) = &args.control {
         eprintln!("  control: reading commands from {}", path.display());
     }
-    nvmeof_target_serve(listener, target)?;
+    serve()?;
     Ok(())
 }
 
@@ -226,8 +262,4 @@ fn control_command(target: &Target, nqn: &str, line: &str) -> Result<String, Str
         }
         _ => Err("unknown command (commands: resize SIZE, controllers)".into()),
     }
-}
-
-fn nvmeof_target_serve(listener: TcpListener, target: Target) -> std::io::Result<()> {
-    xatastor_examples::blocking::serve(listener, target, 1)
 }
