@@ -8,6 +8,7 @@
 #   --timeout SECS      hard limit for the whole guest run (default: 2400)
 #   --out DIR           where to keep logs (default: a new /tmp/xatastor-e2e.XXXXXX)
 #   --no-cargo          do not run cargo build (use the existing target/release binary)
+#   --driver NAME       the target's driver: blocking (default) or io-uring (xatastor-core's server)
 #   -v, --verbose       stream the guest console while it runs
 #
 # Steps: build/reuse the guest image (build-image.sh), build the target (cargo, release),
@@ -32,6 +33,7 @@ TIMEOUT=2400
 OUT=""
 CARGO=1
 VERBOSE=0
+DRIVER=blocking
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --scenario) SCENARIO="$(realpath "$2")"; shift 2 ;;
@@ -40,6 +42,7 @@ while [[ $# -gt 0 ]]; do
         --timeout) TIMEOUT="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --no-cargo) CARGO=0; shift ;;
+        --driver) DRIVER="$2"; shift 2 ;;
         -v|--verbose) VERBOSE=1; shift ;;
         -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -119,8 +122,8 @@ fi
 
 # --- (c) target ----------------------------------------------------------------------------
 # Port 0: the kernel picks a free port; the target prints the bound address.
-log "starting target ($BIN, log filter '$TARGET_LOG')"
-NO_COLOR=1 "$BIN" --listen 127.0.0.1:0 --memory "$SIZE_BYTES" --block-size "$BLOCK_SIZE" \
+log "starting target ($BIN --driver $DRIVER, log filter '$TARGET_LOG')"
+NO_COLOR=1 "$BIN" --driver "$DRIVER" --listen 127.0.0.1:0 --memory "$SIZE_BYTES" --block-size "$BLOCK_SIZE" \
     --nqn "$NQN" --serial "$SERIAL" --host "$HOSTNQN" --log "$TARGET_LOG" --control "$CONTROL" \
     > "$TARGET_LOGFILE" 2>&1 &
 TARGET_PID=$!
