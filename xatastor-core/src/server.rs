@@ -7,15 +7,18 @@
 //!     AcceptMulti(listener) ─▶ new Conn { engine Connection, recv buffer, send queue }
 //!     Recv(conn)            ─▶ Connection::handle_input ─▶ events
 //!     Writev(conn)          ◀─ Event::Transmit (header + payload Bytes, no copy)
+//!     Read/Writev/Fsync(fd) ◀─ Event::Io for file and block-device volumes
 //!     Read(eventfd)         ◀─ notifiers (AEN, teardown), async backend completions, shutdown
 //!     io_uring_enter(timeout = earliest engine deadline): idle costs nothing
 //! ```
 //!
 //! What this version does and does not do yet (the server issue continues it): connections, their
-//! receive and send paths, timers and wake-ups all run on the worker's ring; backend I/O is executed
-//! synchronously on the worker with [`nvmeof_target::execute_blocking`] (immediate for memory
-//! volumes; for file volumes it blocks the worker for the duration of the pread/pwrite), and receive
-//! buffers are per connection rather than from a provided-buffer ring.
+//! receive and send paths, timers and wake-ups all run on the worker's ring, and so do reads, writes
+//! (FUA as `RWF_DSYNC`) and flushes of file-descriptor backends (files, block devices), with the
+//! PDUs' own buffers as the write data. Write Zeroes / Deallocate and non-fd backends go through
+//! [`nvmeof_target::execute_blocking`] (immediate for memory volumes). `O_DIRECT` devices are not
+//! yet driven on the ring (they would need aligned buffers), and receive buffers are per connection
+//! rather than from a provided-buffer ring.
 
 use std::collections::VecDeque;
 use std::io;
@@ -28,8 +31,11 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
-use nvmeof_proto::EncodedPdu;
-use nvmeof_target::{execute_blocking, Connection, Event, Target, TransportParams};
+use nvmeof_proto::{EncodedPdu, Payload};
+use nvmeof_target::{
+    execute_blocking, Connection, Event, IoError, IoOp, IoOutput, IoRequest, IoResult, IoToken, Namespace,
+    Target, TransportParams,
+};
 
 /// How to run the server.
 #[derive(Clone, Debug)]
@@ -139,6 +145,7 @@ fn probe() -> io::Result<()> {
         (opcode::Recv::CODE, "recv"),
         (opcode::Writev::CODE, "writev"),
         (opcode::Read::CODE, "read"),
+        (opcode::Fsync::CODE, "fsync"),
     ] {
         if !probe.is_supported(code) {
             return Err(io::Error::new(
@@ -174,6 +181,31 @@ const KIND_ACCEPT: u64 = 1;
 const KIND_RECV: u64 = 2;
 const KIND_SEND: u64 = 3;
 const KIND_WAKE: u64 = 4;
+const KIND_DISK: u64 = 5;
+
+/// A read, write or flush the worker runs on its ring for a file-descriptor backend.
+struct DiskOp {
+    slot: usize,
+    generation: u32,
+    token: IoToken,
+    /// Keeps the backend, and so its file descriptor, alive until the operation completes.
+    _namespace: Arc<Namespace>,
+    kind: DiskKind,
+}
+
+enum DiskKind {
+    /// Reads into `buf` (zeroed first: a short read of a sparse file's tail reads zeros).
+    Read {
+        buf: BytesMut,
+    },
+    /// Writes the payload's segments (the PDUs' own buffers: no copy) with these iovecs.
+    Write {
+        _data: Payload,
+        iov: Vec<libc::iovec>,
+        len: usize,
+    },
+    Flush,
+}
 
 fn user_data(kind: u64, slot: usize, generation: u32) -> u64 {
     (kind << 56) | ((slot as u64 & 0xff_ffff) << 32) | u64::from(generation)
@@ -222,6 +254,9 @@ struct Worker {
     accepting: bool,
     /// Entries that did not fit the submission queue, submitted as soon as there is room.
     backlog: VecDeque<squeue::Entry>,
+    /// Backend operations in flight on the ring; their buffers live here until completion.
+    disk_ops: Vec<Option<Box<DiskOp>>>,
+    disk_free: Vec<usize>,
 }
 
 impl Worker {
@@ -247,6 +282,8 @@ impl Worker {
             live: 0,
             accepting: true,
             backlog: VecDeque::new(),
+            disk_ops: Vec::new(),
+            disk_free: Vec::new(),
         })
     }
 
@@ -299,7 +336,7 @@ impl Worker {
             if self.stop.load(Ordering::Acquire) && self.accepting {
                 self.begin_shutdown();
             }
-            if !self.accepting && self.live == 0 {
+            if !self.accepting && self.live == 0 && self.disk_ops.iter().all(Option::is_none) {
                 return Ok(());
             }
             let deadline = self.next_deadline();
@@ -330,6 +367,7 @@ impl Worker {
                     KIND_RECV => self.on_recv(slot, generation, res, now),
                     KIND_SEND => self.on_send(slot, generation, res, now),
                     KIND_WAKE => self.on_wake(now),
+                    KIND_DISK => self.on_disk(slot, res, now),
                     _ => {}
                 }
             }
@@ -493,28 +531,115 @@ impl Worker {
 
     /// Carries out the engine's events, starts a send if none is in flight, and frees the connection
     /// once it is closed and quiet.
-    #[allow(clippy::disallowed_methods)]
-    fn after_engine(&mut self, slot: usize, _now: Instant) {
-        let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) else { return };
-        while let Some(ev) = c.engine.poll_event() {
-            match ev {
-                Event::Transmit(pdu) => {
-                    if !c.dead {
-                        c.queued.push_back(pdu);
+    fn after_engine(&mut self, slot: usize, now: Instant) {
+        loop {
+            let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) else { return };
+            let generation = c.generation;
+            let mut ios = Vec::new();
+            while let Some(ev) = c.engine.poll_event() {
+                match ev {
+                    Event::Transmit(pdu) => {
+                        if !c.dead {
+                            c.queued.push_back(pdu);
+                        }
+                    }
+                    Event::Io(req) => ios.push(req),
+                    Event::Close(reason) => {
+                        tracing::debug!(?reason, "connection closed");
+                        c.closing = true;
                     }
                 }
-                Event::Io(req) => {
-                    let result = execute_blocking(req.namespace.backend().as_ref(), req.op);
-                    c.engine.complete_io(req.token, result, Instant::now());
-                }
-                Event::Close(reason) => {
-                    tracing::debug!(?reason, "connection closed");
-                    c.closing = true;
-                }
+            }
+            if ios.is_empty() {
+                break;
+            }
+            for req in ios {
+                self.start_io(slot, generation, req, now);
             }
         }
         self.start_send(slot);
         self.maybe_free(slot);
+    }
+
+    /// Runs a backend request: on the ring for file-descriptor backends (reads, writes, flushes),
+    /// otherwise through the backend itself.
+    fn start_io(&mut self, slot: usize, generation: u32, req: IoRequest, now: Instant) {
+        let IoRequest { token, namespace, op } = req;
+        let device =
+            namespace.backend().raw_device().filter(|d| !d.direct).map(|d| (d.fd.as_raw_fd(), d.base_offset));
+        let ring_op = match (device, op) {
+            (Some(_), IoOp::Read { offset, len }) => {
+                Some((DiskKind::Read { buf: BytesMut::zeroed(len as usize) }, Some((offset, false))))
+            }
+            (Some(_), IoOp::Write { offset, data, fua }) => {
+                let iov = data
+                    .segments()
+                    .iter()
+                    .map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() })
+                    .collect();
+                let len = data.len();
+                Some((DiskKind::Write { _data: data, iov, len }, Some((offset, fua))))
+            }
+            (Some(_), IoOp::Flush) => Some((DiskKind::Flush, None)),
+            (_, op) => {
+                // Memory and other backends, and the rarer operations (write zeroes, deallocate):
+                // through the backend (immediate for memory; blocks the worker for file ones).
+                let result = execute_blocking(namespace.backend().as_ref(), op);
+                if let Some(c) = self.conn_mut(slot, generation) {
+                    c.engine.complete_io(token, result, now);
+                }
+                return;
+            }
+        };
+        let (Some((fd, base)), Some((kind, args))) = (device, ring_op) else { return };
+        let (offset, fua) = args.unwrap_or((0, false));
+        let mut op = Box::new(DiskOp { slot, generation, token, _namespace: namespace, kind });
+        let index = match self.disk_free.pop() {
+            Some(i) => i,
+            None => {
+                self.disk_ops.push(None);
+                self.disk_ops.len() - 1
+            }
+        };
+        let ud = user_data(KIND_DISK, index, 0);
+        let entry = match &mut op.kind {
+            DiskKind::Read { buf } => opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
+                .offset(base + offset)
+                .build(),
+            DiskKind::Write { iov, .. } => opcode::Writev::new(types::Fd(fd), iov.as_ptr(), iov.len() as u32)
+                .offset(base + offset)
+                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                .build(),
+            DiskKind::Flush => opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build(),
+        }
+        .user_data(ud);
+        if let Some(s) = self.disk_ops.get_mut(index) {
+            *s = Some(op);
+        }
+        // SAFETY: the operation's buffers (the read buffer, the write iovecs and the payload they point
+        // to) live in the boxed `DiskOp` stored in `disk_ops` until its completion is reaped, and the
+        // namespace it holds keeps the backend's file descriptor open.
+        unsafe { self.push(entry) };
+    }
+
+    fn on_disk(&mut self, index: usize, res: i32, now: Instant) {
+        let Some(op) = self.disk_ops.get_mut(index).and_then(Option::take) else { return };
+        self.disk_free.push(index);
+        let result: IoResult = if res < 0 {
+            Err(IoError::Io(io::Error::from_raw_os_error(-res)))
+        } else {
+            match op.kind {
+                DiskKind::Read { buf } => Ok(IoOutput::Data(buf.freeze().into())),
+                DiskKind::Write { len, .. } if (res as usize) < len => {
+                    Err(IoError::Io(io::Error::new(io::ErrorKind::WriteZero, "short write")))
+                }
+                DiskKind::Write { .. } | DiskKind::Flush => Ok(IoOutput::Done),
+            }
+        };
+        if let Some(c) = self.conn_mut(op.slot, op.generation) {
+            c.engine.complete_io(op.token, result, now);
+        }
+        self.after_engine(op.slot, now);
     }
 
     fn start_send(&mut self, slot: usize) {
