@@ -4,8 +4,8 @@
 //!  Server::start ── binds one SO_REUSEPORT listener per worker ── spawns N workers
 //!
 //!  worker (one thread, one io_uring):
-//!     AcceptMulti(listener) ─▶ new Conn { engine Connection, recv buffer, send queue }
-//!     Recv(conn)            ─▶ Connection::handle_input ─▶ events
+//!     AcceptMulti(listener) ─▶ new Conn { engine Connection, reassembly buffer, send queue }
+//!     RecvMulti(conn)       ─▶ bytes in a provided buffer ─▶ Connection::handle_input ─▶ events
 //!     Writev(conn)          ◀─ Event::Transmit (header + payload Bytes, no copy)
 //!     Read/Writev/Fsync(fd) ◀─ Event::Io for file and block-device volumes
 //!     Read(eventfd)         ◀─ notifiers (AEN, teardown), async backend completions, shutdown
@@ -15,10 +15,12 @@
 //! What this version does and does not do yet (the server issue continues it): connections, their
 //! receive and send paths, timers and wake-ups all run on the worker's ring, and so do reads, writes
 //! (FUA as `RWF_DSYNC`) and flushes of file-descriptor backends (files, block devices), with the
-//! PDUs' own buffers as the write data. Write Zeroes / Deallocate and non-fd backends go through
+//! PDUs' own buffers as the write data. Receives are multishot into a provided-buffer ring shared by
+//! the worker's connections (an idle connection holds no receive buffer; received bytes are copied
+//! from the ring buffer into the connection's reassembly buffer, which holds at most one partial PDU
+//! plus what is still being decoded). Write Zeroes / Deallocate and non-fd backends go through
 //! [`nvmeof_target::execute_blocking`] (immediate for memory volumes). `O_DIRECT` devices are not
-//! yet driven on the ring (they would need aligned buffers), and receive buffers are per connection
-//! rather than from a provided-buffer ring.
+//! yet driven on the ring (they would need aligned buffers).
 
 use std::collections::VecDeque;
 use std::io;
@@ -50,13 +52,16 @@ pub struct ServerConfig {
     pub ring_entries: u32,
     /// Connections a worker accepts at most; more are closed at once.
     pub max_connections_per_worker: usize,
-    /// Receive buffer per connection, in bytes.
+    /// Size of each receive buffer, in bytes. Receive buffers are shared by all of a worker's
+    /// connections (an io_uring provided-buffer ring): an idle connection holds none.
     pub recv_buffer_bytes: usize,
+    /// Receive buffers per worker (rounded up to a power of two, at most 32768).
+    pub recv_buffers: u16,
 }
 
 impl ServerConfig {
-    /// Defaults: one worker per core, 1024-entry rings, 65536 connections per worker, 64 KiB receive
-    /// buffers.
+    /// Defaults: one worker per core, 1024-entry rings, 65536 connections per worker, 256 receive
+    /// buffers of 64 KiB per worker.
     #[must_use]
     pub fn new(listen: SocketAddr) -> Self {
         Self {
@@ -66,6 +71,7 @@ impl ServerConfig {
             ring_entries: 1024,
             max_connections_per_worker: 65536,
             recv_buffer_bytes: 64 * 1024,
+            recv_buffers: 256,
         }
     }
 }
@@ -142,7 +148,7 @@ fn probe() -> io::Result<()> {
     ring.submitter().register_probe(&mut probe)?;
     for (code, name) in [
         (opcode::AcceptMulti::CODE, "accept"),
-        (opcode::Recv::CODE, "recv"),
+        (opcode::RecvMulti::CODE, "recv"),
         (opcode::Writev::CODE, "writev"),
         (opcode::Read::CODE, "read"),
         (opcode::Fsync::CODE, "fsync"),
@@ -222,7 +228,6 @@ struct Conn {
     stream: TcpStream,
     engine: Connection,
     generation: u32,
-    recv_buf: Box<[u8]>,
     rx: BytesMut,
     recv_inflight: bool,
     queued: VecDeque<EncodedPdu>,
@@ -240,7 +245,10 @@ struct Conn {
 }
 
 struct Worker {
+    // Declared first so it is dropped first: the kernel lets go of the buffer ring before its memory
+    // (`bufs`, below) is freed.
     ring: IoUring,
+    bufs: BufRing,
     target: Target,
     config: ServerConfig,
     listener: TcpListener,
@@ -268,8 +276,15 @@ impl Worker {
         stop: Arc<AtomicBool>,
     ) -> io::Result<Self> {
         let ring = IoUring::new(config.ring_entries.max(64))?;
+        let bufs = BufRing::new(config.recv_buffers, config.recv_buffer_bytes.max(4096))?;
+        // SAFETY: the ring memory is page aligned, holds `entries` initialised entries and stays
+        // allocated until after `ring` is dropped (field order of `Worker`).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(bufs.ring_addr(), bufs.entries(), BUF_GROUP, 0)?
+        };
         Ok(Self {
             ring,
+            bufs,
             target,
             config,
             listener,
@@ -364,7 +379,7 @@ impl Worker {
                 let (kind, slot, generation) = split_user_data(ud);
                 match kind {
                     KIND_ACCEPT => self.on_accept(res, flags, now),
-                    KIND_RECV => self.on_recv(slot, generation, res, now),
+                    KIND_RECV => self.on_recv(slot, generation, res, flags, now),
                     KIND_SEND => self.on_send(slot, generation, res, now),
                     KIND_WAKE => self.on_wake(now),
                     KIND_DISK => self.on_disk(slot, res, now),
@@ -426,7 +441,6 @@ impl Worker {
             stream,
             engine,
             generation,
-            recv_buf: vec![0u8; self.config.recv_buffer_bytes.max(4096)].into_boxed_slice(),
             rx: BytesMut::new(),
             recv_inflight: false,
             queued: VecDeque::new(),
@@ -460,15 +474,11 @@ impl Worker {
             return;
         }
         c.recv_inflight = true;
-        let e = opcode::Recv::new(
-            types::Fd(c.stream.as_raw_fd()),
-            c.recv_buf.as_mut_ptr(),
-            c.recv_buf.len() as u32,
-        )
-        .build()
-        .user_data(user_data(KIND_RECV, slot, c.generation));
-        // SAFETY: `recv_buf` belongs to the boxed connection, which is freed only once no receive is
-        // in flight (`recv_inflight`), so the buffer outlives the operation.
+        let e = opcode::RecvMulti::new(types::Fd(c.stream.as_raw_fd()), BUF_GROUP)
+            .build()
+            .user_data(user_data(KIND_RECV, slot, c.generation));
+        // SAFETY: the receive writes into buffers of the provided-buffer ring, which the worker owns
+        // for as long as its io_uring exists.
         unsafe { self.push(e) };
     }
 
@@ -476,15 +486,28 @@ impl Worker {
         self.conns.get_mut(slot)?.as_deref_mut().filter(|c| c.generation == generation)
     }
 
-    fn on_recv(&mut self, slot: usize, generation: u32, res: i32, now: Instant) {
-        let Some(c) = self.conn_mut(slot, generation) else { return };
-        c.recv_inflight = false;
-        if res <= 0 {
+    fn on_recv(&mut self, slot: usize, generation: u32, res: i32, flags: u32, now: Instant) {
+        let bid = cqueue::buffer_select(flags);
+        let more = cqueue::more(flags);
+        let Some(c) =
+            self.conns.get_mut(slot).and_then(|c| c.as_deref_mut()).filter(|c| c.generation == generation)
+        else {
+            if let Some(bid) = bid {
+                self.bufs.recycle(bid);
+            }
+            return;
+        };
+        if !more {
+            c.recv_inflight = false;
+        }
+        if res == -libc::ENOBUFS {
+            // Every buffer was taken between two reaps; they are back now: receive again.
+        } else if res <= 0 {
             c.dead = res < 0;
             c.engine.handle_peer_closed();
-        } else {
-            let n = res as usize;
-            c.rx.extend_from_slice(c.recv_buf.get(..n).unwrap_or_default());
+        } else if let Some(bid) = bid {
+            c.rx.extend_from_slice(self.bufs.get(bid, res as usize));
+            self.bufs.recycle(bid);
             let mut rx = std::mem::take(&mut c.rx);
             c.engine.handle_input(&mut rx, now);
             c.rx = rx;
@@ -718,6 +741,92 @@ impl Worker {
             }
             self.after_engine(slot, Instant::now());
         }
+    }
+}
+
+/// The buffer group of the receive buffers.
+const BUF_GROUP: u16 = 0;
+
+/// An io_uring provided-buffer ring: `entries` receive buffers of `size` bytes, shared by all the
+/// connections of a worker. The kernel picks a buffer for each received chunk; the worker copies the
+/// bytes out (into the connection's reassembly buffer) and hands the buffer back at once.
+struct BufRing {
+    ring: std::ptr::NonNull<io_uring::types::BufRingEntry>,
+    layout: std::alloc::Layout,
+    buffers: Box<[u8]>,
+    size: usize,
+    entries: u16,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(count: u16, size: usize) -> io::Result<Self> {
+        let entries = count.clamp(1, 32768).next_power_of_two();
+        let bytes = usize::from(entries) * std::mem::size_of::<io_uring::types::BufRingEntry>();
+        let layout = std::alloc::Layout::from_size_align(bytes.max(4096), 4096).map_err(io::Error::other)?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ring = std::ptr::NonNull::new(raw.cast::<io_uring::types::BufRingEntry>())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "cannot allocate the buffer ring"))?;
+        let buffers = vec![0u8; usize::from(entries) * size].into_boxed_slice();
+        let mut r = Self { ring, layout, buffers, size, entries, tail: 0 };
+        for bid in 0..entries {
+            r.put(bid);
+        }
+        r.publish();
+        Ok(r)
+    }
+
+    fn ring_addr(&self) -> u64 {
+        self.ring.as_ptr() as u64
+    }
+
+    fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    /// Writes buffer `bid` into the next free ring entry (made visible by [`BufRing::publish`]).
+    fn put(&mut self, bid: u16) {
+        let index = usize::from(self.tail & (self.entries - 1));
+        // SAFETY: `index` < `entries`, the number of entries allocated; the kernel only reads entries
+        // between its head and the published tail, and this one is past the published tail.
+        let entry = unsafe { &mut *self.ring.as_ptr().add(index) };
+        let addr = self.buffers.as_ptr() as u64 + u64::from(bid) * self.size as u64;
+        entry.set_addr(addr);
+        entry.set_len(self.size as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the entries written so far visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: the ring's first entry exists and is initialised; its `resv` field is the ring's
+        // tail, which the kernel reads with acquire semantics.
+        let tail = unsafe { io_uring::types::BufRingEntry::tail(self.ring.as_ptr()) };
+        // SAFETY: the tail is a properly aligned u16 inside the ring's allocation; we are its only
+        // writer, and an atomic view of it orders the entry writes before the tail update.
+        unsafe { (*(tail as *const std::sync::atomic::AtomicU16)).store(self.tail, Ordering::Release) };
+    }
+
+    /// The first `len` bytes of buffer `bid`.
+    fn get(&self, bid: u16, len: usize) -> &[u8] {
+        let start = usize::from(bid) * self.size;
+        self.buffers.get(start..start + len.min(self.size)).unwrap_or_default()
+    }
+
+    /// Gives buffer `bid` back to the kernel.
+    fn recycle(&mut self, bid: u16) {
+        if bid < self.entries {
+            self.put(bid);
+            self.publish();
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; the io_uring that used it was dropped first.
+        unsafe { std::alloc::dealloc(self.ring.as_ptr().cast(), self.layout) };
     }
 }
 

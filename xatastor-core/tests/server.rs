@@ -23,6 +23,7 @@ fn start(workers: usize) -> (Server, Target) {
     let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     config.workers = workers;
     config.recv_buffer_bytes = 4096;
+    config.recv_buffers = 16;
     (Server::start(target.clone(), config).unwrap(), target)
 }
 
