@@ -22,6 +22,10 @@
 //! - a persistent volume catalog with intent → backend operation → commit lifecycle steps that reconcile
 //!   after a crash, lazy activation of volumes on Connect, and a host → volumes index for discovery.
 
+pub mod provision;
 pub mod server;
 
+pub use provision::{
+    ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
+};
 pub use server::{Server, ServerConfig};
