@@ -12,7 +12,13 @@
 #   initrd.img   the Debian initramfs (loads virtio_blk + ext4, mounts /dev/vda)
 #   rootfs.img   raw ext4 image of the debootstrap'd root filesystem
 #                (boot it read-only / with snapshot=on: it is shared by every run)
-#   manifest.txt kernel version, package versions, build time
+#   manifest.txt kernel version, ZFS version, package versions, build time
+#
+# ZFS: zfs-dkms and zfsutils-linux come from Debian's contrib component. The module is built by
+# dkms inside the chroot for the guest kernel (linux-headers-<guest kernel>, never `uname -r`,
+# which is the host's), then the build toolchain and headers are purged again; the built
+# zfs.ko/spl.ko stay in /lib/modules/<guest kernel>/updates/dkms (depmod'ed). The initramfs does
+# not contain ZFS (the root file system is ext4).
 #
 # XATASTOR_E2E_KEEP_BUILD=1 keeps the half-built tree after a failure (debugging).
 # Progress goes to stderr; the image directory is printed on stdout (last line).
@@ -34,6 +40,9 @@ PACKAGES=(
 )
 # PostgreSQL binaries the postgres scenario runs directly (there is no systemd in the guest).
 PG_BINDIR=/usr/lib/postgresql/15/bin
+# ZFS (Debian contrib), installed with apt-get after debootstrap (see install_zfs below). dkms
+# pulls in the compiler; it and the kernel headers are purged once the module is built.
+ZFS_PACKAGES=(zfs-dkms zfsutils-linux)
 # Modules the initramfs must contain to mount the root disk.
 INITRD_MODULES=(virtio_pci virtio_blk ext4 crc32c_generic)
 
@@ -118,6 +127,94 @@ for b in initdb pg_ctl postgres pg_controldata psql pgbench; do
 done
 grep -q '^postgres:' "$ROOT/etc/passwd" || die "no postgres user in the guest"
 
+# --- ZFS ------------------------------------------------------------------------------------
+mount -t proc proc "$ROOT/proc"
+mount -t sysfs sysfs "$ROOT/sys"
+mount --bind /dev "$ROOT/dev"
+# Run apt-get/dpkg in the chroot non-interactively; no service may start in it.
+capt() {
+    chroot "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+        DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true \
+        apt-get -y -q -o Dpkg::Use-Pty=0 -o APT::Install-Recommends=false "$@"
+}
+cchroot() { chroot "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
+install_zfs() {
+    local t0 log_ zver zpkgver resolv=0
+    t0=$(date +%s)
+    log_="$WORK/zfs.log"
+    # apt-get in the chroot resolves the mirror's name with the host's resolver.
+    if [[ ! -s $ROOT/etc/resolv.conf ]]; then
+        rm -f "$ROOT/etc/resolv.conf"
+        cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+        resolv=1
+    fi
+    printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
+    chmod 0755 "$ROOT/usr/sbin/policy-rc.d"
+    echo "deb $MIRROR $SUITE main contrib" > "$ROOT/etc/apt/sources.list"
+    log "ZFS: apt-get update ($SUITE main contrib)"
+    capt update > "$log_" 2>&1 || { tail -n 20 "$log_" >&2; die "apt-get update in the chroot failed"; }
+    # Headers of exactly the guest kernel, first: zfs-dkms's postinst then finds a kernel to
+    # build for. `uname -r` in the chroot is the host kernel, whose headers are absent, so
+    # dkms skips it ("belongs to a chroot's host"); the explicit build below does not rely on
+    # the postinst either way.
+    log "ZFS: installing linux-headers-$KVER"
+    capt install "linux-headers-$KVER" >> "$log_" 2>&1 \
+        || { tail -n 20 "$log_" >&2; die "apt-get install linux-headers-$KVER failed"; }
+    log "ZFS: installing ${ZFS_PACKAGES[*]} (zfs-dkms's postinst compiles the module: minutes)"
+    if ! capt install "${ZFS_PACKAGES[@]}" >> "$log_" 2>&1; then
+        tail -n 20 "$log_" >&2
+        log "ZFS: apt-get install reported an error (see above); building explicitly for $KVER"
+    fi
+    zpkgver=$(cchroot dpkg-query -W -f='${Version}' zfs-dkms) || die "zfs-dkms is not installed"
+    zver=${zpkgver%%-*}
+    [[ -d $ROOT/usr/src/zfs-$zver ]] || die "no dkms source tree /usr/src/zfs-$zver (zfs-dkms $zpkgver)"
+    if ! ls "$ROOT/lib/modules/$KVER/updates/dkms/"zfs.ko* > /dev/null 2>&1; then
+        log "ZFS: dkms install zfs/$zver -k $KVER"
+        cchroot dkms install "zfs/$zver" -k "$KVER" >> "$log_" 2>&1 \
+            || { tail -n 40 "$log_" >&2; die "dkms install zfs/$zver -k $KVER failed"; }
+    fi
+    # Finish any configuration the postinst could not do.
+    cchroot dpkg --configure -a >> "$log_" 2>&1 || { tail -n 20 "$log_" >&2; die "dpkg --configure -a failed"; }
+    cchroot dkms status >> "$log_" 2>&1 || true
+    for m in zfs spl; do
+        ls "$ROOT/lib/modules/$KVER/updates/dkms/$m.ko"* > /dev/null 2>&1 \
+            || die "$m.ko missing from /lib/modules/$KVER/updates/dkms after the dkms build (see $log_)"
+    done
+    for b in /sbin/zpool /sbin/zfs /usr/lib/udev/zvol_id /usr/lib/udev/rules.d/60-zvol.rules /lib/systemd/systemd-udevd /bin/udevadm; do
+        [[ -e $ROOT$b ]] || die "$b missing in the guest (zfsutils-linux / udev)"
+    done
+    log "ZFS: module $zver built for $KVER ($(( $(date +%s) - t0 ))s)"
+
+    # Purge the toolchain and headers (about 250 MiB), keeping the built modules: purging
+    # zfs-dkms runs `dkms remove`, so save them first and put them back.
+    if capt -s purge --autoremove zfs-dkms dkms "linux-headers-$KVER" 2>/dev/null | grep -q '^Purg zfsutils-linux '; then
+        log "ZFS: purging zfs-dkms would remove zfsutils-linux; keeping the toolchain"
+    else
+        log "ZFS: purging the compiler, dkms and kernel headers (the built modules are kept)"
+        mkdir -p "$WORK/zfs-modules"
+        cp -a "$ROOT/lib/modules/$KVER/updates/dkms/." "$WORK/zfs-modules/"
+        capt purge --autoremove zfs-dkms dkms "linux-headers-$KVER" >> "$log_" 2>&1 \
+            || { tail -n 20 "$log_" >&2; die "apt-get purge of the build toolchain failed"; }
+        mkdir -p "$ROOT/lib/modules/$KVER/updates/dkms"
+        cp -a "$WORK/zfs-modules/." "$ROOT/lib/modules/$KVER/updates/dkms/"
+        rm -rf "$ROOT"/usr/src/zfs-* "$ROOT/var/lib/dkms"
+        [[ $(cchroot dpkg-query -W -f='${Status}' zfsutils-linux 2>/dev/null) == "install ok installed" ]] \
+            || die "zfsutils-linux was removed by the purge"
+    fi
+    cchroot depmod "$KVER" || die "depmod $KVER failed"
+    cchroot modinfo -k "$KVER" zfs > "$WORK/zfs-modinfo.txt" 2>&1 || die "modinfo -k $KVER zfs failed"
+    grep -q "^filename: */lib/modules/$KVER/updates/dkms/zfs.ko" "$WORK/zfs-modinfo.txt" \
+        || die "modinfo -k $KVER zfs does not find updates/dkms/zfs.ko: $(head -n1 "$WORK/zfs-modinfo.txt")"
+    ZFS_MANIFEST="zfs: $zpkgver (zfs-dkms + zfsutils-linux $(cchroot dpkg-query -W -f='${Version}' zfsutils-linux), $SUITE contrib)"
+    ZFS_MANIFEST+=$'\n'"zfs-module: $(sed -n 's/^version: *//p' "$WORK/zfs-modinfo.txt") for $KVER in /lib/modules/$KVER/updates/dkms ($(cd "$ROOT/lib/modules/$KVER/updates/dkms" && ls | tr '\n' ' '))"
+    ZFS_MANIFEST+=$'\n'"zfs-build-seconds: $(( $(date +%s) - t0 ))"
+    rm -f "$ROOT/usr/sbin/policy-rc.d"
+    capt clean > /dev/null 2>&1 || true
+    [[ $resolv == 0 ]] || rm -f "$ROOT/etc/resolv.conf"
+}
+ZFS_MANIFEST=""
+install_zfs
+
 log "configuring guest (init, hostname, nvme)"
 install -m 0755 "$HERE/guest/init.sh" "$ROOT/sbin/xe2e-init"
 echo xe2e-guest > "$ROOT/etc/hostname"
@@ -133,9 +230,6 @@ EOF
 printf '%s\n' "${INITRD_MODULES[@]}" > "$ROOT/etc/initramfs-tools/modules"
 
 log "regenerating initramfs for $KVER"
-mount -t proc proc "$ROOT/proc"
-mount -t sysfs sysfs "$ROOT/sys"
-mount --bind /dev "$ROOT/dev"
 if ! chroot "$ROOT" update-initramfs -c -k "$KVER" > "$WORK/initramfs.log" 2>&1; then
     cat "$WORK/initramfs.log" >&2
     die "update-initramfs failed"
@@ -161,6 +255,7 @@ log "recording manifest and trimming the rootfs"
     echo "suite: $SUITE"
     echo "mirror: $MIRROR"
     echo "kernel: $KVER"
+    echo "$ZFS_MANIFEST"
     echo "built: $(date -u +%FT%TZ)"
     echo "packages:"
     chroot "$ROOT" dpkg-query -W -f='  ${Package} ${Version}\n'

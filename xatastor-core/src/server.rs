@@ -1,46 +1,60 @@
-//! The thread-per-core io_uring NVMe/TCP server (first version).
+//! The thread-per-core io_uring NVMe/TCP server.
 //!
 //! ```text
 //!  Server::start ── binds one SO_REUSEPORT listener per worker ── spawns N workers
 //!
-//!  worker (one thread, one io_uring):
+//!  worker (one thread, one io_uring, no locks on the I/O path):
 //!     AcceptMulti(listener) ─▶ new Conn { engine Connection, reassembly buffer, send queue }
-//!     RecvMulti(conn)       ─▶ bytes in a provided buffer ─▶ Connection::handle_input ─▶ events
+//!     RecvMulti(conn)       ─▶ bytes in a provided buffer (worker-wide pool) ─▶ handle_input ─▶ events
 //!     Writev(conn)          ◀─ Event::Transmit (header + payload Bytes, no copy)
-//!     Read/Writev/Fsync(fd) ◀─ Event::Io for file and block-device volumes
-//!     Read(eventfd)         ◀─ notifiers (AEN, teardown), async backend completions, shutdown
-//!     io_uring_enter(timeout = earliest engine deadline): idle costs nothing
+//!     Read/Writev/Fsync/    ◀─ Event::Io for file, block-device and zvol volumes (O_DIRECT with
+//!       Fallocate(fd)          aligned buffers), the PDUs' own buffers as write data
+//!     Read(eventfd)         ◀─ engine notifiers (AEN, teardown), async backend completions, shutdown
+//!     io_uring_enter(timeout = earliest deadline of a timer heap): idle costs nothing
 //! ```
 //!
-//! What this version does and does not do yet (the server issue continues it): connections, their
-//! receive and send paths, timers and wake-ups all run on the worker's ring, and so do reads, writes
-//! (FUA as `RWF_DSYNC`) and flushes of file-descriptor backends (files, block devices), with the
-//! PDUs' own buffers as the write data. Receives are multishot into a provided-buffer ring shared by
-//! the worker's connections (an idle connection holds no receive buffer; received bytes are copied
-//! from the ring buffer into the connection's reassembly buffer, which holds at most one partial PDU
-//! plus what is still being decoded). Write Zeroes / Deallocate and non-fd backends go through
-//! [`nvmeof_target::execute_blocking`] (immediate for memory volumes). `O_DIRECT` devices are not
-//! yet driven on the ring (they would need aligned buffers).
+//! - **Receive.** Multishot receives into a provided-buffer ring shared by the worker's connections: an
+//!   idle connection holds no receive buffer. Received bytes are copied once from the ring buffer into
+//!   the connection's reassembly buffer (at most one partial PDU plus what is being decoded); decoded
+//!   PDU data are `Bytes` slices of that buffer, handed to the disk write without another copy.
+//! - **Backend I/O.** File-descriptor backends ([`nvmeof_target::BlockBackend::raw_device`]) run on the
+//!   ring: reads, writes (FUA as `RWF_DSYNC`), flushes (`fdatasync`), write zeroes and deallocate
+//!   (`fallocate`; a device that refuses it falls back to the backend's own implementation). Devices
+//!   opened `O_DIRECT` get sector-aligned buffers: reads land in an aligned buffer exposed as `Bytes`
+//!   without a copy; write data that is not aligned is copied once into one. Other backends are
+//!   called through [`nvmeof_target::BlockBackend::submit`]; those that complete later do so from any
+//!   thread through a completion queue and the worker's eventfd.
+//! - **Timers.** A heap of engine deadlines (keep-alive, connect timeouts) bounds `io_uring_enter`.
+//! - **Limits.** Connections per worker and per peer address; bytes queued for sending per connection
+//!   (above the limit the connection's input is not decoded and its receive is cancelled until the
+//!   peer reads — a stalled reader cannot make the server buffer without bound); the engine bounds the
+//!   data of commands in flight.
+//! - **Shutdown.** Stop accepting, close every connection once its responses are sent, wait for
+//!   backend I/O in flight, then flush every namespace's backend.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use nvmeof_proto::{EncodedPdu, Payload};
 use nvmeof_target::{
-    execute_blocking, Connection, Event, IoError, IoOp, IoOutput, IoRequest, IoResult, IoToken, Namespace,
-    Target, TransportParams,
+    execute_blocking, Completer, CompletionSink, Connection, Event, IoError, IoOp, IoOutput, IoRequest,
+    IoResult, IoToken, Namespace, Submitted, Target, TransportParams,
 };
+use parking_lot::Mutex;
 
 /// How to run the server.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// Address to listen on (every worker listens on it with `SO_REUSEPORT`).
     pub listen: SocketAddr,
@@ -52,6 +66,13 @@ pub struct ServerConfig {
     pub ring_entries: u32,
     /// Connections a worker accepts at most; more are closed at once.
     pub max_connections_per_worker: usize,
+    /// Connections from one peer IP address at most (all workers together); more are closed at once.
+    /// A Linux host opens one connection per queue (1 admin + one I/O queue per CPU) for every
+    /// volume it attaches, so this is a guard against one peer taking every slot, not a tight limit.
+    pub max_connections_per_peer: usize,
+    /// Bytes of responses queued for sending on one connection above which its input is no longer
+    /// decoded (and its receive is cancelled) until the peer reads.
+    pub max_send_queue_bytes: usize,
     /// Size of each receive buffer, in bytes. Receive buffers are shared by all of a worker's
     /// connections (an io_uring provided-buffer ring): an idle connection holds none.
     pub recv_buffer_bytes: usize,
@@ -60,8 +81,8 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Defaults: one worker per core, 1024-entry rings, 65536 connections per worker, 256 receive
-    /// buffers of 64 KiB per worker.
+    /// Defaults: one worker per core, 1024-entry rings, 65536 connections per worker, 16384 per peer
+    /// address, 4 MiB of queued responses per connection, 256 receive buffers of 64 KiB per worker.
     #[must_use]
     pub fn new(listen: SocketAddr) -> Self {
         Self {
@@ -70,6 +91,8 @@ impl ServerConfig {
             port_id: 1,
             ring_entries: 1024,
             max_connections_per_worker: 65536,
+            max_connections_per_peer: 16384,
+            max_send_queue_bytes: 4 << 20,
             recv_buffer_bytes: 64 * 1024,
             recv_buffers: 256,
         }
@@ -80,8 +103,9 @@ impl ServerConfig {
 #[derive(Debug)]
 pub struct Server {
     local_addr: SocketAddr,
+    target: Target,
     stop: Arc<AtomicBool>,
-    wake_fds: Vec<Arc<OwnedFd>>,
+    mailboxes: Vec<Arc<Mailbox>>,
     workers: Vec<JoinHandle<io::Result<()>>>,
 }
 
@@ -103,20 +127,21 @@ impl Server {
             listeners.push(l);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let mut wake_fds = Vec::new();
+        let peers = Arc::new(Mutex::new(HashMap::new()));
+        let mut mailboxes = Vec::new();
         let mut handles = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
-            let wake = Arc::new(eventfd()?);
-            wake_fds.push(wake.clone());
-            let (target, config, stop) = (target.clone(), config.clone(), stop.clone());
+            let mailbox = Arc::new(Mailbox::new()?);
+            mailboxes.push(mailbox.clone());
+            let (target, config, stop, peers) = (target.clone(), config.clone(), stop.clone(), peers.clone());
             let handle = std::thread::Builder::new().name(format!("xatastor-w{i}")).spawn(move || {
-                let mut w = Worker::new(target, config, listener, wake, stop)?;
+                let mut w = Worker::new(target, config, listener, mailbox, stop, peers)?;
                 w.run()
             })?;
             handles.push(handle);
         }
         tracing::info!(%addr, workers, "NVMe/TCP server listening");
-        Ok(Server { local_addr: addr, stop, wake_fds, workers: handles })
+        Ok(Server { local_addr: addr, target, stop, mailboxes, workers: handles })
     }
 
     /// The address the server listens on (with the port the system chose for port 0).
@@ -125,17 +150,35 @@ impl Server {
         self.local_addr
     }
 
-    /// Stops accepting, closes every connection once its pending responses are sent, and waits for
-    /// the workers to finish.
+    /// Stops accepting, closes every connection once its pending responses are sent, waits for the
+    /// backend I/O in flight and the workers, then flushes every namespace's backend (so writes that
+    /// were acknowledged without FUA are durable too). Returns the first error (a worker's, or a
+    /// flush that failed).
     pub fn shutdown(self) -> io::Result<()> {
         self.stop.store(true, Ordering::Release);
-        for fd in &self.wake_fds {
-            signal(fd.as_raw_fd());
+        for m in &self.mailboxes {
+            m.signal();
         }
+        let mut first: io::Result<()> = Ok(());
         for w in self.workers {
-            w.join().map_err(|_| io::Error::other("a worker thread panicked"))??;
+            let r = w.join().map_err(|_| io::Error::other("a worker thread panicked")).and_then(|r| r);
+            if first.is_ok() {
+                first = r;
+            }
         }
-        Ok(())
+        for nqn in self.target.subsystem_nqns() {
+            let Some(subsystem) = self.target.subsystem(&nqn) else { continue };
+            for ns in subsystem.namespaces().values() {
+                if let Err(e) = execute_blocking(ns.backend().as_ref(), IoOp::Flush) {
+                    tracing::error!(subsystem = %nqn, nsid = ns.nsid(), error = %e, "flush at shutdown failed");
+                    if first.is_ok() {
+                        first =
+                            Err(io::Error::other(format!("flush of {nqn} nsid {} failed: {e}", ns.nsid())));
+                    }
+                }
+            }
+        }
+        first
     }
 }
 
@@ -152,11 +195,13 @@ fn probe() -> io::Result<()> {
         (opcode::Writev::CODE, "writev"),
         (opcode::Read::CODE, "read"),
         (opcode::Fsync::CODE, "fsync"),
+        (opcode::Fallocate::CODE, "fallocate"),
+        (opcode::AsyncCancel::CODE, "async cancel"),
     ] {
         if !probe.is_supported(code) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!("io_uring lacks the {name} opcode"),
+                format!("io_uring lacks the {name} opcode (a Linux 6.x kernel is required)"),
             ));
         }
     }
@@ -172,15 +217,34 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-fn eventfd() -> io::Result<OwnedFd> {
-    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).map_err(io::Error::from)
+/// What other threads hand a worker: engine wake-ups and backend completions, announced through
+/// the worker's eventfd (which its ring always has a read armed on).
+#[derive(Debug)]
+struct Mailbox {
+    eventfd: OwnedFd,
+    /// Connections (slot, generation) whose engine asked for `handle_wakeup`.
+    woken: Mutex<Vec<(usize, u32)>>,
+    /// Results of backend requests that completed on another thread.
+    completions: Mutex<Vec<(IoToken, IoResult)>>,
 }
 
-/// Wakes a worker blocked in `io_uring_enter`.
-fn signal(fd: RawFd) {
-    // SAFETY: `fd` is an eventfd owned by the server for as long as its workers run; writing 8 bytes
-    // from a valid local buffer is what an eventfd expects.
-    let _ = unsafe { libc::write(fd, (&1u64 as *const u64).cast(), 8) };
+impl Mailbox {
+    fn new() -> io::Result<Self> {
+        let eventfd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+        Ok(Self { eventfd, woken: Mutex::new(Vec::new()), completions: Mutex::new(Vec::new()) })
+    }
+
+    /// Wakes the worker blocked in `io_uring_enter`.
+    fn signal(&self) {
+        let _ = rustix::io::write(&self.eventfd, &1u64.to_ne_bytes());
+    }
+}
+
+impl CompletionSink for Mailbox {
+    fn complete(&self, token: IoToken, result: IoResult) {
+        self.completions.lock().push((token, result));
+        self.signal();
+    }
 }
 
 const KIND_ACCEPT: u64 = 1;
@@ -189,28 +253,45 @@ const KIND_SEND: u64 = 3;
 const KIND_WAKE: u64 = 4;
 const KIND_DISK: u64 = 5;
 
-/// A read, write or flush the worker runs on its ring for a file-descriptor backend.
+/// A backend operation the worker runs on its ring for a file-descriptor backend.
 struct DiskOp {
     slot: usize,
     generation: u32,
     token: IoToken,
     /// Keeps the backend, and so its file descriptor, alive until the operation completes.
-    _namespace: Arc<Namespace>,
+    namespace: Arc<Namespace>,
     kind: DiskKind,
 }
 
 enum DiskKind {
     /// Reads into `buf` (zeroed first: a short read of a sparse file's tail reads zeros).
     Read {
-        buf: BytesMut,
+        buf: ReadBuf,
+        offset: u64,
     },
-    /// Writes the payload's segments (the PDUs' own buffers: no copy) with these iovecs.
+    /// Writes with these iovecs, which point into `_data` (the PDUs' own buffers: no copy) or, for
+    /// unaligned data on an `O_DIRECT` device, into `_bounce`.
     Write {
-        _data: Payload,
+        _data: Option<Payload>,
+        _bounce: Option<AlignedBuf>,
         iov: Vec<libc::iovec>,
         len: usize,
+        offset: u64,
+        fua: bool,
     },
     Flush,
+    /// One `fallocate` per range (write zeroes, deallocate); `op` is run by the backend instead if
+    /// the device does not support the mode.
+    Allocate {
+        remaining: usize,
+        error: Option<i32>,
+        op: IoOp,
+    },
+}
+
+enum ReadBuf {
+    Plain(BytesMut),
+    Aligned(AlignedBuf),
 }
 
 fn user_data(kind: u64, slot: usize, generation: u32) -> u64 {
@@ -224,13 +305,24 @@ fn split_user_data(ud: u64) -> (u64, usize, u32) {
 /// Send at most this many PDUs in one `writev`.
 const MAX_IOVECS: usize = 64;
 
+/// While a connection's input is held back (send queue over the limit), received bytes beyond this
+/// make the worker cancel its receive until the peer reads.
+const RX_HOLD_BYTES: usize = 256 * 1024;
+
 struct Conn {
     stream: TcpStream,
+    peer_ip: IpAddr,
     engine: Connection,
     generation: u32,
     rx: BytesMut,
     recv_inflight: bool,
+    /// Received bytes are waiting undecoded in `rx` because the send queue is over its limit.
+    input_held: bool,
+    /// The receive was cancelled because the peer does not read its responses.
+    recv_paused: bool,
     queued: VecDeque<EncodedPdu>,
+    /// Bytes in `queued` and `sending` not written yet.
+    queued_bytes: usize,
     /// PDUs of the `writev` in flight, and its iovecs (both must stay put until it completes).
     sending: Vec<EncodedPdu>,
     iov: Vec<libc::iovec>,
@@ -238,6 +330,8 @@ struct Conn {
     sent: usize,
     send_inflight: bool,
     woken: Arc<AtomicBool>,
+    /// The deadline this connection has in the worker's timer heap.
+    timer: Option<Instant>,
     /// The engine closed the connection: flush, then close the socket.
     closing: bool,
     /// The socket failed or the peer is gone: nothing more is sent.
@@ -252,19 +346,26 @@ struct Worker {
     target: Target,
     config: ServerConfig,
     listener: TcpListener,
-    wake: Arc<OwnedFd>,
+    mailbox: Arc<Mailbox>,
     wake_buf: Box<u64>,
     stop: Arc<AtomicBool>,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     conns: Vec<Option<Box<Conn>>>,
     free: Vec<usize>,
     next_generation: u32,
     live: usize,
     accepting: bool,
+    /// Engine deadlines: (when, slot, generation). Entries whose connection has since moved its
+    /// deadline are skipped when they come up.
+    timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
     /// Entries that did not fit the submission queue, submitted as soon as there is room.
     backlog: VecDeque<squeue::Entry>,
     /// Backend operations in flight on the ring; their buffers live here until completion.
     disk_ops: Vec<Option<Box<DiskOp>>>,
     disk_free: Vec<usize>,
+    /// Backend requests that will complete through the mailbox: token → (slot, generation).
+    pending: HashMap<IoToken, (usize, u32)>,
+    cqes: Vec<(u64, i32, u32)>,
 }
 
 impl Worker {
@@ -272,8 +373,9 @@ impl Worker {
         target: Target,
         config: ServerConfig,
         listener: TcpListener,
-        wake: Arc<OwnedFd>,
+        mailbox: Arc<Mailbox>,
         stop: Arc<AtomicBool>,
+        peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     ) -> io::Result<Self> {
         let ring = IoUring::new(config.ring_entries.max(64))?;
         let bufs = BufRing::new(config.recv_buffers, config.recv_buffer_bytes.max(4096))?;
@@ -288,17 +390,21 @@ impl Worker {
             target,
             config,
             listener,
-            wake,
+            mailbox,
             wake_buf: Box::new(0),
             stop,
+            peers,
             conns: Vec::new(),
             free: Vec::new(),
             next_generation: 1,
             live: 0,
             accepting: true,
+            timers: BinaryHeap::new(),
             backlog: VecDeque::new(),
             disk_ops: Vec::new(),
             disk_free: Vec::new(),
+            pending: HashMap::new(),
+            cqes: Vec::new(),
         })
     }
 
@@ -335,10 +441,11 @@ impl Worker {
 
     fn arm_wake(&mut self) {
         let buf: *mut u64 = &mut *self.wake_buf;
-        let e = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), buf.cast(), 8)
+        let e = opcode::Read::new(types::Fd(self.mailbox.eventfd.as_raw_fd()), buf.cast(), 8)
             .build()
             .user_data(user_data(KIND_WAKE, 0, 0));
-        // SAFETY: `wake_buf` is a Box owned by the worker, never moved or freed while it runs.
+        // SAFETY: `wake_buf` is a Box owned by the worker, never moved or freed while it runs; the
+        // eventfd is owned by the mailbox, which the worker holds.
         unsafe { self.push(e) };
     }
 
@@ -351,13 +458,16 @@ impl Worker {
             if self.stop.load(Ordering::Acquire) && self.accepting {
                 self.begin_shutdown();
             }
-            if !self.accepting && self.live == 0 && self.disk_ops.iter().all(Option::is_none) {
+            if !self.accepting
+                && self.live == 0
+                && self.pending.is_empty()
+                && self.disk_ops.iter().all(Option::is_none)
+            {
                 return Ok(());
             }
-            let deadline = self.next_deadline();
+            let deadline = self.timers.peek().map(|Reverse((t, _, _))| *t);
             let now = Instant::now();
-            let wait = deadline.map(|d| d.saturating_duration_since(now));
-            let result = match wait {
+            let result = match deadline.map(|d| d.saturating_duration_since(now)) {
                 Some(d) => {
                     let ts = timespec(d);
                     let args = types::SubmitArgs::new().timespec(&ts);
@@ -373,9 +483,9 @@ impl Worker {
                 Err(e) => return Err(e),
             }
             let now = Instant::now();
-            let cqes: Vec<(u64, i32, u32)> =
-                self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect();
-            for (ud, res, flags) in cqes {
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+            for &(ud, res, flags) in &cqes {
                 let (kind, slot, generation) = split_user_data(ud);
                 match kind {
                     KIND_ACCEPT => self.on_accept(res, flags, now),
@@ -386,28 +496,38 @@ impl Worker {
                     _ => {}
                 }
             }
+            cqes.clear();
+            self.cqes = cqes;
             self.run_timers(now);
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        self.conns.iter().flatten().filter_map(|c| c.engine.poll_timeout()).min()
-    }
-
     fn run_timers(&mut self, now: Instant) {
-        for slot in 0..self.conns.len() {
-            let due = self
-                .conns
-                .get(slot)
-                .and_then(|c| c.as_ref())
-                .and_then(|c| c.engine.poll_timeout())
-                .is_some_and(|d| d <= now);
-            if due {
-                if let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) {
-                    c.engine.handle_timeout(now);
-                }
-                self.after_engine(slot, now);
+        while let Some(&Reverse((t, slot, generation))) = self.timers.peek() {
+            if t > now {
+                break;
             }
+            self.timers.pop();
+            let Some(c) = self.conn_mut(slot, generation) else { continue };
+            if c.timer != Some(t) {
+                continue; // moved since; its current deadline has its own entry
+            }
+            c.timer = None;
+            c.engine.handle_timeout(now);
+            self.after_engine(slot, now);
+        }
+        // Deadlines that keep moving (keep-alive on a busy admin queue) leave stale entries behind;
+        // rebuild the heap when they outnumber the live ones.
+        if self.timers.len() > 4 * self.live + 64 {
+            self.timers = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, c)| {
+                    let c = c.as_ref()?;
+                    Some(Reverse((c.timer?, slot, c.generation)))
+                })
+                .collect();
         }
     }
 
@@ -421,56 +541,72 @@ impl Worker {
         }
         // SAFETY: a successful accept completion carries a new file descriptor that nothing else owns.
         let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
-        if !self.accepting || self.live >= self.config.max_connections_per_worker {
-            tracing::warn!("connection limit reached: closing a new connection");
+        if !self.accepting {
             return;
         }
-        let _ = stream.set_nodelay(true);
         let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) else { return };
+        if self.live >= self.config.max_connections_per_worker {
+            tracing::warn!(%peer, limit = self.config.max_connections_per_worker, "connection limit of the worker reached: closing a new connection");
+            return;
+        }
+        let peer_ip = peer.ip().to_canonical();
+        {
+            let mut peers = self.peers.lock();
+            let n = peers.entry(peer_ip).or_insert(0);
+            if *n >= self.config.max_connections_per_peer {
+                tracing::warn!(%peer, limit = self.config.max_connections_per_peer, "connection limit of the peer address reached: closing a new connection");
+                return;
+            }
+            *n += 1;
+        }
+        let _ = stream.set_nodelay(true);
         let params = TransportParams { local_addr: local, peer_addr: peer, port_id: self.config.port_id };
         let mut engine = self.target.accept(params, now);
-        let woken = Arc::new(AtomicBool::new(false));
-        let (flag, wake) = (woken.clone(), self.wake.clone());
-        engine.set_notifier(Arc::new(move || {
-            flag.store(true, Ordering::Release);
-            signal(wake.as_raw_fd());
-        }));
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let woken = Arc::new(AtomicBool::new(false));
+        let (flag, mailbox) = (woken.clone(), self.mailbox.clone());
+        engine.set_notifier(Arc::new(move || {
+            if !flag.swap(true, Ordering::AcqRel) {
+                mailbox.woken.lock().push((slot, generation));
+                mailbox.signal();
+            }
+        }));
         let conn = Box::new(Conn {
             stream,
+            peer_ip,
             engine,
             generation,
             rx: BytesMut::new(),
             recv_inflight: false,
+            input_held: false,
+            recv_paused: false,
             queued: VecDeque::new(),
+            queued_bytes: 0,
             sending: Vec::new(),
             iov: Vec::new(),
             sent: 0,
             send_inflight: false,
             woken,
+            timer: None,
             closing: false,
             dead: false,
         });
-        let slot = match self.free.pop() {
-            Some(s) => {
-                if let Some(c) = self.conns.get_mut(s) {
-                    *c = Some(conn);
-                }
-                s
-            }
-            None => {
-                self.conns.push(Some(conn));
-                self.conns.len() - 1
-            }
-        };
+        if let Some(c) = self.conns.get_mut(slot) {
+            *c = Some(conn);
+        }
         self.live += 1;
         self.arm_recv(slot);
+        self.after_engine(slot, now); // arms the connect timeout
     }
 
     fn arm_recv(&mut self, slot: usize) {
         let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) else { return };
-        if c.recv_inflight || c.closing || c.dead {
+        if c.recv_inflight || c.recv_paused || c.closing || c.dead {
             return;
         }
         c.recv_inflight = true;
@@ -486,9 +622,14 @@ impl Worker {
         self.conns.get_mut(slot)?.as_deref_mut().filter(|c| c.generation == generation)
     }
 
+    fn input_held(&self, c: &Conn) -> bool {
+        c.queued_bytes > self.config.max_send_queue_bytes
+    }
+
     fn on_recv(&mut self, slot: usize, generation: u32, res: i32, flags: u32, now: Instant) {
         let bid = cqueue::buffer_select(flags);
         let more = cqueue::more(flags);
+        let limit = self.config.max_send_queue_bytes;
         let Some(c) =
             self.conns.get_mut(slot).and_then(|c| c.as_deref_mut()).filter(|c| c.generation == generation)
         else {
@@ -500,14 +641,28 @@ impl Worker {
         if !more {
             c.recv_inflight = false;
         }
-        if res == -libc::ENOBUFS {
-            // Every buffer was taken between two reaps; they are back now: receive again.
+        if res == -libc::ENOBUFS || res == -libc::ECANCELED {
+            // ENOBUFS: every buffer was taken between two reaps; they are back now: receive again
+            // (unless paused). ECANCELED: paused by `hold_input`.
         } else if res <= 0 {
             c.dead = res < 0;
             c.engine.handle_peer_closed();
         } else if let Some(bid) = bid {
             c.rx.extend_from_slice(self.bufs.get(bid, res as usize));
             self.bufs.recycle(bid);
+            if c.queued_bytes > limit {
+                // The peer does not read its responses: keep its input undecoded, and stop receiving
+                // once a little of it has piled up.
+                c.input_held = true;
+                if c.rx.len() > RX_HOLD_BYTES && c.recv_inflight && !c.recv_paused {
+                    c.recv_paused = true;
+                    let e =
+                        opcode::AsyncCancel::new(user_data(KIND_RECV, slot, generation)).build().user_data(0);
+                    // SAFETY: cancelling touches no buffer.
+                    unsafe { self.push(e) };
+                }
+                return;
+            }
             let mut rx = std::mem::take(&mut c.rx);
             c.engine.handle_input(&mut rx, now);
             c.rx = rx;
@@ -523,6 +678,7 @@ impl Worker {
             c.dead = true;
             c.sending.clear();
             c.queued.clear();
+            c.queued_bytes = 0;
             c.engine.handle_peer_closed();
         } else {
             c.sent += res as usize;
@@ -530,30 +686,48 @@ impl Worker {
             if c.sent >= total {
                 c.sending.clear();
                 c.sent = 0;
+                c.queued_bytes = c.queued_bytes.saturating_sub(total);
             }
         }
+        // Input held back because of a full send queue: decode it now, and receive again.
+        let resume =
+            self.conns.get(slot).and_then(|c| c.as_deref()).is_some_and(|c| {
+                !self.input_held(c) && (c.recv_paused || c.input_held) && !c.closing && !c.dead
+            });
+        if let Some(c) = self.conn_mut(slot, generation).filter(|_| resume) {
+            c.recv_paused = false;
+            c.input_held = false;
+            let mut rx = std::mem::take(&mut c.rx);
+            c.engine.handle_input(&mut rx, now);
+            c.rx = rx;
+        }
         self.after_engine(slot, now);
+        if resume {
+            self.arm_recv(slot);
+        }
     }
 
     fn on_wake(&mut self, now: Instant) {
         self.arm_wake();
-        for slot in 0..self.conns.len() {
-            let woken = self
-                .conns
-                .get(slot)
-                .and_then(|c| c.as_ref())
-                .is_some_and(|c| c.woken.swap(false, Ordering::AcqRel));
-            if woken {
-                if let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) {
-                    c.engine.handle_wakeup(now);
-                }
+        let woken = std::mem::take(&mut *self.mailbox.woken.lock());
+        for (slot, generation) in woken {
+            let Some(c) = self.conn_mut(slot, generation) else { continue };
+            c.woken.store(false, Ordering::Release);
+            c.engine.handle_wakeup(now);
+            self.after_engine(slot, now);
+        }
+        let done = std::mem::take(&mut *self.mailbox.completions.lock());
+        for (token, result) in done {
+            let Some((slot, generation)) = self.pending.remove(&token) else { continue };
+            if let Some(c) = self.conn_mut(slot, generation) {
+                c.engine.complete_io(token, result, now);
                 self.after_engine(slot, now);
             }
         }
     }
 
-    /// Carries out the engine's events, starts a send if none is in flight, and frees the connection
-    /// once it is closed and quiet.
+    /// Carries out the engine's events, starts a send if none is in flight, keeps the connection's
+    /// timer current, and frees the connection once it is closed and quiet.
     fn after_engine(&mut self, slot: usize, now: Instant) {
         loop {
             let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) else { return };
@@ -563,6 +737,7 @@ impl Worker {
                 match ev {
                     Event::Transmit(pdu) => {
                         if !c.dead {
+                            c.queued_bytes += pdu.len();
                             c.queued.push_back(pdu);
                         }
                     }
@@ -574,6 +749,13 @@ impl Worker {
                 }
             }
             if ios.is_empty() {
+                let t = c.engine.poll_timeout();
+                if t != c.timer {
+                    c.timer = t;
+                    if let Some(t) = t {
+                        self.timers.push(Reverse((t, slot, generation)));
+                    }
+                }
                 break;
             }
             for req in ios {
@@ -584,85 +766,189 @@ impl Worker {
         self.maybe_free(slot);
     }
 
-    /// Runs a backend request: on the ring for file-descriptor backends (reads, writes, flushes),
-    /// otherwise through the backend itself.
+    /// Runs a backend request: on the ring for file-descriptor backends, otherwise through the
+    /// backend itself.
     fn start_io(&mut self, slot: usize, generation: u32, req: IoRequest, now: Instant) {
         let IoRequest { token, namespace, op } = req;
-        let device =
-            namespace.backend().raw_device().filter(|d| !d.direct).map(|d| (d.fd.as_raw_fd(), d.base_offset));
-        let ring_op = match (device, op) {
-            (Some(_), IoOp::Read { offset, len }) => {
-                Some((DiskKind::Read { buf: BytesMut::zeroed(len as usize) }, Some((offset, false))))
+        let Some((fd, base, align)) = namespace.backend().raw_device().map(|d| {
+            let align = if d.direct { (d.alignment.max(1) as usize).next_power_of_two() } else { 1 };
+            (d.fd.as_raw_fd(), d.base_offset, align)
+        }) else {
+            return self.submit_to_backend(slot, generation, token, namespace, op, now);
+        };
+        let aligned = |offset: u64, len: u64| offset % align as u64 == 0 && len % align as u64 == 0;
+        let (kind, entries): (DiskKind, usize) = match op {
+            IoOp::Read { offset, len } if aligned(offset, u64::from(len)) => {
+                let buf = if align > 1 {
+                    match AlignedBuf::zeroed(len as usize, align) {
+                        Some(b) => ReadBuf::Aligned(b),
+                        None => return self.fail_io(slot, generation, token, "out of memory", now),
+                    }
+                } else {
+                    ReadBuf::Plain(BytesMut::zeroed(len as usize))
+                };
+                (DiskKind::Read { buf, offset }, 1)
             }
-            (Some(_), IoOp::Write { offset, data, fua }) => {
-                let iov = data
-                    .segments()
-                    .iter()
-                    .map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() })
-                    .collect();
+            IoOp::Write { offset, data, fua } if aligned(offset, data.len() as u64) => {
                 let len = data.len();
-                Some((DiskKind::Write { _data: data, iov, len }, Some((offset, fua))))
+                let in_place =
+                    data.segments().iter().all(|s| s.as_ptr() as usize % align == 0 && s.len() % align == 0);
+                let kind = if in_place {
+                    let iov = data
+                        .segments()
+                        .iter()
+                        .map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() })
+                        .collect();
+                    DiskKind::Write { _data: Some(data), _bounce: None, iov, len, offset, fua }
+                } else {
+                    let Some(mut b) = AlignedBuf::zeroed(len, align) else {
+                        return self.fail_io(slot, generation, token, "out of memory", now);
+                    };
+                    b.copy_from(data.segments());
+                    let iov = vec![libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: len }];
+                    DiskKind::Write { _data: None, _bounce: Some(b), iov, len, offset, fua }
+                };
+                (kind, 1)
             }
-            (Some(_), IoOp::Flush) => Some((DiskKind::Flush, None)),
-            (_, op) => {
-                // Memory and other backends, and the rarer operations (write zeroes, deallocate):
-                // through the backend (immediate for memory; blocks the worker for file ones).
-                let result = execute_blocking(namespace.backend().as_ref(), op);
-                if let Some(c) = self.conn_mut(slot, generation) {
-                    c.engine.complete_io(token, result, now);
+            IoOp::Flush => (DiskKind::Flush, 1),
+            op @ (IoOp::WriteZeroes { .. } | IoOp::Discard { .. }) => {
+                let n = match &op {
+                    IoOp::Discard { ranges } => ranges.len(),
+                    _ => 1,
+                };
+                if n == 0 {
+                    return self.submit_to_backend(slot, generation, token, namespace, op, now);
                 }
-                return;
+                (DiskKind::Allocate { remaining: n, error: None, op }, n)
             }
+            // Not aligned for this O_DIRECT device: the backend handles it (with its own buffers).
+            op => return self.submit_to_backend(slot, generation, token, namespace, op, now),
         };
-        let (Some((fd, base)), Some((kind, args))) = (device, ring_op) else { return };
-        let (offset, fua) = args.unwrap_or((0, false));
-        let mut op = Box::new(DiskOp { slot, generation, token, _namespace: namespace, kind });
-        let index = match self.disk_free.pop() {
-            Some(i) => i,
-            None => {
-                self.disk_ops.push(None);
-                self.disk_ops.len() - 1
-            }
-        };
+        let index = self.disk_free.pop().unwrap_or_else(|| {
+            self.disk_ops.push(None);
+            self.disk_ops.len() - 1
+        });
+        let mut op = Box::new(DiskOp { slot, generation, token, namespace, kind });
         let ud = user_data(KIND_DISK, index, 0);
-        let entry = match &mut op.kind {
-            DiskKind::Read { buf } => opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
-                .offset(base + offset)
-                .build(),
-            DiskKind::Write { iov, .. } => opcode::Writev::new(types::Fd(fd), iov.as_ptr(), iov.len() as u32)
-                .offset(base + offset)
-                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
-                .build(),
-            DiskKind::Flush => opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build(),
+        let fd = types::Fd(fd);
+        let mut sqes: Vec<squeue::Entry> = Vec::with_capacity(entries);
+        match &mut op.kind {
+            DiskKind::Read { buf, offset } => {
+                let (ptr, len) = match buf {
+                    ReadBuf::Plain(b) => (b.as_mut_ptr(), b.len()),
+                    ReadBuf::Aligned(b) => (b.as_mut_ptr(), b.len),
+                };
+                sqes.push(opcode::Read::new(fd, ptr, len as u32).offset(base + *offset).build());
+            }
+            DiskKind::Write { iov, offset, fua, .. } => {
+                sqes.push(
+                    opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
+                        .offset(base + *offset)
+                        .rw_flags(if *fua { libc::RWF_DSYNC } else { 0 })
+                        .build(),
+                );
+            }
+            DiskKind::Flush => {
+                sqes.push(opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build());
+            }
+            DiskKind::Allocate { op: IoOp::WriteZeroes { offset, len, deallocate }, .. } => {
+                let mode = if *deallocate {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                sqes.push(opcode::Fallocate::new(fd, *len).offset(base + *offset).mode(mode).build());
+            }
+            DiskKind::Allocate { op: IoOp::Discard { ranges }, .. } => {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                for r in ranges.iter() {
+                    sqes.push(opcode::Fallocate::new(fd, r.len).offset(base + r.offset).mode(mode).build());
+                }
+            }
+            DiskKind::Allocate { .. } => {}
         }
-        .user_data(ud);
         if let Some(s) = self.disk_ops.get_mut(index) {
             *s = Some(op);
         }
-        // SAFETY: the operation's buffers (the read buffer, the write iovecs and the payload they point
-        // to) live in the boxed `DiskOp` stored in `disk_ops` until its completion is reaped, and the
-        // namespace it holds keeps the backend's file descriptor open.
-        unsafe { self.push(entry) };
+        for e in sqes {
+            // SAFETY: the operation's buffers (the read buffer, the write iovecs and the payload or
+            // bounce buffer they point to) live in the boxed `DiskOp` stored in `disk_ops` until its
+            // last completion is reaped, and the namespace it holds keeps the backend's fd open.
+            unsafe { self.push(e.user_data(ud)) };
+        }
+    }
+
+    /// Hands a request to the backend's own `submit`: immediate backends answer at once, others
+    /// complete later from any thread through the mailbox.
+    fn submit_to_backend(
+        &mut self,
+        slot: usize,
+        generation: u32,
+        token: IoToken,
+        namespace: Arc<Namespace>,
+        op: IoOp,
+        now: Instant,
+    ) {
+        let completer = Completer::new(token, self.mailbox.clone());
+        match namespace.backend().submit(op, completer) {
+            Submitted::Done(result) => {
+                if let Some(c) = self.conn_mut(slot, generation) {
+                    c.engine.complete_io(token, result, now);
+                }
+            }
+            Submitted::Pending => {
+                self.pending.insert(token, (slot, generation));
+            }
+        }
+    }
+
+    fn fail_io(&mut self, slot: usize, generation: u32, token: IoToken, why: &str, now: Instant) {
+        if let Some(c) = self.conn_mut(slot, generation) {
+            c.engine.complete_io(
+                token,
+                Err(IoError::Io(io::Error::new(io::ErrorKind::OutOfMemory, why))),
+                now,
+            );
+        }
     }
 
     fn on_disk(&mut self, index: usize, res: i32, now: Instant) {
+        let Some(op) = self.disk_ops.get_mut(index).and_then(Option::as_mut) else { return };
+        if let DiskKind::Allocate { remaining, error, .. } = &mut op.kind {
+            *remaining = remaining.saturating_sub(1);
+            if res < 0 && error.is_none() {
+                *error = Some(-res);
+            }
+            if *remaining > 0 {
+                return;
+            }
+        }
         let Some(op) = self.disk_ops.get_mut(index).and_then(Option::take) else { return };
         self.disk_free.push(index);
-        let result: IoResult = if res < 0 {
-            Err(IoError::Io(io::Error::from_raw_os_error(-res)))
-        } else {
-            match op.kind {
-                DiskKind::Read { buf } => Ok(IoOutput::Data(buf.freeze().into())),
-                DiskKind::Write { len, .. } if (res as usize) < len => {
-                    Err(IoError::Io(io::Error::new(io::ErrorKind::WriteZero, "short write")))
-                }
-                DiskKind::Write { .. } | DiskKind::Flush => Ok(IoOutput::Done),
+        let DiskOp { slot, generation, token, namespace, kind } = *op;
+        let result: IoResult = match kind {
+            DiskKind::Allocate { error: Some(e), op, .. } if e == libc::EOPNOTSUPP => {
+                // The file system or device has no such fallocate mode: the backend does it its way
+                // (writing zeros, an ioctl discard).
+                self.submit_to_backend(slot, generation, token, namespace, op, now);
+                self.after_engine(slot, now);
+                return;
             }
+            DiskKind::Allocate { error: Some(e), .. } => Err(IoError::Io(io::Error::from_raw_os_error(e))),
+            _ if res < 0 => Err(IoError::Io(io::Error::from_raw_os_error(-res))),
+            DiskKind::Read { buf: ReadBuf::Plain(b), .. } => Ok(IoOutput::Data(b.freeze().into())),
+            DiskKind::Read { buf: ReadBuf::Aligned(b), .. } => {
+                Ok(IoOutput::Data(Bytes::from_owner(b).into()))
+            }
+            DiskKind::Write { len, .. } if (res as usize) < len => {
+                Err(IoError::Io(io::Error::new(io::ErrorKind::WriteZero, "short write")))
+            }
+            DiskKind::Write { .. } | DiskKind::Flush | DiskKind::Allocate { .. } => Ok(IoOutput::Done),
         };
-        if let Some(c) = self.conn_mut(op.slot, op.generation) {
-            c.engine.complete_io(op.token, result, now);
+        if let Some(c) = self.conn_mut(slot, generation) {
+            c.engine.complete_io(token, result, now);
         }
-        self.after_engine(op.slot, now);
+        self.after_engine(slot, now);
     }
 
     fn start_send(&mut self, slot: usize) {
@@ -719,11 +1005,19 @@ impl Worker {
             return;
         }
         if flushed && !c.recv_inflight && !c.send_inflight && c.engine.is_drained() {
+            let peer_ip = c.peer_ip;
             if let Some(s) = self.conns.get_mut(slot) {
                 *s = None;
             }
             self.free.push(slot);
             self.live -= 1;
+            let mut peers = self.peers.lock();
+            if let Some(n) = peers.get_mut(&peer_ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    peers.remove(&peer_ip);
+                }
+            }
         }
     }
 
@@ -735,12 +1029,68 @@ impl Worker {
         let e = opcode::AsyncCancel::new(user_data(KIND_ACCEPT, 0, 0)).build().user_data(0);
         // SAFETY: cancelling touches no buffer.
         unsafe { self.push(e) };
+        let now = Instant::now();
         for slot in 0..self.conns.len() {
             if let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) {
                 c.engine.handle_peer_closed();
             }
-            self.after_engine(slot, Instant::now());
+            self.after_engine(slot, now);
         }
+    }
+}
+
+/// A zeroed heap buffer with a chosen alignment, for `O_DIRECT` reads (exposed as `Bytes` without
+/// a copy through [`Bytes::from_owner`]) and for write data that must be re-aligned.
+struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: an `AlignedBuf` owns its allocation exclusively, like a `Box<[u8]>`; shared access only
+// reads it.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: as above; `&AlignedBuf` gives read-only access.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// `len` zero bytes aligned to `align` (a power of two); `None` if the allocation fails.
+    fn zeroed(len: usize, align: usize) -> Option<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(1)).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(Self { ptr, len, layout })
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Copies `segments` one after another into the buffer (at most `len` bytes).
+    fn copy_from(&mut self, segments: &[Bytes]) {
+        let mut at = 0;
+        for s in segments {
+            let n = s.len().min(self.len - at);
+            // SAFETY: `at + n <= len`, inside the allocation; source and destination do not overlap
+            // (the buffer is ours alone).
+            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), self.ptr.as_ptr().add(at), n) };
+            at += n;
+        }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the allocation holds `len` initialised (zeroed, then written) bytes and lives as
+        // long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
 

@@ -7,6 +7,11 @@
 #   opt/xatastor/scenario  the bash script to run
 # runs it, prints an end marker, and powers the VM off. stdout/stderr go to the
 # console (ttyS0); scenarios write machine-readable result lines to ttyS1.
+# Extra virtio disks that run.sh attaches for scenarios that ask for them (`# e2e-needs:`
+# in the scenario file) are recognised by their serial number:
+#   xe2e-bin      read-only ext4 with host-built binaries: mounted on /opt/xe2e-bin, which is
+#                 put first in PATH (E2E_BIN_DIR)
+#   xe2e-scratch  a blank disk (e.g. for a zpool): its device node is exported as E2E_SCRATCH_DEV
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TERM=dumb LANG=C.UTF-8
 umask 022
@@ -49,6 +54,23 @@ if [ -e /sys/class/net/eth0 ]; then
 else
     say "WARNING: no eth0"
 fi
+
+for b in /sys/block/vd*; do
+    [ -e "$b/serial" ] || continue
+    case "$(cat "$b/serial" 2>/dev/null)" in
+        xe2e-bin)
+            mkdir -p /opt/xe2e-bin
+            if mount -t ext4 -o ro,noload "/dev/${b##*/}" /opt/xe2e-bin; then
+                export PATH="/opt/xe2e-bin:$PATH" E2E_BIN_DIR=/opt/xe2e-bin
+                say "binaries disk /dev/${b##*/} on /opt/xe2e-bin: $(ls /opt/xe2e-bin | tr '\n' ' ')"
+            else
+                say "WARNING: cannot mount the binaries disk /dev/${b##*/}"
+            fi ;;
+        xe2e-scratch)
+            export E2E_SCRATCH_DEV="/dev/${b##*/}"
+            say "scratch disk $E2E_SCRATCH_DEV ($(cat "$b/size") sectors)" ;;
+    esac
+done
 
 mkdir -p /run/e2e
 cat "$FWCFG/scenario/raw" > /run/e2e/scenario.sh
