@@ -2,18 +2,16 @@
 //! host (the in-tree test initiator) connects an admin queue and two I/O queues to a memory volume and
 //! to a file volume, writes through R2T and in-capsule paths, reads back, and disconnects.
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
 use nvmeof_proto::nvme::nvm::RwCommand;
 use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::nvme::{Sqe, Status};
 use nvmeof_proto::{Digests, Payload};
-use nvmeof_target::host::{self, Completion, HostOptions, HostQueue};
+use nvmeof_target::host::{self, BlockingHost, Completion, HostOptions};
 use nvmeof_target::{
     BlockBackend, FileBackend, HostAccess, MemoryBackend, NamespaceConfig, SubsystemConfig, Target,
     TargetConfig,
@@ -22,57 +20,18 @@ use nvmeof_target::{
 const NQN: &str = "nqn.2026-01.io.xatastor:tcp-test";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:tcp-test-host";
 
-struct TcpHost {
-    stream: TcpStream,
-    queue: HostQueue,
-    rx: BytesMut,
-}
+/// The in-tree blocking host over TCP, panicking on errors (this is a test).
+struct TcpHost(BlockingHost<TcpStream>);
 
 impl TcpHost {
     fn connect(addr: std::net::SocketAddr, opts: HostOptions) -> Self {
         let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut h = Self { stream, queue: HostQueue::new(opts), rx: BytesMut::new() };
-        h.flush();
-        while !h.queue.is_ready() {
-            h.receive();
-        }
-        h
-    }
-
-    fn flush(&mut self) {
-        while let Some(pdu) = self.queue.poll_transmit() {
-            for chunk in pdu.chunks() {
-                self.stream.write_all(chunk).unwrap();
-            }
-        }
-    }
-
-    fn receive(&mut self) {
-        let mut buf = [0u8; 65536];
-        let n = loop {
-            match self.stream.read(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                r => break r.unwrap(),
-            }
-        };
-        assert!(n > 0, "target closed the connection");
-        self.rx.extend_from_slice(&buf[..n]);
-        self.queue.handle_input(&mut self.rx).unwrap();
-        self.flush();
+        Self(BlockingHost::new(stream, opts).unwrap())
     }
 
     fn command(&mut self, sqe: Sqe, data: Option<Payload>, read_len: u32) -> Completion {
-        let cid = self.queue.submit(sqe, data, read_len);
-        self.flush();
-        loop {
-            while let Some(c) = self.queue.poll_completion() {
-                if c.cqe.cid.get() == cid {
-                    return c;
-                }
-            }
-            self.receive();
-        }
+        self.0.command(sqe, data, read_len).unwrap()
     }
 }
 

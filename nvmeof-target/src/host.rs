@@ -353,3 +353,103 @@ pub fn property_get(offset: u32, width: PropertyWidth) -> Sqe {
 pub fn property_set(offset: u32, width: PropertyWidth, value: u64) -> Sqe {
     PropertySetCommand::new(0, offset, width, value).to_sqe()
 }
+
+/// A [`HostQueue`] driven over any blocking byte stream (a `TcpStream` in tests and tools): the
+/// stream is the caller's, this only writes the queue's PDUs and feeds it what it reads.
+///
+/// ```no_run
+/// use nvmeof_target::host::{BlockingHost, HostOptions};
+/// let stream = std::net::TcpStream::connect("127.0.0.1:4420")?;
+/// let mut admin = BlockingHost::new(stream, HostOptions::default())?; // ICReq/ICResp done
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct BlockingHost<S> {
+    stream: S,
+    queue: HostQueue,
+    rx: BytesMut,
+}
+
+fn host_io_error(e: HostError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+impl<S: std::io::Read + std::io::Write> BlockingHost<S> {
+    /// Sends ICReq on `stream` and waits for ICResp.
+    pub fn new(stream: S, options: HostOptions) -> std::io::Result<Self> {
+        let mut h = Self { stream, queue: HostQueue::new(options), rx: BytesMut::new() };
+        h.flush()?;
+        while !h.queue.is_ready() {
+            h.receive()?;
+        }
+        Ok(h)
+    }
+
+    /// The queue (to submit without waiting, or to look at its state).
+    pub fn queue(&mut self) -> &mut HostQueue {
+        &mut self.queue
+    }
+
+    /// The stream.
+    pub fn stream(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// Writes every PDU the queue has to send.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        while let Some(pdu) = self.queue.poll_transmit() {
+            for chunk in pdu.chunks() {
+                self.stream.write_all(chunk)?;
+            }
+        }
+        self.stream.flush()
+    }
+
+    /// Reads once (blocking), feeds the queue and writes what it answers (H2CData for R2Ts).
+    /// A closed stream is `UnexpectedEof`; a protocol error of the target is `InvalidData`.
+    pub fn receive(&mut self) -> std::io::Result<()> {
+        let mut buf = [0u8; 65536];
+        let n = loop {
+            match self.stream.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => break r?,
+            }
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.rx.extend_from_slice(buf.get(..n).unwrap_or_default());
+        self.queue.handle_input(&mut self.rx).map_err(host_io_error)?;
+        self.flush()
+    }
+
+    /// Submits a command and returns its CID without waiting.
+    pub fn submit(&mut self, sqe: Sqe, data: Option<Payload>, read_len: u32) -> std::io::Result<u16> {
+        let cid = self.queue.submit(sqe, data, read_len);
+        self.flush()?;
+        Ok(cid)
+    }
+
+    /// Waits for the next completion.
+    pub fn next_completion(&mut self) -> std::io::Result<Completion> {
+        loop {
+            if let Some(c) = self.queue.poll_completion() {
+                return Ok(c);
+            }
+            self.receive()?;
+        }
+    }
+
+    /// Submits a command and waits for its completion (completions of other commands that arrive
+    /// meanwhile are dropped: use [`BlockingHost::submit`] and [`BlockingHost::next_completion`] for
+    /// several at once).
+    pub fn command(&mut self, sqe: Sqe, data: Option<Payload>, read_len: u32) -> std::io::Result<Completion> {
+        let cid = self.submit(sqe, data, read_len)?;
+        loop {
+            let c = self.next_completion()?;
+            if c.cqe.cid.get() == cid {
+                return Ok(c);
+            }
+        }
+    }
+}

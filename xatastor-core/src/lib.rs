@@ -28,4 +28,4 @@ pub mod server;
 pub use provision::{
     ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
 };
-pub use server::{Server, ServerConfig};
+pub use server::{Server, ServerConfig, WorkerStats};

@@ -38,7 +38,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -144,6 +144,20 @@ impl Server {
         Ok(Server { local_addr: addr, target, stop, mailboxes, workers: handles })
     }
 
+    /// Counters of each worker, in worker order.
+    #[must_use]
+    pub fn worker_stats(&self) -> Vec<WorkerStats> {
+        self.mailboxes
+            .iter()
+            .map(|m| WorkerStats {
+                connections: m.stats.connections.load(Ordering::Relaxed),
+                connections_held: m.stats.held.load(Ordering::Relaxed),
+                accepted: m.stats.accepted.load(Ordering::Relaxed),
+                refused: m.stats.refused.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
     /// The address the server listens on (with the port the system chose for port 0).
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
@@ -226,12 +240,41 @@ struct Mailbox {
     woken: Mutex<Vec<(usize, u32)>>,
     /// Results of backend requests that completed on another thread.
     completions: Mutex<Vec<(IoToken, IoResult)>>,
+    stats: Counters,
+}
+
+/// The worker's counters, written by the worker only, read by anyone.
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicUsize,
+    held: AtomicUsize,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// A snapshot of one worker's counters ([`Server::worker_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Open connections (queues) served by this worker.
+    pub connections: usize,
+    /// Connections whose input is held back because the peer does not read its responses.
+    pub connections_held: usize,
+    /// Connections accepted since start.
+    pub accepted: u64,
+    /// Connections closed at once because a limit was reached.
+    pub refused: u64,
 }
 
 impl Mailbox {
     fn new() -> io::Result<Self> {
         let eventfd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
-        Ok(Self { eventfd, woken: Mutex::new(Vec::new()), completions: Mutex::new(Vec::new()) })
+        Ok(Self {
+            eventfd,
+            woken: Mutex::new(Vec::new()),
+            completions: Mutex::new(Vec::new()),
+            stats: Counters::default(),
+        })
     }
 
     /// Wakes the worker blocked in `io_uring_enter`.
@@ -547,6 +590,7 @@ impl Worker {
         let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) else { return };
         if self.live >= self.config.max_connections_per_worker {
             tracing::warn!(%peer, limit = self.config.max_connections_per_worker, "connection limit of the worker reached: closing a new connection");
+            self.mailbox.stats.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let peer_ip = peer.ip().to_canonical();
@@ -555,6 +599,7 @@ impl Worker {
             let n = peers.entry(peer_ip).or_insert(0);
             if *n >= self.config.max_connections_per_peer {
                 tracing::warn!(%peer, limit = self.config.max_connections_per_peer, "connection limit of the peer address reached: closing a new connection");
+                self.mailbox.stats.refused.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             *n += 1;
@@ -600,6 +645,8 @@ impl Worker {
             *c = Some(conn);
         }
         self.live += 1;
+        self.mailbox.stats.connections.store(self.live, Ordering::Relaxed);
+        self.mailbox.stats.accepted.fetch_add(1, Ordering::Relaxed);
         self.arm_recv(slot);
         self.after_engine(slot, now); // arms the connect timeout
     }
@@ -622,14 +669,50 @@ impl Worker {
         self.conns.get_mut(slot)?.as_deref_mut().filter(|c| c.generation == generation)
     }
 
-    fn input_held(&self, c: &Conn) -> bool {
-        c.queued_bytes > self.config.max_send_queue_bytes
+    /// Decodes received input, one PDU at a time, while the connection's send queue is under its
+    /// limit: a burst of small read commands cannot turn into an unbounded pile of responses. Input
+    /// left over stays in `rx` (held) until the peer reads.
+    fn feed(&mut self, slot: usize, now: Instant) {
+        let limit = self.config.max_send_queue_bytes;
+        loop {
+            let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_deref_mut()) else { return };
+            if c.closing || c.rx.is_empty() {
+                return;
+            }
+            if c.queued_bytes > limit {
+                if !c.input_held {
+                    c.input_held = true;
+                    self.mailbox.stats.held.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            if c.input_held {
+                c.input_held = false;
+                self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
+            }
+            // PLEN of the PDU at the front (the decoder checks it; here it only splits the input).
+            let plen = c.rx.get(4..8).and_then(|b| b.try_into().ok()).map(|b| u32::from_le_bytes(b) as usize);
+            match plen {
+                Some(n) if n >= 8 && n < c.rx.len() => {
+                    let mut pdu = c.rx.split_to(n);
+                    c.engine.handle_input(&mut pdu, now);
+                }
+                _ => {
+                    // The last PDU, or a partial one (the decoder keeps what it needs in `rx`).
+                    let mut rx = std::mem::take(&mut c.rx);
+                    c.engine.handle_input(&mut rx, now);
+                    c.rx = rx;
+                    self.drain_events(slot, now);
+                    return;
+                }
+            }
+            self.drain_events(slot, now);
+        }
     }
 
     fn on_recv(&mut self, slot: usize, generation: u32, res: i32, flags: u32, now: Instant) {
         let bid = cqueue::buffer_select(flags);
         let more = cqueue::more(flags);
-        let limit = self.config.max_send_queue_bytes;
         let Some(c) =
             self.conns.get_mut(slot).and_then(|c| c.as_deref_mut()).filter(|c| c.generation == generation)
         else {
@@ -643,29 +726,24 @@ impl Worker {
         }
         if res == -libc::ENOBUFS || res == -libc::ECANCELED {
             // ENOBUFS: every buffer was taken between two reaps; they are back now: receive again
-            // (unless paused). ECANCELED: paused by `hold_input`.
+            // (unless paused). ECANCELED: paused below because the peer does not read.
         } else if res <= 0 {
             c.dead = res < 0;
             c.engine.handle_peer_closed();
         } else if let Some(bid) = bid {
             c.rx.extend_from_slice(self.bufs.get(bid, res as usize));
             self.bufs.recycle(bid);
-            if c.queued_bytes > limit {
-                // The peer does not read its responses: keep its input undecoded, and stop receiving
-                // once a little of it has piled up.
-                c.input_held = true;
-                if c.rx.len() > RX_HOLD_BYTES && c.recv_inflight && !c.recv_paused {
+            self.feed(slot, now);
+            if let Some(c) = self.conn_mut(slot, generation) {
+                if c.input_held && c.rx.len() > RX_HOLD_BYTES && c.recv_inflight && !c.recv_paused {
+                    // Input keeps piling up while the peer does not read: stop receiving.
                     c.recv_paused = true;
                     let e =
                         opcode::AsyncCancel::new(user_data(KIND_RECV, slot, generation)).build().user_data(0);
                     // SAFETY: cancelling touches no buffer.
                     unsafe { self.push(e) };
                 }
-                return;
             }
-            let mut rx = std::mem::take(&mut c.rx);
-            c.engine.handle_input(&mut rx, now);
-            c.rx = rx;
         }
         self.after_engine(slot, now);
         self.arm_recv(slot);
@@ -690,17 +768,17 @@ impl Worker {
             }
         }
         // Input held back because of a full send queue: decode it now, and receive again.
-        let resume =
-            self.conns.get(slot).and_then(|c| c.as_deref()).is_some_and(|c| {
-                !self.input_held(c) && (c.recv_paused || c.input_held) && !c.closing && !c.dead
-            });
-        if let Some(c) = self.conn_mut(slot, generation).filter(|_| resume) {
-            c.recv_paused = false;
-            c.input_held = false;
-            let mut rx = std::mem::take(&mut c.rx);
-            c.engine.handle_input(&mut rx, now);
-            c.rx = rx;
+        let held = c.input_held;
+        if held {
+            self.feed(slot, now);
         }
+        let resume = self.conn_mut(slot, generation).is_some_and(|c| {
+            let go = c.recv_paused && !c.input_held;
+            if go {
+                c.recv_paused = false;
+            }
+            go
+        });
         self.after_engine(slot, now);
         if resume {
             self.arm_recv(slot);
@@ -726,9 +804,26 @@ impl Worker {
         }
     }
 
-    /// Carries out the engine's events, starts a send if none is in flight, keeps the connection's
-    /// timer current, and frees the connection once it is closed and quiet.
+    /// Carries out the engine's events, keeps the connection's timer current, starts a send if none
+    /// is in flight, and frees the connection once it is closed and quiet.
     fn after_engine(&mut self, slot: usize, now: Instant) {
+        self.drain_events(slot, now);
+        if let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) {
+            let t = c.engine.poll_timeout();
+            if t != c.timer {
+                c.timer = t;
+                if let Some(t) = t {
+                    self.timers.push(Reverse((t, slot, c.generation)));
+                }
+            }
+        }
+        self.start_send(slot);
+        self.maybe_free(slot);
+    }
+
+    /// Takes the engine's events: queues transmits, starts backend I/O (whose immediate completions
+    /// may produce more events).
+    fn drain_events(&mut self, slot: usize, now: Instant) {
         loop {
             let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) else { return };
             let generation = c.generation;
@@ -749,21 +844,12 @@ impl Worker {
                 }
             }
             if ios.is_empty() {
-                let t = c.engine.poll_timeout();
-                if t != c.timer {
-                    c.timer = t;
-                    if let Some(t) = t {
-                        self.timers.push(Reverse((t, slot, generation)));
-                    }
-                }
-                break;
+                return;
             }
             for req in ios {
                 self.start_io(slot, generation, req, now);
             }
         }
-        self.start_send(slot);
-        self.maybe_free(slot);
     }
 
     /// Runs a backend request: on the ring for file-descriptor backends, otherwise through the
@@ -1006,11 +1092,15 @@ impl Worker {
         }
         if flushed && !c.recv_inflight && !c.send_inflight && c.engine.is_drained() {
             let peer_ip = c.peer_ip;
+            if c.input_held {
+                self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
+            }
             if let Some(s) = self.conns.get_mut(slot) {
                 *s = None;
             }
             self.free.push(slot);
             self.live -= 1;
+            self.mailbox.stats.connections.store(self.live, Ordering::Relaxed);
             let mut peers = self.peers.lock();
             if let Some(n) = peers.get_mut(&peer_ip) {
                 *n = n.saturating_sub(1);

@@ -1,0 +1,365 @@
+//! The io_uring server against the in-tree test initiator over loopback: queues of one controller on
+//! different workers, R2T and in-capsule writes, O_DIRECT and asynchronous backends, keep-alive
+//! expiry, a host vanishing mid-transfer, a peer that stops reading, and connection limits.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
+use nvmeof_proto::nvme::nvm::RwCommand;
+use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
+use nvmeof_proto::nvme::{Sqe, Status};
+use nvmeof_proto::Payload;
+use nvmeof_target::host::{self, BlockingHost, HostOptions};
+use nvmeof_target::{
+    BackendInfo, BlockBackend, Completer, FileBackend, HostAccess, IoOp, MemoryBackend, NamespaceConfig,
+    RawDevice, Submitted, SubsystemConfig, Target, TargetConfig,
+};
+use xatastor_core::{Server, ServerConfig};
+
+const NQN: &str = "nqn.2026-01.io.xatastor:server-io";
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:server-io-host";
+
+type Host = BlockingHost<TcpStream>;
+
+fn target_with(backend: Arc<dyn BlockBackend>) -> Target {
+    let target = Target::new(TargetConfig::default());
+    let mut sc = SubsystemConfig::new(NQN, "SIO1");
+    sc.access = HostAccess::DenyAllExcept;
+    sc.allowed_hosts.push(HOSTNQN.into());
+    target.add_subsystem(sc).unwrap();
+    target.add_namespace(NQN, NamespaceConfig::derived(NQN, 1, backend)).unwrap();
+    target
+}
+
+fn server(target: &Target, workers: usize, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    config.workers = workers;
+    tweak(&mut config);
+    Server::start(target.clone(), config).unwrap()
+}
+
+fn tcp(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Connects an admin queue, enables the controller; returns it and its CNTLID.
+fn admin(addr: SocketAddr, kato_ms: u32) -> (Host, u16) {
+    let mut a = Host::new(tcp(addr), HostOptions::default()).unwrap();
+    let (sqe, data) = host::connect_command(0, 32, kato_ms, CNTLID_DYNAMIC, [7; 16], NQN, HOSTNQN);
+    let c = a.command(sqe, Some(data), 0).unwrap();
+    assert_eq!(c.status(), Status::SUCCESS);
+    let cntlid = c.cqe.dw0.get() as u16;
+    let c = a.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001), None, 0).unwrap();
+    assert_eq!(c.status(), Status::SUCCESS);
+    // Set Features, Number of Queues: 64 I/O queues (0's based).
+    let mut nq = Sqe::zeroed();
+    nq.opcode = 0x09;
+    nq.cdw10.set(0x07);
+    nq.cdw11.set(0x003f_003f);
+    assert_eq!(a.command(nq, None, 0).unwrap().status(), Status::SUCCESS);
+    (a, cntlid)
+}
+
+fn io_queue(addr: SocketAddr, qid: u16, cntlid: u16) -> Host {
+    let mut q = Host::new(tcp(addr), HostOptions::default()).unwrap();
+    let (sqe, data) = host::connect_command(qid, 128, 0, cntlid, [7; 16], NQN, HOSTNQN);
+    assert_eq!(q.command(sqe, Some(data), 0).unwrap().status(), Status::SUCCESS);
+    q
+}
+
+fn rw(opcode: u8, slba: u64, blocks: u32) -> Sqe {
+    let mut sqe = Sqe::zeroed();
+    sqe.opcode = opcode;
+    sqe.nsid.set(1);
+    RwCommand::new(slba, blocks).apply(&mut sqe);
+    sqe
+}
+
+fn write(q: &mut Host, slba: u64, data: &[u8]) -> Status {
+    q.command(rw(0x01, slba, (data.len() / 512) as u32), Some(Payload::from(data.to_vec())), 0)
+        .unwrap()
+        .status()
+}
+
+fn read(q: &mut Host, slba: u64, len: usize) -> Vec<u8> {
+    let c = q.command(rw(0x02, slba, (len / 512) as u32), None, len as u32).unwrap();
+    assert_eq!(c.status(), Status::SUCCESS);
+    c.data.to_bytes().to_vec()
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// Waits (without asserting on time) until `f` holds; panics after a generous bound.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("never happened: {what}");
+}
+
+#[test]
+fn queues_of_one_controller_on_different_workers() {
+    let target = target_with(Arc::new(MemoryBackend::new(64 << 20, 512)));
+    let srv = server(&target, 2, |_| {});
+    let (mut adm, cntlid) = admin(srv.local_addr(), 0);
+    // SO_REUSEPORT spreads connections by their address hash: add I/O queues until both workers
+    // serve some of this controller's queues (admin and I/O queues, or I/O queues, on different
+    // workers; a 2^-k chance of still missing after k queues).
+    let mut queues = Vec::new();
+    while srv.worker_stats().iter().any(|w| w.connections == 0) {
+        assert!(queues.len() < 60, "all queues landed on one worker");
+        queues.push(io_queue(srv.local_addr(), queues.len() as u16 + 1, cntlid));
+    }
+    // Make sure there are at least two I/O queues, so that reads also cross queues.
+    if queues.len() < 2 {
+        queues.push(io_queue(srv.local_addr(), queues.len() as u16 + 1, cntlid));
+    }
+    // Every queue writes its own region through both paths (4 KiB in-capsule, 64 KiB through R2T);
+    // every other queue reads it back.
+    let n = queues.len();
+    for (i, q) in queues.iter_mut().enumerate() {
+        assert_eq!(write(q, i as u64 * 256, &pattern(4096, i as u8)), Status::SUCCESS);
+        assert_eq!(write(q, i as u64 * 256 + 8, &pattern(65536, i as u8 ^ 0x55)), Status::SUCCESS);
+    }
+    for i in 0..n {
+        let q = &mut queues[(i + 1) % n];
+        assert_eq!(read(q, i as u64 * 256, 4096), pattern(4096, i as u8));
+        assert_eq!(read(q, i as u64 * 256 + 8, 65536), pattern(65536, i as u8 ^ 0x55));
+    }
+    assert_eq!(target.controllers()[0].io_queues, n);
+    // The admin queue still answers (keep alive) while I/O queues work elsewhere.
+    let mut ka = Sqe::zeroed();
+    ka.opcode = 0x18;
+    assert_eq!(adm.command(ka, None, 0).unwrap().status(), Status::SUCCESS);
+    drop(queues);
+    drop(adm);
+    eventually("controller freed", || target.controllers().is_empty());
+    srv.shutdown().unwrap();
+}
+
+/// A file opened with `O_DIRECT`: the server must use aligned buffers on its ring; unaligned requests
+/// (512-byte blocks on a 4096-aligned device) go through `submit`, here on a buffered descriptor.
+#[derive(Debug)]
+struct DirectFile {
+    direct: std::fs::File,
+    buffered: FileBackend,
+    size: u64,
+}
+
+impl BlockBackend for DirectFile {
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+    fn info(&self) -> BackendInfo {
+        self.buffered.info()
+    }
+    fn submit(&self, op: IoOp, completer: Completer) -> Submitted {
+        self.buffered.submit(op, completer)
+    }
+    fn raw_device(&self) -> Option<RawDevice<'_>> {
+        Some(RawDevice { fd: self.direct.as_fd(), base_offset: 0, direct: true, alignment: 4096 })
+    }
+}
+
+#[test]
+fn o_direct_volume_on_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("direct.img");
+    let size = 8u64 << 20;
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .expect("O_DIRECT open (the test directory's file system must support O_DIRECT)");
+    let backend = DirectFile { direct, buffered: FileBackend::open(&path, 512).unwrap(), size };
+    let target = target_with(Arc::new(backend));
+    let srv = server(&target, 1, |_| {});
+    let (_adm, cntlid) = admin(srv.local_addr(), 0);
+    let mut q = io_queue(srv.local_addr(), 1, cntlid);
+    // Aligned: 4 KiB in-capsule (data at an arbitrary place in the receive buffer: bounced) and
+    // 128 KiB through R2T, both on the ring.
+    let a = pattern(4096, 1);
+    let b = pattern(128 * 1024, 2);
+    assert_eq!(write(&mut q, 8, &a), Status::SUCCESS);
+    assert_eq!(write(&mut q, 1024, &b), Status::SUCCESS);
+    // Not 4096-aligned: through the backend's own path.
+    let c = pattern(1024, 3);
+    assert_eq!(write(&mut q, 3, &c), Status::SUCCESS);
+    let mut flush = Sqe::zeroed();
+    flush.nsid.set(1);
+    assert_eq!(q.command(flush, None, 0).unwrap().status(), Status::SUCCESS);
+    assert_eq!(read(&mut q, 8, 4096), a);
+    assert_eq!(read(&mut q, 1024, 128 * 1024), b);
+    assert_eq!(read(&mut q, 3, 1024), c);
+    // Write zeroes over part of `b` (fallocate on the ring), seen in the file itself.
+    let mut wz = rw(0x08, 1024, 16);
+    wz.cdw12.set(wz.cdw12.get() | (1 << 25)); // DEAC
+    assert_eq!(q.command(wz, None, 0).unwrap().status(), Status::SUCCESS);
+    let file = std::fs::File::open(&path).unwrap();
+    let mut got = vec![0u8; 128 * 1024];
+    file.read_exact_at(&mut got, 1024 * 512).unwrap();
+    assert!(got[..16 * 512].iter().all(|&x| x == 0));
+    assert_eq!(got[16 * 512..], b[16 * 512..]);
+    let mut got = vec![0u8; 4096];
+    file.read_exact_at(&mut got, 8 * 512).unwrap();
+    assert_eq!(got, a);
+    drop(q);
+    srv.shutdown().unwrap();
+}
+
+/// Completes every request on another thread, a little later.
+#[derive(Debug)]
+struct Deferred(MemoryBackend);
+
+impl BlockBackend for Deferred {
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+    fn info(&self) -> BackendInfo {
+        self.0.info()
+    }
+    fn submit(&self, op: IoOp, completer: Completer) -> Submitted {
+        let result = nvmeof_target::execute_blocking(&self.0, op);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            completer.complete(result);
+        });
+        Submitted::Pending
+    }
+}
+
+#[test]
+fn asynchronous_backend_completes_through_the_worker_mailbox() {
+    let target = target_with(Arc::new(Deferred(MemoryBackend::new(8 << 20, 512))));
+    let srv = server(&target, 1, |_| {});
+    let (_adm, cntlid) = admin(srv.local_addr(), 0);
+    let mut q = io_queue(srv.local_addr(), 1, cntlid);
+    // 32 writes in flight at once, completed in whatever order the threads finish.
+    let mut cids = Vec::new();
+    for i in 0..32u64 {
+        cids.push(q.submit(rw(0x01, i * 8, 8), Some(Payload::from(pattern(4096, i as u8))), 0).unwrap());
+    }
+    for _ in 0..32 {
+        let c = q.next_completion().unwrap();
+        assert_eq!(c.status(), Status::SUCCESS);
+        assert!(cids.contains(&c.cqe.cid.get()));
+    }
+    for i in 0..32u64 {
+        assert_eq!(read(&mut q, i * 8, 4096), pattern(4096, i as u8));
+    }
+    drop(q);
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn keep_alive_expiry_frees_the_controller_and_closes_its_queues() {
+    let target = target_with(Arc::new(MemoryBackend::new(1 << 20, 512)));
+    let srv = server(&target, 2, |_| {});
+    // KATO 1 s and no keep-alive or other traffic after the queue is up.
+    let (mut adm, cntlid) = admin(srv.local_addr(), 1000);
+    let mut q = io_queue(srv.local_addr(), 1, cntlid);
+    assert_eq!(target.controllers().len(), 1);
+    eventually("controller freed by the keep-alive timer", || target.controllers().is_empty());
+    // Both sockets are closed by the server.
+    for h in [&mut adm, &mut q] {
+        let e = h.receive().expect_err("the server closes the queue");
+        assert!(
+            matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset),
+            "{e}"
+        );
+    }
+    eventually("connections released", || srv.worker_stats().iter().all(|w| w.connections == 0));
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn host_vanishing_mid_transfer_does_not_affect_others() {
+    let target = target_with(Arc::new(MemoryBackend::new(16 << 20, 512)));
+    let srv = server(&target, 1, |_| {});
+    let (_adm, cntlid) = admin(srv.local_addr(), 0);
+    let mut good = io_queue(srv.local_addr(), 1, cntlid);
+    let mut bad = io_queue(srv.local_addr(), 2, cntlid);
+    // `bad` starts a 256 KiB write (R2T), sends half of its first data PDU, and vanishes.
+    let _cid = bad.queue().submit(rw(0x01, 0, 512), Some(Payload::from(pattern(256 * 1024, 9))), 0);
+    bad.flush().unwrap(); // the command capsule
+    let mut rx = bytes::BytesMut::new();
+    let h2c = loop {
+        let mut buf = [0u8; 4096];
+        let n = std::io::Read::read(bad.stream(), &mut buf).unwrap();
+        assert!(n > 0);
+        rx.extend_from_slice(&buf[..n]);
+        bad.queue().handle_input(&mut rx).unwrap();
+        if let Some(pdu) = bad.queue().poll_transmit() {
+            break pdu; // H2CData for the R2T
+        }
+    };
+    let bytes: Vec<u8> = h2c.chunks().flatten().copied().collect();
+    bad.stream().write_all(&bytes[..bytes.len() / 2]).unwrap();
+    drop(bad);
+    // `good` keeps working on the same worker.
+    assert_eq!(write(&mut good, 1000, &pattern(8192, 4)), Status::SUCCESS);
+    assert_eq!(read(&mut good, 1000, 8192), pattern(8192, 4));
+    eventually("the vanished queue is released", || srv.worker_stats()[0].connections == 2);
+    drop(good);
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_peer_that_stops_reading_is_held_back_then_served() {
+    let target = target_with(Arc::new(MemoryBackend::new(64 << 20, 512)));
+    let srv = server(&target, 1, |c| c.max_send_queue_bytes = 256 * 1024);
+    let (_adm, cntlid) = admin(srv.local_addr(), 0);
+    let mut other = io_queue(srv.local_addr(), 2, cntlid);
+    let mut slow = io_queue(srv.local_addr(), 1, cntlid);
+    // 120 reads of 256 KiB (30 MiB of responses) sent at once, and nothing read for now: more than
+    // the socket buffers hold, so the server's send queue fills and it stops decoding input.
+    for i in 0..120u64 {
+        slow.submit(rw(0x02, i * 512, 512), None, 256 * 1024).unwrap();
+    }
+    eventually("input of the slow peer held", || srv.worker_stats()[0].connections_held == 1);
+    // Another queue on the same worker is unaffected.
+    assert_eq!(write(&mut other, 0, &pattern(8192, 5)), Status::SUCCESS);
+    assert_eq!(read(&mut other, 0, 8192), pattern(8192, 5));
+    // The slow peer reads: every command completes, and nothing is held any more.
+    for _ in 0..120 {
+        let c = slow.next_completion().unwrap();
+        assert_eq!(c.status(), Status::SUCCESS);
+        assert_eq!(c.data.len(), 256 * 1024);
+    }
+    assert_eq!(srv.worker_stats()[0].connections_held, 0);
+    drop((slow, other));
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn connections_per_peer_are_limited() {
+    let target = target_with(Arc::new(MemoryBackend::new(1 << 20, 512)));
+    let srv = server(&target, 2, |c| c.max_connections_per_peer = 3);
+    let kept: Vec<Host> =
+        (0..3).map(|_| Host::new(tcp(srv.local_addr()), HostOptions::default()).unwrap()).collect();
+    // A fourth connection from the same address is closed at once.
+    let refused = Host::new(tcp(srv.local_addr()), HostOptions::default());
+    assert!(refused.is_err(), "a fourth connection was served");
+    assert_eq!(srv.worker_stats().iter().map(|w| w.refused).sum::<u64>(), 1);
+    // Once one goes away, a new one is accepted again.
+    drop(kept);
+    eventually("connections released", || srv.worker_stats().iter().all(|w| w.connections == 0));
+    let again = Host::new(tcp(srv.local_addr()), HostOptions::default());
+    assert!(again.is_ok());
+    drop(again);
+    srv.shutdown().unwrap();
+}
