@@ -292,13 +292,19 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<(), IoError> {
 
 const CHUNK: usize = 4096;
 
+/// 4 KiB of zeros: what unwritten chunks read as.
+static ZERO_CHUNK: [u8; CHUNK] = [0; CHUNK];
+
 /// A thin volume in memory: only written 4 KiB chunks take memory; unwritten and deallocated ranges
 /// read as zeros. Volatile (for tests and scale runs). Completes every request immediately.
+///
+/// Chunks are immutable `Bytes`, replaced on write: a read hands out references to them (no copy;
+/// a later write does not change data already read), a write copies its data once.
 #[derive(Debug)]
 pub struct MemoryBackend {
     block_size: u32,
     size: AtomicU64,
-    chunks: Mutex<std::collections::HashMap<u64, Box<[u8; CHUNK]>>>,
+    chunks: Mutex<std::collections::HashMap<u64, Bytes>>,
 }
 
 impl MemoryBackend {
@@ -323,17 +329,33 @@ impl MemoryBackend {
 
     /// Reads synchronously (also what [`BlockBackend::submit`] does).
     pub fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.read_payload(offset, len).map(|p| p.to_bytes())
+    }
+
+    /// Reads as references to the chunks (no copy).
+    fn read_payload(&self, offset: u64, len: u32) -> Result<Payload, IoError> {
         check_range(offset, u64::from(len), self.size_bytes())?;
-        let mut out = BytesMut::zeroed(len as usize);
+        let mut out = Payload::new();
         let chunks = self.chunks.lock();
-        self.for_each_piece(offset, u64::from(len), |chunk_no, in_chunk, at, n| {
-            if let (Some(chunk), Some(dst)) = (chunks.get(&chunk_no), out.get_mut(at..at + n)) {
-                if let Some(src) = chunk.get(in_chunk..in_chunk + n) {
-                    dst.copy_from_slice(src);
-                }
-            }
+        self.for_each_piece(offset, u64::from(len), |chunk_no, in_chunk, _, n| {
+            let piece = match chunks.get(&chunk_no) {
+                Some(chunk) => chunk.slice(in_chunk..in_chunk + n),
+                None => Bytes::from_static(ZERO_CHUNK.get(..n).unwrap_or_default()),
+            };
+            out.push(piece);
         });
-        Ok(out.freeze())
+        Ok(out)
+    }
+
+    /// Replaces chunk `chunk_no` by a copy of it (zeros if absent) changed by `f`.
+    fn modify_chunk(
+        chunks: &mut std::collections::HashMap<u64, Bytes>,
+        chunk_no: u64,
+        f: impl FnOnce(&mut [u8]),
+    ) {
+        let mut copy = BytesMut::from(chunks.get(&chunk_no).map_or(&ZERO_CHUNK[..], |c| &c[..]));
+        f(&mut copy);
+        chunks.insert(chunk_no, copy.freeze());
     }
 
     /// Writes synchronously.
@@ -349,9 +371,15 @@ impl MemoryBackend {
             }
         };
         self.for_each_piece(offset, data.len() as u64, |chunk_no, in_chunk, at, n| {
-            let chunk = chunks.entry(chunk_no).or_insert_with(|| Box::new([0u8; CHUNK]));
-            if let (Some(dst), Some(src)) = (chunk.get_mut(in_chunk..in_chunk + n), bytes.get(at..at + n)) {
-                dst.copy_from_slice(src);
+            let Some(src) = bytes.get(at..at + n) else { return };
+            if n == CHUNK {
+                chunks.insert(chunk_no, Bytes::copy_from_slice(src));
+            } else {
+                Self::modify_chunk(&mut chunks, chunk_no, |c| {
+                    if let Some(dst) = c.get_mut(in_chunk..in_chunk + n) {
+                        dst.copy_from_slice(src);
+                    }
+                });
             }
         });
         drop(flat);
@@ -365,10 +393,12 @@ impl MemoryBackend {
         self.for_each_piece(offset, len, |chunk_no, in_chunk, _, n| {
             if n == CHUNK {
                 chunks.remove(&chunk_no);
-            } else if let Some(dst) =
-                chunks.get_mut(&chunk_no).and_then(|c| c.get_mut(in_chunk..in_chunk + n))
-            {
-                dst.fill(0);
+            } else if chunks.contains_key(&chunk_no) {
+                Self::modify_chunk(&mut chunks, chunk_no, |c| {
+                    if let Some(dst) = c.get_mut(in_chunk..in_chunk + n) {
+                        dst.fill(0);
+                    }
+                });
             }
         });
         Ok(())
@@ -389,7 +419,7 @@ impl MemoryBackend {
 
     fn execute(&self, op: IoOp) -> IoResult {
         match op {
-            IoOp::Read { offset, len } => self.read(offset, len).map(|b| IoOutput::Data(b.into())),
+            IoOp::Read { offset, len } => self.read_payload(offset, len).map(IoOutput::Data),
             IoOp::Write { offset, data, .. } => self.write(offset, &data).map(|()| IoOutput::Done),
             IoOp::Flush => Ok(IoOutput::Done),
             IoOp::WriteZeroes { offset, len, .. } => self.zero(offset, len).map(|()| IoOutput::Done),
@@ -431,10 +461,13 @@ impl BlockBackend for MemoryBackend {
             self.chunks.lock().retain(|&no, _| no < first_gone);
             if new_size % CHUNK as u64 != 0 {
                 let mut chunks = self.chunks.lock();
-                if let Some(c) = chunks.get_mut(&(new_size / CHUNK as u64)) {
-                    if let Some(tail) = c.get_mut((new_size % CHUNK as u64) as usize..) {
-                        tail.fill(0);
-                    }
+                let last = new_size / CHUNK as u64;
+                if chunks.contains_key(&last) {
+                    Self::modify_chunk(&mut chunks, last, |c| {
+                        if let Some(tail) = c.get_mut((new_size % CHUNK as u64) as usize..) {
+                            tail.fill(0);
+                        }
+                    });
                 }
             }
         }

@@ -346,7 +346,11 @@ fn split_user_data(ud: u64) -> (u64, usize, u32) {
 }
 
 /// Send at most this many PDUs in one `writev`.
-const MAX_IOVECS: usize = 64;
+const MAX_PDUS_PER_SEND: usize = 64;
+
+/// Iovecs of one `writev` (Linux's `IOV_MAX`); one PDU has at most a few dozen (header, data
+/// segments, digest), so a single PDU always fits.
+const MAX_IOVECS: usize = 1024;
 
 /// While a connection's input is held back (send queue over the limit), received bytes beyond this
 /// make the worker cancel its receive until the peer reads.
@@ -409,6 +413,8 @@ struct Worker {
     /// Backend requests that will complete through the mailbox: token → (slot, generation).
     pending: HashMap<IoToken, (usize, u32)>,
     cqes: Vec<(u64, i32, u32)>,
+    /// Reused list of the engine's I/O requests (no allocation per event batch).
+    io_scratch: Vec<IoRequest>,
 }
 
 impl Worker {
@@ -448,6 +454,7 @@ impl Worker {
             disk_free: Vec::new(),
             pending: HashMap::new(),
             cqes: Vec::new(),
+            io_scratch: Vec::new(),
         })
     }
 
@@ -827,7 +834,7 @@ impl Worker {
         loop {
             let Some(c) = self.conns.get_mut(slot).and_then(|c| c.as_mut()) else { return };
             let generation = c.generation;
-            let mut ios = Vec::new();
+            let mut ios = std::mem::take(&mut self.io_scratch);
             while let Some(ev) = c.engine.poll_event() {
                 match ev {
                     Event::Transmit(pdu) => {
@@ -844,11 +851,13 @@ impl Worker {
                 }
             }
             if ios.is_empty() {
+                self.io_scratch = ios;
                 return;
             }
-            for req in ios {
+            for req in ios.drain(..) {
                 self.start_io(slot, generation, req, now);
             }
+            self.io_scratch = ios;
         }
     }
 
@@ -1043,10 +1052,17 @@ impl Worker {
             return;
         }
         if c.sending.is_empty() {
-            while c.sending.len() < MAX_IOVECS {
-                match c.queued.pop_front() {
-                    Some(p) => c.sending.push(p),
-                    None => break,
+            // As many PDUs as fit one writev (IOV_MAX iovecs); read data may be many segments.
+            let mut iovecs = 0;
+            while let Some(p) = c.queued.front() {
+                let n = p.chunks().count();
+                if c.sending.len() >= MAX_PDUS_PER_SEND || (iovecs + n > MAX_IOVECS && !c.sending.is_empty())
+                {
+                    break;
+                }
+                iovecs += n;
+                if let Some(p) = c.queued.pop_front() {
+                    c.sending.push(p);
                 }
             }
             c.sent = 0;
