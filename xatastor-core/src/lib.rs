@@ -23,6 +23,7 @@
 //!   after a crash, lazy activation of volumes on Connect, and a host → volumes index for discovery.
 
 pub mod provision;
+pub mod provisioners;
 pub mod server;
 
 pub use provision::{
