@@ -9,5 +9,8 @@
 //! - [`tokio_driver`]: the same engine driven from tokio (one task per connection), to show that the
 //!   engine is runtime-agnostic.
 
+pub mod admin;
 pub mod blocking;
+pub mod metrics;
 pub mod tokio_driver;
+pub mod units;

@@ -105,7 +105,8 @@ impl Connection {
                 ctrl.touch(now);
                 return Ok((ctrl, 0u16, entries, sq_flow_control, 0));
             }
-            let subsys = self.target.subsystem(subnqn).ok_or_else(|| invalid(InvalidParameter::SUBNQN))?;
+            let subsys =
+                self.target.subsystem_or_activate(subnqn).ok_or_else(|| invalid(InvalidParameter::SUBNQN))?;
             if !subsys.allows_host(hostnqn) {
                 return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0));
             }
@@ -125,6 +126,10 @@ impl Connection {
                 let still = self.target.subsystem(subnqn).is_some_and(|s| Arc::ptr_eq(&s, &subsys));
                 if !still || !subsys.allows_host(hostnqn) {
                     self.target.remove_controller(&ctrl);
+                    if !still && subsys.allows_host(hostnqn) {
+                        // Unloaded (or replaced) meanwhile: the host may simply retry.
+                        return Err((Status::CONNECT_CONTROLLER_BUSY, 0));
+                    }
                     return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0));
                 }
                 ctrl.touch(now);
@@ -490,11 +495,11 @@ impl Connection {
         let traddr = addr.ip().to_canonical().to_string();
         let trsvcid = addr.port().to_string();
         self.target
-            .subsystems_for_host(hostnqn)
+            .discovery_nqns(hostnqn)
             .iter()
-            .filter_map(|s| {
+            .filter_map(|nqn| {
                 let mut e = DiscoveryLogEntry::tcp(
-                    s.nqn(),
+                    nqn,
                     &traddr,
                     &trsvcid,
                     self.params.port_id,

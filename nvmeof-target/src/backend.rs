@@ -327,6 +327,57 @@ impl MemoryBackend {
         self.chunks.lock().len() as u64 * CHUNK as u64
     }
 
+    /// A copy-on-write copy of this volume (a snapshot, or a clone of one): same size and block size,
+    /// sharing every chunk with `self` until one of the two writes it. Chunks are immutable,
+    /// reference-counted [`Bytes`], so this copies the chunk map (one entry per written chunk), never
+    /// the data.
+    #[must_use]
+    pub fn duplicate(&self) -> MemoryBackend {
+        let chunks = self.chunks.lock();
+        self.copy_of(&chunks)
+    }
+
+    /// [`MemoryBackend::duplicate`] of several volumes at one point in time: each is copied under its
+    /// chunk-map lock, taken in address order (so concurrent calls cannot deadlock) and held until the
+    /// last copy is made, so the copies are what all volumes held at that moment: a copy that has a
+    /// write has every write completed before it, on any of the volumes. Returns the copies in the
+    /// order of `volumes` (a volume listed twice is copied twice).
+    #[must_use]
+    pub fn duplicate_all(volumes: &[&MemoryBackend]) -> Vec<MemoryBackend> {
+        let addr = |v: &MemoryBackend| std::ptr::from_ref(v) as usize;
+        let mut order: Vec<(usize, &MemoryBackend)> = volumes.iter().copied().enumerate().collect();
+        order.sort_by_key(|&(_, v)| addr(v));
+        // Each volume is copied under its lock, and every lock is held until all copies are made: no
+        // write can fall between two copies.
+        let mut held = Vec::with_capacity(order.len());
+        let mut current: Option<(usize, parking_lot::MutexGuard<'_, _>)> = None;
+        let mut copies = Vec::with_capacity(order.len());
+        for (i, v) in order {
+            let guard = match current.take() {
+                Some((a, guard)) if a == addr(v) => guard,
+                previous => {
+                    held.extend(previous.map(|(_, guard)| guard));
+                    v.chunks.lock()
+                }
+            };
+            copies.push((i, v.copy_of(&guard)));
+            current = Some((addr(v), guard));
+        }
+        drop(current);
+        drop(held);
+        copies.sort_by_key(|&(i, _)| i);
+        copies.into_iter().map(|(_, copy)| copy).collect()
+    }
+
+    /// A new volume like `self` holding `chunks` (the caller holds `self.chunks`' lock).
+    fn copy_of(&self, chunks: &std::collections::HashMap<u64, Bytes>) -> MemoryBackend {
+        MemoryBackend {
+            block_size: self.block_size,
+            size: AtomicU64::new(self.size_bytes()),
+            chunks: Mutex::new(chunks.clone()),
+        }
+    }
+
     /// Reads synchronously (also what [`BlockBackend::submit`] does).
     pub fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         self.read_payload(offset, len).map(|p| p.to_bytes())

@@ -82,4 +82,4 @@ pub use subsystem::{
     HostAccess, Namespace, NamespaceConfig, NamespaceStats, StatsSnapshot, Subsystem, SubsystemConfig,
     LATENCY_BUCKETS,
 };
-pub use target::{Target, TargetError};
+pub use target::{SubsystemSource, Target, TargetError};

@@ -72,6 +72,29 @@ pub(crate) struct Shared {
     draining: Mutex<Vec<Arc<Controller>>>,
     pub(crate) discovery_genctr: AtomicU64,
     next_connection_id: AtomicU64,
+    source: RwLock<Option<Arc<dyn SubsystemSource>>>,
+}
+
+/// Where subsystems that are not loaded come from: lets a storage node keep a million volumes on
+/// disk and build a volume's subsystem only when a host connects to it (lazy activation).
+///
+/// The target asks the source on an admin-queue Connect to an NQN it does not have loaded, and when
+/// it builds a host's discovery log. Loading and unloading through the source is silent: what a host
+/// may see does not change, so no discovery change event is raised (call
+/// [`Target::notify_discovery_changed`] when the source's own contents change).
+pub trait SubsystemSource: Send + Sync {
+    /// Builds the subsystem `subnqn` (with its namespaces) if the source has it, or `None`. Called on
+    /// the connection's thread: keep it short (an index lookup and opening a device).
+    fn activate(&self, subnqn: &str) -> Option<(SubsystemConfig, Vec<NamespaceConfig>)>;
+
+    /// NQNs of the subsystems `hostnqn` may connect to, loaded or not (for its discovery log).
+    fn discovery_nqns(&self, hostnqn: &str) -> Vec<String>;
+
+    /// Called once the subsystem built by [`SubsystemSource::activate`] is loaded (visible through
+    /// [`Target::subsystem`]). The default does nothing.
+    fn activated(&self, subnqn: &str) {
+        let _ = subnqn;
+    }
 }
 
 #[derive(Default)]
@@ -119,6 +142,7 @@ impl Target {
                 draining: Mutex::new(Vec::new()),
                 discovery_genctr: AtomicU64::new(1),
                 next_connection_id: AtomicU64::new(1),
+                source: RwLock::new(None),
             }),
         }
     }
@@ -178,6 +202,75 @@ impl Target {
         }
         self.discovery_changed();
         Ok(())
+    }
+
+    /// Sets where subsystems that are not loaded come from (see [`SubsystemSource`]).
+    pub fn set_source(&self, source: Arc<dyn SubsystemSource>) {
+        *self.shared.source.write() = Some(source);
+    }
+
+    /// The subsystem `nqn`, loaded from the [`SubsystemSource`] if it is not loaded yet.
+    pub(crate) fn subsystem_or_activate(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        if let Some(s) = self.subsystem(nqn) {
+            return Some(s);
+        }
+        let source = self.shared.source.read().clone()?;
+        let (config, namespaces) = source.activate(nqn)?;
+        if config.nqn != nqn || check_nqn(nqn).is_err() {
+            return None;
+        }
+        let subsys = {
+            let mut map = self.shared.subsystems.write();
+            if let Some(s) = map.get(nqn) {
+                return Some(s.clone()); // another connection activated it meanwhile
+            }
+            let subsys = Arc::new(Subsystem::new(config));
+            let max = self.shared.config.max_namespaces;
+            subsys.update_namespaces(|m| {
+                for ns in namespaces.into_iter().filter(|n| n.nsid != 0 && n.nsid <= max) {
+                    let block_size = ns.backend.info().block_size;
+                    let ns = Arc::new(Namespace::new(ns, block_size));
+                    m.insert(ns.nsid(), ns);
+                }
+            });
+            map.insert(nqn.to_owned(), subsys.clone());
+            subsys
+        };
+        tracing::debug!(subnqn = nqn, "subsystem activated");
+        source.activated(nqn);
+        Some(subsys)
+    }
+
+    /// Unloads a subsystem that came from the [`SubsystemSource`] if no controller uses it; it is
+    /// built again on the next Connect. Returns whether it was unloaded. Raises no discovery event.
+    pub fn unload_subsystem(&self, nqn: &str) -> bool {
+        if !self.controllers_of(nqn).is_empty() {
+            return false;
+        }
+        let removed = self.shared.subsystems.write().remove(nqn).is_some();
+        // A Connect that raced with the removal re-checks its subsystem and retries.
+        for c in self.controllers_of(nqn) {
+            self.remove_controller(&c);
+        }
+        removed
+    }
+
+    /// NQNs of the subsystems `hostnqn` may see, loaded or known to the source.
+    pub(crate) fn discovery_nqns(&self, hostnqn: &str) -> Vec<String> {
+        let mut nqns: Vec<String> =
+            self.subsystems_for_host(hostnqn).iter().map(|s| s.nqn().to_owned()).collect();
+        if let Some(source) = self.shared.source.read().clone() {
+            nqns.extend(source.discovery_nqns(hostnqn));
+        }
+        nqns.sort_unstable();
+        nqns.dedup();
+        nqns
+    }
+
+    /// Tells discovery controllers that what hosts may see has changed (for [`SubsystemSource`]s:
+    /// a volume created, deleted, or a host allowed or denied).
+    pub fn notify_discovery_changed(&self) {
+        self.discovery_changed();
     }
 
     /// The subsystem with this NQN.

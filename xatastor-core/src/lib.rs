@@ -22,10 +22,13 @@
 //! - a persistent volume catalog with intent → backend operation → commit lifecycle steps that reconcile
 //!   after a crash, lazy activation of volumes on Connect, and a host → volumes index for discovery.
 
+pub mod catalog;
+pub mod node;
 pub mod provision;
 pub mod provisioners;
 pub mod server;
 
+pub use node::{CreateVolume, Node, NodeConfig, NodeError, NodeStats, VolumeInfo};
 pub use provision::{
     ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
 };

@@ -28,6 +28,7 @@ use nvmeof_target::{
     BlockBackend, FileBackend, HostAccess, MemoryBackend, NamespaceConfig, SubsystemConfig, Target,
     TargetConfig,
 };
+use xatastor_examples::units::parse_size;
 
 /// Which driver serves the connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -87,22 +88,6 @@ struct Args {
     /// (e.g. `echo "resize 2GiB" > PATH`).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        _ => return Err(format!("unknown unit {unit:?} (use KiB, MiB, GiB, TiB)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn main() -> ExitCode {
