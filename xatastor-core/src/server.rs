@@ -415,6 +415,10 @@ struct Worker {
     cqes: Vec<(u64, i32, u32)>,
     /// Reused list of the engine's I/O requests (no allocation per event batch).
     io_scratch: Vec<IoRequest>,
+    /// Namespaces (by address) whose device refused `fallocate`: write zeroes and deallocate go
+    /// straight to the backend. A new namespace at a reused address merely takes the backend's
+    /// (correct, slower) path for these two operations until the set is cleared.
+    no_fallocate: std::collections::HashSet<usize>,
 }
 
 impl Worker {
@@ -455,6 +459,7 @@ impl Worker {
             pending: HashMap::new(),
             cqes: Vec::new(),
             io_scratch: Vec::new(),
+            no_fallocate: std::collections::HashSet::new(),
         })
     }
 
@@ -911,7 +916,8 @@ impl Worker {
                     IoOp::Discard { ranges } => ranges.len(),
                     _ => 1,
                 };
-                if n == 0 {
+                let refused = self.no_fallocate.contains(&(Arc::as_ptr(&namespace) as usize));
+                if n == 0 || refused {
                     return self.submit_to_backend(slot, generation, token, namespace, op, now);
                 }
                 (DiskKind::Allocate { remaining: n, error: None, op }, n)
@@ -1023,8 +1029,12 @@ impl Worker {
         let DiskOp { slot, generation, token, namespace, kind } = *op;
         let result: IoResult = match kind {
             DiskKind::Allocate { error: Some(e), op, .. } if e == libc::EOPNOTSUPP => {
-                // The file system or device has no such fallocate mode: the backend does it its way
-                // (writing zeros, an ioctl discard).
+                // The file system or device has no such fallocate mode (zvols): the backend does it
+                // its way (writing zeros, an ioctl discard) — from now on without trying first.
+                if self.no_fallocate.len() > 4096 {
+                    self.no_fallocate.clear(); // bounded; entries of unloaded namespaces go too
+                }
+                self.no_fallocate.insert(Arc::as_ptr(&namespace) as usize);
                 self.submit_to_backend(slot, generation, token, namespace, op, now);
                 self.after_engine(slot, now);
                 return;
