@@ -3,24 +3,42 @@
 //! The Xatastor storage node: serves 100K–1M mostly idle thin volumes per node over NVMe/TCP, where an
 //! idle volume costs its disk space and nothing else.
 //!
-//! **Status: early.** [`server`] holds a first version of the io_uring server (connections, timers
-//! and wake-ups on the ring; backend I/O still synchronous on the worker); the catalog and the
-//! lifecycle arrive with their issues. The crate will hold:
-//!
 //! ```text
 //!   worker 0 .. worker N-1  (one per core, each: io_uring, SO_REUSEPORT listener, buffer pool)
 //!       │  parse ─ decode ─ backend I/O ─ respond, all on the connection's core
 //!       ▼
 //!   nvmeof-target engine ── BlockBackend (file, memory, zvol)
-//!       │
-//!   volume catalog (embedded transactional store) ── VolumeProvisioner (create, snapshot, clone,
-//!                                                   resize, delete)
+//!       │  Connect to an unloaded NQN ──▶ SubsystemSource (the Node)
+//!       ▼
+//!   Node ── Catalog (redb: volumes, snapshots, host index, intents)
+//!        └─ VolumeProvisioner (memory, file, zvol): create, snapshot, clone, resize, delete
 //! ```
 //!
-//! - a thread-per-core io_uring server that drives the `nvmeof-target` engine: no busy polling, no
-//!   per-volume threads, timers or file descriptors;
-//! - a persistent volume catalog with intent → backend operation → commit lifecycle steps that reconcile
-//!   after a crash, lazy activation of volumes on Connect, and a host → volumes index for discovery.
+//! - [`server`]: the thread-per-core io_uring server (no busy polling; no per-volume threads,
+//!   timers or file descriptors);
+//! - [`catalog`] and [`node`]: the persistent catalog, the lifecycle (intent → backend operation →
+//!   commit, reconciled after a crash), lazy activation on Connect, idle unload, discovery from the
+//!   host index;
+//! - [`provision`] and [`provisioners`]: the provisioner trait, memory and file implementations.
+//!
+//! Embedding a node (memory volumes, one worker):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use nvmeof_target::{Target, TargetConfig};
+//! use xatastor_core::provisioners::MemoryProvisioner;
+//! use xatastor_core::{CreateVolume, Node, NodeConfig, Server, ServerConfig};
+//!
+//! let target = Target::new(TargetConfig::default());
+//! let node = Node::open(NodeConfig::new("/tmp/x/catalog.redb"), Arc::new(MemoryProvisioner::new()), target.clone())?;
+//! let mut volume = CreateVolume::new("vol1", 1 << 30);
+//! volume.allowed_hosts.push("nqn.2014-08.org.nvmexpress:uuid:my-host".into());
+//! node.create_volume(volume)?;
+//! let server = Server::start(target, ServerConfig::new("127.0.0.1:4420".parse()?))?;
+//! println!("connect to {}", node.nqn_of("vol1"));
+//! # server.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod catalog;
 pub mod node;
