@@ -237,3 +237,45 @@ fn identities_are_stable_across_restarts() {
     );
     drop(_dir);
 }
+
+#[test]
+fn snapshots_and_clones_under_live_io() {
+    let f = start(tempfile::tempdir().unwrap(), Arc::new(MemoryProvisioner::new()), Duration::from_secs(30));
+    let addr = f.server.local_addr();
+    f.node.create_volume(volume("busy", 16 << 20, &[HOST])).unwrap();
+    let nqn = f.node.nqn_of("busy");
+    let (_admin, cntlid) = connect(addr, &nqn, HOST).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (stop, done, nqn) = (stop.clone(), done.clone(), nqn.clone());
+        std::thread::spawn(move || {
+            let mut q = io_queue(addr, &nqn, cntlid);
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let block = vec![(i % 251) as u8; 4096];
+                let s =
+                    q.command(rw(0x01, (i % 4096) * 8, 8), Some(Payload::from(block)), 0).unwrap().status();
+                assert_eq!(s, Status::SUCCESS);
+                i += 1;
+                done.store(i, std::sync::atomic::Ordering::Relaxed);
+            }
+            i
+        })
+    };
+    eventually("writer started", || done.load(std::sync::atomic::Ordering::Relaxed) > 100);
+    for k in 0..8 {
+        let before = done.load(std::sync::atomic::Ordering::Relaxed);
+        f.node.snapshot(&[("busy".into(), format!("s{k}"))]).unwrap();
+        f.node.clone_volume("busy", &format!("s{k}"), volume(&format!("c{k}"), 0, &[HOST])).unwrap();
+        // Writes keep completing between lifecycle calls (nothing waits for a pause to end).
+        eventually("writes continue after a snapshot", || {
+            done.load(std::sync::atomic::Ordering::Relaxed) > before + 10
+        });
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total = writer.join().unwrap();
+    assert!(total > 100 + 8 * 10);
+    assert_eq!(f.node.snapshots("busy").unwrap().len(), 8);
+    f.server.shutdown().unwrap();
+}
