@@ -181,25 +181,32 @@ install_zfs() {
             || die "$m.ko missing from /lib/modules/$KVER/updates/dkms after the dkms build (see $log_)"
     done
     for b in /sbin/zpool /sbin/zfs /usr/lib/udev/zvol_id /usr/lib/udev/rules.d/60-zvol.rules /lib/systemd/systemd-udevd /bin/udevadm; do
-        [[ -e $ROOT$b ]] || die "$b missing in the guest (zfsutils-linux / udev)"
+        # In the chroot: some are absolute symlinks (systemd-udevd -> /bin/udevadm).
+        cchroot test -e "$b" || die "$b missing in the guest (zfsutils-linux / udev)"
     done
     log "ZFS: module $zver built for $KVER ($(( $(date +%s) - t0 ))s)"
 
-    # Purge the toolchain and headers (about 250 MiB), keeping the built modules: purging
-    # zfs-dkms runs `dkms remove`, so save them first and put them back.
-    if capt -s purge --autoremove zfs-dkms dkms "linux-headers-$KVER" 2>/dev/null | grep -q '^Purg zfsutils-linux '; then
+    # Purge the toolchain and headers, keeping the built modules: purging zfs-dkms runs
+    # `dkms remove`, so save them first and put them back. Autoremove must not keep what is
+    # merely suggested/recommended (apt suggests dpkg-dev, which recommends gcc), or gcc stays.
+    local noweak=(-o APT::AutoRemove::SuggestsImportant=false -o APT::AutoRemove::RecommendsImportant=false)
+    if capt "${noweak[@]}" -s purge --autoremove zfs-dkms dkms "linux-headers-$KVER" 2>/dev/null | grep -q '^Purg zfsutils-linux '; then
         log "ZFS: purging zfs-dkms would remove zfsutils-linux; keeping the toolchain"
     else
         log "ZFS: purging the compiler, dkms and kernel headers (the built modules are kept)"
         mkdir -p "$WORK/zfs-modules"
         cp -a "$ROOT/lib/modules/$KVER/updates/dkms/." "$WORK/zfs-modules/"
-        capt purge --autoremove zfs-dkms dkms "linux-headers-$KVER" >> "$log_" 2>&1 \
+        capt "${noweak[@]}" purge --autoremove zfs-dkms dkms "linux-headers-$KVER" >> "$log_" 2>&1 \
             || { tail -n 20 "$log_" >&2; die "apt-get purge of the build toolchain failed"; }
         mkdir -p "$ROOT/lib/modules/$KVER/updates/dkms"
         cp -a "$WORK/zfs-modules/." "$ROOT/lib/modules/$KVER/updates/dkms/"
         rm -rf "$ROOT"/usr/src/zfs-* "$ROOT/var/lib/dkms"
         [[ $(cchroot dpkg-query -W -f='${Status}' zfsutils-linux 2>/dev/null) == "install ok installed" ]] \
             || die "zfsutils-linux was removed by the purge"
+        for p in gcc-12 make dpkg-dev; do
+            [[ $(cchroot dpkg-query -W -f='${Status}' "$p" 2>/dev/null) != "install ok installed" ]] \
+                || log "ZFS: note: $p is still installed after the purge"
+        done
     fi
     cchroot depmod "$KVER" || die "depmod $KVER failed"
     cchroot modinfo -k "$KVER" zfs > "$WORK/zfs-modinfo.txt" 2>&1 || die "modinfo -k $KVER zfs failed"

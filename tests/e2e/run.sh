@@ -3,12 +3,15 @@
 #
 # Usage: tests/e2e/run.sh [options]
 #   --scenario FILE     guest scenario script (default: tests/e2e/scenarios/nvme-tcp.sh)
+#   --suite NAME        the same as --scenario tests/e2e/scenarios/NAME.sh (nvme-tcp, zfs)
 #   --only "A B ..."    run only these scenarios (names as printed in PASS/FAIL lines)
 #   --target-log FILTER target log filter (default: debug; e.g. info, nvmeof_target=trace)
 #   --timeout SECS      hard limit for the whole guest run (default: 2400)
 #   --out DIR           where to keep logs (default: a new /tmp/xatastor-e2e.XXXXXX)
 #   --no-cargo          do not run cargo build (use the existing target/release binary)
-#   --driver NAME       the target's driver: blocking (default) or io-uring (xatastor-core's server)
+#   --driver NAME       the target's driver: blocking (default) or io-uring (xatastor-core's server);
+#                       also passed to the guest as E2E_DRIVER (the zfs suite's in-guest targets
+#                       use it; they default to io-uring)
 #   -v, --verbose       stream the guest console while it runs
 #
 # Steps: build/reuse the guest image (build-image.sh), build the target (cargo, release),
@@ -19,6 +22,13 @@
 # the host: `resize BYTES` (sent to the target's --control FIFO), `keepalive-mark CNTLID KATO`
 # and `keepalive-check CNTLID KATO` (the keepalive-expiry scenario; its verdict is decided here,
 # from target.log). A scenario fails if the guest or the host-side check says so.
+# A scenario file may ask for more, with header lines "# e2e-needs: WORD...":
+#   scratch-disk=SIZE   a blank sparse raw disk of SIZE (truncate syntax, e.g. 4G), created in the
+#                       out dir for this run, attached as a virtio disk with serial xe2e-scratch
+#                       (the guest's init exports its device as E2E_SCRATCH_DEV)
+#   guest-bin[=A,B..]   host-built binaries from $CARGO_TARGET_DIR/release (default:
+#                       nvmeof-blocking-target) on a read-only ext4 disk (serial xe2e-bin) that
+#                       the guest mounts on /opt/xe2e-bin, first in its PATH
 # Prints "PASS <name>" / "FAIL <name>: <reason>" per scenario and "N passed, M failed";
 # exits 1 if anything failed (or the guest did not finish), 2 on a harness error.
 set -euo pipefail
@@ -34,15 +44,17 @@ OUT=""
 CARGO=1
 VERBOSE=0
 DRIVER=blocking
+DRIVER_SET=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --scenario) SCENARIO="$(realpath "$2")"; shift 2 ;;
+        --suite) SCENARIO="$HERE/scenarios/$2.sh"; shift 2 ;;
         --only) ONLY="$2"; shift 2 ;;
         --target-log) TARGET_LOG="$2"; shift 2 ;;
         --timeout) TIMEOUT="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --no-cargo) CARGO=0; shift ;;
-        --driver) DRIVER="$2"; shift 2 ;;
+        --driver) DRIVER="$2"; DRIVER_SET=1; shift 2 ;;
         -v|--verbose) VERBOSE=1; shift ;;
         -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -71,6 +83,18 @@ log() { printf '[e2e %s +%ss] %s\n' "$(date +%T)" "$(( $(date +%s) - T_START ))"
 die() { printf '[e2e] ERROR: %s\n' "$*" >&2; exit 2; }
 
 [[ -f $SCENARIO ]] || die "scenario script not found: $SCENARIO"
+# What the scenario file asks for ("# e2e-needs: WORD..." lines).
+NEED_SCRATCH=""   # size of the blank scratch disk, if any
+NEED_BINS=()      # binaries to ship into the guest
+for word in $(sed -n 's/^# e2e-needs://p' "$SCENARIO"); do
+    case $word in
+        scratch-disk=*) NEED_SCRATCH=${word#*=} ;;
+        scratch-disk) NEED_SCRATCH=4G ;;
+        guest-bin) NEED_BINS+=(nvmeof-blocking-target) ;;
+        guest-bin=*) IFS=, read -r -a _bins <<<"${word#*=}"; NEED_BINS+=("${_bins[@]}") ;;
+        *) die "$SCENARIO: unknown '# e2e-needs:' word: $word (known: scratch-disk[=SIZE], guest-bin[=A,B])" ;;
+    esac
+done
 for tool in qemu-system-x86_64 timeout; do
     command -v "$tool" >/dev/null || die "missing tool: $tool (apt-get install -t bookworm-backports qemu-system-x86)"
 done
@@ -97,6 +121,8 @@ cleanup() {
     [[ -n $TARGET_PID ]] && kill "$TARGET_PID" 2>/dev/null && wait "$TARGET_PID" 2>/dev/null
     local p
     for p in "${TAIL_PIDS[@]}" $READER_PID; do kill "$p" 2>/dev/null; done
+    # The extra disks are per run and reproducible; do not keep gigabytes of them in /tmp.
+    [[ -n ${XATASTOR_E2E_KEEP_DISKS:-} || ! -d $OUT ]] || rm -f "$OUT/scratch.img" "$OUT/guest-bin.img"
     [[ -d $OUT ]] && echo "[e2e] logs: $OUT (console.log, target.log, results.log)" >&2
     exit "$rc"
 }
@@ -155,7 +181,37 @@ E2E_BAD_HOSTID=$BAD_HOSTID
 E2E_ONLY="$ONLY"
 E2E_KATO=$KATO
 EOF
+[[ $DRIVER_SET == 0 ]] || echo "E2E_DRIVER=$DRIVER" >> "$OUT/env.sh"
 cp "$SCENARIO" "$OUT/scenario.sh"
+
+# Extra disks the scenario asked for. The guest finds them by serial number, not by name; they
+# sit in high PCI slots so that the root disk (if=virtio, the first free slot) is still the
+# first virtio disk the guest probes, /dev/vda (QEMU creates -device disks before if=virtio ones).
+EXTRA_DRIVES=()
+if [[ ${#NEED_BINS[@]} -gt 0 ]]; then
+    command -v mke2fs >/dev/null || die "missing tool: mke2fs (e2fsprogs), needed for guest-bin"
+    rm -rf "$OUT/guest-bin" && mkdir -p "$OUT/guest-bin"
+    for b in "${NEED_BINS[@]}"; do
+        [[ -x $CARGO_TARGET_DIR/release/$b ]] || die "guest-bin: $CARGO_TARGET_DIR/release/$b not found (build it first)"
+        # A copy: a concurrent cargo build must not change the binary under the guest.
+        cp "$CARGO_TARGET_DIR/release/$b" "$OUT/guest-bin/$b"
+    done
+    BIN_MB=$(( $(du -sm "$OUT/guest-bin" | cut -f1) + 16 ))
+    mke2fs -q -F -t ext4 -O ^has_journal -L xe2e-bin -m 0 -d "$OUT/guest-bin" "$OUT/guest-bin.img" "${BIN_MB}M" >&2 \
+        || die "mke2fs -d $OUT/guest-bin failed"
+    rm -rf "$OUT/guest-bin"
+    EXTRA_DRIVES+=(-drive "file=$OUT/guest-bin.img,if=none,id=xbin,format=raw,readonly=on"
+                   -device "virtio-blk-pci,drive=xbin,serial=xe2e-bin,addr=0x10")
+    log "guest-bin: ${NEED_BINS[*]} on a ${BIN_MB} MiB read-only ext4 disk (guest: /opt/xe2e-bin)"
+fi
+if [[ -n $NEED_SCRATCH ]]; then
+    rm -f "$OUT/scratch.img"
+    truncate -s "$NEED_SCRATCH" "$OUT/scratch.img" || die "cannot create the scratch disk ($NEED_SCRATCH)"
+    # cache=unsafe: the file is thrown away after the run; host flushes would only slow TCG down.
+    EXTRA_DRIVES+=(-drive "file=$OUT/scratch.img,if=none,id=xscratch,format=raw,cache=unsafe,discard=unmap"
+                   -device "virtio-blk-pci,drive=xscratch,serial=xe2e-scratch,addr=0x11")
+    log "scratch disk: $OUT/scratch.img, $NEED_SCRATCH sparse (guest: serial xe2e-scratch)"
+fi
 
 QEMU=(
     qemu-system-x86_64 -accel tcg -cpu max -smp "$GUEST_CPUS" -m "$GUEST_MEM"
@@ -164,6 +220,7 @@ QEMU=(
     -append "console=ttyS0 root=/dev/vda rw init=/sbin/xe2e-init panic=-1 quiet"
     # The cached image is shared: never write to it.
     -drive "file=$IMAGE/rootfs.img,if=virtio,format=raw,snapshot=on"
+    "${EXTRA_DRIVES[@]}"
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0
     -fw_cfg "name=opt/xatastor/scenario,file=$OUT/scenario.sh"
     -fw_cfg "name=opt/xatastor/env,file=$OUT/env.sh"
@@ -337,7 +394,7 @@ T_TOTAL=$(( $(date +%s) - T_START ))
 BOOT_S="$(sed -n 's/.*running scenario (uptime \([0-9.]*s\)).*/\1/p' "$CONSOLE" | head -n1)"
 {
     echo "timings: total ${T_TOTAL}s, guest ${T_GUEST}s (scenario started at guest uptime ${BOOT_S:-?})"
-    sed -n 's/^TIME /  /p' "$OUT/results.txt"
+    sed -n 's/^TIME /  /p; s/^INFO /  info: /p' "$OUT/results.txt"
 } >&2
 echo "$passed passed, $failed failed"
 [[ $failed == 0 ]]

@@ -109,6 +109,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let backend: Arc<dyn BlockBackend> = match (&args.file, args.memory) {
         (Some(path), _) => match args.create {
             Some(size) => Arc::new(FileBackend::create(path, size, args.block_size)?),
+            // A block device (a zvol, a disk): O_DIRECT, BLKDISCARD for deallocate (so thin devices
+            // get their space back), size re-read on resize.
+            None if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) => Arc::new(
+                zvol_backend::ZvolBackend::open(path, args.block_size)
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?,
+            ),
             None => Arc::new(
                 FileBackend::open(path, args.block_size)
                     .map_err(|e| format!("cannot open {}: {e}", path.display()))?,
