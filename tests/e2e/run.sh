@@ -3,7 +3,7 @@
 #
 # Usage: tests/e2e/run.sh [options]
 #   --scenario FILE     guest scenario script (default: tests/e2e/scenarios/nvme-tcp.sh)
-#   --suite NAME        the same as --scenario tests/e2e/scenarios/NAME.sh (nvme-tcp, zfs)
+#   --suite NAME        the same as --scenario tests/e2e/scenarios/NAME.sh (nvme-tcp, zfs, node)
 #   --only "A B ..."    run only these scenarios (names as printed in PASS/FAIL lines)
 #   --target-log FILTER target log filter (default: debug; e.g. info, nvmeof_target=trace)
 #   --timeout SECS      hard limit for the whole guest run (default: 2400)
@@ -27,8 +27,10 @@
 #                       out dir for this run, attached as a virtio disk with serial xe2e-scratch
 #                       (the guest's init exports its device as E2E_SCRATCH_DEV)
 #   guest-bin[=A,B..]   host-built binaries from $CARGO_TARGET_DIR/release (default:
-#                       nvmeof-blocking-target) on a read-only ext4 disk (serial xe2e-bin) that
-#                       the guest mounts on /opt/xe2e-bin, first in its PATH
+#                       nvmeof-blocking-target; examples/NAME for a cargo example) on a read-only
+#                       ext4 disk (serial xe2e-bin) that the guest mounts on /opt/xe2e-bin, first
+#                       in its PATH (under their base names); without --no-cargo, run.sh builds them
+#   guest-cmdline=A[,B] extra guest kernel command line arguments (e.g. hardened_usercopy=off)
 # Prints "PASS <name>" / "FAIL <name>: <reason>" per scenario and "N passed, M failed";
 # exits 1 if anything failed (or the guest did not finish), 2 on a harness error.
 set -euo pipefail
@@ -86,13 +88,15 @@ die() { printf '[e2e] ERROR: %s\n' "$*" >&2; exit 2; }
 # What the scenario file asks for ("# e2e-needs: WORD..." lines).
 NEED_SCRATCH=""   # size of the blank scratch disk, if any
 NEED_BINS=()      # binaries to ship into the guest
+NEED_CMDLINE=()   # extra guest kernel command line arguments
 for word in $(sed -n 's/^# e2e-needs://p' "$SCENARIO"); do
     case $word in
         scratch-disk=*) NEED_SCRATCH=${word#*=} ;;
         scratch-disk) NEED_SCRATCH=4G ;;
         guest-bin) NEED_BINS+=(nvmeof-blocking-target) ;;
         guest-bin=*) IFS=, read -r -a _bins <<<"${word#*=}"; NEED_BINS+=("${_bins[@]}") ;;
-        *) die "$SCENARIO: unknown '# e2e-needs:' word: $word (known: scratch-disk[=SIZE], guest-bin[=A,B])" ;;
+        guest-cmdline=*) IFS=, read -r -a _args <<<"${word#*=}"; NEED_CMDLINE+=("${_args[@]}") ;;
+        *) die "$SCENARIO: unknown '# e2e-needs:' word: $word (known: scratch-disk[=SIZE], guest-bin[=A,B], guest-cmdline=ARG[,ARG])" ;;
     esac
 done
 for tool in qemu-system-x86_64 timeout; do
@@ -139,10 +143,27 @@ done
 # --- (b) target binary ---------------------------------------------------------------------
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 BIN="$CARGO_TARGET_DIR/release/nvmeof-blocking-target"
+# cargo_args BIN: what builds a guest-bin name (a binary, or examples/NAME for a cargo example).
+cargo_args() {
+    case $1 in
+        nvmeof-blocking-target|xatastor-target) echo "-p xatastor-examples --bin $1" ;;
+        examples/zfs_timing) echo "-p zvol-backend --example zfs_timing" ;;
+        examples/*) echo "--example ${1#examples/}" ;;
+        *) echo "--bin $1" ;;
+    esac
+}
 if [[ $CARGO == 1 ]]; then
     log "cargo build --release -p xatastor-examples --bin nvmeof-blocking-target"
     (cd "$REPO" && cargo build --release -p xatastor-examples --bin nvmeof-blocking-target) \
         > "$OUT/cargo.log" 2>&1 || { tail -n 40 "$OUT/cargo.log" >&2; die "cargo build failed"; }
+    # Whatever else the scenario ships into the guest (guest-bin=...).
+    for b in "${NEED_BINS[@]}"; do
+        [[ $b == nvmeof-blocking-target ]] && continue
+        log "cargo build --release $(cargo_args "$b")"
+        # shellcheck disable=SC2046 # word splitting of the arguments is intended
+        (cd "$REPO" && cargo build --release $(cargo_args "$b")) \
+            >> "$OUT/cargo.log" 2>&1 || { tail -n 40 "$OUT/cargo.log" >&2; die "cargo build $(cargo_args "$b") failed"; }
+    done
 fi
 [[ -x $BIN ]] || die "target binary not found: $BIN"
 
@@ -194,7 +215,7 @@ if [[ ${#NEED_BINS[@]} -gt 0 ]]; then
     for b in "${NEED_BINS[@]}"; do
         [[ -x $CARGO_TARGET_DIR/release/$b ]] || die "guest-bin: $CARGO_TARGET_DIR/release/$b not found (build it first)"
         # A copy: a concurrent cargo build must not change the binary under the guest.
-        cp "$CARGO_TARGET_DIR/release/$b" "$OUT/guest-bin/$b"
+        cp "$CARGO_TARGET_DIR/release/$b" "$OUT/guest-bin/${b##*/}"
     done
     BIN_MB=$(( $(du -sm "$OUT/guest-bin" | cut -f1) + 16 ))
     mke2fs -q -F -t ext4 -O ^has_journal -L xe2e-bin -m 0 -d "$OUT/guest-bin" "$OUT/guest-bin.img" "${BIN_MB}M" >&2 \
@@ -213,11 +234,13 @@ if [[ -n $NEED_SCRATCH ]]; then
     log "scratch disk: $OUT/scratch.img, $NEED_SCRATCH sparse (guest: serial xe2e-scratch)"
 fi
 
+[[ ${#NEED_CMDLINE[@]} -eq 0 ]] || log "guest kernel command line also gets: ${NEED_CMDLINE[*]}"
+
 QEMU=(
     qemu-system-x86_64 -accel tcg -cpu max -smp "$GUEST_CPUS" -m "$GUEST_MEM"
     -nodefaults -no-user-config -no-reboot -display none -monitor none
     -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img"
-    -append "console=ttyS0 root=/dev/vda rw init=/sbin/xe2e-init panic=-1 quiet"
+    -append "console=ttyS0 root=/dev/vda rw init=/sbin/xe2e-init panic=-1 quiet${NEED_CMDLINE[*]:+ ${NEED_CMDLINE[*]}}"
     # The cached image is shared: never write to it.
     -drive "file=$IMAGE/rootfs.img,if=virtio,format=raw,snapshot=on"
     "${EXTRA_DRIVES[@]}"

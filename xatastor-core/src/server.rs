@@ -591,7 +591,9 @@ impl Worker {
             self.arm_accept();
         }
         if res < 0 {
-            tracing::warn!(error = %io::Error::from_raw_os_error(-res), "accept failed");
+            if !(res == -libc::ECANCELED && !self.accepting) {
+                tracing::warn!(error = %io::Error::from_raw_os_error(-res), "accept failed");
+            }
             return;
         }
         // SAFETY: a successful accept completion carries a new file descriptor that nothing else owns.
