@@ -591,7 +591,7 @@ impl Worker {
             self.arm_accept();
         }
         if res < 0 {
-            if !(res == -libc::ECANCELED && !self.accepting) {
+            if res != -libc::ECANCELED || self.accepting {
                 tracing::warn!(error = %io::Error::from_raw_os_error(-res), "accept failed");
             }
             return;
