@@ -135,6 +135,9 @@ pub enum Request {
     },
     /// Node gauges and where it listens.
     Status,
+    /// Record the backend's volumes and snapshots the catalog does not know (one-time import of an
+    /// existing pool).
+    Adopt,
 }
 
 /// What the server knows about itself that responses mention (the `nvme connect` line).
@@ -279,6 +282,10 @@ pub fn handle(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, NodeErr
         Request::SnapshotDelete { volume, snapshot } => {
             node.delete_snapshot(&volume, &snapshot)?;
             json!({ "deleted": format!("{volume}@{snapshot}") })
+        }
+        Request::Adopt => {
+            let adopted = node.adopt_existing()?;
+            json!({ "adopted": adopted })
         }
         Request::Status => {
             let s = node.stats()?;

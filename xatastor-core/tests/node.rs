@@ -279,3 +279,37 @@ fn snapshots_and_clones_under_live_io() {
     assert_eq!(f.node.snapshots("busy").unwrap().len(), 8);
     f.server.shutdown().unwrap();
 }
+
+#[test]
+fn existing_backend_volumes_are_adopted_once() {
+    let prov = Arc::new(MemoryProvisioner::new());
+    // Volumes made on the backend before the node managed it (a pool with zvols already).
+    for n in ["old-a", "old-b"] {
+        let spec = xatastor_core::VolumeSpec {
+            name: xatastor_core::VolumeName::new(n).unwrap(),
+            size_bytes: 2 << 20,
+            block_size: 512,
+            compression: None,
+        };
+        prov.create(&spec).unwrap();
+    }
+    prov.snapshot(&[xatastor_core::SnapshotRef {
+        volume: xatastor_core::VolumeName::new("old-a").unwrap(),
+        snapshot: xatastor_core::SnapshotName::new("s").unwrap(),
+    }])
+    .unwrap();
+    let f = start(tempfile::tempdir().unwrap(), prov, Duration::from_secs(30));
+    f.node.create_volume(volume("new", 1 << 20, &[])).unwrap();
+    let mut adopted = f.node.adopt_existing().unwrap();
+    adopted.sort();
+    assert_eq!(adopted, ["old-a", "old-b"]);
+    assert!(f.node.adopt_existing().unwrap().is_empty(), "a second adoption finds nothing new");
+    let a = f.node.volume("old-a").unwrap();
+    assert_eq!(a.record.size_bytes, 2 << 20);
+    assert!(a.record.allowed_hosts.is_empty() && !a.record.allow_any_host, "adopted volumes start closed");
+    assert_eq!(f.node.snapshots("old-a").unwrap().len(), 1);
+    // Usable like any other: allow a host, connect.
+    f.node.allow_host("old-b", HOST).unwrap();
+    assert!(connect(f.server.local_addr(), &f.node.nqn_of("old-b"), HOST).is_ok());
+    f.server.shutdown().unwrap();
+}

@@ -196,6 +196,9 @@ enum VolumeCmd {
         /// Host NQN.
         host: String,
     },
+    /// Import the backend's existing volumes and snapshots into the catalog (once, e.g. zvols that
+    /// were created before this node managed the dataset). They start with no allowed host.
+    Adopt,
     /// Stop a host from connecting.
     DenyHost {
         /// Volume name.
@@ -297,6 +300,7 @@ fn volume_request(c: VolumeCmd) -> Result<Request, String> {
             }
         }
         VolumeCmd::AllowHost { name, host } => Request::VolumeAllowHost { name, host },
+        VolumeCmd::Adopt => Request::Adopt,
         VolumeCmd::DenyHost { name, host, disconnect } => Request::VolumeDenyHost { name, host, disconnect },
     })
 }
@@ -413,6 +417,16 @@ fn print_human(req: &Request, r: &Value) {
             println!("deleted {}", s(&r["deleted"]))
         }
         Request::VolumeCreateBatch { .. } => println!("created {} volume(s)", s(&r["created"])),
+        Request::Adopt => {
+            let names: Vec<String> =
+                r["adopted"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
+            println!(
+                "adopted {} volume(s){}{}",
+                names.len(),
+                if names.is_empty() { "" } else { ": " },
+                names.join(", ")
+            );
+        }
         Request::Status => {
             for k in [
                 "listen",
