@@ -203,7 +203,24 @@ E2E_ONLY="$ONLY"
 E2E_KATO=$KATO
 EOF
 [[ $DRIVER_SET == 0 ]] || echo "E2E_DRIVER=$DRIVER" >> "$OUT/env.sh"
-cp "$SCENARIO" "$OUT/scenario.sh"
+# Scenario files pull shared helpers in with '# e2e-include: FILE...' lines (paths relative to
+# scenarios/): the guest gets one self-contained script.
+expand_includes() {
+    local line f
+    while IFS= read -r line || [[ -n $line ]]; do
+        if [[ $line == "# e2e-include: "* ]]; then
+            for f in ${line#"# e2e-include: "}; do
+                [[ -f $HERE/scenarios/$f ]] || die "$SCENARIO: '# e2e-include:' file not found: scenarios/$f"
+                echo "# ---- scenarios/$f ----"
+                cat "$HERE/scenarios/$f"
+                echo "# ---- end of scenarios/$f ----"
+            done
+        else
+            printf '%s\n' "$line"
+        fi
+    done < "$1"
+}
+expand_includes "$SCENARIO" > "$OUT/scenario.sh"
 
 # Extra disks the scenario asked for. The guest finds them by serial number, not by name; they
 # sit in high PCI slots so that the root disk (if=virtio, the first free slot) is still the

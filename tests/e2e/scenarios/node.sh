@@ -91,37 +91,14 @@ host_identity
 # ---------------------------------------------------------------------------------------
 # ZFS
 
-udev_setup() {
-    pgrep -x systemd-udevd > /dev/null && return 0
-    x /lib/systemd/systemd-udevd --daemon || fail "cannot start systemd-udevd"
-    x udevadm trigger --action=add --subsystem-match=block
-    x timeout 120 udevadm settle || fail "udevadm settle timed out"
-}
-
-zfs_module() {
-    [[ -e /dev/zfs ]] && return 0
-    udev_setup
-    x modprobe zfs zfs_arc_max="$ARC_MAX" || fail "modprobe zfs failed: $(dmesg | grep -iE 'zfs|spl' | tail -n 2 | one_line)"
-    local i
-    for i in $(seq 1 50); do [[ -e /dev/zfs ]] && return 0; sleep 0.2; done
-    fail "/dev/zfs did not appear after modprobe zfs"
-}
+# e2e-include: lib/zfs.sh
 
 # The pool on the scratch disk and the node's parent dataset.
 pool_setup() {
-    zfs_module
-    if ! zpool list -H "$POOL" > /dev/null 2>&1; then
-        [[ -n ${E2E_SCRATCH_DEV:-} && -b ${E2E_SCRATCH_DEV:-} ]] \
-            || fail "no scratch disk (E2E_SCRATCH_DEV='${E2E_SCRATCH_DEV:-}'): run through run.sh, which attaches it"
-        x timeout 120 zpool create -f -o ashift=12 -O mountpoint=none -O compression=off "$POOL" "$E2E_SCRATCH_DEV" \
-            || fail "zpool create $POOL $E2E_SCRATCH_DEV failed (rc=$?)"
-        x udevadm settle -t 60
-    fi
+    pool_create
     zfs list -H "$DS" > /dev/null 2>&1 || x zfs create "$DS" || fail "zfs create $DS failed"
 }
 
-zfs_num() { zfs get -Hp -o value "$1" "$2" | sed 's/x$//'; }
-pool_sync() { sync; x zpool sync "$POOL" || fail "zpool sync failed"; }
 # Volume names under DS, as ZFS sees them (sorted, one per line).
 zfs_volumes() { zfs list -H -o name -t volume -r -d 1 "$DS" | sed "s|^$DS/||" | sort; }
 zfs_snapshots() { zfs list -H -o name -t snapshot -r -d 2 "$DS" | sed "s|^$DS/||" | sort; }
@@ -217,34 +194,7 @@ ensure_volume() {
         || fail "volume create $name --size $size $* failed"
 }
 
-need_nvme_tcp() {
-    [[ -e /dev/nvme-fabrics && -d /sys/module/nvme_tcp ]] && return 0
-    modprobe nvme-tcp >&2 || fail "modprobe nvme-tcp failed"
-}
-
-# Block device (nvmeXnY) of the first namespace of subsystem $1, if connected.
-ns_dev_of() {
-    local b nqn
-    for b in /sys/block/nvme*; do
-        [[ -e $b ]] || continue
-        b=${b##*/}
-        [[ $b =~ ^nvme[0-9]+n[0-9]+$ ]] || continue
-        nqn=$(cat "/sys/block/$b/device/subsysnqn" 2>/dev/null) || continue
-        [[ $nqn == "$1" && -b /dev/$b ]] || continue
-        echo "$b"
-        return 0
-    done
-    return 1
-}
-# Controllers (nvmeX) of subsystem $1.
-ctrls_of() {
-    local c
-    for c in /sys/class/nvme/nvme*; do
-        [[ -e $c ]] || continue
-        [[ $(cat "$c/subsysnqn" 2>/dev/null) == "$1" ]] && echo "${c##*/}"
-    done
-    return 0
-}
+# e2e-include: lib/nvme.sh
 
 # connect_vol NAME [extra nvme connect options]: connected to volume NAME with the exact connect
 # line of `volume show --json` (plus the extra options), reusing a live connection; prints the

@@ -67,32 +67,9 @@ action() { log "ACTION $E2E_SCENARIO $*"; echo "ACTION $E2E_SCENARIO $*" > "$RES
 # ---------------------------------------------------------------------------------------
 # helpers
 
-# Block device (name, e.g. nvme0n1) of the first namespace of subsystem $1, if connected.
-ns_dev_of() {
-    local b nqn
-    for b in /sys/block/nvme*; do
-        [[ -e $b ]] || continue
-        b=${b##*/}
-        [[ $b =~ ^nvme[0-9]+n[0-9]+$ ]] || continue # skip hidden multipath paths nvmeXcYnZ
-        nqn=$(cat "/sys/block/$b/device/subsysnqn" 2>/dev/null) || continue
-        [[ $nqn == "$1" ]] || continue
-        [[ -b /dev/$b ]] || continue
-        echo "$b"
-        return 0
-    done
-    return 1
-}
+# e2e-include: lib/nvme.sh
 ns_dev() { ns_dev_of "$E2E_NQN"; }
 
-# Controllers (nvmeX) connected to subsystem $1 (any host NQN), one per line.
-ctrls_of() {
-    local c
-    for c in /sys/class/nvme/nvme*; do
-        [[ -e $c ]] || continue
-        [[ $(cat "$c/subsysnqn" 2>/dev/null) == "$1" ]] && echo "${c##*/}"
-    done
-    return 0
-}
 our_ctrls() { ctrls_of "$E2E_NQN"; }
 
 wait_for_dev_of() {
@@ -133,12 +110,6 @@ wait_for_size() {
         sleep 0.2
     done
     return 1
-}
-
-# Scenarios can run alone (E2E_ONLY), so every connecting path loads the initiator itself.
-need_nvme_tcp() {
-    [[ -e /dev/nvme-fabrics && -d /sys/module/nvme_tcp ]] && return 0
-    modprobe nvme-tcp >&2 || fail "modprobe nvme-tcp failed"
 }
 
 # connect_to ADDR PORT NQN [extra nvme-connect options...]: connect with the allowed host

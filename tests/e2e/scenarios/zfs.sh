@@ -62,34 +62,9 @@ mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
 # ---------------------------------------------------------------------------------------
 # ZFS helpers
 
-# udev makes /dev/zvol/POOL/VOL (60-zvol.rules, zvol_id) and the disk links zpool create
-# waits for. Only block devices are triggered (no network interface renaming).
-udev_setup() {
-    pgrep -x systemd-udevd > /dev/null && return 0
-    x /lib/systemd/systemd-udevd --daemon || fail "cannot start systemd-udevd"
-    x udevadm trigger --action=add --subsystem-match=block
-    x timeout 120 udevadm settle || fail "udevadm settle timed out"
-}
+# e2e-include: lib/zfs.sh
 
-zfs_module() {
-    [[ -e /dev/zfs ]] && return 0
-    udev_setup
-    x modprobe zfs zfs_arc_max="$ARC_MAX" || fail "modprobe zfs failed: $(dmesg | grep -iE 'zfs|spl' | tail -n 2 | tr '\n' ' ')"
-    local i
-    for i in $(seq 1 50); do [[ -e /dev/zfs ]] && return 0; sleep 0.2; done
-    fail "/dev/zfs did not appear after modprobe zfs"
-}
-
-# The pool on the scratch disk (whole disk: zpool partitions it).
-pool_setup() {
-    zfs_module
-    zpool list -H "$POOL" > /dev/null 2>&1 && return 0
-    [[ -n ${E2E_SCRATCH_DEV:-} && -b ${E2E_SCRATCH_DEV:-} ]] \
-        || fail "no scratch disk (E2E_SCRATCH_DEV='${E2E_SCRATCH_DEV:-}'): run through run.sh, which attaches it"
-    x timeout 120 zpool create -f -o ashift=12 -O mountpoint=none -O compression=off "$POOL" "$E2E_SCRATCH_DEV" \
-        || fail "zpool create $POOL $E2E_SCRATCH_DEV failed (rc=$?)"
-    x udevadm settle -t 60
-}
+pool_setup() { pool_create; }
 
 # wait_for_path PATH SECONDS
 wait_for_path() {
@@ -110,10 +85,6 @@ vol_setup() {
         || fail "/dev/zvol/$POOL/$name did not appear within 60s (zd devices: $(ls /dev/zd* 2>/dev/null | tr '\n' ' '))"
 }
 
-# zfs_num PROPERTY DATASET: a property as a plain number (bytes; compressratio without the x).
-zfs_num() { zfs get -Hp -o value "$1" "$2" | sed 's/x$//'; }
-# Everything freed or written so far is in the pool's accounting.
-pool_sync() { sync; x zpool sync "$POOL" || fail "zpool sync failed"; }
 
 # ---------------------------------------------------------------------------------------
 # targets (inside the guest) and the kernel initiator
@@ -156,33 +127,7 @@ control() {
     echo "${reply:-control: no reply within 5s}"
 }
 
-need_nvme_tcp() {
-    [[ -e /dev/nvme-fabrics && -d /sys/module/nvme_tcp ]] && return 0
-    modprobe nvme-tcp >&2 || fail "modprobe nvme-tcp failed"
-}
-
-# Block device (nvmeXnY) of the first namespace of subsystem $1, if connected.
-ns_dev_of() {
-    local b nqn
-    for b in /sys/block/nvme*; do
-        [[ -e $b ]] || continue
-        b=${b##*/}
-        [[ $b =~ ^nvme[0-9]+n[0-9]+$ ]] || continue
-        nqn=$(cat "/sys/block/$b/device/subsysnqn" 2>/dev/null) || continue
-        [[ $nqn == "$1" && -b /dev/$b ]] || continue
-        echo "$b"
-        return 0
-    done
-    return 1
-}
-ctrls_of() {
-    local c
-    for c in /sys/class/nvme/nvme*; do
-        [[ -e $c ]] || continue
-        [[ $(cat "$c/subsysnqn" 2>/dev/null) == "$1" ]] && echo "${c##*/}"
-    done
-    return 0
-}
+# e2e-include: lib/nvme.sh
 
 # connect_vol NAME: connected to target NAME (reusing a connection); prints the device name.
 connect_vol() {
