@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
-use nvmeof_proto::nvme::nvm::RwCommand;
 use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::nvme::{Sqe, Status};
 use nvmeof_proto::{Digests, Payload};
@@ -79,11 +78,7 @@ fn serve(target: Target, driver: Driver) -> std::net::SocketAddr {
 }
 
 fn rw(opcode: u8, slba: u64, blocks: u32) -> Sqe {
-    let mut sqe = Sqe::zeroed();
-    sqe.opcode = opcode;
-    sqe.nsid.set(1);
-    RwCommand::new(slba, blocks).apply(&mut sqe);
-    sqe
+    host::rw_command(opcode, 1, slba, blocks)
 }
 
 fn exercise(backend: Arc<dyn BlockBackend>, digests: Digests, driver: Driver) {

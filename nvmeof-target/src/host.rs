@@ -342,6 +342,17 @@ pub fn connect_command(
     (cmd.to_sqe(), Payload::from(data))
 }
 
+/// An NVM Read (0x02), Write (0x01) or other LBA-range command (`opcode`) on namespace `nsid`:
+/// `blocks` blocks from `slba`.
+#[must_use]
+pub fn rw_command(opcode: u8, nsid: u32, slba: u64, blocks: u32) -> Sqe {
+    let mut sqe = Sqe::zeroed();
+    sqe.opcode = opcode;
+    sqe.nsid.set(nsid);
+    nvmeof_proto::nvme::nvm::RwCommand::new(slba, blocks).apply(&mut sqe);
+    sqe
+}
+
 /// A Property Get command.
 #[must_use]
 pub fn property_get(offset: u32, width: PropertyWidth) -> Sqe {

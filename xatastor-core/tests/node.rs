@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
-use nvmeof_proto::nvme::nvm::RwCommand;
 use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::nvme::{Sqe, Status};
 use nvmeof_proto::Payload;
@@ -64,11 +63,7 @@ fn io_queue(addr: SocketAddr, subnqn: &str, cntlid: u16) -> Host {
 }
 
 fn rw(opcode: u8, slba: u64, blocks: u32) -> Sqe {
-    let mut sqe = Sqe::zeroed();
-    sqe.opcode = opcode;
-    sqe.nsid.set(1);
-    RwCommand::new(slba, blocks).apply(&mut sqe);
-    sqe
+    host::rw_command(opcode, 1, slba, blocks)
 }
 
 fn identify_ns_size_blocks(a: &mut Host) -> u64 {

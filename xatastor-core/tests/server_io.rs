@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
-use nvmeof_proto::nvme::nvm::RwCommand;
 use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::nvme::{Sqe, Status};
 use nvmeof_proto::Payload;
@@ -75,11 +74,7 @@ fn io_queue(addr: SocketAddr, qid: u16, cntlid: u16) -> Host {
 }
 
 fn rw(opcode: u8, slba: u64, blocks: u32) -> Sqe {
-    let mut sqe = Sqe::zeroed();
-    sqe.opcode = opcode;
-    sqe.nsid.set(1);
-    RwCommand::new(slba, blocks).apply(&mut sqe);
-    sqe
+    host::rw_command(opcode, 1, slba, blocks)
 }
 
 fn write(q: &mut Host, slba: u64, data: &[u8]) -> Status {
