@@ -702,26 +702,8 @@ done
 echo "PLAN ${selected[*]%%:*}" > "$RESULTS"
 log "plan: ${selected[*]%%:*}"
 
-failed=0
-for s in "${selected[@]}"; do
-    name=${s%%:*} fn=${s#*:}
-    rm -f "$STATE/reason"
-    log "BEGIN $name"
-    t0=$(date +%s)
-    ( E2E_SCENARIO=$name; "$fn" )
-    rc=$?
-    dt=$(( $(date +%s) - t0 ))
-    if [[ $rc == 0 ]]; then
-        log "END $name: PASS (${dt}s)"
-        echo "PASS $name" > "$RESULTS"
-    else
-        reason=$(cat "$STATE/reason" 2>/dev/null || echo "exited rc=$rc")
-        log "END $name: FAIL (${dt}s): $reason"
-        echo "FAIL $name: $reason" > "$RESULTS"
-        failed=$(( failed + 1 ))
-    fi
-    echo "TIME $name ${dt}s" > "$RESULTS"
-done
+# e2e-include: lib/run.sh
+run_selected
 
 log "cleanup"
 mountpoint -q "$MNT" && umount "$MNT"

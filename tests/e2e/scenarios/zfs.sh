@@ -85,7 +85,6 @@ vol_setup() {
         || fail "/dev/zvol/$POOL/$name did not appear within 60s (zd devices: $(ls /dev/zd* 2>/dev/null | tr '\n' ' '))"
 }
 
-
 # ---------------------------------------------------------------------------------------
 # targets (inside the guest) and the kernel initiator
 
@@ -164,20 +163,6 @@ serve() {
     target_setup "$name" "$name" "$port" >&2
     connect_vol "$name"
 }
-
-fio_verify() { # fio_verify DEV BS SIZE
-    local dev=$1 bs=$2 size=$3 rc
-    x timeout "$FIO_TIMEOUT" fio --name=v --filename="/dev/$dev" --direct=1 --rw=randwrite \
-        --bs="$bs" --size="$size" --ioengine=libaio --iodepth=8 \
-        --verify=crc32c --do_verify=1 --verify_fatal=1 > "$STATE/fio.out" 2>&1
-    rc=$?
-    cat "$STATE/fio.out"
-    [[ $rc == 0 ]] || fail "fio bs=$bs size=$size randwrite+verify failed (rc=$rc): $(grep -m1 -iE 'verify|bad|error|err=' "$STATE/fio.out" | cut -c1-200)"
-    grep -q 'err= 0' "$STATE/fio.out" || fail "fio bs=$bs size=$size: no 'err= 0' in fio's report"
-}
-
-# sha256 of LEN MiB at OFFSET MiB of a device, read with O_DIRECT: dev_sum DEV OFFSET_MIB LEN_MIB
-dev_sum() { dd if="$1" bs=1M skip="$2" count="$3" iflag=direct status=none | sha256sum | cut -d' ' -f1; }
 
 # ---------------------------------------------------------------------------------------
 # scenarios
@@ -474,26 +459,8 @@ fi
 echo "PLAN ${selected[*]%%:*}" > "$RESULTS"
 log "plan: ${selected[*]%%:*} (targets: $TARGET_BIN --driver $DRIVER, in the guest)"
 
-failed=0
-for s in "${selected[@]}"; do
-    name=${s%%:*} fn=${s#*:}
-    rm -f "$STATE/reason"
-    log "BEGIN $name"
-    t0=$(date +%s)
-    ( E2E_SCENARIO=$name; "$fn" )
-    rc=$?
-    dt=$(( $(date +%s) - t0 ))
-    if [[ $rc == 0 ]]; then
-        log "END $name: PASS (${dt}s)"
-        echo "PASS $name" > "$RESULTS"
-    else
-        reason=$(cat "$STATE/reason" 2>/dev/null || echo "exited rc=$rc")
-        log "END $name: FAIL (${dt}s): $reason"
-        echo "FAIL $name: $reason" > "$RESULTS"
-        failed=$(( failed + 1 ))
-    fi
-    echo "TIME $name ${dt}s" > "$RESULTS"
-done
+# e2e-include: lib/run.sh
+run_selected
 
 log "cleanup"
 mountpoint -q "$MNT" && umount "$MNT"

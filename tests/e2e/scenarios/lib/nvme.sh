@@ -32,3 +32,18 @@ ctrls_of() {
     done
     return 0
 }
+
+# fio_verify DEV BS SIZE: random writes + crc32c verify on /dev/DEV, direct (uses FIO_TIMEOUT).
+fio_verify() {
+    local dev=$1 bs=$2 size=$3 rc
+    x timeout "$FIO_TIMEOUT" fio --name=v --filename="/dev/$dev" --direct=1 --rw=randwrite \
+        --bs="$bs" --size="$size" --ioengine=libaio --iodepth=8 \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 > "$STATE/fio.out" 2>&1
+    rc=$?
+    cat "$STATE/fio.out"
+    [[ $rc == 0 ]] || fail "fio bs=$bs size=$size randwrite+verify failed (rc=$rc): $(grep -m1 -iE 'verify|bad|error|err=' "$STATE/fio.out" | cut -c1-200)"
+    grep -q 'err= 0' "$STATE/fio.out" || fail "fio bs=$bs size=$size: no 'err= 0' in fio's report"
+}
+
+# sha256 of LEN MiB at OFFSET MiB of a device, read with O_DIRECT: dev_sum DEV OFFSET_MIB LEN_MIB
+dev_sum() { dd if="$1" bs=1M skip="$2" count="$3" iflag=direct status=none | sha256sum | cut -d' ' -f1; }
