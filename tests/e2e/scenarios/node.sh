@@ -60,13 +60,7 @@ PG_SCALE=5
 # The host of the volume "other", which this host must not discover.
 OTHER_HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:0e2e0000-0000-4000-8000-0000000000aa
 
-now() { cut -d' ' -f1 /proc/uptime; }
-log() { echo "--- [$(now)s] $*"; }
-x() { echo "+ $*"; "$@"; }
-fail() { [[ -e $STATE/reason ]] || echo "$*" > "$STATE/reason"; exit 1; }
-info() { log "INFO $E2E_SCENARIO $*"; echo "INFO $E2E_SCENARIO $*" > "$RESULTS"; }
-secs_since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
-mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+# e2e-include: lib/common.sh
 one_line() { tr '\n' ' ' | sed 's/\x1b\[[0-9;]*m//g; s/  */ /g' | cut -c1-300; }
 
 # ---------------------------------------------------------------------------------------

@@ -55,12 +55,7 @@ mkdir -p /etc/nvme
 echo "$E2E_HOSTNQN" > /etc/nvme/hostnqn
 echo "$E2E_HOSTID" > /etc/nvme/hostid
 
-now() { cut -d' ' -f1 /proc/uptime; }
-log() { echo "--- [$(now)s] $*"; }
-# Run a command, echoing it first; its output goes to the console.
-x() { echo "+ $*"; "$@"; }
-# Record why the current scenario fails (first reason wins) and leave it.
-fail() { [[ -e $STATE/reason ]] || echo "$*" > "$STATE/reason"; exit 1; }
+# e2e-include: lib/common.sh
 # Ask run.sh (on the host) to do something now, on behalf of the current scenario.
 action() { log "ACTION $E2E_SCENARIO $*"; echo "ACTION $E2E_SCENARIO $*" > "$RESULTS"; }
 
@@ -535,7 +530,6 @@ pg_state() {
                    || ' md5=' || (SELECT md5(string_agg(aid || ':' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts)"
 }
 
-secs_since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
 
 sc_postgres() {
     [[ -x $PG_BIN/postgres ]] || fail "$PG_BIN/postgres missing: the guest image has no PostgreSQL 15 (rebuild it)"

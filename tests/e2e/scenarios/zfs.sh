@@ -51,13 +51,7 @@ mkdir -p /etc/nvme
 echo "$E2E_HOSTNQN" > /etc/nvme/hostnqn
 echo "$E2E_HOSTID" > /etc/nvme/hostid
 
-now() { cut -d' ' -f1 /proc/uptime; }
-log() { echo "--- [$(now)s] $*"; }
-x() { echo "+ $*"; "$@"; }
-fail() { [[ -e $STATE/reason ]] || echo "$*" > "$STATE/reason"; exit 1; }
-info() { log "INFO $E2E_SCENARIO $*"; echo "INFO $E2E_SCENARIO $*" > "$RESULTS"; }
-secs_since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
-mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+# e2e-include: lib/common.sh
 
 # ---------------------------------------------------------------------------------------
 # ZFS helpers
