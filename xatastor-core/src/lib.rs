@@ -40,6 +40,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod aligned;
 pub mod catalog;
 pub mod node;
 pub mod provision;

@@ -37,7 +37,6 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -51,6 +50,8 @@ use nvmeof_target::{
     IoResult, IoToken, Namespace, Submitted, Target, TransportParams,
 };
 use parking_lot::Mutex;
+
+use crate::aligned::{is_aligned_ptr, AlignedBuf};
 
 /// How to run the server.
 #[derive(Clone, Debug)]
@@ -894,7 +895,7 @@ impl Worker {
             IoOp::Write { offset, data, fua } if aligned(offset, data.len() as u64) => {
                 let len = data.len();
                 let in_place =
-                    data.segments().iter().all(|s| s.as_ptr() as usize % align == 0 && s.len() % align == 0);
+                    data.segments().iter().all(|s| is_aligned_ptr(s.as_ptr(), align) && s.len() % align == 0);
                 let kind = if in_place {
                     let iov = data
                         .segments()
@@ -906,8 +907,15 @@ impl Worker {
                     let Some(mut b) = AlignedBuf::zeroed(len, align) else {
                         return self.fail_io(slot, generation, token, "out of memory", now);
                     };
-                    b.copy_from(data.segments());
-                    let iov = vec![libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: len }];
+                    let mut at = 0;
+                    for seg in data.segments() {
+                        if let Some(dst) = b.as_mut_slice().get_mut(at..at + seg.len()) {
+                            dst.copy_from_slice(seg);
+                        }
+                        at += seg.len();
+                    }
+                    let iov =
+                        vec![libc::iovec { iov_base: b.as_mut_slice().as_mut_ptr().cast(), iov_len: len }];
                     DiskKind::Write { _data: None, _bounce: Some(b), iov, len, offset, fua }
                 };
                 (kind, 1)
@@ -939,7 +947,7 @@ impl Worker {
             DiskKind::Read { buf, offset } => {
                 let (ptr, len) = match buf {
                     ReadBuf::Plain(b) => (b.as_mut_ptr(), b.len()),
-                    ReadBuf::Aligned(b) => (b.as_mut_ptr(), b.len),
+                    ReadBuf::Aligned(b) => (b.as_mut_slice().as_mut_ptr(), b.len()),
                 };
                 sqes.push(opcode::Read::new(fd, ptr, len as u32).offset(base + *offset).build());
             }
@@ -1154,61 +1162,6 @@ impl Worker {
             }
             self.after_engine(slot, now);
         }
-    }
-}
-
-/// A zeroed heap buffer with a chosen alignment, for `O_DIRECT` reads (exposed as `Bytes` without
-/// a copy through [`Bytes::from_owner`]) and for write data that must be re-aligned.
-struct AlignedBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-    layout: std::alloc::Layout,
-}
-
-// SAFETY: an `AlignedBuf` owns its allocation exclusively, like a `Box<[u8]>`; shared access only
-// reads it.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: as above; `&AlignedBuf` gives read-only access.
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    /// `len` zero bytes aligned to `align` (a power of two); `None` if the allocation fails.
-    fn zeroed(len: usize, align: usize) -> Option<Self> {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(1)).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
-        Some(Self { ptr, len, layout })
-    }
-
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    /// Copies `segments` one after another into the buffer (at most `len` bytes).
-    fn copy_from(&mut self, segments: &[Bytes]) {
-        let mut at = 0;
-        for s in segments {
-            let n = s.len().min(self.len - at);
-            // SAFETY: `at + n <= len`, inside the allocation; source and destination do not overlap
-            // (the buffer is ours alone).
-            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), self.ptr.as_ptr().add(at), n) };
-            at += n;
-        }
-    }
-}
-
-impl AsRef<[u8]> for AlignedBuf {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: the allocation holds `len` initialised (zeroed, then written) bytes and lives as
-        // long as `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
 

@@ -39,8 +39,8 @@ use nvmeof_target::{
 use rustix::fs::FallocateFlags;
 use rustix::io::{Errno, ReadWriteFlags};
 
-use crate::aligned::{is_aligned_ptr, AlignedBuf};
 use crate::ioctl;
+use xatastor_core::aligned::{is_aligned_ptr, AlignedBuf};
 
 /// How [`ZvolBackend::open_with`] opens a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

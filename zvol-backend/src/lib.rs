@@ -73,16 +73,15 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)
 )]
 
-pub mod aligned;
 pub mod backend;
 mod ioctl;
 pub mod provisioner;
 pub mod resolve;
 pub mod zfs;
 
-pub use aligned::AlignedBuf;
 pub use backend::{ZvolBackend, ZvolOptions};
 pub use ioctl::{zvol_dataset_name, ZFS_MAX_DATASET_NAME_LEN};
 pub use provisioner::{ZfsConfig, ZfsProvisioner};
 pub use resolve::{DeviceResolver, ResolveError};
+pub use xatastor_core::aligned::AlignedBuf;
 pub use zfs::{CommandZfs, LzcConfig, LzcZfs, ZfsOps};

@@ -2,9 +2,10 @@
 //!
 //! Direct I/O needs the buffer address, the file offset and the length to be multiples of the
 //! device's logical block size. Buffers that arrive from the network (slices of a receive buffer) are
-//! not aligned, so writes through [`ZvolBackend::execute`](crate::ZvolBackend::execute) copy them into
-//! an `AlignedBuf` ("bounce buffer"); reads land in one and are handed to the engine without a copy via
-//! [`AlignedBuf::into_bytes`] (`Bytes::from_owner`).
+//! not aligned, so writes to an `O_DIRECT` device (the server's ring, zvol-backend's synchronous path)
+//! copy them into an `AlignedBuf` ("bounce buffer") unless they happen to be aligned; reads land in
+//! one and are handed to the engine without a copy via [`AlignedBuf::into_bytes`]
+//! (`Bytes::from_owner`).
 
 use std::alloc::{self, Layout};
 use std::fmt;
@@ -121,7 +122,8 @@ impl fmt::Debug for AlignedBuf {
 }
 
 /// True if `ptr` is a multiple of `align` (a power of two).
-pub(crate) fn is_aligned_ptr(ptr: *const u8, align: usize) -> bool {
+#[must_use]
+pub fn is_aligned_ptr(ptr: *const u8, align: usize) -> bool {
     align <= 1 || (ptr as usize) % align == 0
 }
 
