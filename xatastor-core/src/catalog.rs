@@ -6,6 +6,7 @@
 //!                                                   serial, allowed hosts, state)
 //!   snapshots     "volume@snap"   → SnapshotRecord
 //!   host_volumes  host NQN | "*"  →→ volume name   (multimap: the discovery index)
+//!   clones        "volume@snap"   →→ clone name    (multimap: dependents of a snapshot)
 //!   intents       id              → Intent         (operations started, not yet committed)
 //!   meta          key             → value          (schema version, NQN prefix, counters)
 //! ```
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 const VOLUMES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("volumes");
 const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
 const HOST_VOLUMES: MultimapTableDefinition<'_, &str, &str> = MultimapTableDefinition::new("host_volumes");
+const CLONES: MultimapTableDefinition<'_, &str, &str> = MultimapTableDefinition::new("clones");
 const INTENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("intents");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
@@ -206,6 +208,7 @@ impl Catalog {
             txn.open_table(VOLUMES).map_err(store)?;
             txn.open_table(SNAPSHOTS).map_err(store)?;
             txn.open_multimap_table(HOST_VOLUMES).map_err(store)?;
+            txn.open_multimap_table(CLONES).map_err(store)?;
             txn.open_table(INTENTS).map_err(store)?;
             let mut meta = txn.open_table(META).map_err(store)?;
             let found = meta
@@ -314,16 +317,32 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Volumes cloned from `volume@snapshot`. Scans the volumes (delete of a snapshot is rare).
+    /// Volumes cloned from `volume@snapshot` (an index read).
     pub fn clones_of(&self, volume: &str, snapshot: &str) -> Result<Vec<String>, CatalogError> {
         let r = self.db.begin_read().map_err(store)?;
-        let t = r.open_table(VOLUMES).map_err(store)?;
+        let t = r.open_multimap_table(CLONES).map_err(store)?;
         let mut out = Vec::new();
-        for entry in t.iter().map_err(store)? {
-            let (k, v) = entry.map_err(store)?;
-            let rec: VolumeRecord = decode(k.value(), v.value())?;
-            if rec.origin.as_ref().is_some_and(|(v, s)| v == volume && s == snapshot) {
-                out.push(rec.name);
+        for v in t.get(format!("{volume}@{snapshot}").as_str()).map_err(store)? {
+            out.push(v.map_err(store)?.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Volumes cloned from any snapshot of `volume` (an index range read).
+    pub fn clones_of_volume(&self, volume: &str) -> Result<Vec<String>, CatalogError> {
+        let r = self.db.begin_read().map_err(store)?;
+        let t = r.open_multimap_table(CLONES).map_err(store)?;
+        // Keys are `volume@snapshot`; name characters sort after '@' only from 'A' on, and a key of
+        // another volume with this one as a prefix continues with a character other than '@'.
+        let (start, end) = (format!("{volume}@"), format!("{volume}A"));
+        let mut out = Vec::new();
+        for entry in t.range::<&str>(start.as_str()..end.as_str()).map_err(store)? {
+            let (k, values) = entry.map_err(store)?;
+            if !k.value().starts_with(&start) {
+                continue;
+            }
+            for v in values {
+                out.push(v.map_err(store)?.value().to_owned());
             }
         }
         Ok(out)
@@ -378,9 +397,16 @@ impl CatalogTxn {
         v.map(|v| decode(&key, v.value())).transpose()
     }
 
-    /// Inserts or replaces a volume, keeping the host index in step with its allowed hosts.
+    /// Inserts or replaces a volume, keeping the host index in step with its allowed hosts and the
+    /// clone index with its origin.
     pub fn put_volume(&mut self, rec: &VolumeRecord) -> Result<(), CatalogError> {
         let old = self.volume(&rec.name)?;
+        if old.is_none() {
+            if let Some((v, snap)) = &rec.origin {
+                let mut idx = self.txn.open_multimap_table(CLONES).map_err(store)?;
+                idx.insert(format!("{v}@{snap}").as_str(), rec.name.as_str()).map_err(store)?;
+            }
+        }
         {
             let mut idx = self.txn.open_multimap_table(HOST_VOLUMES).map_err(store)?;
             if let Some(old) = &old {
@@ -397,9 +423,13 @@ impl CatalogTxn {
         Ok(())
     }
 
-    /// Removes a volume (and its host index entries).
+    /// Removes a volume (and its host and clone index entries).
     pub fn remove_volume(&mut self, name: &str) -> Result<(), CatalogError> {
         if let Some(old) = self.volume(name)? {
+            if let Some((v, snap)) = &old.origin {
+                let mut idx = self.txn.open_multimap_table(CLONES).map_err(store)?;
+                idx.remove(format!("{v}@{snap}").as_str(), name).map_err(store)?;
+            }
             let mut idx = self.txn.open_multimap_table(HOST_VOLUMES).map_err(store)?;
             for h in index_keys(&old) {
                 idx.remove(h, name).map_err(store)?;
@@ -552,5 +582,39 @@ mod tests {
         let names: Vec<String> =
             cat.volumes("", Some("b"), 10).unwrap().into_iter().map(|r| r.name).collect();
         assert_eq!(names, ["c"]);
+    }
+
+    #[test]
+    fn clone_index_follows_origins() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path().join("c.redb")).unwrap();
+        let clone = |name: &str, vol: &str, snap: &str| VolumeRecord {
+            origin: Some((vol.into(), snap.into())),
+            ..rec(name, &[])
+        };
+        let mut t = cat.begin().unwrap();
+        for r in [
+            rec("a", &[]),
+            clone("c1", "a", "s1"),
+            clone("c2", "a", "s1"),
+            clone("c3", "a", "s2"),
+            // Volumes whose names start with "a" and their clones must not be mixed up with a's.
+            clone("d1", "a-b", "s1"),
+            clone("d2", "aB", "s1"),
+            clone("d3", "a.x", "s1"),
+        ] {
+            t.put_volume(&r).unwrap();
+        }
+        t.commit().unwrap();
+        assert_eq!(cat.clones_of("a", "s1").unwrap(), ["c1", "c2"]);
+        assert_eq!(cat.clones_of("a", "s3").unwrap(), Vec::<String>::new());
+        assert_eq!(cat.clones_of_volume("a").unwrap(), ["c1", "c2", "c3"]);
+        assert_eq!(cat.clones_of_volume("a-b").unwrap(), ["d1"]);
+        let mut t = cat.begin().unwrap();
+        t.remove_volume("c1").unwrap();
+        t.put_volume(&clone("c2", "a", "s1")).unwrap(); // replacing keeps one entry
+        t.commit().unwrap();
+        assert_eq!(cat.clones_of("a", "s1").unwrap(), ["c2"]);
+        assert_eq!(cat.clones_of_volume("a").unwrap(), ["c2", "c3"]);
     }
 }

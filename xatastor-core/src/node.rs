@@ -627,11 +627,7 @@ impl Node {
         let _op = self.inner.ops.lock();
         let rec =
             self.inner.catalog.volume(name)?.ok_or_else(|| NodeError::NotFound(format!("volume {name}")))?;
-        let snaps = self.inner.catalog.snapshots_of(name)?;
-        let mut clones = Vec::new();
-        for s in &snaps {
-            clones.extend(self.inner.catalog.clones_of(name, &s.name)?);
-        }
+        let clones = self.inner.catalog.clones_of_volume(name)?;
         if !clones.is_empty() {
             return Err(NodeError::HasDependents { what: format!("volume {name}"), clones });
         }
@@ -665,35 +661,23 @@ impl Node {
         Ok(())
     }
 
-    /// Deletes a volume's snapshots and the volume in the backend; "not found" counts as done, and
-    /// "busy" (a device still closing after its hosts were disconnected) is retried for a while.
+    /// Deletes a volume's snapshots and the volume in the backend; "not found" counts as done. A
+    /// device still closing after its hosts were disconnected is the provisioner's to wait for
+    /// (zvol-backend retries `Busy` for a while; files and memory are never busy).
     fn delete_in_backend(&self, name: &str) -> Result<(), NodeError> {
         let vol = VolumeName::new(name.to_owned())?;
         for s in self.inner.catalog.snapshots_of(name)? {
             let r = SnapshotRef { volume: vol.clone(), snapshot: SnapshotName::new(s.name)? };
-            match self.retry_busy(|| self.inner.provisioner.delete_snapshot(&r)) {
+            match self.inner.provisioner.delete_snapshot(&r) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        match self.retry_busy(|| self.inner.provisioner.delete_volume(&vol)) {
+        match self.inner.provisioner.delete_volume(&vol) {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(e.into()),
-        }
-    }
-
-    fn retry_busy(&self, mut f: impl FnMut() -> Result<(), ProvisionError>) -> Result<(), ProvisionError> {
-        let mut tries = 0;
-        loop {
-            match f() {
-                Err(ProvisionError::Busy(_)) if tries < 100 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                other => return other,
-            }
         }
     }
 
