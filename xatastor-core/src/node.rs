@@ -990,6 +990,7 @@ fn reaper(weak: &Weak<Inner>) {
                 inner.target.controllers().into_iter().map(|c| c.subnqn).collect();
             let now = std::time::Instant::now();
             idle_since.retain(|n, _| loaded.contains(n) && !busy.contains(n));
+            let mut unloaded = 0;
             for nqn in &loaded {
                 if busy.contains(nqn) {
                     continue;
@@ -998,9 +999,11 @@ fn reaper(weak: &Weak<Inner>) {
                 if now.duration_since(since) >= inner.idle_unload && inner.target.unload_subsystem(nqn) {
                     tracing::debug!(subnqn = %nqn, "idle volume unloaded");
                     idle_since.remove(nqn);
+                    unloaded += 1;
                 }
             }
-            let still = inner.target.subsystem_nqns().iter().any(|n| n.starts_with(&prefix));
+            // A volume activated meanwhile unparks this thread, so the next round sees it.
+            let still = loaded.len() > unloaded;
             ((inner.idle_unload / 2).max(Duration::from_millis(50)), still)
         };
         if loaded {
