@@ -2,15 +2,12 @@
 //! discovery from the catalog's host index, idle unload, clone exported at once, resize seen by a
 //! connected host, delete refused while connected and forced, identities stable across restarts.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
-use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::nvme::{Sqe, Status};
 use nvmeof_proto::Payload;
-use nvmeof_target::host::{self, BlockingHost, HostOptions};
 use nvmeof_target::{Target, TargetConfig};
 use xatastor_core::provisioners::MemoryProvisioner;
 use xatastor_core::{CreateVolume, Node, NodeConfig, NodeError, Server, ServerConfig, VolumeProvisioner};
@@ -19,7 +16,16 @@ const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:node-test-host";
 const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:node-test-other";
 const DISCOVERY: &str = "nqn.2014-08.org.nvmexpress.discovery";
 
-type Host = BlockingHost<TcpStream>;
+mod common;
+use common::{connect_io, eventually, rw, Host};
+
+fn connect(addr: SocketAddr, subnqn: &str, hostnqn: &str) -> Result<(Host, u16), Status> {
+    common::connect_admin(addr, subnqn, hostnqn, 0)
+}
+
+fn io_queue(addr: SocketAddr, subnqn: &str, cntlid: u16) -> Host {
+    connect_io(addr, subnqn, HOST, 1, cntlid)
+}
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -36,34 +42,6 @@ fn start(dir: tempfile::TempDir, prov: Arc<dyn VolumeProvisioner>, idle: Duratio
     sc.workers = 2;
     let server = Server::start(target, sc).unwrap();
     Fixture { _dir: dir, node, server }
-}
-
-fn connect(addr: SocketAddr, subnqn: &str, hostnqn: &str) -> Result<(Host, u16), Status> {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut a = Host::new(s, HostOptions::default()).unwrap();
-    let (sqe, data) = host::connect_command(0, 32, 0, CNTLID_DYNAMIC, [1; 16], subnqn, hostnqn);
-    let c = a.command(sqe, Some(data), 0).unwrap();
-    if c.status() != Status::SUCCESS {
-        return Err(c.status());
-    }
-    let cntlid = c.cqe.dw0.get() as u16;
-    let c = a.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001), None, 0).unwrap();
-    assert_eq!(c.status(), Status::SUCCESS);
-    Ok((a, cntlid))
-}
-
-fn io_queue(addr: SocketAddr, subnqn: &str, cntlid: u16) -> Host {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut q = Host::new(s, HostOptions::default()).unwrap();
-    let (sqe, data) = host::connect_command(1, 64, 0, cntlid, [1; 16], subnqn, HOST);
-    assert_eq!(q.command(sqe, Some(data), 0).unwrap().status(), Status::SUCCESS);
-    q
-}
-
-fn rw(opcode: u8, slba: u64, blocks: u32) -> Sqe {
-    host::rw_command(opcode, 1, slba, blocks)
 }
 
 fn identify_ns_size_blocks(a: &mut Host) -> u64 {
@@ -94,16 +72,6 @@ fn discover(addr: SocketAddr, hostnqn: &str) -> Vec<String> {
             String::from_utf8_lossy(&e[256..512]).trim_end_matches(['\0', ' ']).to_owned()
         })
         .collect()
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("never happened: {what}");
 }
 
 fn volume(name: &str, size: u64, hosts: &[&str]) -> CreateVolume {

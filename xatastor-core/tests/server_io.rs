@@ -3,17 +3,15 @@
 //! expiry, a host vanishing mid-transfer, a peer that stops reading, and connection limits.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
-use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::nvme::{Sqe, Status};
 use nvmeof_proto::Payload;
-use nvmeof_target::host::{self, BlockingHost, HostOptions};
+use nvmeof_target::host::HostOptions;
 use nvmeof_target::{
     BackendInfo, BlockBackend, Completer, FileBackend, HostAccess, IoOp, MemoryBackend, NamespaceConfig,
     RawDevice, Submitted, SubsystemConfig, Target, TargetConfig,
@@ -23,7 +21,20 @@ use xatastor_core::{Server, ServerConfig};
 const NQN: &str = "nqn.2026-01.io.xatastor:server-io";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:server-io-host";
 
-type Host = BlockingHost<TcpStream>;
+mod common;
+use common::{eventually, rw, tcp, Host};
+
+/// Connects an admin queue, enables the controller and asks for 64 I/O queues; returns it and its
+/// CNTLID.
+fn admin(addr: SocketAddr, kato_ms: u32) -> (Host, u16) {
+    let (mut a, cntlid) = common::connect_admin(addr, NQN, HOSTNQN, kato_ms).unwrap();
+    common::set_queue_count(&mut a, 64);
+    (a, cntlid)
+}
+
+fn io_queue(addr: SocketAddr, qid: u16, cntlid: u16) -> Host {
+    common::connect_io(addr, NQN, HOSTNQN, qid, cntlid)
+}
 
 fn target_with(backend: Arc<dyn BlockBackend>) -> Target {
     let target = Target::new(TargetConfig::default());
@@ -42,41 +53,6 @@ fn server(target: &Target, workers: usize, tweak: impl FnOnce(&mut ServerConfig)
     Server::start(target.clone(), config).unwrap()
 }
 
-fn tcp(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s
-}
-
-/// Connects an admin queue, enables the controller; returns it and its CNTLID.
-fn admin(addr: SocketAddr, kato_ms: u32) -> (Host, u16) {
-    let mut a = Host::new(tcp(addr), HostOptions::default()).unwrap();
-    let (sqe, data) = host::connect_command(0, 32, kato_ms, CNTLID_DYNAMIC, [7; 16], NQN, HOSTNQN);
-    let c = a.command(sqe, Some(data), 0).unwrap();
-    assert_eq!(c.status(), Status::SUCCESS);
-    let cntlid = c.cqe.dw0.get() as u16;
-    let c = a.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001), None, 0).unwrap();
-    assert_eq!(c.status(), Status::SUCCESS);
-    // Set Features, Number of Queues: 64 I/O queues (0's based).
-    let mut nq = Sqe::zeroed();
-    nq.opcode = 0x09;
-    nq.cdw10.set(0x07);
-    nq.cdw11.set(0x003f_003f);
-    assert_eq!(a.command(nq, None, 0).unwrap().status(), Status::SUCCESS);
-    (a, cntlid)
-}
-
-fn io_queue(addr: SocketAddr, qid: u16, cntlid: u16) -> Host {
-    let mut q = Host::new(tcp(addr), HostOptions::default()).unwrap();
-    let (sqe, data) = host::connect_command(qid, 128, 0, cntlid, [7; 16], NQN, HOSTNQN);
-    assert_eq!(q.command(sqe, Some(data), 0).unwrap().status(), Status::SUCCESS);
-    q
-}
-
-fn rw(opcode: u8, slba: u64, blocks: u32) -> Sqe {
-    host::rw_command(opcode, 1, slba, blocks)
-}
-
 fn write(q: &mut Host, slba: u64, data: &[u8]) -> Status {
     q.command(rw(0x01, slba, (data.len() / 512) as u32), Some(Payload::from(data.to_vec())), 0)
         .unwrap()
@@ -91,17 +67,6 @@ fn read(q: &mut Host, slba: u64, len: usize) -> Vec<u8> {
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
-}
-
-/// Waits (without asserting on time) until `f` holds; panics after a generous bound.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("never happened: {what}");
 }
 
 #[test]

@@ -1,0 +1,74 @@
+//! Helpers shared by the integration tests that talk to the server with the in-tree host.
+#![allow(dead_code)] // each test file uses a subset
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
+use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
+use nvmeof_proto::nvme::{Sqe, Status};
+use nvmeof_target::host::{self, BlockingHost, HostOptions};
+
+/// The in-tree initiator over TCP.
+pub(crate) type Host = BlockingHost<TcpStream>;
+
+/// A TCP connection with a read timeout (a hung server fails the test instead of hanging it).
+pub(crate) fn tcp(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Connects an admin queue to `subnqn` as `hostnqn` and enables the controller; returns it and its
+/// CNTLID, or the Connect command's status.
+pub(crate) fn connect_admin(
+    addr: SocketAddr,
+    subnqn: &str,
+    hostnqn: &str,
+    kato_ms: u32,
+) -> Result<(Host, u16), Status> {
+    let mut a = Host::new(tcp(addr), HostOptions::default()).unwrap();
+    let (sqe, data) = host::connect_command(0, 32, kato_ms, CNTLID_DYNAMIC, [7; 16], subnqn, hostnqn);
+    let c = a.command(sqe, Some(data), 0).unwrap();
+    if c.status() != Status::SUCCESS {
+        return Err(c.status());
+    }
+    let cntlid = c.cqe.dw0.get() as u16;
+    let c = a.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001), None, 0).unwrap();
+    assert_eq!(c.status(), Status::SUCCESS);
+    Ok((a, cntlid))
+}
+
+/// Set Features, Number of Queues: asks for `n` I/O queues.
+pub(crate) fn set_queue_count(a: &mut Host, n: u16) {
+    let mut nq = Sqe::zeroed();
+    nq.opcode = 0x09;
+    nq.cdw10.set(0x07);
+    let z = u32::from(n.saturating_sub(1)); // 0's based
+    nq.cdw11.set(z << 16 | z);
+    assert_eq!(a.command(nq, None, 0).unwrap().status(), Status::SUCCESS);
+}
+
+/// Connects I/O queue `qid` of controller `cntlid`.
+pub(crate) fn connect_io(addr: SocketAddr, subnqn: &str, hostnqn: &str, qid: u16, cntlid: u16) -> Host {
+    let mut q = Host::new(tcp(addr), HostOptions::default()).unwrap();
+    let (sqe, data) = host::connect_command(qid, 128, 0, cntlid, [7; 16], subnqn, hostnqn);
+    assert_eq!(q.command(sqe, Some(data), 0).unwrap().status(), Status::SUCCESS);
+    q
+}
+
+/// A read (0x02) or write (0x01) of `blocks` 512-byte blocks at `slba` on namespace 1.
+pub(crate) fn rw(opcode: u8, slba: u64, blocks: u32) -> Sqe {
+    host::rw_command(opcode, 1, slba, blocks)
+}
+
+/// Waits (without asserting on time) until `f` holds; panics after a generous bound.
+pub(crate) fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("never happened: {what}");
+}
