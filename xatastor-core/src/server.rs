@@ -885,7 +885,9 @@ impl Worker {
                 let buf = if align > 1 {
                     match AlignedBuf::zeroed(len as usize, align) {
                         Some(b) => ReadBuf::Aligned(b),
-                        None => return self.fail_io(slot, generation, token, "no aligned buffer of this size", now),
+                        None => {
+                            return self.fail_io(slot, generation, token, "aligned buffer too large", now)
+                        }
                     }
                 } else {
                     ReadBuf::Plain(BytesMut::zeroed(len as usize))
@@ -905,7 +907,7 @@ impl Worker {
                     DiskKind::Write { _data: Some(data), _bounce: None, iov, len, offset, fua }
                 } else {
                     let Some(mut b) = AlignedBuf::zeroed(len, align) else {
-                        return self.fail_io(slot, generation, token, "no aligned buffer of this size", now);
+                        return self.fail_io(slot, generation, token, "aligned buffer too large", now);
                     };
                     let mut at = 0;
                     for seg in data.segments() {
