@@ -79,6 +79,9 @@ pub enum Request {
         name: String,
         /// New size in bytes.
         size_bytes: u64,
+        /// Allow a smaller size (destroys the data beyond it; refused while a host is connected).
+        #[serde(default)]
+        force: bool,
     },
     /// Delete a volume (and its snapshots).
     VolumeDelete {
@@ -106,6 +109,16 @@ pub enum Request {
         name: String,
         /// Host NQN.
         host: String,
+    },
+    /// Let any host connect, or only the allowed ones.
+    VolumeSetAnyHost {
+        /// Volume.
+        name: String,
+        /// Any host may connect.
+        allow_any_host: bool,
+        /// Turning it off: disconnect the hosts that are not allowed.
+        #[serde(default)]
+        disconnect: bool,
     },
     /// Deny a host.
     VolumeDenyHost {
@@ -155,7 +168,13 @@ fn kind_of(e: &NodeError) -> &'static str {
     match e {
         NodeError::NotFound(_) | NodeError::Provision(ProvisionError::NotFound(_)) => "not_found",
         NodeError::AlreadyExists(_) | NodeError::Provision(ProvisionError::AlreadyExists(_)) => "exists",
-        NodeError::Busy { .. } | NodeError::Provision(ProvisionError::Busy(_)) => "busy",
+        NodeError::Busy { .. }
+        | NodeError::ShrinkWhileConnected { .. }
+        | NodeError::Provision(ProvisionError::Busy(_)) => "busy",
+        NodeError::HostNotAllowed { .. } => "not_found",
+        NodeError::ShrinkNotForced { .. } | NodeError::AnyHostAllowed { .. } => "invalid",
+        NodeError::OvercommitExceeded { .. } => "no_space",
+        NodeError::BackendMismatch { .. } => "backend_mismatch",
         NodeError::HasDependents { .. } | NodeError::Provision(ProvisionError::HasDependents { .. }) => {
             "has_dependents"
         }
@@ -259,7 +278,12 @@ pub fn handle(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, NodeErr
             }
             v
         }
-        Request::VolumeResize { name, size_bytes } => volume_json(&node.resize(&name, size_bytes)?, ep),
+        Request::VolumeResize { name, size_bytes, force } => {
+            volume_json(&node.resize(&name, size_bytes, force)?, ep)
+        }
+        Request::VolumeSetAnyHost { name, allow_any_host, disconnect } => {
+            volume_json(&node.set_allow_any_host(&name, allow_any_host, disconnect)?, ep)
+        }
         Request::VolumeDelete { name, force } => {
             node.delete_volume(&name, force)?;
             json!({ "deleted": name })

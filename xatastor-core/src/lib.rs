@@ -45,10 +45,12 @@ pub mod catalog;
 pub mod node;
 pub mod provision;
 pub mod provisioners;
+pub mod ratelimit;
 pub mod server;
 
-pub use node::{CreateVolume, Node, NodeConfig, NodeError, NodeStats, VolumeInfo};
+pub use node::{CreateVolume, IoTotals, Node, NodeCapacity, NodeConfig, NodeError, NodeStats, VolumeInfo};
 pub use provision::{
-    ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
+    Capacity, ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner,
+    VolumeSpec,
 };
 pub use server::{Server, ServerConfig, WorkerStats};

@@ -21,8 +21,9 @@ use clap::{Args, Parser, Subcommand};
 use nvmeof_target::{Target, TargetConfig};
 use serde::Deserialize;
 use serde_json::Value;
+use xatastor_core::catalog::{Catalog, CatalogError};
 use xatastor_core::provisioners::{FileProvisioner, MemoryProvisioner};
-use xatastor_core::{Node, NodeConfig, Server, ServerConfig, VolumeProvisioner};
+use xatastor_core::{Node, NodeConfig, NodeError, Server, ServerConfig, VolumeProvisioner};
 use xatastor_examples::admin::{self, Request};
 use xatastor_examples::units::{format_size, parse_size};
 
@@ -66,9 +67,14 @@ struct ServeArgs {
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Storage backend: `file` (sparse files in the data directory; snapshots need reflink),
-    /// `memory` (volatile), or `zvol:<pool/dataset>` (ZFS zvols under that dataset) [default: file].
+    /// `memory` (volatile), or `zvol:<pool/dataset>` (ZFS zvols under that dataset) [default: the
+    /// one recorded in the data directory's catalog, else file].
     #[arg(long)]
     backend: Option<String>,
+    /// Record --backend in the catalog even though another backend is recorded there (the dataset
+    /// was renamed, the directory moved); volumes the backend lacks show as missing.
+    #[arg(long)]
+    rebind_backend: bool,
     /// Worker threads, each with its own io_uring (0: one per core) [default: 0].
     #[arg(long)]
     workers: Option<usize>,
@@ -160,13 +166,19 @@ enum VolumeCmd {
         /// Volume name.
         name: String,
     },
-    /// Resize a volume (connected hosts see the new size).
+    /// Resize a volume (connected hosts see a larger size at once).
+    ///
+    /// Shrinking destroys the data beyond the new size: it needs --force, and is refused while a
+    /// host is connected (disconnect it first).
     Resize {
         /// Volume name.
         name: String,
         /// New size (e.g. 20GiB).
         #[arg(value_parser = parse_size)]
         size: u64,
+        /// Allow a smaller size (the data beyond it is lost).
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a volume and its snapshots.
     Delete {
@@ -199,7 +211,19 @@ enum VolumeCmd {
     /// Import the backend's existing volumes and snapshots into the catalog (once, e.g. zvols that
     /// were created before this node managed the dataset). They start with no allowed host.
     Adopt,
-    /// Stop a host from connecting.
+    /// Let any host connect (on), or only the allowed hosts (off).
+    AnyHost {
+        /// Volume name.
+        name: String,
+        /// on or off.
+        #[arg(value_enum)]
+        state: OnOff,
+        /// Turning it off: also disconnect the hosts that are not allowed now.
+        #[arg(long)]
+        disconnect: bool,
+    },
+    /// Stop an allowed host from connecting (an error for a host that is not allowed, or for a
+    /// volume that lets any host connect: turn that off with `volume any-host NAME off`).
     DenyHost {
         /// Volume name.
         name: String,
@@ -209,6 +233,15 @@ enum VolumeCmd {
         #[arg(long)]
         disconnect: bool,
     },
+}
+
+/// `on` / `off`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 #[derive(Subcommand, Debug)]
@@ -287,7 +320,10 @@ fn volume_request(c: VolumeCmd) -> Result<Request, String> {
         }
         VolumeCmd::List { prefix, after, limit } => Request::VolumeList { prefix, after, limit },
         VolumeCmd::Show { name } => Request::VolumeShow { name },
-        VolumeCmd::Resize { name, size } => Request::VolumeResize { name, size_bytes: size },
+        VolumeCmd::Resize { name, size, force } => Request::VolumeResize { name, size_bytes: size, force },
+        VolumeCmd::AnyHost { name, state, disconnect } => {
+            Request::VolumeSetAnyHost { name, allow_any_host: state == OnOff::On, disconnect }
+        }
         VolumeCmd::Delete { name, force } => Request::VolumeDelete { name, force },
         VolumeCmd::Clone { source, name, size, allow_host } => {
             let (volume, snapshot) = split_snapshot(&source)?;
@@ -452,6 +488,26 @@ fn load_config(args: &ServeArgs) -> Result<FileConfig, String> {
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The `--backend` value of a recorded backend.
+fn backend_flag(kind: &str, location: &str) -> String {
+    match kind {
+        "zvol" => format!("zvol:{location}"),
+        other => other.to_owned(),
+    }
+}
+
+/// The backend recorded in the data directory's catalog, as a `--backend` value (`None` for a new
+/// data directory).
+fn recorded_backend(data_dir: &Path) -> Result<Option<String>, String> {
+    let path = data_dir.join("catalog.redb");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let catalog = Catalog::open(&path).map_err(|e| e.to_string())?;
+    let recorded = catalog.backend().map_err(|e| format!("reading {}: {e}", path.display()))?;
+    Ok(recorded.map(|b| backend_flag(&b.kind, &b.location)))
+}
+
 fn provisioner(backend: &str, data_dir: &Path) -> Result<Arc<dyn VolumeProvisioner>, String> {
     match backend {
         "file" => FileProvisioner::new(data_dir)
@@ -495,7 +551,10 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let file = load_config(&args)?;
     let data_dir = data_dir_or_default(data_dir.or(file.data_dir));
     let listen = args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4420)));
-    let backend = args.backend.or(file.backend).unwrap_or_else(|| "file".into());
+    let backend = match args.backend.or(file.backend) {
+        Some(b) => b,
+        None => recorded_backend(&data_dir)?.unwrap_or_else(|| "file".into()),
+    };
     let workers = args.workers.or(file.workers).unwrap_or(0);
     let metrics_listen =
         args.metrics_listen.or(file.metrics_listen).unwrap_or_else(|| "127.0.0.1:9464".into());
@@ -515,8 +574,17 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let target = Target::new(TargetConfig::default());
     let mut node_config = NodeConfig::new(data_dir.join("catalog.redb"));
     node_config.idle_unload = idle;
-    let node =
-        Node::open(node_config, prov, target.clone()).map_err(|e| format!("opening the catalog: {e}"))?;
+    node_config.rebind_backend = args.rebind_backend;
+    let node = Node::open(node_config, prov, target.clone()).map_err(|e| match e {
+        NodeError::BackendMismatch { recorded, given } => format!(
+            "{} holds volumes on {recorded}, not on {given}: start with --backend {} (or add \
+             --rebind-backend if the volumes moved there)",
+            data_dir.display(),
+            backend_flag(&recorded.kind, &recorded.location)
+        ),
+        NodeError::Catalog(e @ CatalogError::Locked { .. }) => e.to_string(),
+        e => format!("opening the catalog: {e}"),
+    })?;
 
     let mut config = ServerConfig::new(listen);
     config.workers = workers;
