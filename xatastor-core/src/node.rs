@@ -571,16 +571,14 @@ impl Node {
                 tracing::info!(backend = %given, volumes, "recording the backend of the catalog's volumes");
             }
             None => {}
-            Some(old) if !old.durable && old.kind == given.kind => {
-                if volumes > 0 || pending {
-                    let n = t.clear_volumes()?;
-                    tracing::info!(
-                        backend = %given,
-                        volumes = n,
-                        "forgot the volumes of the previous run: {} volumes do not outlive their process",
-                        given.kind
-                    );
-                }
+            Some(old) if !old.durable && old.kind == given.kind && (volumes > 0 || pending) => {
+                let n = t.clear_volumes()?;
+                tracing::info!(
+                    backend = %given,
+                    volumes = n,
+                    "forgot the volumes of the previous run: {} volumes do not outlive their process",
+                    given.kind
+                );
             }
             Some(old) if volumes == 0 && !pending => {
                 tracing::info!(from = %old, to = %given, "the catalog has no volume: recording the new backend");

@@ -70,6 +70,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // a starting point; the test's clock is the offsets from it
     fn one_per_interval_with_the_count_of_the_others() {
         let l = RateLimit::new(Duration::from_secs(10));
         let t0 = Instant::now();
