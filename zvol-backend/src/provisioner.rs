@@ -21,6 +21,7 @@ use xatastor_core::{
 };
 
 use crate::backend::{ZvolBackend, ZvolOptions};
+use crate::backoff::Backoff;
 use crate::ioctl::ZFS_MAX_DATASET_NAME_LEN;
 use crate::resolve::{DeviceResolver, ResolveError};
 use crate::zfs::{self, CloneProps, CommandZfs, DatasetKind, LzcConfig, VolumeProps, ZfsOps};
@@ -232,15 +233,12 @@ impl ZfsProvisioner {
 
     /// `destroy`, retried with backoff while it fails with `Busy`, for up to `busy_retry`.
     fn destroy_retrying_busy(&self, dataset: &str) -> Result<(), ProvisionError> {
-        #[allow(clippy::disallowed_methods)] // a driver-side wait, not engine logic (STYLE.md rule 2)
-        let start = std::time::Instant::now();
-        let mut delay = Duration::from_millis(5);
+        let mut backoff = Backoff::new(self.busy_retry, Duration::from_millis(5), Duration::from_millis(100));
         loop {
             match self.ops.destroy(dataset) {
-                Err(ProvisionError::Busy(what)) if start.elapsed() < self.busy_retry => {
+                Err(ProvisionError::Busy(what)) if !backoff.expired() => {
                     tracing::debug!(%what, "busy; retrying the destroy");
-                    std::thread::sleep(delay.min(self.busy_retry.saturating_sub(start.elapsed())));
-                    delay = (delay * 2).min(Duration::from_millis(100));
+                    backoff.wait();
                 }
                 other => return other,
             }
