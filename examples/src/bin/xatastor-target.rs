@@ -42,7 +42,7 @@ const DEFAULT_OVERCOMMIT: f64 = 20.0;
 ///
 /// Without a subcommand it serves (the same as `serve`, with the same options): by default
 /// ./xatastor-data with the file backend on 127.0.0.1:4420. The other subcommands manage the
-/// volumes of a running node through its admin socket (<data dir>/admin.sock).
+/// volumes of a running node through its admin socket (admin.sock in the data directory).
 #[derive(Parser, Debug)]
 #[command(name = "xatastor-target", version)]
 struct Cli {
