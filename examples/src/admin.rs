@@ -160,6 +160,9 @@ pub enum Request {
     Adopt,
 }
 
+/// Most volumes one `volume_create_batch` makes (its records are built in memory first).
+pub const MAX_BATCH: u64 = 1_000_000;
+
 fn default_block_size() -> u32 {
     512
 }
@@ -333,6 +336,11 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, NodeEr
             volume_json(&r, ep)
         }
         Request::VolumeCreateBatch { prefix, start, count, size_bytes, block_size, allowed_hosts } => {
+            if count > MAX_BATCH {
+                return Err(NodeError::InvalidArgument(format!(
+                    "a batch has at most {MAX_BATCH} volumes, not {count}"
+                )));
+            }
             let reqs: Vec<CreateVolume> = (start..start.saturating_add(count))
                 .map(|n| CreateVolume {
                     name: format!("{prefix}{n}"),

@@ -458,3 +458,24 @@ fn admin_socket_permission_is_reported_as_such() {
     );
     stop(served);
 }
+
+/// The file backend on a file system without reflink (this machine's /tmp is ext4) says at start
+/// that snapshots will be refused, and they are, with the file system named.
+#[test]
+fn file_backend_without_reflink_warns_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fs = Command::new("stat").args(["-f", "-c", "%T"]).arg(d).output().unwrap();
+    let fs = String::from_utf8_lossy(&fs.stdout).trim().to_owned();
+    assert!(fs.starts_with("ext"), "this test needs a temporary directory on ext4, not {fs}");
+    let served = serve_with(d, &["--backend", "file", "--listen", "127.0.0.1:0", "--metrics-listen", "off"]);
+    let log = served.log.lock().unwrap().clone();
+    assert!(
+        log.contains("warning: snapshots and clones will be refused") && log.contains("ext2/ext3/ext4"),
+        "{log}"
+    );
+    ok(d, &["volume", "create", "f", "--size", "1MiB"]);
+    let e = err_of(d, &["snapshot", "create", "f@s"]);
+    assert!(e.contains("reflink") && e.contains("ext2/ext3/ext4"), "{e}");
+    stop(served);
+}

@@ -439,6 +439,21 @@ impl Catalog {
         Ok(out)
     }
 
+    /// The first of `names` that is a volume in the catalog (one read transaction for all).
+    pub fn first_existing<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Option<&'a str>, CatalogError> {
+        let r = self.db.begin_read().map_err(store)?;
+        let t = r.open_table(VOLUMES).map_err(store)?;
+        for name in names {
+            if t.get(name).map_err(store)?.is_some() {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     /// Number of volumes.
     pub fn volume_count(&self) -> Result<u64, CatalogError> {
         let r = self.db.begin_read().map_err(store)?;

@@ -479,6 +479,13 @@ fn backend_record(p: &dyn VolumeProvisioner, catalog_dir: &Path) -> BackendRecor
     BackendRecord { kind: p.kind().to_owned(), location, durable: p.durable() }
 }
 
+/// Whether a finished operation's intent is dropped, or kept for the next start to carry through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IntentAfter {
+    Drop,
+    Keep,
+}
+
 /// What a reconciliation did, for its summary line.
 #[derive(Debug, Default)]
 struct Reconciled {
@@ -656,7 +663,7 @@ impl Node {
         op: &'static str,
         record: impl FnOnce(&mut CatalogTxn) -> Result<Intent, NodeError>,
         backend: impl FnOnce() -> Result<R, NodeError>,
-        finish: impl FnOnce(&mut CatalogTxn, Result<&R, &NodeError>) -> Result<(), NodeError>,
+        finish: impl FnOnce(&mut CatalogTxn, Result<&R, &NodeError>) -> Result<IntentAfter, NodeError>,
     ) -> Result<R, NodeError> {
         let mut t = self.inner.catalog.begin()?;
         let intent = record(&mut t)?;
@@ -668,8 +675,9 @@ impl Node {
             self.step(op, Step::BackendDone);
         }
         let mut t = self.inner.catalog.begin()?;
-        finish(&mut t, result.as_ref())?;
-        t.remove_intent(id)?;
+        if finish(&mut t, result.as_ref())? == IntentAfter::Drop {
+            t.remove_intent(id)?;
+        }
         t.commit()?;
         let r = result?;
         self.step(op, Step::Committed);
@@ -784,10 +792,10 @@ impl Node {
         if recs.is_empty() {
             return Ok(recs);
         }
+        if let Some(name) = self.inner.catalog.first_existing(recs.iter().map(|r| r.name.as_str()))? {
+            return Err(NodeError::AlreadyExists(format!("volume {name}")));
+        }
         for r in &recs {
-            if self.inner.catalog.volume(&r.name)?.is_some() {
-                return Err(NodeError::AlreadyExists(format!("volume {}", r.name)));
-            }
             self.check_backend_free(&r.name)?;
         }
         self.check_capacity(total)?;
@@ -830,12 +838,12 @@ impl Node {
                     for r in &recs {
                         t.remove_volume(&r.name)?;
                     }
-                    return Ok(());
+                    return Ok(IntentAfter::Drop);
                 }
                 for r in &recs {
                     t.put_volume(&VolumeRecord { state: VolumeState::Ready, ..r.clone() })?;
                 }
-                Ok(())
+                Ok(IntentAfter::Drop)
             },
         )?;
         for r in &mut recs {
@@ -890,7 +898,7 @@ impl Node {
                         t.remove_snapshot(&r.volume, &r.name)?;
                     }
                 }
-                Ok(())
+                Ok(IntentAfter::Drop)
             },
         )?;
         for r in &mut recs {
@@ -956,9 +964,12 @@ impl Node {
                 })
             },
             || Ok(self.inner.provisioner.clone_snapshot(&origin, &spec)?),
-            |t, result| match result {
-                Ok(()) => Ok(t.put_volume(&ready)?),
-                Err(_) => Ok(t.remove_volume(&rec.name)?),
+            |t, result| {
+                match result {
+                    Ok(()) => t.put_volume(&ready)?,
+                    Err(_) => t.remove_volume(&rec.name)?,
+                }
+                Ok(IntentAfter::Drop)
             },
         )?;
         if ready.allow_any_host || !ready.allowed_hosts.is_empty() {
@@ -1013,7 +1024,7 @@ impl Node {
                 if result.is_ok() {
                     t.put_volume(&VolumeRecord { size_bytes: new_size_bytes, ..rec.clone() })?;
                 }
-                Ok(())
+                Ok(IntentAfter::Drop)
             },
         )?;
         rec.size_bytes = new_size_bytes;
@@ -1061,9 +1072,12 @@ impl Node {
                 self.delete_in_backend(name)
             },
             |t, result| match result {
-                Ok(()) => Ok(t.remove_volume_and_snapshots(name)?),
-                // Still `Deleting`: the next start carries the delete through.
-                Err(_) => Ok(()),
+                Ok(()) => {
+                    t.remove_volume_and_snapshots(name)?;
+                    Ok(IntentAfter::Drop)
+                }
+                // Still `Deleting`, with its intent: the next start carries the delete through.
+                Err(_) => Ok(IntentAfter::Keep),
             },
         )?;
         if rec.allow_any_host || !rec.allowed_hosts.is_empty() {
@@ -1106,7 +1120,7 @@ impl Node {
                 if result.is_ok() {
                     t.remove_snapshot(volume, snapshot)?;
                 }
-                Ok(())
+                Ok(IntentAfter::Drop)
             },
         )
     }
