@@ -17,13 +17,14 @@
 //! snapshots the backend has are kept (made `Ready`), ones it does not have are forgotten — except
 //! that a batch of creates is all or none: if the backend made only some of a batch, those are
 //! deleted again and the whole batch is forgotten; a resize is applied again; a delete is carried
-//! through. Reconciliation logs one summary line (counts), not the names.
+//! through (also one that failed in the backend: it stays `Deleting` until then). Reconciliation logs one summary line (counts), not the names.
 //!
 //! **Backend.** The catalog records which backend its volumes live on (kind and dataset or
 //! directory). [`Node::open`] refuses a different one ([`NodeError::BackendMismatch`]) unless
 //! [`NodeConfig::rebind_backend`] says the volumes really moved there, or the catalog has no volume.
-//! A backend whose volumes do not outlive the process (memory) is recorded per process: at the next
-//! start its previous volumes are forgotten, with one log line. A volume the backend lacks is never
+//! A backend whose volumes do not outlive the process (memory) is recorded per provisioner instance
+//! (a new process has a new one): at the next start the previous instance's volumes are forgotten,
+//! with one log line. A volume the backend lacks is never
 //! reported ready ([`VolumeState::Missing`]) and never exported.
 //!
 //! **Sizes.** Shrinking destroys data: it is refused unless forced, and a forced shrink is refused
@@ -107,8 +108,8 @@ pub enum NodeError {
     /// A bad argument (size, block size, host NQN, …).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// The volume is being created or deleted, or its backend does not have it.
-    #[error("{0} is being created or deleted, or missing from the backend")]
+    /// The volume is being created or deleted.
+    #[error("{0} is being created or deleted")]
     NotReady(String),
     /// The catalog's volumes live on another backend than the one the node was started with.
     #[error("the catalog's volumes are on {recorded}, not on {given}")]
