@@ -21,7 +21,9 @@
 //!   editable host access, capacity and the overcommit limit, lazy activation on Connect, idle
 //!   unload, discovery from the host index;
 //! - [`provision`] and [`provisioners`]: the provisioner trait, memory and file implementations;
-//! - [`ratelimit`]: warnings a host can trigger over and over, logged once per interval.
+//! - [`ratelimit`]: warnings a host can trigger over and over, logged once per interval;
+//! - [`admin`]: the admin API (requests, typed responses, one handler) that the local socket, the
+//!   network (gRPC) service and other programs share.
 //!
 //! Embedding a node (memory volumes, one worker):
 //!
@@ -42,6 +44,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod admin;
 pub mod aligned;
 pub mod catalog;
 pub mod node;

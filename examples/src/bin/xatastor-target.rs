@@ -27,7 +27,7 @@ use serde_json::Value;
 use xatastor_core::catalog::{Catalog, CatalogError};
 use xatastor_core::provisioners::{FileProvisioner, MemoryProvisioner};
 use xatastor_core::{Node, NodeConfig, NodeError, ProvisionError, Server, ServerConfig, VolumeProvisioner};
-use xatastor_examples::admin::{self, socket, Request};
+use xatastor_core::admin::{self, socket, Request};
 use xatastor_examples::units::{format_size, parse_size};
 
 /// Volume and snapshot names, for --help.
@@ -284,10 +284,10 @@ enum SnapshotCmd {
         #[arg(required = true)]
         snapshots: Vec<String>,
     },
-    /// List a volume's snapshots.
+    /// List a volume's snapshots, or every volume's.
     List {
-        /// Volume name.
-        volume: String,
+        /// Volume name [default: all volumes].
+        volume: Option<String>,
     },
     /// Delete a snapshot.
     Delete {
@@ -419,7 +419,7 @@ fn snapshot_request(c: SnapshotCmd) -> Result<Request, String> {
         SnapshotCmd::Create { snapshots } => Request::SnapshotCreate {
             snapshots: snapshots.iter().map(|s| split_snapshot(s)).collect::<Result<_, _>>()?,
         },
-        SnapshotCmd::List { volume } => Request::SnapshotList { volume },
+        SnapshotCmd::List { volume } => Request::SnapshotList { volume, name: None, after: None, limit: 0 },
         SnapshotCmd::Delete { snapshot } => {
             let (volume, snapshot) = split_snapshot(&snapshot)?;
             Request::SnapshotDelete { volume, snapshot }
@@ -768,7 +768,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         }
         None => addr.ip().to_string(),
     };
-    let ep = admin::Endpoint { listen: addr, advertise: advertise.clone(), backend: backend.clone() };
+    let ep = admin::Endpoint::new(addr, backend.clone()).with_advertise(advertise.clone());
     let socket_path = data_dir.join("admin.sock");
     // Removes the socket file when serve returns, whether the start failed later or it shut down.
     let admin_socket = socket::serve(&socket_path, node.clone(), ep)

@@ -15,9 +15,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use xatastor_core::Node;
 
-use super::{handle, response_json, AdminError, Endpoint, Request};
+use super::{handle, response_json, AdminError, Endpoint, ErrorKind, Request};
+use crate::Node;
 
 /// Largest request line accepted (a batch create of many volumes fits).
 const MAX_REQUEST_BYTES: u64 = 64 << 20;
@@ -84,12 +84,14 @@ fn serve_client(stream: UnixStream, node: &Node, ep: &Endpoint) {
                 let result = handle(node, ep, req);
                 match &result {
                     Ok(_) => tracing::debug!(op, "admin request done"),
-                    Err(e) if e.kind == "internal" => tracing::warn!(op, error = %e, "admin request failed"),
-                    Err(e) => tracing::debug!(op, kind = e.kind, error = %e, "admin request refused"),
+                    Err(e) if e.kind == ErrorKind::Internal => {
+                        tracing::warn!(op, error = %e, "admin request failed")
+                    }
+                    Err(e) => tracing::debug!(op, kind = e.kind.as_str(), error = %e, "admin request refused"),
                 }
                 result
             }
-            Err(e) => Err(AdminError { kind: "invalid", message: format!("bad request: {e}") }),
+            Err(e) => Err(AdminError::new(ErrorKind::Invalid, format!("bad request: {e}"))),
         };
         if writeln!(out, "{}", response_json(&result)).is_err() {
             return;
