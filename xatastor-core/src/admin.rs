@@ -639,7 +639,9 @@ pub fn response_json(result: &Result<Response, AdminError>) -> Value {
     match result {
         Ok(r) => match serde_json::to_value(r) {
             Ok(v) => json!({ "ok": true, "result": v }),
-            Err(e) => json!({ "ok": false, "kind": "internal", "error": format!("encoding the answer: {e}") }),
+            Err(e) => {
+                json!({ "ok": false, "kind": "internal", "error": format!("encoding the answer: {e}") })
+            }
         },
         Err(e) => json!({ "ok": false, "kind": e.kind.as_str(), "error": e.message }),
     }
@@ -684,7 +686,8 @@ fn same_volume(
     }
     let rec_origin = rec.origin.as_ref().map(|(v, s)| (v.as_str(), s.as_str()));
     if rec_origin != origin {
-        let show = |o: Option<(&str, &str)>| o.map_or("no origin".to_owned(), |(v, s)| format!("origin {v}@{s}"));
+        let show =
+            |o: Option<(&str, &str)>| o.map_or("no origin".to_owned(), |(v, s)| format!("origin {v}@{s}"));
         return differs(format!("{}, not {}", show(rec_origin), show(origin)));
     }
     Ok(Some(rec))
@@ -693,12 +696,27 @@ fn same_volume(
 fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, AdminError> {
     let view = |r: &VolumeRecord| VolumeView::new(r, ep);
     Ok(match req {
-        Request::VolumeCreate { name, size_bytes, block_size, compression, allowed_hosts, allow_any_host } => {
-            let req = CreateVolume { name, size_bytes, block_size, compression, allowed_hosts, allow_any_host };
+        Request::VolumeCreate {
+            name,
+            size_bytes,
+            block_size,
+            compression,
+            allowed_hosts,
+            allow_any_host,
+        } => {
+            let req =
+                CreateVolume { name, size_bytes, block_size, compression, allowed_hosts, allow_any_host };
             match node.create_volume(req.clone()) {
                 Ok(r) => Response::Volume(view(&r)),
                 Err(NodeError::AlreadyExists(e)) => {
-                    match same_volume(node, &req.name, size_bytes, block_size, req.compression.as_deref(), None)? {
+                    match same_volume(
+                        node,
+                        &req.name,
+                        size_bytes,
+                        block_size,
+                        req.compression.as_deref(),
+                        None,
+                    )? {
                         Some(r) => Response::Volume(view(&r)),
                         None => return Err(NodeError::AlreadyExists(e).into()),
                     }
@@ -792,9 +810,13 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
             Response::Volume(view(&node.deny_host(&name, &host, disconnect)?))
         }
         Request::SnapshotCreate { snapshots } => snapshot_create(node, snapshots)?,
-        Request::SnapshotList { volume, name, after, limit } => {
-            Response::Snapshots(snapshot_list(node, volume.as_deref(), name.as_deref(), after.as_deref(), limit)?)
-        }
+        Request::SnapshotList { volume, name, after, limit } => Response::Snapshots(snapshot_list(
+            node,
+            volume.as_deref(),
+            name.as_deref(),
+            after.as_deref(),
+            limit,
+        )?),
         Request::SnapshotDelete { volume, snapshot } => {
             node.delete_snapshot(&volume, &snapshot)?;
             Response::Deleted { deleted: format!("{volume}@{snapshot}") }
@@ -865,7 +887,9 @@ fn snapshot_list(
     };
     let keep = |r: &SnapshotRecord| {
         name.is_none_or(|n| r.name == n)
-            && after.as_ref().is_none_or(|(av, asn)| (r.volume.as_str(), r.name.as_str()) > (av.as_str(), asn.as_str()))
+            && after
+                .as_ref()
+                .is_none_or(|(av, asn)| (r.volume.as_str(), r.name.as_str()) > (av.as_str(), asn.as_str()))
     };
     let mut out = Vec::new();
     if let Some(v) = volume {

@@ -24,10 +24,11 @@ use clap::{Args, Parser, Subcommand};
 use nvmeof_target::{Target, TargetConfig};
 use serde::Deserialize;
 use serde_json::Value;
+use xatastor_core::admin::{self, socket, Request};
 use xatastor_core::catalog::{Catalog, CatalogError};
 use xatastor_core::provisioners::{FileProvisioner, MemoryProvisioner};
 use xatastor_core::{Node, NodeConfig, NodeError, ProvisionError, Server, ServerConfig, VolumeProvisioner};
-use xatastor_core::admin::{self, socket, Request};
+use xatastor_examples::grpc;
 use xatastor_examples::units::{format_size, parse_size};
 
 /// Volume and snapshot names, for --help.
@@ -114,6 +115,24 @@ struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a tracing filter) [default: info].
     #[arg(long)]
     log: Option<String>,
+    /// Serve the admin API over gRPC on this address (for a CSI driver or other tools), or `off`.
+    /// Needs --admin-token-file and/or the three --admin-tls-* files [default: off].
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Bearer token of the gRPC admin API: a file with one word of at least 16 characters, mode
+    /// 0600 (calls without `authorization: Bearer <token>` are refused).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// TLS certificate (PEM) of the gRPC admin API.
+    #[arg(long)]
+    admin_tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the gRPC admin API.
+    #[arg(long)]
+    admin_tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs the certificates of the admin API's clients; clients without one are
+    /// refused.
+    #[arg(long)]
+    admin_tls_client_ca: Option<PathBuf>,
 }
 
 /// The TOML configuration file: the same settings as the `serve` flags.
@@ -130,6 +149,11 @@ struct FileConfig {
     idle_unload_secs: Option<u64>,
     max_connections_per_peer: Option<usize>,
     log: Option<String>,
+    admin_listen: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    admin_tls_cert: Option<PathBuf>,
+    admin_tls_key: Option<PathBuf>,
+    admin_tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -318,6 +342,11 @@ impl ServeArgs {
             idle_unload_secs,
             max_connections_per_peer,
             log,
+            admin_listen,
+            admin_token_file,
+            admin_tls_cert,
+            admin_tls_key,
+            admin_tls_client_ca,
         } = self;
         config.is_some()
             || listen.is_some()
@@ -330,6 +359,11 @@ impl ServeArgs {
             || idle_unload_secs.is_some()
             || max_connections_per_peer.is_some()
             || log.is_some()
+            || admin_listen.is_some()
+            || admin_token_file.is_some()
+            || admin_tls_cert.is_some()
+            || admin_tls_key.is_some()
+            || admin_tls_client_ca.is_some()
     }
 }
 
@@ -728,6 +762,29 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     }));
     let overcommit_ratio = overcommit(ratio)?;
     let log = args.log.or(file.log).unwrap_or_else(|| "info".into());
+    let admin_listen = match args.admin_listen.or(file.admin_listen).as_deref() {
+        None | Some("off") => None,
+        Some(a) => {
+            Some(resolve_listen(a).map_err(|_| format!("--admin-listen {a:?} is not an address or off"))?)
+        }
+    };
+    let admin_tls = match (
+        args.admin_tls_cert.or(file.admin_tls_cert),
+        args.admin_tls_key.or(file.admin_tls_key),
+        args.admin_tls_client_ca.or(file.admin_tls_client_ca),
+    ) {
+        (Some(cert), Some(key), Some(client_ca)) => Some(grpc::ServerTls { cert, key, client_ca }),
+        (None, None, None) => None,
+        _ => {
+            return Err(
+                "admin TLS needs all three of admin_tls_cert, admin_tls_key, admin_tls_client_ca".into()
+            )
+        }
+    };
+    let admin_token_file = args.admin_token_file.or(file.admin_token_file);
+    if admin_listen.is_none() && (admin_tls.is_some() || admin_token_file.is_some()) {
+        return Err("--admin-token-file and --admin-tls-* are for --admin-listen, which is off".into());
+    }
     init_logging(&log)?;
     let signals =
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
@@ -771,8 +828,15 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let ep = admin::Endpoint::new(addr, backend.clone()).with_advertise(advertise.clone());
     let socket_path = data_dir.join("admin.sock");
     // Removes the socket file when serve returns, whether the start failed later or it shut down.
-    let admin_socket = socket::serve(&socket_path, node.clone(), ep)
+    let admin_socket = socket::serve(&socket_path, node.clone(), ep.clone())
         .map_err(|e| format!("admin socket {}: {e}", socket_path.display()))?;
+    let admin_grpc = match admin_listen {
+        Some(listen) => {
+            let config = grpc::AdminServerConfig { listen, token_file: admin_token_file, tls: admin_tls };
+            Some(grpc::serve(&config, node.clone(), ep)?)
+        }
+        None => None,
+    };
     let shared: xatastor_examples::metrics::SharedServer =
         Arc::new(parking_lot::Mutex::new(Some(server.clone())));
     let metrics = if metrics_listen == "off" {
@@ -790,6 +854,9 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let dd = data_dir.display();
     eprintln!("xatastor-target: serving {volumes} volume(s) ({backend} backend, data in {dd}) on {addr}");
     eprintln!("  admin socket {}", admin_socket.path().display());
+    if let Some(g) = &admin_grpc {
+        eprintln!("  admin gRPC   {} (authenticated)", g.local_addr());
+    }
     if let Some(m) = metrics {
         eprintln!("  metrics      http://{m}/metrics");
     }
@@ -804,6 +871,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let sig = signals.forever().next().unwrap_or(signal_hook::consts::SIGTERM);
     eprintln!("xatastor-target: signal {sig}: shutting down (finishing I/O, flushing volumes)");
     shared.lock().take();
+    drop(admin_grpc);
     drop(admin_socket);
     // A metrics scrape may hold the server for a moment.
     let mut server = server;

@@ -87,7 +87,9 @@ fn serve_client(stream: UnixStream, node: &Node, ep: &Endpoint) {
                     Err(e) if e.kind == ErrorKind::Internal => {
                         tracing::warn!(op, error = %e, "admin request failed")
                     }
-                    Err(e) => tracing::debug!(op, kind = e.kind.as_str(), error = %e, "admin request refused"),
+                    Err(e) => {
+                        tracing::debug!(op, kind = e.kind.as_str(), error = %e, "admin request refused")
+                    }
                 }
                 result
             }
