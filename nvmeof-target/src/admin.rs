@@ -105,11 +105,16 @@ impl Connection {
                 ctrl.touch(now);
                 return Ok((ctrl, 0u16, entries, sq_flow_control, 0));
             }
-            let subsys =
-                self.target.subsystem_or_activate(subnqn).ok_or_else(|| invalid(InvalidParameter::SUBNQN))?;
-            if !subsys.allows_host(hostnqn) {
-                return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0));
-            }
+            let subsys = match self.target.subsystem_or_activate(subnqn) {
+                Some(s) if s.allows_host(hostnqn) => s,
+                // A host whose namespaces were taken away before its connections were cut: an
+                // empty controller answers its reconnects, so that it stops (see detach.rs).
+                found => match self.target.tombstone(subnqn, hostnqn) {
+                    Some(tombstone) => tombstone,
+                    None if found.is_some() => return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0)),
+                    None => return Err(invalid(InvalidParameter::SUBNQN)),
+                },
+            };
             if qid == 0 {
                 if cd.cntlid.get() != CNTLID_DYNAMIC {
                     return Err(invalid(InvalidParameter::CNTLID));
@@ -123,7 +128,8 @@ impl Connection {
                     .create_controller(Some(subsys.clone()), hostnqn.to_owned(), cd.hostid, c.kato.get(), now)
                     .ok_or((Status::CONNECT_CONTROLLER_BUSY, 0))?;
                 // The subsystem may have been removed, or the host denied, while we were at it.
-                let still = self.target.subsystem(subnqn).is_some_and(|s| Arc::ptr_eq(&s, &subsys));
+                let still = self.target.subsystem(subnqn).is_some_and(|s| Arc::ptr_eq(&s, &subsys))
+                    || self.target.is_tombstone_of(&subsys, hostnqn);
                 if !still || !subsys.allows_host(hostnqn) {
                     self.target.remove_controller(&ctrl);
                     if !still && subsys.allows_host(hostnqn) {
@@ -335,16 +341,17 @@ impl Connection {
         let nsid = cmd.sqe.nsid.get();
         let data: Result<Bytes, Status> = match (id.cns_kind(), ctrl.subsystem.as_ref()) {
             (Some(Cns::Controller), _) => Ok(self.identify_controller(ctrl)),
-            (Some(Cns::Namespace), Some(subsys)) => match subsys.namespace(nsid) {
+            (Some(Cns::Namespace), Some(_)) => match ctrl.visible_namespace(nsid) {
                 Some(ns) => Ok(identify_namespace(&ns)),
                 None if nsid != 0 && nsid <= self.target.shared.config.max_namespaces => Ok(zeros()),
                 None => Err(Status::INVALID_NAMESPACE.with_dnr()),
             },
-            (Some(Cns::ActiveNamespaceList), Some(subsys)) if nsid < 0xffff_fffe => {
-                let list = NamespaceIdList::active(nsid, subsys.namespaces().keys().copied());
+            (Some(Cns::ActiveNamespaceList), Some(_)) if nsid < 0xffff_fffe => {
+                ctrl.active_list_read();
+                let list = NamespaceIdList::active(nsid, ctrl.visible_nsids());
                 Ok(Bytes::copy_from_slice(list.as_bytes()))
             }
-            (Some(Cns::NamespaceIdDescriptors), Some(subsys)) => match subsys.namespace(nsid) {
+            (Some(Cns::NamespaceIdDescriptors), Some(_)) => match ctrl.visible_namespace(nsid) {
                 Some(ns) => {
                     let mut out = vec![0u8; IDENTIFY_DATA_LEN];
                     let (nguid, uuid) = (ns.nguid(), ns.uuid());
@@ -362,8 +369,8 @@ impl Connection {
             },
             // I/O command set specific structures for the NVM command set: no extra limits to report.
             (Some(Cns::IoCommandSetController), Some(_)) if id.csi == CSI_NVM => Ok(zeros()),
-            (Some(Cns::IoCommandSetNamespace), Some(subsys)) if id.csi == CSI_NVM => {
-                match subsys.namespace(nsid) {
+            (Some(Cns::IoCommandSetNamespace), Some(_)) if id.csi == CSI_NVM => {
+                match ctrl.visible_namespace(nsid) {
                     Some(_) => Ok(zeros()),
                     None => Err(Status::INVALID_NAMESPACE.with_dnr()),
                 }

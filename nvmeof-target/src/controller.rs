@@ -46,6 +46,8 @@ pub(crate) struct Controller {
     /// Backend requests handed to drivers and not yet completed, across all the controller's queues
     /// (also after they closed).
     outstanding_io: AtomicUsize,
+    /// Namespaces taken away from the host (prompt detach, see `detach.rs`).
+    pub(crate) detach: crate::detach::DetachState,
     inner: Mutex<Inner>,
 }
 
@@ -84,6 +86,7 @@ impl Controller {
             async_event_config: AtomicU32::new(0),
             dead: AtomicBool::new(false),
             outstanding_io: AtomicUsize::new(0),
+            detach: Default::default(),
             inner: Mutex::new(Inner::default()),
         }
     }

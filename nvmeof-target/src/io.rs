@@ -25,12 +25,12 @@ impl Connection {
             }
             return;
         }
-        let Some(subsys) = self.queue.as_ref().and_then(|q| q.ctrl.subsystem.clone()) else {
+        let Some(ctrl) = self.queue.as_ref().map(|q| q.ctrl.clone()).filter(|c| c.subsystem.is_some()) else {
             self.respond(cid, Status::INVALID_OPCODE.with_dnr(), 0);
             return;
         };
         let nsid = cmd.sqe.nsid.get();
-        let Some(ns) = subsys.namespace(nsid) else {
+        let Some(ns) = ctrl.visible_namespace(nsid) else {
             self.respond(cid, Status::INVALID_NAMESPACE.with_dnr(), 0);
             return;
         };

@@ -33,6 +33,9 @@
 //! - Read, Write (FUA), Flush, Write Zeroes, Dataset Management (deallocate), with in-capsule data or
 //!   R2T/H2CData, reads as C2HData (with SUCCESS when the host disabled SQ flow control).
 //! - The discovery subsystem; subsystems and namespaces added, removed and resized at run time.
+//! - Prompt host detach ([`Target::detach_namespaces`]): namespaces taken away from chosen
+//!   controllers (with a Namespace Attribute Changed event) before their connections are cut, and
+//!   the hosts' reconnects answered so that they stop.
 //!
 //! ## Example: a memory-backed target, driven by hand
 //!
@@ -66,6 +69,7 @@ pub mod backend;
 mod config;
 mod connection;
 mod controller;
+mod detach;
 pub mod host;
 mod io;
 mod subsystem;
@@ -78,6 +82,7 @@ pub use backend::{
 pub use config::{TargetConfig, TransportParams};
 pub use connection::{CloseReason, Connection, Event, IoRequest};
 pub use controller::{ControllerInfo, Notifier};
+pub use detach::{Detach, MAX_TOMBSTONES};
 pub use subsystem::{
     HostAccess, Namespace, NamespaceConfig, NamespaceStats, StatsSnapshot, Subsystem, SubsystemConfig,
     LATENCY_BUCKETS,

@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     pub(crate) discovery_genctr: AtomicU64,
     next_connection_id: AtomicU64,
     source: RwLock<Option<Arc<dyn SubsystemSource>>>,
+    /// Empty stand-ins for subsystems hosts were detached from (see `detach.rs`).
+    pub(crate) tombstones: Mutex<crate::detach::Tombstones>,
 }
 
 /// Where subsystems that are not loaded come from: lets a storage node keep a million volumes on
@@ -143,6 +145,7 @@ impl Target {
                 discovery_genctr: AtomicU64::new(1),
                 next_connection_id: AtomicU64::new(1),
                 source: RwLock::new(None),
+                tombstones: Mutex::default(),
             }),
         }
     }
@@ -432,7 +435,7 @@ impl Target {
         })
     }
 
-    fn controllers_of(&self, subnqn: &str) -> Vec<Arc<Controller>> {
+    pub(crate) fn controllers_of(&self, subnqn: &str) -> Vec<Arc<Controller>> {
         self.shared
             .controllers
             .lock()
@@ -482,6 +485,7 @@ impl Target {
         if ctrl.kill() && ctrl.outstanding_io() > 0 {
             self.shared.draining.lock().push(ctrl.clone());
         }
+        self.controller_gone(ctrl);
     }
 
     /// True if an earlier controller of `hostnqn` on `subsys` is gone but still has backend requests

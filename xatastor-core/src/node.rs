@@ -34,7 +34,10 @@
 //!
 //! **Host access** is editable at any time: allow a host, deny an allowed one (an error for one that
 //! is not), let any host connect or stop that; each change raises a discovery log change event and,
-//! when asked, disconnects the hosts that lost access.
+//! when asked, disconnects the hosts that lost access. A forced delete and a deny with disconnect take
+//! the namespace away from the hosts first (a Namespace Attribute Changed event; see
+//! [`nvmeof_target::Target::detach_namespaces`]), so a Linux host drops its block device at once
+//! instead of retrying for its `ctrl_loss_tmo`.
 //!
 //! Start-up reads nothing per volume (the catalog is opened, pending intents — usually none — are
 //! reconciled). A volume costs nothing while no host uses it: its subsystem is built on the first
@@ -69,6 +72,11 @@ use crate::provision::{
     ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
 };
 use crate::ratelimit::RateLimit;
+
+/// Longest wait for hosts to see that a volume's namespace was taken away from them before their
+/// connections are cut (forced delete, deny with disconnect); a live Linux host answers in
+/// milliseconds.
+pub const DETACH_WAIT: Duration = Duration::from_secs(3);
 
 /// The largest volume: 1 EiB (far beyond any pool; keeps every size computation in range).
 pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
@@ -1058,6 +1066,9 @@ impl Node {
         if live > 0 && !force {
             return Err(NodeError::Busy { volume: name.to_owned(), controllers: live });
         }
+        if live > 0 {
+            self.detach_hosts(name, &rec.nqn, None);
+        }
         let deleting = VolumeRecord { state: VolumeState::Deleting, ..rec.clone() };
         self.journaled(
             "delete",
@@ -1126,6 +1137,29 @@ impl Node {
         )
     }
 
+    /// Takes the volume's namespace away from the hosts about to be disconnected (all, or
+    /// `hostnqn`) and waits until they have seen it, at most [`DETACH_WAIT`]: the Linux host then
+    /// drops the block device and fails its I/O at once, instead of queueing it while it retries for
+    /// its `ctrl_loss_tmo`. Its reconnects get an empty controller, so that it stops.
+    #[allow(clippy::disallowed_methods)] // the node waits on its own clock, not the engine's
+    fn detach_hosts(&self, volume: &str, nqn: &str, hostnqn: Option<&str>) {
+        let detach = self.inner.target.detach_namespaces(nqn, hostnqn);
+        if detach.is_empty() {
+            return;
+        }
+        let start = std::time::Instant::now();
+        while !detach.is_acknowledged() && start.elapsed() < DETACH_WAIT {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        tracing::info!(
+            volume,
+            controllers = detach.len(),
+            acknowledged = detach.is_acknowledged(),
+            waited_ms = start.elapsed().as_millis() as u64,
+            "hosts detached before disconnecting them"
+        );
+    }
+
     /// Writes a volume record whose host access changed.
     fn save(&self, rec: &VolumeRecord) -> Result<(), NodeError> {
         let mut t = self.inner.catalog.begin()?;
@@ -1167,6 +1201,9 @@ impl Node {
         }
         rec.allowed_hosts.retain(|h| h != hostnqn);
         self.save(&rec)?;
+        if disconnect {
+            self.detach_hosts(name, &rec.nqn, Some(hostnqn));
+        }
         let target = &self.inner.target;
         if target.subsystem(&rec.nqn).is_none() || target.deny_host(&rec.nqn, hostnqn, disconnect).is_err() {
             target.notify_discovery_changed();

@@ -178,7 +178,8 @@ fn resize_is_seen_and_delete_needs_force_while_connected() {
     // The forced delete disconnected the host.
     assert!(admin.receive().is_err(), "the controller was torn down");
     assert!(matches!(f.node.volume("v"), Err(NodeError::NotFound(_))));
-    assert!(connect(addr, &nqn, HOST).is_err());
+    // Its reconnect gets an empty controller (so that a Linux host stops retrying); others are refused.
+    assert!(connect(addr, &nqn, OTHER_HOST).is_err());
     f.server.shutdown().unwrap();
 }
 
@@ -481,7 +482,10 @@ fn host_access_is_fully_editable() {
     assert!(rec.allowed_hosts.is_empty());
     aer = expect_discovery_event(&mut d, aer, "change 3");
     assert!(other.receive().is_err(), "deny --disconnect tore the controller down");
-    assert!(connect(addr, &nqn, OTHER_HOST).is_err());
+    // Its reconnect gets an empty controller (so that a Linux host stops retrying): no namespace.
+    let (mut back, _) = connect(addr, &nqn, OTHER_HOST).unwrap();
+    assert_eq!(identify_ns_size_blocks(&mut back), 0, "the namespace is inactive for it");
+    drop(back);
     // Any-host on again, on an unloaded volume too.
     f.node.create_volume(volume("cold", 1 << 20, &[])).unwrap(); // nobody may see it: no event
     f.node.set_allow_any_host("cold", true, false).unwrap();
