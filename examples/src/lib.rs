@@ -14,6 +14,7 @@
 //!   engine is runtime-agnostic.
 
 pub mod blocking;
+pub mod csi;
 pub mod grpc;
 pub mod metrics;
 pub mod tokio_driver;
