@@ -81,7 +81,9 @@ struct NodeArgs {
 
 fn init_logging(filter: &str) -> Result<(), String> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("--log {filter:?}: {e}"))?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("--log {filter:?}: {e}"))?,
+        )
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
@@ -114,7 +116,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 .storage_nodes
                 .iter()
                 .map(|s| {
-                    let (name, url) = s.split_once('=').ok_or_else(|| format!("--storage-node {s:?}: NAME=URL"))?;
+                    let (name, url) =
+                        s.split_once('=').ok_or_else(|| format!("--storage-node {s:?}: NAME=URL"))?;
                     controller::StorageNode::new(name, url, &auth)
                 })
                 .collect::<Result<Vec<_>, String>>()?;
@@ -123,7 +126,11 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Mode::Node(a) => {
             init_logging(&a.common.log)?;
-            let config = node::NodeConfig { hostnqn_file: a.hostnqn_file, state_dir: a.state_dir, ..Default::default() };
+            let config = node::NodeConfig {
+                hostnqn_file: a.hostnqn_file,
+                state_dir: a.state_dir,
+                ..Default::default()
+            };
             let n = node::Node::new(config);
             let id = n.host_nqn().map_err(|s| s.message().to_owned())?;
             tracing::info!(node_id = %id, "node plugin");

@@ -19,9 +19,9 @@ use tonic::{Code, Request, Response, Status};
 
 use super::pb;
 use super::{
-    check_capability, check_csi_name, connect_settings, object_name, status_from_admin, Access, SnapshotId, VolumeId,
-    CTX_ADDRESS, CTX_NQN, CTX_PORT, DEFAULT_BLOCK_SIZE, DEFAULT_SIZE_BYTES, PARAM_BLOCK_SIZE, PARAM_COMPRESSION,
-    PARAM_STORAGE_NODE,
+    check_capability, check_csi_name, connect_settings, object_name, status_from_admin, Access, SnapshotId,
+    VolumeId, CTX_ADDRESS, CTX_NQN, CTX_PORT, DEFAULT_BLOCK_SIZE, DEFAULT_SIZE_BYTES, PARAM_BLOCK_SIZE,
+    PARAM_COMPRESSION, PARAM_STORAGE_NODE,
 };
 use crate::grpc::{self, pb as admin, AdminClient, ClientAuth};
 
@@ -132,7 +132,11 @@ impl Controller {
             let req = admin::ListSnapshotsRequest { name: Some(name.to_owned()), ..Default::default() };
             let list = node.client().list_snapshots(req).await.map_err(|s| node.err(&s))?.into_inner();
             if let Some(s) = list.snapshots.into_iter().find(|s| s.state == "ready") {
-                let id = SnapshotId { node: node.name.clone(), volume: s.volume.clone(), snapshot: s.name.clone() };
+                let id = SnapshotId {
+                    node: node.name.clone(),
+                    volume: s.volume.clone(),
+                    snapshot: s.name.clone(),
+                };
                 return Ok(Some((id, s)));
             }
         }
@@ -143,7 +147,9 @@ impl Controller {
         let Some(node) = self.node(&id.node) else { return Ok(None) };
         let req = admin::ListSnapshotsRequest { volume: Some(id.volume.clone()), ..Default::default() };
         match node.client().list_snapshots(req).await {
-            Ok(l) => Ok(l.into_inner().snapshots.into_iter().find(|s| s.name == id.snapshot && s.state == "ready")),
+            Ok(l) => {
+                Ok(l.into_inner().snapshots.into_iter().find(|s| s.name == id.snapshot && s.state == "ready"))
+            }
             Err(s) if node.err(&s).code() == Code::NotFound => Ok(None),
             Err(s) => Err(node.err(&s)),
         }
@@ -173,9 +179,9 @@ impl Controller {
         }
         match (best, pinned) {
             (Some((n, _, _)), _) => Ok(n),
-            (None, Some(p)) if self.node(p).is_none() => {
-                Err(Status::invalid_argument(format!("parameter {PARAM_STORAGE_NODE}: no storage node {p:?}")))
-            }
+            (None, Some(p)) if self.node(p).is_none() => Err(Status::invalid_argument(format!(
+                "parameter {PARAM_STORAGE_NODE}: no storage node {p:?}"
+            ))),
             (None, _) => Err(Status::resource_exhausted(format!(
                 "no storage node has {size} bytes free ({})",
                 reasons.join("; ")
@@ -217,7 +223,9 @@ fn params(p: &HashMap<String, String>) -> Result<Params, Status> {
         None => None,
         Some("512") => Some(512),
         Some("4096") => Some(4096),
-        Some(other) => return Err(Status::invalid_argument(format!("{PARAM_BLOCK_SIZE}={other:?}: 512 or 4096"))),
+        Some(other) => {
+            return Err(Status::invalid_argument(format!("{PARAM_BLOCK_SIZE}={other:?}: 512 or 4096")))
+        }
     };
     Ok(Params {
         storage_node: p.get(PARAM_STORAGE_NODE).cloned(),
@@ -352,7 +360,10 @@ impl pb::controller_server::Controller for Controller {
                 (Some((s.volume.clone(), s.snapshot.clone())), snap.size_bytes, Some(s.node.clone()))
             }
             Some(Source::Volume(v)) => {
-                let vol = self.volume(v).await?.ok_or_else(|| Status::not_found(format!("volume {v} does not exist")))?;
+                let vol = self
+                    .volume(v)
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("volume {v} does not exist")))?;
                 let size = vol.volume.map_or(0, |v| v.size_bytes);
                 let snap = object_name(&format!("{CLONE_SNAPSHOT_PREFIX}{name}"));
                 (Some((v.volume.clone(), snap)), size, Some(v.node.clone()))
@@ -406,7 +417,9 @@ impl pb::controller_server::Controller for Controller {
                     Source::Snapshot(s) => &s.node,
                     Source::Volume(v) => &v.node,
                 };
-                let node = self.node(node_name).ok_or_else(|| Status::not_found(format!("storage node {node_name}")))?;
+                let node = self
+                    .node(node_name)
+                    .ok_or_else(|| Status::not_found(format!("storage node {node_name}")))?;
                 if let Source::Volume(_) = src {
                     let req = admin::CreateSnapshotsRequest {
                         snapshots: vec![admin::SnapshotRef { volume: vol.clone(), snapshot: snap.clone() }],
@@ -436,7 +449,9 @@ impl pb::controller_server::Controller for Controller {
         if r.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume id is required"));
         }
-        let Some(id) = VolumeId::parse(&r.volume_id) else { return Ok(Response::new(pb::DeleteVolumeResponse {})) };
+        let Some(id) = VolumeId::parse(&r.volume_id) else {
+            return Ok(Response::new(pb::DeleteVolumeResponse {}));
+        };
         let Some(node) = self.node(&id.node) else { return Ok(Response::new(pb::DeleteVolumeResponse {})) };
         let _busy = self.lock(format!("volume {}", id.volume))?;
         let Some(v) = self.volume(&id).await? else { return Ok(Response::new(pb::DeleteVolumeResponse {})) };
@@ -478,16 +493,27 @@ impl pb::controller_server::Controller for Controller {
         if r.node_id.is_empty() {
             return Err(Status::invalid_argument("node id is required"));
         }
-        let cap = r.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
         check_capability(cap).map_err(Status::invalid_argument)?;
         let id = VolumeId::parse(&r.volume_id)
             .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
         if !r.node_id.starts_with("nqn.") || r.node_id.len() > 223 {
-            return Err(Status::not_found(format!("node {:?} does not exist (node ids are host NQNs)", r.node_id)));
+            return Err(Status::not_found(format!(
+                "node {:?} does not exist (node ids are host NQNs)",
+                r.node_id
+            )));
         }
-        let node = self.node(&id.node).ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let node =
+            self.node(&id.node).ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
         let _busy = self.lock(format!("volume {}", id.volume))?;
-        let v = self.volume(&id).await?.and_then(|d| d.volume).ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let v = self
+            .volume(&id)
+            .await?
+            .and_then(|d| d.volume)
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
         if v.allowed_hosts.iter().any(|h| h != &r.node_id) {
             return Err(Status::failed_precondition(format!(
                 "volume {id} is published to another node ({}); a volume is one node's at a time",
@@ -496,12 +522,15 @@ impl pb::controller_server::Controller for Controller {
         }
         let req = admin::AllowHostRequest { name: id.volume.clone(), host: r.node_id.clone() };
         let v = node.client().allow_host(req).await.map_err(|s| node.err(&s))?.into_inner();
-        let st = node.client().get_status(admin::GetStatusRequest {}).await.map_err(|s| node.err(&s))?.into_inner();
-        let port = st
-            .listen
-            .parse::<std::net::SocketAddr>()
-            .map(|a| a.port())
-            .map_err(|_| Status::internal(format!("storage node {}: listen address {:?}", node.name, st.listen)))?;
+        let st = node
+            .client()
+            .get_status(admin::GetStatusRequest {})
+            .await
+            .map_err(|s| node.err(&s))?
+            .into_inner();
+        let port = st.listen.parse::<std::net::SocketAddr>().map(|a| a.port()).map_err(|_| {
+            Status::internal(format!("storage node {}: listen address {:?}", node.name, st.listen))
+        })?;
         if st.advertise.starts_with('<') {
             return Err(Status::failed_precondition(format!(
                 "storage node {} listens on all addresses without --advertise: hosts cannot be told where to connect",
@@ -538,7 +567,8 @@ impl pb::controller_server::Controller for Controller {
         for host in hosts {
             // With disconnect: the namespace is taken away from the host first, so it drops the
             // block device at once.
-            let req = admin::DenyHostRequest { name: id.volume.clone(), host: host.clone(), disconnect: true };
+            let req =
+                admin::DenyHostRequest { name: id.volume.clone(), host: host.clone(), disconnect: true };
             match node.client().deny_host(req).await {
                 Ok(_) => tracing::info!(volume = %id, %host, "volume unpublished"),
                 Err(s) if node.err(&s).code() == Code::NotFound => {}
@@ -563,7 +593,10 @@ impl pb::controller_server::Controller for Controller {
             .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
         self.volume(&id).await?.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
         if let Err(e) = params(&r.parameters) {
-            return Ok(Response::new(pb::ValidateVolumeCapabilitiesResponse { confirmed: None, message: e.message().to_owned() }));
+            return Ok(Response::new(pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.message().to_owned(),
+            }));
         }
         let resp = match r.volume_capabilities.iter().map(check_capability).collect::<Result<Vec<_>, _>>() {
             Ok(_) => pb::ValidateVolumeCapabilitiesResponse {
@@ -671,7 +704,10 @@ impl pb::controller_server::Controller for Controller {
         Ok(Response::new(pb::ControllerGetCapabilitiesResponse { capabilities }))
     }
 
-    async fn create_snapshot(&self, r: Request<pb::CreateSnapshotRequest>) -> Reply<pb::CreateSnapshotResponse> {
+    async fn create_snapshot(
+        &self,
+        r: Request<pb::CreateSnapshotRequest>,
+    ) -> Reply<pb::CreateSnapshotResponse> {
         let r = r.into_inner();
         if r.source_volume_id.is_empty() {
             return Err(Status::invalid_argument("source volume id is required"));
@@ -693,7 +729,9 @@ impl pb::controller_server::Controller for Controller {
             }
             return Ok(Response::new(pb::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&id, &s)) }));
         }
-        let node = self.node(&source.node).ok_or_else(|| Status::not_found(format!("volume {source} does not exist")))?;
+        let node = self
+            .node(&source.node)
+            .ok_or_else(|| Status::not_found(format!("volume {source} does not exist")))?;
         let req = admin::CreateSnapshotsRequest {
             snapshots: vec![admin::SnapshotRef { volume: source.volume.clone(), snapshot: name.clone() }],
         };
@@ -704,7 +742,10 @@ impl pb::controller_server::Controller for Controller {
         Ok(Response::new(pb::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&id, &s)) }))
     }
 
-    async fn delete_snapshot(&self, r: Request<pb::DeleteSnapshotRequest>) -> Reply<pb::DeleteSnapshotResponse> {
+    async fn delete_snapshot(
+        &self,
+        r: Request<pb::DeleteSnapshotRequest>,
+    ) -> Reply<pb::DeleteSnapshotResponse> {
         let r = r.into_inner();
         if r.snapshot_id.is_empty() {
             return Err(Status::invalid_argument("snapshot id is required"));
@@ -771,7 +812,11 @@ impl pb::controller_server::Controller for Controller {
             };
             let full = page.len() >= want;
             for s in page.iter().filter(|s| s.state == "ready") {
-                let id = SnapshotId { node: node.name.clone(), volume: s.volume.clone(), snapshot: s.name.clone() };
+                let id = SnapshotId {
+                    node: node.name.clone(),
+                    volume: s.volume.clone(),
+                    snapshot: s.name.clone(),
+                };
                 entries.push(entry(&id, s));
             }
             if let Some(last) = page.last() {
@@ -804,9 +849,14 @@ impl pb::controller_server::Controller for Controller {
         };
         let id = VolumeId::parse(&r.volume_id)
             .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
-        let node = self.node(&id.node).ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let node =
+            self.node(&id.node).ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
         let _busy = self.lock(format!("volume {}", id.volume))?;
-        let v = self.volume(&id).await?.and_then(|d| d.volume).ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let v = self
+            .volume(&id)
+            .await?
+            .and_then(|d| d.volume)
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
         let size = size_for(Some(&range), u64::from(v.block_size), 0)?;
         let v = if size <= v.size_bytes {
             v // already that large (a retry): volumes never shrink here
@@ -832,11 +882,18 @@ impl pb::controller_server::Controller for Controller {
         }
         let id = VolumeId::parse(&r.volume_id)
             .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
-        let d = self.volume(&id).await?.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let d = self
+            .volume(&id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
         let v = d.volume.unwrap_or_default();
         let abnormal = v.state != "ready";
         Ok(Response::new(pb::ControllerGetVolumeResponse {
-            volume: Some(pb::Volume { capacity_bytes: to_i64(v.size_bytes), volume_id: id.to_string(), ..Default::default() }),
+            volume: Some(pb::Volume {
+                capacity_bytes: to_i64(v.size_bytes),
+                volume_id: id.to_string(),
+                ..Default::default()
+            }),
             status: Some(pb::controller_get_volume_response::VolumeStatus {
                 published_node_ids: v.allowed_hosts,
                 volume_condition: Some(pb::VolumeCondition {
@@ -885,7 +942,11 @@ mod tests {
         assert_eq!(size_for(Some(&range(10 << 20, 0)), 4096, 0).unwrap(), 10 << 20);
         assert_eq!(size_for(Some(&range(0, 8192)), 4096, 0).unwrap(), 8192);
         assert_eq!(size_for(Some(&range(0, 0)), 512, 5 << 20).unwrap(), 5 << 20, "a source's size");
-        assert_eq!(size_for(Some(&range(1 << 20, 0)), 512, 5 << 20).unwrap(), 5 << 20, "at least the source's");
+        assert_eq!(
+            size_for(Some(&range(1 << 20, 0)), 512, 5 << 20).unwrap(),
+            5 << 20,
+            "at least the source's"
+        );
         assert_eq!(size_for(Some(&range(5000, 6000)), 4096, 0).unwrap_err().code(), Code::OutOfRange);
         assert_eq!(size_for(Some(&range(0, 100)), 4096, 0).unwrap_err().code(), Code::OutOfRange);
         assert_eq!(size_for(Some(&range(2, 1)), 512, 0).unwrap_err().code(), Code::InvalidArgument);
@@ -907,12 +968,17 @@ mod tests {
 
     #[test]
     fn parameters_are_checked() {
-        let p = |kv: &[(&str, &str)]| params(&kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+        let p = |kv: &[(&str, &str)]| {
+            params(&kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
+        };
         assert_eq!(p(&[("blockSize", "512")]).unwrap().block_size, Some(512));
         assert_eq!(p(&[("blockSize", "1024")]).unwrap_err().code(), Code::InvalidArgument);
         assert_eq!(p(&[("colour", "blue")]).unwrap_err().code(), Code::InvalidArgument);
         assert!(p(&[("csi.storage.k8s.io/pvc/name", "data")]).is_ok());
-        assert_eq!(p(&[("compression", "lz4"), ("storageNode", "a")]).unwrap().storage_node.as_deref(), Some("a"));
+        assert_eq!(
+            p(&[("compression", "lz4"), ("storageNode", "a")]).unwrap().storage_node.as_deref(),
+            Some("a")
+        );
     }
 
     #[test]

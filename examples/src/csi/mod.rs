@@ -193,7 +193,9 @@ pub fn connect_settings(params: &HashMap<String, String>) -> Result<Vec<(&'stati
             None => Ok((key, default)),
             Some(v) => match v.trim().parse::<u32>() {
                 Ok(n) if (min..=max).contains(&n) => Ok((key, n)),
-                _ => Err(Status::invalid_argument(format!("parameter {key}={v:?}: a number from {min} to {max}"))),
+                _ => Err(Status::invalid_argument(format!(
+                    "parameter {key}={v:?}: a number from {min} to {max}"
+                ))),
             },
         })
         .collect()
@@ -205,10 +207,12 @@ pub fn status_from_admin(node: &str, s: &Status) -> Status {
     use xatastor_core::admin::ErrorKind;
     let e = crate::grpc::error_of(s);
     let code = match s.code() {
-        Code::Unauthenticated | Code::PermissionDenied => return Status::unavailable(format!(
-            "storage node {node} refused the driver's credentials: {}",
-            s.message()
-        )),
+        Code::Unauthenticated | Code::PermissionDenied => {
+            return Status::unavailable(format!(
+                "storage node {node} refused the driver's credentials: {}",
+                s.message()
+            ))
+        }
         Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
             if e.kind == ErrorKind::Internal || s.metadata().get(crate::grpc::ERROR_KIND_KEY).is_none() =>
         {
@@ -217,7 +221,9 @@ pub fn status_from_admin(node: &str, s: &Status) -> Status {
         _ => match e.kind {
             ErrorKind::NotFound => Code::NotFound,
             ErrorKind::Exists => Code::AlreadyExists,
-            ErrorKind::Busy | ErrorKind::HasDependents | ErrorKind::BackendMismatch => Code::FailedPrecondition,
+            ErrorKind::Busy | ErrorKind::HasDependents | ErrorKind::BackendMismatch => {
+                Code::FailedPrecondition
+            }
             ErrorKind::Invalid | ErrorKind::Unsupported => Code::InvalidArgument,
             ErrorKind::NoSpace => Code::ResourceExhausted,
             ErrorKind::NotReady => Code::Aborted,
@@ -271,7 +277,9 @@ pub async fn unix_channel(path: &Path) -> Result<tonic::transport::Channel, toni
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
             }
         }))
         .await
@@ -304,15 +312,22 @@ impl pb::identity_server::Identity for Identity {
         use pb::plugin_capability::{service, volume_expansion, Service, Type, VolumeExpansion};
         // The same for every instance (controller and node plugins), as the spec asks.
         let capabilities = vec![
-            pb::PluginCapability { r#type: Some(Type::Service(Service { r#type: service::Type::ControllerService as i32 })) },
             pb::PluginCapability {
-                r#type: Some(Type::VolumeExpansion(VolumeExpansion { r#type: volume_expansion::Type::Online as i32 })),
+                r#type: Some(Type::Service(Service { r#type: service::Type::ControllerService as i32 })),
+            },
+            pb::PluginCapability {
+                r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                    r#type: volume_expansion::Type::Online as i32,
+                })),
             },
         ];
         Ok(tonic::Response::new(pb::GetPluginCapabilitiesResponse { capabilities }))
     }
 
-    async fn probe(&self, _: tonic::Request<pb::ProbeRequest>) -> Result<tonic::Response<pb::ProbeResponse>, Status> {
+    async fn probe(
+        &self,
+        _: tonic::Request<pb::ProbeRequest>,
+    ) -> Result<tonic::Response<pb::ProbeResponse>, Status> {
         Ok(tonic::Response::new(pb::ProbeResponse { ready: Some(true) }))
     }
 }
@@ -345,7 +360,9 @@ pub fn check_capability(c: &pb::VolumeCapability) -> Result<Access, String> {
             | Mode::SingleNodeSingleWriter
             | Mode::SingleNodeMultiWriter,
         ) => {}
-        Some(m) => return Err(format!("access mode {} is not supported (single-node modes only)", m.as_str_name())),
+        Some(m) => {
+            return Err(format!("access mode {} is not supported (single-node modes only)", m.as_str_name()))
+        }
     }
     match &c.access_type {
         None => Err("the volume capability has no access type (block or mount)".into()),
@@ -370,7 +387,10 @@ mod tests {
     #[test]
     fn ids_round_trip_and_reject_garbage() {
         let v = VolumeId::parse("node-a/pvc-1").unwrap();
-        assert_eq!((v.node.as_str(), v.volume.as_str(), v.to_string().as_str()), ("node-a", "pvc-1", "node-a/pvc-1"));
+        assert_eq!(
+            (v.node.as_str(), v.volume.as_str(), v.to_string().as_str()),
+            ("node-a", "pvc-1", "node-a/pvc-1")
+        );
         let s = SnapshotId::parse("node-a/pvc-1@snap-2").unwrap();
         assert_eq!(s.to_string(), "node-a/pvc-1@snap-2");
         assert_eq!(s.volume_id(), v);
@@ -423,7 +443,8 @@ pub async fn serve(
     services: Services,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
-    let identity = pb::identity_server::IdentityServer::new(Identity { controller: services.controller.is_some() });
+    let identity =
+        pb::identity_server::IdentityServer::new(Identity { controller: services.controller.is_some() });
     let router = tonic::transport::Server::builder()
         .add_service(identity)
         .add_optional_service(services.controller.map(pb::controller_server::ControllerServer::new))
@@ -436,9 +457,8 @@ pub async fn serve(
             let _ = std::fs::remove_file(path);
             r.map_err(|e| format!("CSI endpoint {}: {e}", path.display()))
         }
-        CsiEndpoint::Tcp(addr) => router
-            .serve_with_shutdown(*addr, shutdown)
-            .await
-            .map_err(|e| format!("CSI endpoint {addr}: {e}")),
+        CsiEndpoint::Tcp(addr) => {
+            router.serve_with_shutdown(*addr, shutdown).await.map_err(|e| format!("CSI endpoint {addr}: {e}"))
+        }
     }
 }

@@ -133,8 +133,10 @@ impl Node {
 }
 
 fn state_file(config: &NodeConfig, volume_id: &str) -> PathBuf {
-    let safe: String =
-        volume_id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' }).collect();
+    let safe: String = volume_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' })
+        .collect();
     config.state_dir.join(format!("{safe}.json"))
 }
 
@@ -169,11 +171,16 @@ fn run(config: &NodeConfig, program: &str, args: &[&str]) -> Result<String, Stat
     loop {
         match child.try_wait() {
             Ok(Some(_)) => break,
-            Ok(None) if start.elapsed() < config.command_timeout => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) if start.elapsed() < config.command_timeout => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Status::deadline_exceeded(format!("{program} {} did not finish", args.join(" "))));
+                return Err(Status::deadline_exceeded(format!(
+                    "{program} {} did not finish",
+                    args.join(" ")
+                )));
             }
             Err(e) => return Err(Status::internal(format!("waiting for {program}: {e}"))),
         }
@@ -207,7 +214,10 @@ fn device_of(config: &NodeConfig, nqn: &str) -> Option<String> {
 fn is_nvme_head(name: &str) -> bool {
     let Some(rest) = name.strip_prefix("nvme") else { return false };
     let Some((a, b)) = rest.split_once('n') else { return false };
-    !a.is_empty() && !b.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit())
+    !a.is_empty()
+        && !b.is_empty()
+        && a.bytes().all(|c| c.is_ascii_digit())
+        && b.bytes().all(|c| c.is_ascii_digit())
 }
 
 /// Controllers (`nvme0`) connected to subsystem `nqn`.
@@ -240,7 +250,8 @@ fn unescape(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = u32::from(b[i + 1] - b'0') * 64 + u32::from(b[i + 2] - b'0') * 8 + u32::from(b[i + 3] - b'0');
+            let v =
+                u32::from(b[i + 1] - b'0') * 64 + u32::from(b[i + 2] - b'0') * 8 + u32::from(b[i + 3] - b'0');
             out.push(char::from_u32(v).unwrap_or('?'));
             i += 4;
         } else {
@@ -259,7 +270,11 @@ fn parse_mountinfo(text: &str) -> Vec<Mount> {
             let mut r = right.split(' ');
             let fs_type = r.next()?;
             let source = r.next()?;
-            Some(Mount { point: PathBuf::from(unescape(point)), source: unescape(source), fs_type: fs_type.to_owned() })
+            Some(Mount {
+                point: PathBuf::from(unescape(point)),
+                source: unescape(source),
+                fs_type: fs_type.to_owned(),
+            })
         })
         .collect()
 }
@@ -287,18 +302,26 @@ fn require(s: &str, what: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn stage(config: &NodeConfig, volume_id: &str, r: &pb::NodeStageVolumeRequest, access: &Access) -> Result<(), Status> {
+fn stage(
+    config: &NodeConfig,
+    volume_id: &str,
+    r: &pb::NodeStageVolumeRequest,
+    access: &Access,
+) -> Result<(), Status> {
     let ctx = |k: &str| {
-        r.publish_context
-            .get(k)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| Status::invalid_argument(format!("publish context has no {k:?} (was the volume published?)")))
+        r.publish_context.get(k).filter(|v| !v.is_empty()).ok_or_else(|| {
+            Status::invalid_argument(format!("publish context has no {k:?} (was the volume published?)"))
+        })
     };
     let (address, port, nqn) = (ctx(CTX_ADDRESS)?, ctx(CTX_PORT)?, ctx(CTX_NQN)?);
     let settings = connect_settings(&r.volume_context)?;
     let staging = PathBuf::from(&r.staging_target_path);
     let block = *access == Access::Block;
-    write_state(config, volume_id, &Staged { nqn: nqn.clone(), staging_target_path: staging.clone(), block })?;
+    write_state(
+        config,
+        volume_id,
+        &Staged { nqn: nqn.clone(), staging_target_path: staging.clone(), block },
+    )?;
 
     // Connect unless a controller for the subsystem is there (a retried stage).
     if device_of(config, nqn).is_none() && controllers_of(config, nqn).is_empty() {
@@ -362,7 +385,11 @@ fn stage(config: &NodeConfig, volume_id: &str, r: &pb::NodeStageVolumeRequest, a
             if kind != *fs_type {
                 return Err(Status::failed_precondition(format!(
                     "{dev_path} holds {} (not {fs_type}): not formatting it",
-                    if kind.is_empty() { "data of an unknown kind".to_owned() } else { format!("a {kind} file system") }
+                    if kind.is_empty() {
+                        "data of an unknown kind".to_owned()
+                    } else {
+                        format!("a {kind} file system")
+                    }
                 )));
             }
         }
@@ -416,7 +443,12 @@ fn unstage(config: &NodeConfig, volume_id: &str, staging: &Path) -> Result<(), S
     Ok(())
 }
 
-fn publish(config: &NodeConfig, volume_id: &str, r: &pb::NodePublishVolumeRequest, access: &Access) -> Result<(), Status> {
+fn publish(
+    config: &NodeConfig,
+    volume_id: &str,
+    r: &pb::NodePublishVolumeRequest,
+    access: &Access,
+) -> Result<(), Status> {
     let target = PathBuf::from(&r.target_path);
     if mount_at(&target).is_some() {
         return Ok(()); // published already
@@ -433,10 +465,12 @@ fn publish(config: &NodeConfig, volume_id: &str, r: &pb::NodePublishVolumeReques
                 .cloned()
                 .or_else(|| read_state(config, volume_id).map(|s| s.nqn))
                 .ok_or_else(|| Status::failed_precondition(format!("volume {volume_id} is not staged")))?;
-            let dev = device_of(config, &nqn)
-                .ok_or_else(|| Status::failed_precondition(format!("volume {volume_id} has no block device (not staged?)")))?;
+            let dev = device_of(config, &nqn).ok_or_else(|| {
+                Status::failed_precondition(format!("volume {volume_id} has no block device (not staged?)"))
+            })?;
             if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| Status::internal(format!("{}: {e}", parent.display())))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| Status::internal(format!("{}: {e}", parent.display())))?;
             }
             std::fs::OpenOptions::new()
                 .create(true)
@@ -454,7 +488,8 @@ fn publish(config: &NodeConfig, volume_id: &str, r: &pb::NodePublishVolumeReques
                     staging.display()
                 )));
             }
-            std::fs::create_dir_all(&target).map_err(|e| Status::internal(format!("{}: {e}", target.display())))?;
+            std::fs::create_dir_all(&target)
+                .map_err(|e| Status::internal(format!("{}: {e}", target.display())))?;
             r.staging_target_path.clone()
         }
     };
@@ -475,8 +510,10 @@ fn unpublish(config: &NodeConfig, target: &Path) -> Result<(), Status> {
 
 fn stats(config: &NodeConfig, path: &Path) -> Result<pb::NodeGetVolumeStatsResponse, Status> {
     use pb::volume_usage::Unit;
-    let meta = std::fs::metadata(path).map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
-    let m = mount_at(path).ok_or_else(|| Status::not_found(format!("no volume is published at {}", path.display())))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
+    let m = mount_at(path)
+        .ok_or_else(|| Status::not_found(format!("no volume is published at {}", path.display())))?;
     let condition = |dev: &str| {
         let gone = dev.starts_with("/dev/") && !Path::new(dev).exists();
         pb::VolumeCondition {
@@ -487,10 +524,16 @@ fn stats(config: &NodeConfig, path: &Path) -> Result<pb::NodeGetVolumeStatsRespo
     if !meta.is_dir() {
         let dev = m.source.trim_start_matches("/dev/").to_owned();
         let total = device_size(config, &dev).unwrap_or(0);
-        let usage = vec![pb::VolumeUsage { available: 0, total: total as i64, used: total as i64, unit: Unit::Bytes as i32 }];
+        let usage = vec![pb::VolumeUsage {
+            available: 0,
+            total: total as i64,
+            used: total as i64,
+            unit: Unit::Bytes as i32,
+        }];
         return Ok(pb::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition(&m.source)) });
     }
-    let st = rustix::fs::statvfs(path).map_err(|e| Status::internal(format!("statvfs {}: {e}", path.display())))?;
+    let st = rustix::fs::statvfs(path)
+        .map_err(|e| Status::internal(format!("statvfs {}: {e}", path.display())))?;
     let f = st.f_frsize;
     let i = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
     let usage = vec![
@@ -514,7 +557,8 @@ fn expand(config: &NodeConfig, path: &Path, required: u64) -> Result<u64, Status
     if !path.exists() {
         return Err(Status::not_found(format!("{} does not exist", path.display())));
     }
-    let m = mount_at(path).ok_or_else(|| Status::not_found(format!("no volume is published at {}", path.display())))?;
+    let m = mount_at(path)
+        .ok_or_else(|| Status::not_found(format!("no volume is published at {}", path.display())))?;
     let dev = m.source.strip_prefix("/dev/").unwrap_or(&m.source).to_owned();
     // The target announces the new size (Namespace Attribute Changed): wait for the host to see it.
     let start = Instant::now();
@@ -544,11 +588,17 @@ fn expand(config: &NodeConfig, path: &Path, required: u64) -> Result<u64, Status
 
 #[tonic::async_trait]
 impl pb::node_server::Node for Node {
-    async fn node_stage_volume(&self, r: Request<pb::NodeStageVolumeRequest>) -> Reply<pb::NodeStageVolumeResponse> {
+    async fn node_stage_volume(
+        &self,
+        r: Request<pb::NodeStageVolumeRequest>,
+    ) -> Reply<pb::NodeStageVolumeResponse> {
         let r = r.into_inner();
         require(&r.volume_id, "volume id")?;
         require(&r.staging_target_path, "staging target path")?;
-        let cap = r.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
         let access = check_capability(cap).map_err(Status::invalid_argument)?;
         let id = r.volume_id.clone();
         self.blocking(&id.clone(), move |c| stage(c, &id, &r, &access)).await?;
@@ -575,7 +625,10 @@ impl pb::node_server::Node for Node {
         let r = r.into_inner();
         require(&r.volume_id, "volume id")?;
         require(&r.target_path, "target path")?;
-        let cap = r.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
         let access = check_capability(cap).map_err(Status::invalid_argument)?;
         require(&r.staging_target_path, "staging target path")?;
         let id = r.volume_id.clone();
@@ -610,7 +663,10 @@ impl pb::node_server::Node for Node {
         Ok(Response::new(s))
     }
 
-    async fn node_expand_volume(&self, r: Request<pb::NodeExpandVolumeRequest>) -> Reply<pb::NodeExpandVolumeResponse> {
+    async fn node_expand_volume(
+        &self,
+        r: Request<pb::NodeExpandVolumeRequest>,
+    ) -> Reply<pb::NodeExpandVolumeResponse> {
         let r = r.into_inner();
         require(&r.volume_id, "volume id")?;
         require(&r.volume_path, "volume path")?;
@@ -620,7 +676,9 @@ impl pb::node_server::Node for Node {
         }
         let path = PathBuf::from(&r.volume_path);
         let size = self.blocking(&r.volume_id, move |c| expand(c, &path, required)).await?;
-        Ok(Response::new(pb::NodeExpandVolumeResponse { capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX) }))
+        Ok(Response::new(pb::NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+        }))
     }
 
     async fn node_get_capabilities(
@@ -628,10 +686,11 @@ impl pb::node_server::Node for Node {
         _: Request<pb::NodeGetCapabilitiesRequest>,
     ) -> Reply<pb::NodeGetCapabilitiesResponse> {
         use pb::node_service_capability::{rpc::Type, Rpc, Type as Cap};
-        let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats, Type::ExpandVolume, Type::VolumeCondition]
-            .into_iter()
-            .map(|t| pb::NodeServiceCapability { r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })) })
-            .collect();
+        let capabilities =
+            [Type::StageUnstageVolume, Type::GetVolumeStats, Type::ExpandVolume, Type::VolumeCondition]
+                .into_iter()
+                .map(|t| pb::NodeServiceCapability { r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })) })
+                .collect();
         Ok(Response::new(pb::NodeGetCapabilitiesResponse { capabilities }))
     }
 
@@ -668,7 +727,11 @@ mod tests {
         let m = parse_mountinfo(text);
         assert_eq!(
             m[0],
-            Mount { point: PathBuf::from("/mnt/with space"), source: "/dev/nvme0n1".into(), fs_type: "xfs".into() }
+            Mount {
+                point: PathBuf::from("/mnt/with space"),
+                source: "/dev/nvme0n1".into(),
+                fs_type: "xfs".into()
+            }
         );
         assert_eq!(m[1].fs_type, "proc");
     }
@@ -690,7 +753,12 @@ mod tests {
         assert_eq!(device_of(&c, "nqn.x:b").as_deref(), Some("nvme1n1"));
         assert_eq!(device_of(&c, "nqn.x:c"), None);
         assert_eq!(device_size(&c, "nvme1n1"), Some(4096 * 512));
-        assert!(is_nvme_head("nvme12n3") && !is_nvme_head("nvme0c0n1") && !is_nvme_head("nvme0") && !is_nvme_head("nvmen1"));
+        assert!(
+            is_nvme_head("nvme12n3")
+                && !is_nvme_head("nvme0c0n1")
+                && !is_nvme_head("nvme0")
+                && !is_nvme_head("nvmen1")
+        );
     }
 
     #[test]
