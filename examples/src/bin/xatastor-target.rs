@@ -62,7 +62,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the storage node (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -378,7 +378,7 @@ fn main() -> ExitCode {
             Err("--json is for the admin subcommands (volume, snapshot, status); serve logs text".into())
         }
         None => serve(data_dir, cli.serve),
-        Some(Cmd::Serve(args)) => serve(data_dir, args),
+        Some(Cmd::Serve(args)) => serve(data_dir, *args),
         Some(Cmd::Volume(c)) => client(data_dir, cli.json, volume_request(c)),
         Some(Cmd::Snapshot(c)) => client(data_dir, cli.json, snapshot_request(c)),
         Some(Cmd::Status) => client(data_dir, cli.json, Ok(Request::Status)),
