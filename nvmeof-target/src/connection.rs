@@ -1,6 +1,6 @@
 //! One TCP connection: the NVMe/TCP queue state machine.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,6 +17,7 @@ use smallvec::SmallVec;
 use crate::backend::{IoOp, IoOutput, IoResult, IoToken};
 use crate::config::TransportParams;
 use crate::controller::{Controller, Notifier};
+use crate::hash::{IntMap, IntSet};
 use crate::subsystem::{Namespace, OpClass};
 use crate::target::Target;
 
@@ -40,7 +41,9 @@ pub enum Event {
 /// A backend operation the engine needs done.
 #[must_use]
 pub struct IoRequest {
-    /// Identifies the request in [`Connection::complete_io`]; unique within the target.
+    /// Identifies the request in [`Connection::complete_io`]. Unique among the requests of its
+    /// connection that are in flight (not across connections: a driver that routes completions
+    /// from several connections keys them by connection and token).
     pub token: IoToken,
     /// The namespace (and through it the backend) to operate on.
     pub namespace: Arc<Namespace>,
@@ -97,6 +100,9 @@ enum State {
     Live,
     Closed,
 }
+
+/// Bytes of the blocks PDU headers are encoded into.
+const HEADER_BLOCK: usize = 1024;
 
 /// Data of an H2CData smaller than this is copied into one buffer instead of pinning a receive buffer
 /// per PDU (a host sending tiny PDUs must not multiply the memory a command holds).
@@ -193,7 +199,7 @@ pub(crate) struct Queue {
     pub(crate) sqhd: u32,
     pub(crate) sq_flow_control: bool,
     pub(crate) enable_generation: u32,
-    pub(crate) inflight: HashMap<u16, Cmd>,
+    pub(crate) inflight: IntMap<u16, Cmd>,
     /// Commands waiting for data budget, oldest first.
     pub(crate) waiting: VecDeque<u16>,
     pub(crate) data_in_flight: usize,
@@ -247,7 +253,7 @@ pub struct Connection {
     pub(crate) queue: Option<Queue>,
     next_token: u64,
     /// After close: backend requests still running, and the controller whose count they hold.
-    draining: HashSet<u64>,
+    draining: IntSet<u64>,
     drain_ctrl: Option<Arc<Controller>>,
 }
 
@@ -305,7 +311,7 @@ impl Connection {
             max_r2t: 1,
             queue: None,
             next_token: 0,
-            draining: HashSet::new(),
+            draining: IntSet::default(),
             drain_ctrl: None,
         }
     }
@@ -361,6 +367,29 @@ impl Connection {
         self.queue.as_ref().map_or(0, |q| q.inflight.len())
     }
 
+    /// The memory alignment the data of this queue's commands should have so that a driver can hand
+    /// it to the backend without a copy: for a live I/O queue, the largest alignment any namespace of
+    /// its subsystem needs for direct I/O ([`crate::RawDevice::direct`]); 1 otherwise (admin and
+    /// discovery queues, buffered devices, backends that do their own I/O).
+    ///
+    /// A driver may place received PDUs in memory so that their data starts at such an address
+    /// (the data offset of a PDU is in its common header), instead of copying the data later.
+    #[must_use]
+    pub fn data_alignment(&self) -> usize {
+        let Some(q) = self.queue.as_ref().filter(|q| q.qid != 0 && self.state == State::Live) else {
+            return 1;
+        };
+        let Some(subsystem) = q.ctrl.subsystem.as_ref() else { return 1 };
+        subsystem
+            .namespaces()
+            .values()
+            .filter_map(|ns| ns.backend().raw_device())
+            .filter(|d| d.direct)
+            .map(|d| (d.alignment.max(1) as usize).next_power_of_two())
+            .max()
+            .unwrap_or(1)
+    }
+
     // ---- commands ----
 
     /// Sets the callback the engine invokes when this connection must be woken to act on something
@@ -401,18 +430,28 @@ impl Connection {
 
     /// Consumes every complete PDU at the front of `buf`.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) {
+        self.handle_input_pdus(buf, now, usize::MAX);
+    }
+
+    /// Consumes at most `max_pdus` complete PDUs at the front of `buf` and returns how many it took
+    /// (a fatal decode error counts as one). A driver that applies backpressure between PDUs (see the
+    /// type's documentation) calls this with 1 and drains [`Connection::poll_event`] after each.
+    pub fn handle_input_pdus(&mut self, buf: &mut BytesMut, now: Instant, max_pdus: usize) -> usize {
         let span = self.span.clone();
         let _enter = span.enter();
-        while self.state != State::Closed {
+        let mut taken = 0;
+        while self.state != State::Closed && taken < max_pdus {
             if self.check_controller() {
-                return;
+                break;
             }
             match self.decoder.decode(buf) {
                 Ok(Some(pdu)) => self.handle_pdu(pdu, now),
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(err) => self.handle_decode_error(err, buf, now),
             }
+            taken += 1;
         }
+        taken
     }
 
     /// The driver saw the peer close the socket (or it failed).
@@ -583,6 +622,11 @@ impl Connection {
     }
 
     pub(crate) fn transmit(&mut self, pdu: Pdu) {
+        // Headers are carved out of blocks of HEADER_BLOCK bytes: one allocation serves a few dozen
+        // PDUs (a header is 24–128 bytes), and an idle connection keeps at most one block.
+        if self.scratch.capacity() < 256 {
+            self.scratch = BytesMut::with_capacity(HEADER_BLOCK);
+        }
         match pdu.encode_with(&self.encode, &mut self.scratch) {
             Ok(enc) => self.events.push_back(Event::Transmit(enc)),
             Err(e) => tracing::error!(parent: &self.span, %e, "cannot encode a PDU"),
@@ -699,6 +743,14 @@ impl Connection {
         let fold =
             status.is_success() && result == 0 && self.queue.as_ref().is_some_and(|q| !q.sq_flow_control);
         let total = data.len();
+        if total > 0 && total <= chunk {
+            // One PDU: the payload moves into it (no reference count to take).
+            self.transmit(Pdu::C2hData(C2hData { cccid: cid, datao: 0, last: true, success: fold, data }));
+            if !fold {
+                self.respond(cid, status, result);
+            }
+            return;
+        }
         let mut off = 0usize;
         while off < total {
             let n = chunk.min(total - off);
@@ -719,7 +771,9 @@ impl Connection {
 
     // ---- commands with data and backend I/O ----
 
-    /// A token unique within the target: connection ID, a per-connection sequence number and the CID.
+    /// A token unique among this connection's requests in flight: the CID (a command's CID is not
+    /// reused while the command is in flight), a per-connection sequence number (tells a stale
+    /// completion from the current command's) and the low bits of the connection ID (for logs).
     pub(crate) fn new_token(&mut self, cid: u16) -> u64 {
         self.next_token = self.next_token.wrapping_add(1) & 0xff_ffff;
         ((self.id & 0x7f_ffff) << 40) | (self.next_token << 16) | u64::from(cid)

@@ -63,9 +63,11 @@
 
 mod admin;
 pub mod backend;
+mod chunk_map;
 mod config;
 mod connection;
 mod controller;
+mod hash;
 pub mod host;
 mod io;
 mod subsystem;

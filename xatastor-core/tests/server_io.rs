@@ -129,7 +129,7 @@ impl BlockBackend for DirectFile {
         self.buffered.submit(op, completer)
     }
     fn raw_device(&self) -> Option<RawDevice<'_>> {
-        Some(RawDevice { fd: self.direct.as_fd(), base_offset: 0, direct: true, alignment: 4096 })
+        Some(RawDevice::new(self.direct.as_fd()).direct(4096).punch_hole(true).zero_range(true))
     }
 }
 

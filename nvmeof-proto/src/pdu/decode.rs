@@ -362,11 +362,24 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
 }
 
 /// Removes the PDU from the buffer and returns its data as a slice of the buffer's memory.
+///
+/// A PDU with data that fills the buffer takes the buffer's memory whole (no reference count to
+/// share: a driver that receives each PDU into a buffer of its own pays no allocation here).
 fn take_data(buf: &mut BytesMut, layout: &Layout) -> Payload {
-    let pdu = buf.split_to(layout.plen);
     match layout.data {
-        Some((start, len)) if len > 0 => pdu.freeze().slice(start..start + len).into(),
-        _ => Payload::new(),
+        Some((start, len)) if len > 0 => {
+            let pdu = if layout.plen == buf.len() { std::mem::take(buf) } else { buf.split_to(layout.plen) };
+            let mut data = pdu.freeze();
+            data.advance(start);
+            if data.len() > len {
+                data.truncate(len);
+            }
+            data.into()
+        }
+        _ => {
+            buf.advance(layout.plen);
+            Payload::new()
+        }
     }
 }
 

@@ -128,7 +128,7 @@ impl Pdu {
     /// Encodes the PDU, writing its header into `scratch`, which is cleared first and whose spare
     /// capacity is reused from call to call (keep one per connection). The payload is moved, not copied.
     pub fn encode_with(
-        self,
+        mut self,
         opts: &EncodeOptions,
         scratch: &mut BytesMut,
     ) -> Result<EncodedPdu, EncodeError> {
@@ -145,10 +145,15 @@ impl Pdu {
         let hlen = usize::from(pdu_type.header_len());
         let header_digest = pdu_type.has_digests() && opts.digests.header;
         let header_end = hlen + if header_digest { DIGEST_LEN } else { 0 };
-        let (data, with_data_offset) = match &self {
-            Pdu::CapsuleCmd(c) => (c.data.clone(), !c.data.is_empty()),
-            Pdu::H2cData(d) => (d.data.clone(), true),
-            Pdu::C2hData(d) => (d.data.clone(), true),
+        // The payload moves into the encoded PDU (no reference count is taken).
+        let (data, with_data_offset) = match &mut self {
+            Pdu::CapsuleCmd(c) => {
+                let data = std::mem::replace(&mut c.data, Payload::new());
+                let with = !data.is_empty();
+                (data, with)
+            }
+            Pdu::H2cData(d) => (std::mem::replace(&mut d.data, Payload::new()), true),
+            Pdu::C2hData(d) => (std::mem::replace(&mut d.data, Payload::new()), true),
             Pdu::H2cTermReq(t) | Pdu::C2hTermReq(t) => {
                 let quoted = t.data.slice(..t.data.len().min(TERM_REQ_MAX_DATA_LEN));
                 (Payload::from(quoted), false)
