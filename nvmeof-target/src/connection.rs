@@ -101,9 +101,6 @@ enum State {
     Closed,
 }
 
-/// Bytes of the blocks PDU headers are encoded into.
-const HEADER_BLOCK: usize = 1024;
-
 /// Data of an H2CData smaller than this is copied into one buffer instead of pinning a receive buffer
 /// per PDU (a host sending tiny PDUs must not multiply the memory a command holds).
 const COALESCE_BELOW: usize = 4096;
@@ -244,7 +241,6 @@ pub struct Connection {
     state: State,
     decoder: PduDecoder,
     pub(crate) encode: EncodeOptions,
-    scratch: BytesMut,
     events: VecDeque<Event>,
     notifier: Option<Notifier>,
     connect_deadline: Option<Instant>,
@@ -304,7 +300,6 @@ impl Connection {
             state: State::AwaitIcReq,
             decoder,
             encode: EncodeOptions::default(),
-            scratch: BytesMut::new(),
             events: VecDeque::new(),
             notifier: None,
             connect_deadline: Some(deadline),
@@ -622,12 +617,7 @@ impl Connection {
     }
 
     pub(crate) fn transmit(&mut self, pdu: Pdu) {
-        // Headers are carved out of blocks of HEADER_BLOCK bytes: one allocation serves a few dozen
-        // PDUs (a header is 24–128 bytes), and an idle connection keeps at most one block.
-        if self.scratch.capacity() < 256 {
-            self.scratch = BytesMut::with_capacity(HEADER_BLOCK);
-        }
-        match pdu.encode_with(&self.encode, &mut self.scratch) {
+        match pdu.encode(&self.encode) {
             Ok(enc) => self.events.push_back(Event::Transmit(enc)),
             Err(e) => tracing::error!(parent: &self.span, %e, "cannot encode a PDU"),
         }
