@@ -1,29 +1,23 @@
-//! The local admin endpoint of `xatastor-target`: one JSON request per line on a Unix socket in the
-//! data directory (mode 0600, so only the server's user can manage volumes; nothing on the network),
-//! one JSON response line back.
+//! The admin API of `xatastor-target`: request and response types and the handler that carries a
+//! request out on a [`Node`]. No transport here: [`socket`] serves it on the local Unix socket (the
+//! CLI's), and any other transport (gRPC for a CSI driver) calls [`handle`] the same way.
 //!
 //! ```text
-//!   $ xatastor-target volume create pg-main --size 10GiB --allow-host nqn.2014-08.org.nvmexpress:uuid:…
-//!        │  {"op":"volume_create","name":"pg-main","size_bytes":10737418240,…}\n
-//!        ▼
-//!   <data dir>/admin.sock ──▶ Node::create_volume ──▶ {"ok":true,"result":{…}}\n
+//!   CLI ── one JSON line ──▶ socket::serve ─┐
+//!   other transport ───────────────────────┴─▶ handle(node, endpoint, Request) ─▶ Result<Value, AdminError>
+//!                                                                                   │
+//!   {"ok":true,"result":…} / {"ok":false,"kind":"not_found","error":"volume x does not exist"} ◀┘
 //! ```
 //!
-//! Errors come back as `{"ok":false,"kind":"not_found","error":"volume x does not exist"}`; the CLI
-//! prints the message on one line and exits non-zero.
+//! Requests are JSON objects tagged by `op` ([`Request`]); the protocol reference (every request,
+//! its fields, the result and the error kinds) is in `docs/admin-protocol.md`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+pub mod socket;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use xatastor_core::catalog::{SnapshotRecord, VolumeRecord};
 use xatastor_core::{CreateVolume, Node, NodeError, ProvisionError};
-
-/// Largest request line accepted (a batch create of many volumes fits).
-const MAX_REQUEST_BYTES: u64 = 64 << 20;
 
 /// A request to the admin endpoint.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,13 +29,17 @@ pub enum Request {
         name: String,
         /// Size in bytes.
         size_bytes: u64,
-        /// 512 or 4096.
+        /// 512 or 4096 (default 512).
+        #[serde(default = "default_block_size")]
         block_size: u32,
         /// Compression (backends that have it).
+        #[serde(default)]
         compression: Option<String>,
         /// Hosts allowed to connect.
+        #[serde(default)]
         allowed_hosts: Vec<String>,
         /// Any host may connect.
+        #[serde(default)]
         allow_any_host: bool,
     },
     /// Create `count` volumes named `<prefix><n>` (n from `start`) in one catalog transaction.
@@ -54,18 +52,23 @@ pub enum Request {
         count: u64,
         /// Size of each.
         size_bytes: u64,
-        /// 512 or 4096.
+        /// 512 or 4096 (default 512).
+        #[serde(default = "default_block_size")]
         block_size: u32,
         /// Hosts allowed to connect to each.
+        #[serde(default)]
         allowed_hosts: Vec<String>,
     },
     /// List volumes.
     VolumeList {
         /// Name prefix filter.
+        #[serde(default)]
         prefix: String,
         /// Start after this name (paging).
+        #[serde(default)]
         after: Option<String>,
-        /// At most this many.
+        /// At most this many; 0: all.
+        #[serde(default)]
         limit: usize,
     },
     /// Show one volume.
@@ -79,12 +82,16 @@ pub enum Request {
         name: String,
         /// New size in bytes.
         size_bytes: u64,
+        /// Allow a smaller size (destroys the data beyond it; refused while a host is connected).
+        #[serde(default)]
+        force: bool,
     },
     /// Delete a volume (and its snapshots).
     VolumeDelete {
         /// Name.
         name: String,
         /// Disconnect connected hosts first.
+        #[serde(default)]
         force: bool,
     },
     /// Clone a snapshot into a new volume.
@@ -95,9 +102,11 @@ pub enum Request {
         snapshot: String,
         /// New volume.
         name: String,
-        /// Size (0: the snapshot's).
+        /// Size (0 or absent: the snapshot's).
+        #[serde(default)]
         size_bytes: u64,
         /// Hosts allowed to connect to the clone.
+        #[serde(default)]
         allowed_hosts: Vec<String>,
     },
     /// Allow a host.
@@ -107,6 +116,16 @@ pub enum Request {
         /// Host NQN.
         host: String,
     },
+    /// Let any host connect, or only the allowed ones.
+    VolumeSetAnyHost {
+        /// Volume.
+        name: String,
+        /// Any host may connect.
+        allow_any_host: bool,
+        /// Turning it off: disconnect the hosts that are not allowed.
+        #[serde(default)]
+        disconnect: bool,
+    },
     /// Deny a host.
     VolumeDenyHost {
         /// Volume.
@@ -114,6 +133,7 @@ pub enum Request {
         /// Host NQN.
         host: String,
         /// Tear down its controllers too.
+        #[serde(default)]
         disconnect: bool,
     },
     /// Take snapshots (several at once: one backend step).
@@ -140,22 +160,98 @@ pub enum Request {
     Adopt,
 }
 
+/// Most volumes one `volume_create_batch` makes (its records are built in memory first).
+pub const MAX_BATCH: u64 = 1_000_000;
+
+fn default_block_size() -> u32 {
+    512
+}
+
+impl Request {
+    /// The request's `op` name (for logs).
+    #[must_use]
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::VolumeCreate { .. } => "volume_create",
+            Self::VolumeCreateBatch { .. } => "volume_create_batch",
+            Self::VolumeList { .. } => "volume_list",
+            Self::VolumeShow { .. } => "volume_show",
+            Self::VolumeResize { .. } => "volume_resize",
+            Self::VolumeDelete { .. } => "volume_delete",
+            Self::VolumeClone { .. } => "volume_clone",
+            Self::VolumeAllowHost { .. } => "volume_allow_host",
+            Self::VolumeSetAnyHost { .. } => "volume_set_any_host",
+            Self::VolumeDenyHost { .. } => "volume_deny_host",
+            Self::SnapshotCreate { .. } => "snapshot_create",
+            Self::SnapshotList { .. } => "snapshot_list",
+            Self::SnapshotDelete { .. } => "snapshot_delete",
+            Self::Status => "status",
+            Self::Adopt => "adopt",
+        }
+    }
+}
+
 /// What the server knows about itself that responses mention (the `nvme connect` line).
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    /// Address hosts connect to.
-    pub traddr: String,
-    /// Port.
-    pub trsvcid: u16,
-    /// Backend kind.
+    /// The address the server listens on.
+    pub listen: std::net::SocketAddr,
+    /// The address hosts are told to connect to (`--advertise`, else the listen address unless
+    /// that is 0.0.0.0 or ::).
+    pub advertise: String,
+    /// The backend (`memory`, `file`, `zvol:<dataset>`).
     pub backend: String,
+}
+
+/// A failed request: a machine-readable kind and a one-line message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminError {
+    /// `not_found`, `exists`, `busy`, `has_dependents`, `invalid`, `unsupported`, `no_space`,
+    /// `not_ready`, `backend_mismatch` or `internal`.
+    pub kind: &'static str,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for AdminError {}
+
+impl From<NodeError> for AdminError {
+    fn from(e: NodeError) -> Self {
+        let mut message = e.to_string();
+        if matches!(e, NodeError::OvercommitExceeded { .. }) {
+            message.push_str(" (serve --overcommit-ratio sets it)");
+        }
+        Self { kind: kind_of(&e), message }
+    }
+}
+
+/// The response line for a result: `{"ok":true,"result":…}` or
+/// `{"ok":false,"kind":"…","error":"…"}`.
+#[must_use]
+pub fn response_json(result: &Result<Value, AdminError>) -> Value {
+    match result {
+        Ok(v) => json!({ "ok": true, "result": v }),
+        Err(e) => json!({ "ok": false, "kind": e.kind, "error": e.message }),
+    }
 }
 
 fn kind_of(e: &NodeError) -> &'static str {
     match e {
         NodeError::NotFound(_) | NodeError::Provision(ProvisionError::NotFound(_)) => "not_found",
         NodeError::AlreadyExists(_) | NodeError::Provision(ProvisionError::AlreadyExists(_)) => "exists",
-        NodeError::Busy { .. } | NodeError::Provision(ProvisionError::Busy(_)) => "busy",
+        NodeError::Busy { .. }
+        | NodeError::ShrinkWhileConnected { .. }
+        | NodeError::Provision(ProvisionError::Busy(_)) => "busy",
+        NodeError::HostNotAllowed { .. } => "not_found",
+        NodeError::ShrinkNotForced { .. } | NodeError::AnyHostAllowed { .. } => "invalid",
+        NodeError::OvercommitExceeded { .. } => "no_space",
+        NodeError::BackendMismatch { .. } => "backend_mismatch",
         NodeError::HasDependents { .. } | NodeError::Provision(ProvisionError::HasDependents { .. }) => {
             "has_dependents"
         }
@@ -168,7 +264,12 @@ fn kind_of(e: &NodeError) -> &'static str {
 }
 
 fn volume_json(r: &VolumeRecord, ep: &Endpoint) -> Value {
-    let host = r.allowed_hosts.first().cloned().unwrap_or_else(|| "<your host NQN>".into());
+    let host = match (r.allowed_hosts.first(), r.allow_any_host) {
+        (Some(h), _) => format!(" --hostnqn={h}"),
+        // nvme-cli uses the host's own /etc/nvme/hostnqn.
+        (None, true) => String::new(),
+        (None, false) => " --hostnqn=<an allowed host NQN>".into(),
+    };
     json!({
         "name": r.name,
         "size_bytes": r.size_bytes,
@@ -181,9 +282,9 @@ fn volume_json(r: &VolumeRecord, ep: &Endpoint) -> Value {
         "serial": r.serial,
         "allow_any_host": r.allow_any_host,
         "allowed_hosts": r.allowed_hosts,
-        "state": format!("{:?}", r.state).to_lowercase(),
+        "state": r.state.as_str(),
         "created_unix_s": r.created_unix_s,
-        "connect": format!("nvme connect -t tcp -a {} -s {} -n {} --hostnqn={host}", ep.traddr, ep.trsvcid, r.nqn),
+        "connect": format!("nvme connect -t tcp -a {} -s {} -n {}{host}", ep.advertise, ep.listen.port(), r.nqn),
     })
 }
 
@@ -192,7 +293,7 @@ fn snapshot_json(s: &SnapshotRecord) -> Value {
         "volume": s.volume,
         "name": s.name,
         "size_bytes": s.size_bytes,
-        "state": format!("{:?}", s.state).to_lowercase(),
+        "state": s.state.as_str(),
         "created_unix_s": s.created_unix_s,
     })
 }
@@ -202,12 +303,19 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn uuid(b: &[u8; 16]) -> String {
-    let h = hex(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    uuid::Uuid::from_bytes(*b).hyphenated().to_string()
 }
 
 /// Carries out one request.
-pub fn handle(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, NodeError> {
+pub fn handle(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, AdminError> {
+    handle_node(node, ep, req).map_err(AdminError::from)
+}
+
+fn opt<T: Serialize>(v: Option<T>) -> Value {
+    v.map_or(Value::Null, |v| json!(v))
+}
+
+fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, NodeError> {
     Ok(match req {
         Request::VolumeCreate {
             name,
@@ -228,6 +336,11 @@ pub fn handle(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, NodeErr
             volume_json(&r, ep)
         }
         Request::VolumeCreateBatch { prefix, start, count, size_bytes, block_size, allowed_hosts } => {
+            if count > MAX_BATCH {
+                return Err(NodeError::InvalidArgument(format!(
+                    "a batch has at most {MAX_BATCH} volumes, not {count}"
+                )));
+            }
             let reqs: Vec<CreateVolume> = (start..start.saturating_add(count))
                 .map(|n| CreateVolume {
                     name: format!("{prefix}{n}"),
@@ -242,12 +355,14 @@ pub fn handle(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, NodeErr
             json!({ "created": made.len() })
         }
         Request::VolumeList { prefix, after, limit } => {
+            let limit = if limit == 0 { usize::MAX } else { limit };
             let v = node.volumes(&prefix, after.as_deref(), limit)?;
             Value::Array(v.iter().map(|r| volume_json(r, ep)).collect())
         }
         Request::VolumeShow { name } => {
             let info = node.volume(&name)?;
             let mut v = volume_json(&info.record, ep);
+            let pool = node.capacity().ok().and_then(|c| c.pool_bytes);
             v["active"] = json!(info.active);
             v["controllers"] = json!(info.controllers);
             v["snapshots"] = json!(node.snapshots(&name)?.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
@@ -256,10 +371,19 @@ pub fn handle(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, NodeErr
                 v["referenced_bytes"] = json!(u.referenced_bytes);
                 v["logical_used_bytes"] = json!(u.logical_used_bytes);
                 v["compress_ratio"] = json!(u.compress_ratio);
+                // What the volume may still write that its backend does not hold yet (thin).
+                v["free_bytes"] = json!(info.record.size_bytes.saturating_sub(u.used_bytes));
             }
+            // The volume's size against the pool: its share of a full pool.
+            v["pool_share"] = opt(pool.filter(|&p| p > 0).map(|p| info.record.size_bytes as f64 / p as f64));
             v
         }
-        Request::VolumeResize { name, size_bytes } => volume_json(&node.resize(&name, size_bytes)?, ep),
+        Request::VolumeResize { name, size_bytes, force } => {
+            volume_json(&node.resize(&name, size_bytes, force)?, ep)
+        }
+        Request::VolumeSetAnyHost { name, allow_any_host, disconnect } => {
+            volume_json(&node.set_allow_any_host(&name, allow_any_host, disconnect)?, ep)
+        }
         Request::VolumeDelete { name, force } => {
             node.delete_volume(&name, force)?;
             json!({ "deleted": name })
@@ -289,88 +413,23 @@ pub fn handle(node: &Node, ep: &Endpoint, req: Request) -> Result<Value, NodeErr
         }
         Request::Status => {
             let s = node.stats()?;
+            let c = node.capacity()?;
             json!({
                 "volumes_total": s.volumes_total,
                 "volumes_active": s.volumes_active,
                 "controllers": s.controllers,
                 "nqn_prefix": node.nqn_prefix(),
-                "listen": format!("{}:{}", ep.traddr, ep.trsvcid),
+                "listen": ep.listen.to_string(),
+                "advertise": ep.advertise,
                 "backend": ep.backend,
                 "catalog_bytes": node.catalog().file_bytes(),
+                "provisioned_bytes": c.provisioned_bytes,
+                "pool_bytes": opt(c.pool_bytes),
+                "pool_used_bytes": opt(c.used_bytes),
+                "pool_available_bytes": opt(c.available_bytes),
+                "overcommit": opt(c.overcommit),
+                "overcommit_limit": opt(c.overcommit_limit),
             })
         }
     })
-}
-
-/// Binds the admin socket at `path` (mode 0600; a stale socket from a dead server is replaced) and
-/// serves it on a thread, one thread per admin client (admin traffic is rare).
-pub fn serve(path: &Path, node: Node, ep: Endpoint) -> std::io::Result<()> {
-    if path.exists() {
-        // Refuse to take over from a live server; replace a stale socket.
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("another server is running (its admin socket {} answers)", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    std::thread::Builder::new().name("xatastor-admin".into()).spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let (node, ep) = (node.clone(), ep.clone());
-            let _ = std::thread::Builder::new().name("xatastor-admin-conn".into()).spawn(move || {
-                serve_client(stream, &node, &ep);
-            });
-        }
-    })?;
-    Ok(())
-}
-
-fn serve_client(stream: UnixStream, node: &Node, ep: &Endpoint) {
-    let Ok(mut out) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(std::io::Read::take(stream, MAX_REQUEST_BYTES));
-    let mut line = String::new();
-    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-        let response = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => {
-                tracing::info!(request = line.trim_end(), "admin request");
-                match handle(node, ep, req) {
-                    Ok(result) => json!({ "ok": true, "result": result }),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin request failed");
-                        json!({ "ok": false, "kind": kind_of(&e), "error": e.to_string() })
-                    }
-                }
-            }
-            Err(e) => json!({ "ok": false, "kind": "invalid", "error": format!("bad request: {e}") }),
-        };
-        if writeln!(out, "{response}").is_err() {
-            return;
-        }
-        line.clear();
-    }
-}
-
-/// Sends one request to the server's admin socket and returns its result, or the server's error
-/// message.
-pub fn call(path: &Path, req: &Request) -> Result<Value, String> {
-    let mut stream = UnixStream::connect(path).map_err(|e| {
-        format!(
-            "cannot reach the server at {} ({e}); is `xatastor-target serve` running with this --data-dir?",
-            path.display()
-        )
-    })?;
-    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
-    writeln!(stream, "{line}").map_err(|e| format!("sending to the server: {e}"))?;
-    let mut resp = String::new();
-    BufReader::new(&stream).read_line(&mut resp).map_err(|e| format!("reading the server's answer: {e}"))?;
-    let v: Value = serde_json::from_str(&resp).map_err(|e| format!("bad answer from the server: {e}"))?;
-    if v["ok"].as_bool() == Some(true) {
-        Ok(v["result"].clone())
-    } else {
-        Err(v["error"].as_str().unwrap_or("the server reported an error").to_owned())
-    }
 }

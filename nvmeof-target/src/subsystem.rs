@@ -152,6 +152,7 @@ pub struct NamespaceStats {
     other: AtomicU64,
     errors: AtomicU64,
     latency: LatencyHistogram,
+    latency_sum_ns: AtomicU64,
 }
 
 /// Kinds of operations counted by [`NamespaceStats`].
@@ -181,6 +182,8 @@ impl NamespaceStats {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.latency.record(latency);
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
     /// A consistent-enough copy of the counters.
@@ -194,6 +197,7 @@ impl NamespaceStats {
             other: self.other.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             latency_buckets: self.latency.snapshot(),
+            latency_sum_ns: self.latency_sum_ns.load(Ordering::Relaxed),
         }
     }
 }
@@ -241,6 +245,8 @@ pub struct StatsSnapshot {
     /// Latency histogram: entry `i` counts commands that took less than 2^i µs (from the command
     /// capsule's arrival to its completion).
     pub latency_buckets: [u64; LATENCY_BUCKETS],
+    /// Sum of the latencies counted in `latency_buckets`, in nanoseconds (wraps after ~584 years).
+    pub latency_sum_ns: u64,
 }
 
 /// Which hosts may connect to a subsystem.

@@ -8,8 +8,19 @@
 //!   host_volumes  host NQN | "*"  →→ volume name   (multimap: the discovery index)
 //!   clones        "volume@snap"   →→ clone name    (multimap: dependents of a snapshot)
 //!   intents       id              → Intent         (operations started, not yet committed)
-//!   meta          key             → value          (schema version, NQN prefix, counters)
+//!   meta          key             → value          (schema version, NQN prefix, the backend the
+//!                                                   volumes live on, provisioned bytes)
 //! ```
+//!
+//! The catalog owns what is decided once per volume and must never change: a new record's NVMe
+//! identity ([`VolumeRecord::new`]: subsystem NQN, random NGUID, RFC 9562 version 4 UUID, serial), and
+//! the bookkeeping that follows from records: the host and clone indexes, a volume's snapshots going
+//! with it ([`CatalogTxn::remove_volume_and_snapshots`]) and the sum of provisioned sizes (kept in
+//! `meta` with every write, so capacity questions never scan the volumes).
+//!
+//! It also records **which backend** the volumes live on ([`BackendRecord`]: kind, dataset or
+//! directory, durable or not), so that a node started on another backend is refused instead of
+//! serving volumes whose devices are elsewhere.
 //!
 //! **Why redb.** It is an embedded, pure-Rust, ACID key-value store with copy-on-write B-trees:
 //! a commit is durable when it returns (fsync), a crash at any moment leaves the last committed
@@ -21,6 +32,11 @@
 //! Lookups the hot paths need are single index reads: a host's Connect maps its subsystem NQN to a
 //! volume name by stripping the node's NQN prefix, and a host's discovery log page reads the
 //! `host_volumes` multimap for that host (plus `*` for volumes any host may use).
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)
+)]
 
 use std::path::{Path, PathBuf};
 
@@ -39,10 +55,22 @@ const ANY_HOST: &str = "*";
 /// Catalog layout version, stored in `meta`.
 const SCHEMA_VERSION: u32 = 1;
 
+/// Meta keys of the backend record and the provisioned-bytes counter.
+const META_BACKEND_KIND: &str = "backend_kind";
+const META_BACKEND_LOCATION: &str = "backend_location";
+const META_BACKEND_DURABLE: &str = "backend_durable";
+const META_PROVISIONED: &str = "provisioned_bytes";
+
 /// Errors of the catalog store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CatalogError {
+    /// Another process has the catalog open (redb holds an exclusive lock on the file).
+    #[error("{} is in use by another process: another node serves this data directory", path.display())]
+    Locked {
+        /// The catalog file.
+        path: PathBuf,
+    },
     /// The store failed (I/O, corruption, another process holds it).
     #[error("catalog store: {0}")]
     Store(Box<redb::Error>),
@@ -68,6 +96,7 @@ fn store<E: Into<redb::Error>>(e: E) -> CatalogError {
 
 /// Where a volume is in its lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum VolumeState {
     /// Recorded; the backend volume may not exist yet (an intent is pending).
     Creating,
@@ -75,6 +104,46 @@ pub enum VolumeState {
     Ready,
     /// Being deleted (an intent is pending); not exported any more.
     Deleting,
+    /// Reported, never stored: the catalog says [`VolumeState::Ready`] but the backend does not have
+    /// the volume (removed behind the node's back, or a backend that lost it). Not exported.
+    Missing,
+}
+
+impl VolumeState {
+    /// The lower-case name used in reports (`creating`, `ready`, `deleting`, `missing`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Ready => "ready",
+            Self::Deleting => "deleting",
+            Self::Missing => "missing",
+        }
+    }
+}
+
+/// The backend a catalog's volumes live on, recorded on the first start and checked on every other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendRecord {
+    /// The provisioner's kind (`memory`, `file`, `zvol`, …).
+    pub kind: String,
+    /// Where on that backend: the parent dataset of zvols, the directory of files (relative to the
+    /// catalog's directory when it lies inside it, so a data directory can be moved whole); empty for
+    /// memory.
+    pub location: String,
+    /// Whether volumes outlive the process (false for memory).
+    pub durable: bool,
+}
+
+impl std::fmt::Display for BackendRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kind.as_str(), self.location.as_str()) {
+            (kind, _) if !self.durable => f.write_str(kind),
+            (kind, "") => f.write_str(kind),
+            ("zvol", loc) => write!(f, "zvol:{loc}"),
+            (kind, loc) => write!(f, "{kind} in {loc}"),
+        }
+    }
 }
 
 /// A volume as the catalog knows it.
@@ -196,11 +265,57 @@ impl std::fmt::Debug for CatalogTxn {
     }
 }
 
+impl VolumeRecord {
+    /// A new record in state [`VolumeState::Creating`] with a fresh NVMe identity: subsystem NQN
+    /// `<nqn_prefix>:<name>`, a random NGUID, a random RFC 9562 version 4 UUID and a random serial
+    /// (`XS` + 18 hex digits). Any host, allowed hosts, compression and origin are left for the
+    /// caller to set.
+    #[must_use]
+    pub fn new(name: &str, nqn_prefix: &str, size_bytes: u64, block_size: u32) -> Self {
+        let serial = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            name: name.to_owned(),
+            size_bytes,
+            block_size,
+            compression: None,
+            origin: None,
+            nqn: format!("{nqn_prefix}:{name}"),
+            nguid: *uuid::Uuid::new_v4().as_bytes(),
+            uuid: *uuid::Uuid::new_v4().as_bytes(),
+            serial: format!("XS{}", serial.get(..18).unwrap_or(&serial)),
+            allow_any_host: false,
+            allowed_hosts: Vec::new(),
+            state: VolumeState::Creating,
+            created_unix_s: unix_now(),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (creation times).
+#[allow(clippy::disallowed_methods)] // wall-clock creation times
+#[must_use]
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn meta_u64(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<u64>, CatalogError> {
+    Ok(t.get(key).map_err(store)?.and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes)))
+}
+
 impl Catalog {
-    /// Opens (or creates) the catalog file. Reads nothing per volume.
+    /// Opens (or creates) the catalog file. Reads nothing per volume (except once, to count the
+    /// provisioned bytes of a catalog written before that counter existed).
+    ///
+    /// Another process holding the file is [`CatalogError::Locked`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, CatalogError> {
         let path = path.as_ref().to_owned();
-        let db = Database::create(&path).map_err(store)?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => CatalogError::Locked { path: path.clone() },
+            e => store(e),
+        })?;
         let cat = Self { db, path };
         let txn = cat.db.begin_write().map_err(store)?;
         {
@@ -222,9 +337,39 @@ impl Catalog {
                 Some(SCHEMA_VERSION) => {}
                 Some(found) => return Err(CatalogError::Schema { found }),
             }
+            if meta_u64(&meta, META_PROVISIONED)?.is_none() {
+                // A catalog from before the counter: count once.
+                let volumes = txn.open_table(VOLUMES).map_err(store)?;
+                let mut sum = 0u64;
+                for entry in volumes.iter().map_err(store)? {
+                    let (k, v) = entry.map_err(store)?;
+                    let rec: VolumeRecord = decode(k.value(), v.value())?;
+                    sum = sum.saturating_add(rec.size_bytes);
+                }
+                meta.insert(META_PROVISIONED, sum.to_le_bytes().as_slice()).map_err(store)?;
+            }
         }
         txn.commit().map_err(store)?;
         Ok(cat)
+    }
+
+    /// The backend recorded for this catalog's volumes, if one is.
+    pub fn backend(&self) -> Result<Option<BackendRecord>, CatalogError> {
+        let Some(kind) = self.meta(META_BACKEND_KIND)? else { return Ok(None) };
+        let location = self.meta(META_BACKEND_LOCATION)?.unwrap_or_default();
+        let durable = self.meta(META_BACKEND_DURABLE)?.is_none_or(|v| v.first() != Some(&0));
+        Ok(Some(BackendRecord {
+            kind: String::from_utf8_lossy(&kind).into_owned(),
+            location: String::from_utf8_lossy(&location).into_owned(),
+            durable,
+        }))
+    }
+
+    /// Sum of the sizes of all volumes in the catalog (any state), in bytes.
+    pub fn provisioned_bytes(&self) -> Result<u64, CatalogError> {
+        let r = self.db.begin_read().map_err(store)?;
+        let t = r.open_table(META).map_err(store)?;
+        Ok(meta_u64(&t, META_PROVISIONED)?.unwrap_or(0))
     }
 
     /// The catalog file.
@@ -292,6 +437,21 @@ impl Catalog {
             }
         }
         Ok(out)
+    }
+
+    /// The first of `names` that is a volume in the catalog (one read transaction for all).
+    pub fn first_existing<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Option<&'a str>, CatalogError> {
+        let r = self.db.begin_read().map_err(store)?;
+        let t = r.open_table(VOLUMES).map_err(store)?;
+        for name in names {
+            if t.get(name).map_err(store)?.is_some() {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
     }
 
     /// Number of volumes.
@@ -397,10 +557,35 @@ impl CatalogTxn {
         v.map(|v| decode(&key, v.value())).transpose()
     }
 
-    /// Inserts or replaces a volume, keeping the host index in step with its allowed hosts and the
-    /// clone index with its origin.
+    fn add_provisioned(&mut self, add: u64, sub: u64) -> Result<(), CatalogError> {
+        if add == sub {
+            return Ok(());
+        }
+        let mut t = self.txn.open_table(META).map_err(store)?;
+        let now = meta_u64(&t, META_PROVISIONED)?.unwrap_or(0);
+        let new = now.saturating_add(add).saturating_sub(sub);
+        t.insert(META_PROVISIONED, new.to_le_bytes().as_slice()).map_err(store)?;
+        Ok(())
+    }
+
+    /// Sum of the sizes of all volumes, as of this transaction.
+    pub fn provisioned_bytes(&self) -> Result<u64, CatalogError> {
+        let t = self.txn.open_table(META).map_err(store)?;
+        Ok(meta_u64(&t, META_PROVISIONED)?.unwrap_or(0))
+    }
+
+    /// Records the backend the volumes live on.
+    pub fn set_backend(&mut self, backend: &BackendRecord) -> Result<(), CatalogError> {
+        self.set_meta(META_BACKEND_KIND, backend.kind.as_bytes())?;
+        self.set_meta(META_BACKEND_LOCATION, backend.location.as_bytes())?;
+        self.set_meta(META_BACKEND_DURABLE, &[u8::from(backend.durable)])
+    }
+
+    /// Inserts or replaces a volume, keeping the host index in step with its allowed hosts, the
+    /// clone index with its origin, and the provisioned-bytes counter with its size.
     pub fn put_volume(&mut self, rec: &VolumeRecord) -> Result<(), CatalogError> {
         let old = self.volume(&rec.name)?;
+        self.add_provisioned(rec.size_bytes, old.as_ref().map_or(0, |o| o.size_bytes))?;
         if old.is_none() {
             if let Some((v, snap)) = &rec.origin {
                 let mut idx = self.txn.open_multimap_table(CLONES).map_err(store)?;
@@ -423,9 +608,38 @@ impl CatalogTxn {
         Ok(())
     }
 
-    /// Removes a volume (and its host and clone index entries).
+    /// Removes a volume and its snapshots (and its host and clone index entries).
+    pub fn remove_volume_and_snapshots(&mut self, name: &str) -> Result<(), CatalogError> {
+        for s in self.snapshot_names(name)? {
+            self.remove_snapshot(name, &s)?;
+        }
+        self.remove_volume(name)
+    }
+
+    /// Removes every volume, snapshot and pending intent (their indexes too), keeping `meta` (the
+    /// NQN prefix): for a backend whose volumes did not outlive the previous process. Returns the
+    /// number of volumes removed.
+    pub fn clear_volumes(&mut self) -> Result<u64, CatalogError> {
+        let count = self.txn.open_table(VOLUMES).map_err(store)?.len().map_err(store)?;
+        self.txn.delete_table(VOLUMES).map_err(store)?;
+        self.txn.delete_table(SNAPSHOTS).map_err(store)?;
+        self.txn.delete_table(INTENTS).map_err(store)?;
+        self.txn.delete_multimap_table(HOST_VOLUMES).map_err(store)?;
+        self.txn.delete_multimap_table(CLONES).map_err(store)?;
+        self.txn.open_table(VOLUMES).map_err(store)?;
+        self.txn.open_table(SNAPSHOTS).map_err(store)?;
+        self.txn.open_table(INTENTS).map_err(store)?;
+        self.txn.open_multimap_table(HOST_VOLUMES).map_err(store)?;
+        self.txn.open_multimap_table(CLONES).map_err(store)?;
+        self.set_meta(META_PROVISIONED, &0u64.to_le_bytes())?;
+        Ok(count)
+    }
+
+    /// Removes a volume (and its host and clone index entries); its snapshots stay (see
+    /// [`CatalogTxn::remove_volume_and_snapshots`]).
     pub fn remove_volume(&mut self, name: &str) -> Result<(), CatalogError> {
         if let Some(old) = self.volume(name)? {
+            self.add_provisioned(0, old.size_bytes)?;
             if let Some((v, snap)) = &old.origin {
                 let mut idx = self.txn.open_multimap_table(CLONES).map_err(store)?;
                 idx.remove(format!("{v}@{snap}").as_str(), name).map_err(store)?;

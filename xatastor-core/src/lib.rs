@@ -16,10 +16,12 @@
 //!
 //! - [`server`]: the thread-per-core io_uring server (no busy polling; no per-volume threads,
 //!   timers or file descriptors);
-//! - [`catalog`] and [`node`]: the persistent catalog, the lifecycle (intent → backend operation →
-//!   commit, reconciled after a crash), lazy activation on Connect, idle unload, discovery from the
-//!   host index;
-//! - [`provision`] and [`provisioners`]: the provisioner trait, memory and file implementations.
+//! - [`catalog`] and [`node`]: the persistent catalog (with the backend its volumes live on), the
+//!   lifecycle (intent → backend operation → commit, reconciled after a crash), the shrink rule,
+//!   editable host access, capacity and the overcommit limit, lazy activation on Connect, idle
+//!   unload, discovery from the host index;
+//! - [`provision`] and [`provisioners`]: the provisioner trait, memory and file implementations;
+//! - [`ratelimit`]: warnings a host can trigger over and over, logged once per interval.
 //!
 //! Embedding a node (memory volumes, one worker):
 //!
@@ -45,10 +47,12 @@ pub mod catalog;
 pub mod node;
 pub mod provision;
 pub mod provisioners;
+pub mod ratelimit;
 pub mod server;
 
-pub use node::{CreateVolume, Node, NodeConfig, NodeError, NodeStats, VolumeInfo};
+pub use node::{CreateVolume, IoTotals, Node, NodeCapacity, NodeConfig, NodeError, NodeStats, VolumeInfo};
 pub use provision::{
-    ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
+    Capacity, ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner,
+    VolumeSpec,
 };
 pub use server::{Server, ServerConfig, WorkerStats};

@@ -4,39 +4,74 @@
 //! ```text
 //!   admin call ──▶ Node ──▶ 1. intent + records   (catalog transaction, fsync)
 //!                      ├──▶ 2. backend operation  (provisioner: create / snapshot / clone / …)
-//!                      └──▶ 3. commit             (catalog transaction: state Ready, intent gone)
-//!   restart ─────▶ Node::open ──▶ reconcile every pending intent against the backend
+//!                      └──▶ 3. commit or undo     (catalog transaction: state Ready, intent gone)
+//!   restart ─────▶ Node::open ──▶ check the recorded backend ──▶ reconcile every pending intent
 //!
 //!   host Connect(subnqn) ──▶ Target ──▶ SubsystemSource::activate ──▶ catalog lookup + open device
 //!   last controller gone + idle timeout ──▶ reaper unloads the subsystem (fd closed, RAM freed)
 //! ```
 //!
-//! Every lifecycle call is *intent → backend operation → commit*. A crash (kill -9, power loss) at
-//! any point leaves an intent in the catalog; [`Node::open`] finishes or undoes it depending on what
-//! the backend shows: a volume, clone or snapshot the backend has is kept (made `Ready`), one it
-//! does not have is forgotten; a resize is applied again; a delete is carried through.
+//! Every lifecycle call is *intent → backend operation → commit*, written once
+//! (`Node::journaled`). A crash (kill -9, power loss) at any point leaves an intent in the catalog;
+//! [`Node::open`] finishes or undoes it depending on what the backend shows: volumes, a clone or
+//! snapshots the backend has are kept (made `Ready`), ones it does not have are forgotten — except
+//! that a batch of creates is all or none: if the backend made only some of a batch, those are
+//! deleted again and the whole batch is forgotten; a resize is applied again; a delete is carried
+//! through (also one that failed in the backend: it stays `Deleting` until then). Reconciliation logs one summary line (counts), not the names.
+//!
+//! **Backend.** The catalog records which backend its volumes live on (kind and dataset or
+//! directory). [`Node::open`] refuses a different one ([`NodeError::BackendMismatch`]) unless
+//! [`NodeConfig::rebind_backend`] says the volumes really moved there, or the catalog has no volume.
+//! A backend whose volumes do not outlive the process (memory) is recorded per provisioner instance
+//! (a new process has a new one): at the next start the previous instance's volumes are forgotten,
+//! with one log line. A volume the backend lacks is never
+//! reported ready ([`VolumeState::Missing`]) and never exported.
+//!
+//! **Sizes.** Shrinking destroys data: it is refused unless forced, and a forced shrink is refused
+//! while a host is connected (the volume is unloaded and fenced against new connections while the
+//! backend shrinks it). Growing and creating are refused past the overcommit limit
+//! ([`NodeConfig::overcommit_ratio`]): provisioned bytes over the backend pool's size.
+//!
+//! **Host access** is editable at any time: allow a host, deny an allowed one (an error for one that
+//! is not), let any host connect or stop that; each change raises a discovery log change event and,
+//! when asked, disconnects the hosts that lost access.
 //!
 //! Start-up reads nothing per volume (the catalog is opened, pending intents — usually none — are
 //! reconciled). A volume costs nothing while no host uses it: its subsystem is built on the first
 //! Connect (an index lookup and opening its device) and dropped again `idle_unload` after its last
-//! controller went away. Discovery for a host is served from the catalog's host index.
+//! controller went away (INFO lines `volume loaded` / `volume unloaded`). Discovery for a host is
+//! served from the catalog's host index.
 //!
 //! Lifecycle calls are serialised per node (the catalog serialises its writes anyway); I/O is never
 //! paused by them: snapshots and clones are taken by the backend under live I/O.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)
+)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use nvmeof_target::{HostAccess, NamespaceConfig, SubsystemConfig, SubsystemSource, Target};
+use nvmeof_target::{
+    HostAccess, NamespaceConfig, StatsSnapshot, Subsystem, SubsystemConfig, SubsystemSource, Target,
+};
 use parking_lot::Mutex;
 
-use crate::catalog::{Catalog, CatalogError, Intent, SnapshotRecord, VolumeRecord, VolumeState};
+use crate::catalog::{
+    unix_now, BackendRecord, Catalog, CatalogError, CatalogTxn, Intent, SnapshotRecord, VolumeRecord,
+    VolumeState,
+};
 use crate::provision::{
     ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
 };
+use crate::ratelimit::RateLimit;
+
+/// The largest volume: 1 EiB (far beyond any pool; keeps every size computation in range).
+pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
 
 /// Errors of node operations.
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +111,83 @@ pub enum NodeError {
     /// The volume is being created or deleted.
     #[error("{0} is being created or deleted")]
     NotReady(String),
+    /// The catalog's volumes live on another backend than the one the node was started with.
+    #[error("the catalog's volumes are on {recorded}, not on {given}")]
+    BackendMismatch {
+        /// The backend recorded in the catalog.
+        recorded: BackendRecord,
+        /// The backend the node was started with.
+        given: BackendRecord,
+    },
+    /// A smaller size without `force`.
+    #[error(
+        "shrinking {volume} from {from_bytes} to {to_bytes} bytes destroys the data beyond the new end; \
+         use --force (no host may be connected)"
+    )]
+    ShrinkNotForced {
+        /// The volume.
+        volume: String,
+        /// Its size.
+        from_bytes: u64,
+        /// The size asked for.
+        to_bytes: u64,
+    },
+    /// A forced shrink of a volume that hosts are connected to.
+    #[error(
+        "{volume} has {controllers} connected controller(s): disconnect them before shrinking it (a host \
+         would read and write beyond the new end)"
+    )]
+    ShrinkWhileConnected {
+        /// The volume.
+        volume: String,
+        /// Live controllers.
+        controllers: usize,
+    },
+    /// Creating or growing would provision more than the overcommit limit allows.
+    #[error(
+        "{requested_bytes} more bytes would provision {provisioned_after_bytes} bytes on a pool of \
+         {pool_bytes} bytes, {ratio:.2}x its size; the overcommit limit is {limit}x"
+    )]
+    OvercommitExceeded {
+        /// Bytes the call would add.
+        requested_bytes: u64,
+        /// Provisioned bytes after the call.
+        provisioned_after_bytes: u64,
+        /// The pool's size.
+        pool_bytes: u64,
+        /// `provisioned_after_bytes / pool_bytes`.
+        ratio: f64,
+        /// The configured limit.
+        limit: f64,
+    },
+    /// Denying a host that is not among the allowed ones.
+    #[error("host {host} is not among the allowed hosts of volume {volume}")]
+    HostNotAllowed {
+        /// The volume.
+        volume: String,
+        /// The host NQN.
+        host: String,
+    },
+    /// Denying one host of a volume that lets any host connect.
+    #[error(
+        "volume {volume} lets any host connect, so no single host can be denied: turn any-host off first, \
+         then allow hosts one by one"
+    )]
+    AnyHostAllowed {
+        /// The volume.
+        volume: String,
+    },
 }
 
 /// A step of a lifecycle operation, for crash tests ([`NodeConfig::crash_hook`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Step {
     /// The intent (and records) are committed to the catalog; the backend has not been touched.
     IntentRecorded,
+    /// One item of a multi-item backend operation is done (each volume of a batch create), more
+    /// are to come.
+    BackendPartial,
     /// The backend operation is done; the catalog does not know yet.
     BackendDone,
     /// The operation is committed.
@@ -105,6 +210,12 @@ pub struct NodeConfig {
     pub nqn_prefix: Option<String>,
     /// How long a volume stays loaded after its last controller left.
     pub idle_unload: Duration,
+    /// Provisioned bytes may be at most this many times the backend pool's size (creates and grows
+    /// past it are refused). `None`: no limit. Ignored where the backend cannot tell its size.
+    pub overcommit_ratio: Option<f64>,
+    /// Record the provisioner's backend in the catalog even if another one is recorded (the dataset
+    /// was renamed, the directory moved). Volumes the backend lacks then show as missing.
+    pub rebind_backend: bool,
     /// Called at every step of every lifecycle operation (crash tests abort the process there).
     pub crash_hook: Option<CrashHook>,
 }
@@ -115,18 +226,23 @@ impl std::fmt::Debug for NodeConfig {
             .field("catalog_path", &self.catalog_path)
             .field("nqn_prefix", &self.nqn_prefix)
             .field("idle_unload", &self.idle_unload)
+            .field("overcommit_ratio", &self.overcommit_ratio)
+            .field("rebind_backend", &self.rebind_backend)
             .finish_non_exhaustive()
     }
 }
 
 impl NodeConfig {
-    /// Defaults: NQN prefix from the catalog, volumes unloaded 30 s after their last controller.
+    /// Defaults: NQN prefix from the catalog, volumes unloaded 30 s after their last controller, no
+    /// overcommit limit, the recorded backend enforced.
     #[must_use]
     pub fn new(catalog_path: impl Into<PathBuf>) -> Self {
         Self {
             catalog_path: catalog_path.into(),
             nqn_prefix: None,
             idle_unload: Duration::from_secs(30),
+            overcommit_ratio: None,
+            rebind_backend: false,
             crash_hook: None,
         }
     }
@@ -167,7 +283,7 @@ impl CreateVolume {
 /// A volume with what is known about it right now.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VolumeInfo {
-    /// The catalog record.
+    /// The catalog record (`state` is [`VolumeState::Missing`] when the backend lacks the volume).
     pub record: VolumeRecord,
     /// Space used, from the backend (`None` if it could not be read).
     pub usage: Option<Usage>,
@@ -189,6 +305,54 @@ pub struct NodeStats {
     pub controllers: usize,
 }
 
+/// Space: what the volumes may grow to against what the backend's pool has.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct NodeCapacity {
+    /// Sum of all volume sizes (thin: what hosts may write, not what is written).
+    pub provisioned_bytes: u64,
+    /// The pool's size (`None` if the backend cannot tell).
+    pub pool_bytes: Option<u64>,
+    /// Bytes used in the pool (by volumes, snapshots and anything else on it).
+    pub used_bytes: Option<u64>,
+    /// Bytes still available in the pool.
+    pub available_bytes: Option<u64>,
+    /// `provisioned_bytes / pool_bytes`.
+    pub overcommit: Option<f64>,
+    /// The configured limit of `overcommit` (`None`: no limit).
+    pub overcommit_limit: Option<f64>,
+}
+
+/// I/O counters of the node's volumes, loaded or not: monotonic for the life of the process (a
+/// volume's counters are added to the unloaded total when its subsystem is dropped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IoTotals {
+    /// Read commands completed.
+    pub reads: u64,
+    /// Write commands completed.
+    pub writes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Flush, Write Zeroes and Dataset Management commands completed.
+    pub other: u64,
+    /// Commands completed with an error status.
+    pub errors: u64,
+}
+
+impl IoTotals {
+    fn add(&mut self, s: &StatsSnapshot) {
+        self.reads = self.reads.saturating_add(s.reads);
+        self.writes = self.writes.saturating_add(s.writes);
+        self.read_bytes = self.read_bytes.saturating_add(s.read_bytes);
+        self.write_bytes = self.write_bytes.saturating_add(s.write_bytes);
+        self.other = self.other.saturating_add(s.other);
+        self.errors = self.errors.saturating_add(s.errors);
+    }
+}
+
 struct Inner {
     catalog: Catalog,
     provisioner: Arc<dyn VolumeProvisioner>,
@@ -197,8 +361,25 @@ struct Inner {
     ops: Mutex<()>,
     hook: Option<CrashHook>,
     idle_unload: Duration,
+    overcommit_ratio: Option<f64>,
     reaper: Mutex<Option<std::thread::Thread>>,
     stop: AtomicBool,
+    /// Volumes that must not be activated right now (being shrunk).
+    fenced: Mutex<HashSet<String>>,
+    /// Counters of the subsystems dropped so far.
+    unloaded_io: Mutex<IoTotals>,
+    /// Warnings a host can trigger over and over.
+    open_failures: RateLimit,
+}
+
+impl Inner {
+    /// Adds a dropped subsystem's counters to the unloaded total.
+    fn retire(&self, subsystem: &Subsystem) {
+        let mut totals = self.unloaded_io.lock();
+        for ns in subsystem.namespaces().values() {
+            totals.add(&ns.stats().snapshot());
+        }
+    }
 }
 
 /// A storage node: the catalog, the provisioner and the target, kept consistent.
@@ -231,21 +412,27 @@ impl Drop for StopGuard {
     }
 }
 
+/// Keeps a volume from being activated while it lives.
+struct Fence<'a> {
+    inner: &'a Inner,
+    name: String,
+}
+
+impl<'a> Fence<'a> {
+    fn new(inner: &'a Inner, name: &str) -> Self {
+        inner.fenced.lock().insert(name.to_owned());
+        Self { inner, name: name.to_owned() }
+    }
+}
+
+impl Drop for Fence<'_> {
+    fn drop(&mut self) {
+        self.inner.fenced.lock().remove(&self.name);
+    }
+}
+
 /// The [`SubsystemSource`] the node gives its target (holds the node weakly).
 struct Source(Weak<Inner>);
-
-#[allow(clippy::disallowed_methods)] // wall-clock creation times
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn random_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    for b in &mut id {
-        *b = fastrand::u8(..);
-    }
-    id
-}
 
 fn check_host(h: &str) -> Result<(), NodeError> {
     if h.is_empty() || h.len() > 223 || !h.starts_with("nqn.") || h.contains('\0') {
@@ -256,28 +443,88 @@ fn check_host(h: &str) -> Result<(), NodeError> {
     Ok(())
 }
 
+fn check_size(size_bytes: u64, block_size: u32) -> Result<(), NodeError> {
+    if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
+        return Err(NodeError::InvalidArgument(format!(
+            "size {size_bytes} is not a positive multiple of the block size {block_size}"
+        )));
+    }
+    if size_bytes > MAX_VOLUME_BYTES {
+        return Err(NodeError::InvalidArgument(format!(
+            "size {size_bytes} is larger than the largest volume ({MAX_VOLUME_BYTES} bytes, 1 EiB)"
+        )));
+    }
+    Ok(())
+}
+
 fn is_not_found(e: &ProvisionError) -> bool {
     matches!(e, ProvisionError::NotFound(_))
 }
 
+/// "Not found" counts as done (deletes).
+fn done_if_not_found(r: Result<(), ProvisionError>) -> Result<(), ProvisionError> {
+    match r {
+        Err(e) if is_not_found(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// The backend record of a provisioner, its location relative to the catalog's directory when it
+/// lies inside it (so a data directory can be moved whole).
+fn backend_record(p: &dyn VolumeProvisioner, catalog_dir: &Path) -> BackendRecord {
+    let mut location = p.location();
+    let dir = std::fs::canonicalize(catalog_dir).unwrap_or_else(|_| catalog_dir.to_owned());
+    if let Ok(rest) = Path::new(&location).strip_prefix(&dir) {
+        location = if rest.as_os_str().is_empty() { ".".into() } else { rest.display().to_string() };
+    }
+    BackendRecord { kind: p.kind().to_owned(), location, durable: p.durable() }
+}
+
+/// Whether a finished operation's intent is dropped, or kept for the next start to carry through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IntentAfter {
+    Drop,
+    Keep,
+}
+
+/// What a reconciliation did, for its summary line.
+#[derive(Debug, Default)]
+struct Reconciled {
+    operations: usize,
+    volumes_kept: usize,
+    volumes_forgotten: usize,
+    volumes_undone: usize,
+    snapshots_kept: usize,
+    snapshots_forgotten: usize,
+    resizes: usize,
+    deletes: usize,
+}
+
 impl Node {
-    /// Opens the catalog, reconciles pending intents with the backend, and attaches the node to
-    /// `target` as its [`SubsystemSource`] (volumes are exported on demand from now on).
+    /// Opens the catalog, checks that it belongs to `provisioner`'s backend (recording it on the
+    /// first start), reconciles pending intents with the backend, and attaches the node to `target`
+    /// as its [`SubsystemSource`] (volumes are exported on demand from now on).
     pub fn open(
         config: NodeConfig,
         provisioner: Arc<dyn VolumeProvisioner>,
         target: Target,
     ) -> Result<Node, NodeError> {
-        if let Some(dir) = config.catalog_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| ProvisionError::io(format!("creating {}", dir.display()), e))?;
-        }
+        let catalog_dir = match config.catalog_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| ProvisionError::io(format!("creating {}", dir.display()), e))?;
+                dir.to_owned()
+            }
+            None => PathBuf::from("."),
+        };
         let catalog = Catalog::open(&config.catalog_path)?;
+        Self::check_backend(&catalog, &*provisioner, &catalog_dir, config.rebind_backend)?;
         let prefix = match (config.nqn_prefix, catalog.meta("nqn_prefix")?) {
             (Some(p), _) => p,
             (None, Some(stored)) => String::from_utf8_lossy(&stored).into_owned(),
             (None, None) => {
-                let p = format!("nqn.2026-01.io.xatastor:node-{:016x}", fastrand::u64(..));
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                let p = format!("nqn.2026-01.io.xatastor:node-{}", id.get(..16).unwrap_or(&id));
                 let mut t = catalog.begin()?;
                 t.set_meta("nqn_prefix", p.as_bytes())?;
                 t.commit()?;
@@ -292,8 +539,12 @@ impl Node {
             ops: Mutex::new(()),
             hook: config.crash_hook,
             idle_unload: config.idle_unload,
+            overcommit_ratio: config.overcommit_ratio,
             reaper: Mutex::new(None),
             stop: AtomicBool::new(false),
+            fenced: Mutex::new(HashSet::new()),
+            unloaded_io: Mutex::new(IoTotals::default()),
+            open_failures: RateLimit::new(Duration::from_secs(10)),
         });
         let node = Node { _guard: Arc::new(StopGuard(Arc::downgrade(&inner))), inner };
         node.reconcile()?;
@@ -307,6 +558,54 @@ impl Node {
         Ok(node)
     }
 
+    /// Records the backend on the first start; refuses another one; forgets the volumes of a
+    /// non-durable backend's previous instance.
+    fn check_backend(
+        catalog: &Catalog,
+        provisioner: &dyn VolumeProvisioner,
+        catalog_dir: &Path,
+        rebind: bool,
+    ) -> Result<(), NodeError> {
+        let given = backend_record(provisioner, catalog_dir);
+        let recorded = catalog.backend()?;
+        if recorded.as_ref() == Some(&given) {
+            return Ok(());
+        }
+        let volumes = catalog.volume_count()?;
+        let pending = !catalog.intents()?.is_empty();
+        let mut t = catalog.begin()?;
+        match recorded {
+            None if volumes > 0 => {
+                tracing::info!(backend = %given, volumes, "recording the backend of the catalog's volumes");
+            }
+            None => {}
+            Some(old) if !old.durable && old.kind == given.kind && (volumes > 0 || pending) => {
+                let n = t.clear_volumes()?;
+                tracing::info!(
+                    backend = %given,
+                    volumes = n,
+                    "forgot the volumes of the previous run: {} volumes do not outlive their process",
+                    given.kind
+                );
+            }
+            Some(old) if volumes == 0 && !pending => {
+                tracing::info!(from = %old, to = %given, "the catalog has no volume: recording the new backend");
+            }
+            Some(old) if rebind => {
+                tracing::warn!(
+                    from = %old,
+                    to = %given,
+                    volumes,
+                    "rebinding the catalog to another backend: volumes it lacks will show as missing"
+                );
+            }
+            Some(old) => return Err(NodeError::BackendMismatch { recorded: old, given }),
+        }
+        t.set_backend(&given)?;
+        t.commit()?;
+        Ok(())
+    }
+
     /// The target the node exports through.
     #[must_use]
     pub fn target(&self) -> &Target {
@@ -317,6 +616,12 @@ impl Node {
     #[must_use]
     pub fn catalog(&self) -> &Catalog {
         &self.inner.catalog
+    }
+
+    /// The provisioner.
+    #[must_use]
+    pub fn provisioner(&self) -> &Arc<dyn VolumeProvisioner> {
+        &self.inner.provisioner
     }
 
     /// The NQN prefix of this node's volumes.
@@ -350,6 +655,82 @@ impl Node {
         Ok(rec)
     }
 
+    /// The one shape of every lifecycle operation: `record` writes the records and returns the
+    /// intent (one transaction, with the intent); `backend` does the backend operation; `finish`
+    /// commits its outcome (success or failure) in a second transaction that also drops the intent.
+    /// The crash hook sees each step.
+    fn journaled<R>(
+        &self,
+        op: &'static str,
+        record: impl FnOnce(&mut CatalogTxn) -> Result<Intent, NodeError>,
+        backend: impl FnOnce() -> Result<R, NodeError>,
+        finish: impl FnOnce(&mut CatalogTxn, Result<&R, &NodeError>) -> Result<IntentAfter, NodeError>,
+    ) -> Result<R, NodeError> {
+        let mut t = self.inner.catalog.begin()?;
+        let intent = record(&mut t)?;
+        let id = t.add_intent(&intent)?;
+        t.commit()?;
+        self.step(op, Step::IntentRecorded);
+        let result = backend();
+        if result.is_ok() {
+            self.step(op, Step::BackendDone);
+        }
+        let mut t = self.inner.catalog.begin()?;
+        if finish(&mut t, result.as_ref())? == IntentAfter::Drop {
+            t.remove_intent(id)?;
+        }
+        t.commit()?;
+        let r = result?;
+        self.step(op, Step::Committed);
+        Ok(r)
+    }
+
+    /// Refuses `more_bytes` of new provisioned size past the overcommit limit (or past `u64`).
+    fn check_capacity(&self, more_bytes: u64) -> Result<(), NodeError> {
+        let now = self.inner.catalog.provisioned_bytes()?;
+        let after = now.checked_add(more_bytes).ok_or_else(|| {
+            NodeError::InvalidArgument(format!(
+                "{more_bytes} more bytes on top of the {now} provisioned do not fit in 64 bits"
+            ))
+        })?;
+        let Some(limit) = self.inner.overcommit_ratio else { return Ok(()) };
+        let pool = match self.inner.provisioner.capacity() {
+            Ok(Some(c)) if c.total_bytes > 0 => c.total_bytes,
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pool's capacity; not checking the overcommit limit");
+                return Ok(());
+            }
+        };
+        let ratio = after as f64 / pool as f64;
+        if ratio > limit {
+            return Err(NodeError::OvercommitExceeded {
+                requested_bytes: more_bytes,
+                provisioned_after_bytes: after,
+                pool_bytes: pool,
+                ratio,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Provisioned bytes against the backend pool's size.
+    pub fn capacity(&self) -> Result<NodeCapacity, NodeError> {
+        let provisioned_bytes = self.inner.catalog.provisioned_bytes()?;
+        let pool = self.inner.provisioner.capacity()?;
+        Ok(NodeCapacity {
+            provisioned_bytes,
+            pool_bytes: pool.map(|c| c.total_bytes),
+            used_bytes: pool.map(|c| c.total_bytes.saturating_sub(c.available_bytes)),
+            available_bytes: pool.map(|c| c.available_bytes),
+            overcommit: pool
+                .filter(|c| c.total_bytes > 0)
+                .map(|c| provisioned_bytes as f64 / c.total_bytes as f64),
+            overcommit_limit: self.inner.overcommit_ratio,
+        })
+    }
+
     fn new_record(
         &self,
         req: &CreateVolume,
@@ -359,36 +740,30 @@ impl Node {
         if req.block_size != 512 && req.block_size != 4096 {
             return Err(NodeError::InvalidArgument(format!("block size {} (512 or 4096)", req.block_size)));
         }
-        if req.size_bytes == 0 || req.size_bytes % u64::from(req.block_size) != 0 {
-            return Err(NodeError::InvalidArgument(format!(
-                "size {} is not a positive multiple of the block size {}",
-                req.size_bytes, req.block_size
-            )));
-        }
+        check_size(req.size_bytes, req.block_size)?;
         for h in &req.allowed_hosts {
             check_host(h)?;
         }
-        let mut uuid = random_id();
-        uuid[6] = (uuid[6] & 0x0f) | 0x40; // RFC 4122 version 4
-        uuid[8] = (uuid[8] & 0x3f) | 0x80;
         let mut hosts = req.allowed_hosts.clone();
         hosts.sort_unstable();
         hosts.dedup();
-        Ok(VolumeRecord {
-            name: req.name.clone(),
-            size_bytes: req.size_bytes,
-            block_size: req.block_size,
-            compression: req.compression.clone(),
-            origin,
-            nqn: self.nqn_of(&req.name),
-            nguid: random_id(),
-            uuid,
-            serial: format!("XS{:018x}", fastrand::u64(..) >> 8),
-            allow_any_host: req.allow_any_host,
-            allowed_hosts: hosts,
-            state: VolumeState::Creating,
-            created_unix_s: unix_now(),
-        })
+        let mut rec = VolumeRecord::new(&req.name, &self.inner.prefix, req.size_bytes, req.block_size);
+        rec.compression.clone_from(&req.compression);
+        rec.origin = origin;
+        rec.allow_any_host = req.allow_any_host;
+        rec.allowed_hosts = hosts;
+        Ok(rec)
+    }
+
+    /// Refuses a name the backend has although the catalog does not (it was made outside the node:
+    /// adopt it instead), so that undoing a create never deletes a volume the node did not make.
+    fn check_backend_free(&self, name: &str) -> Result<(), NodeError> {
+        if self.inner.provisioner.exists(&VolumeName::new(name.to_owned())?)? {
+            return Err(NodeError::AlreadyExists(format!(
+                "volume {name} (in the backend, not in the catalog: `volume adopt` imports it)"
+            )));
+        }
+        Ok(())
     }
 
     /// Creates a volume.
@@ -398,69 +773,83 @@ impl Node {
     }
 
     /// Creates many volumes with one catalog transaction before and one after (fleet provisioning).
-    /// All or none: if the backend fails on one, those already made are deleted again.
+    /// All or none, also across a crash: if the backend fails on one, those already made are deleted
+    /// again; after a crash in the middle, [`Node::open`] does the same.
     pub fn create_volumes(&self, reqs: Vec<CreateVolume>) -> Result<Vec<VolumeRecord>, NodeError> {
         let _op = self.inner.ops.lock();
         let mut recs = Vec::with_capacity(reqs.len());
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
+        let mut total = 0u64;
         for r in &reqs {
             if !seen.insert(r.name.as_str()) {
                 return Err(NodeError::InvalidArgument(format!("{} is given twice", r.name)));
             }
-            recs.push(self.new_record(r, None)?);
+            let rec = self.new_record(r, None)?;
+            total = total.checked_add(rec.size_bytes).ok_or_else(|| {
+                NodeError::InvalidArgument("the sizes of the volumes add up to more than 64 bits".into())
+            })?;
+            recs.push(rec);
         }
-        // 1. intent + records
-        let mut t = self.inner.catalog.begin()?;
+        if recs.is_empty() {
+            return Ok(recs);
+        }
+        if let Some(name) = self.inner.catalog.first_existing(recs.iter().map(|r| r.name.as_str()))? {
+            return Err(NodeError::AlreadyExists(format!("volume {name}")));
+        }
         for r in &recs {
-            if t.volume(&r.name)?.is_some() {
-                return Err(NodeError::AlreadyExists(format!("volume {}", r.name)));
-            }
-            t.put_volume(r)?;
+            self.check_backend_free(&r.name)?;
         }
-        let id = t.add_intent(&Intent::Create { names: recs.iter().map(|r| r.name.clone()).collect() })?;
-        t.commit()?;
-        self.step("create", Step::IntentRecorded);
-        // 2. backend
-        let mut made: Vec<VolumeName> = Vec::new();
-        let mut failure = None;
-        for r in &recs {
-            let spec = VolumeSpec {
-                name: VolumeName::new(r.name.clone())?,
-                size_bytes: r.size_bytes,
-                block_size: r.block_size,
-                compression: r.compression.clone(),
-            };
-            match self.inner.provisioner.create(&spec) {
-                Ok(()) => made.push(spec.name),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
+        self.check_capacity(total)?;
+        let made: Mutex<Vec<VolumeName>> = Mutex::new(Vec::new());
+        let count = recs.len();
+        self.journaled(
+            "create",
+            |t| {
+                for r in &recs {
+                    if t.volume(&r.name)?.is_some() {
+                        return Err(NodeError::AlreadyExists(format!("volume {}", r.name)));
+                    }
+                    t.put_volume(r)?;
                 }
-            }
-        }
-        self.step("create", Step::BackendDone);
-        // 3. commit (or undo)
-        let mut t = self.inner.catalog.begin()?;
-        if let Some(e) = failure {
-            for name in &made {
-                if let Err(e2) = self.inner.provisioner.delete_volume(name) {
-                    tracing::error!(volume = %name, error = %e2, "undoing a failed batch create");
+                Ok(Intent::Create { names: recs.iter().map(|r| r.name.clone()).collect() })
+            },
+            || {
+                for (i, r) in recs.iter().enumerate() {
+                    let spec = VolumeSpec {
+                        name: VolumeName::new(r.name.clone())?,
+                        size_bytes: r.size_bytes,
+                        block_size: r.block_size,
+                        compression: r.compression.clone(),
+                    };
+                    self.inner.provisioner.create(&spec)?;
+                    made.lock().push(spec.name);
+                    if i + 1 < count {
+                        self.step("create", Step::BackendPartial);
+                    }
                 }
-            }
-            for r in &recs {
-                t.remove_volume(&r.name)?;
-            }
-            t.remove_intent(id)?;
-            t.commit()?;
-            return Err(e.into());
-        }
+                Ok(())
+            },
+            |t, result| {
+                if result.is_err() {
+                    for name in made.lock().iter() {
+                        if let Err(e) = self.inner.provisioner.delete_volume(name) {
+                            tracing::error!(volume = %name, error = %e, "undoing a failed batch create");
+                        }
+                    }
+                    for r in &recs {
+                        t.remove_volume(&r.name)?;
+                    }
+                    return Ok(IntentAfter::Drop);
+                }
+                for r in &recs {
+                    t.put_volume(&VolumeRecord { state: VolumeState::Ready, ..r.clone() })?;
+                }
+                Ok(IntentAfter::Drop)
+            },
+        )?;
         for r in &mut recs {
             r.state = VolumeState::Ready;
-            t.put_volume(r)?;
         }
-        t.remove_intent(id)?;
-        t.commit()?;
-        self.step("create", Step::Committed);
         if recs.iter().any(|r| r.allow_any_host || !r.allowed_hosts.is_empty()) {
             self.inner.target.notify_discovery_changed();
         }
@@ -472,56 +861,56 @@ impl Node {
         let _op = self.inner.ops.lock();
         let mut refs = Vec::new();
         let mut recs = Vec::new();
-        let mut t = self.inner.catalog.begin()?;
         for (vol, snap) in snapshots {
             let r = SnapshotRef {
                 volume: VolumeName::new(vol.clone())?,
                 snapshot: SnapshotName::new(snap.clone())?,
             };
-            let v = t.volume(vol)?.ok_or_else(|| NodeError::NotFound(format!("volume {vol}")))?;
-            if v.state != VolumeState::Ready {
-                return Err(NodeError::NotReady(format!("volume {vol}")));
-            }
-            if t.snapshot(vol, snap)?.is_some() || refs.contains(&r) {
+            let v = self.ready_volume(vol)?;
+            if self.inner.catalog.snapshot(vol, snap)?.is_some() || refs.contains(&r) {
                 return Err(NodeError::AlreadyExists(format!("snapshot {vol}@{snap}")));
             }
-            let rec = SnapshotRecord {
+            refs.push(r);
+            recs.push(SnapshotRecord {
                 volume: vol.clone(),
                 name: snap.clone(),
                 size_bytes: v.size_bytes,
                 state: VolumeState::Creating,
                 created_unix_s: unix_now(),
-            };
-            t.put_snapshot(&rec)?;
-            refs.push(r);
-            recs.push(rec);
+            });
         }
         if refs.is_empty() {
             return Err(NodeError::InvalidArgument("no snapshot given".into()));
         }
-        let id = t.add_intent(&Intent::Snapshot { snapshots: snapshots.to_vec() })?;
-        t.commit()?;
-        self.step("snapshot", Step::IntentRecorded);
-        let result = self.inner.provisioner.snapshot(&refs);
-        self.step("snapshot", Step::BackendDone);
-        let mut t = self.inner.catalog.begin()?;
+        self.journaled(
+            "snapshot",
+            |t| {
+                for r in &recs {
+                    t.put_snapshot(r)?;
+                }
+                Ok(Intent::Snapshot { snapshots: snapshots.to_vec() })
+            },
+            || Ok(self.inner.provisioner.snapshot(&refs)?),
+            |t, result| {
+                for r in &recs {
+                    if result.is_ok() {
+                        t.put_snapshot(&SnapshotRecord { state: VolumeState::Ready, ..r.clone() })?;
+                    } else {
+                        t.remove_snapshot(&r.volume, &r.name)?;
+                    }
+                }
+                Ok(IntentAfter::Drop)
+            },
+        )?;
         for r in &mut recs {
-            if result.is_ok() {
-                r.state = VolumeState::Ready;
-                t.put_snapshot(r)?;
-            } else {
-                t.remove_snapshot(&r.volume, &r.name)?;
-            }
+            r.state = VolumeState::Ready;
         }
-        t.remove_intent(id)?;
-        t.commit()?;
-        result?;
-        self.step("snapshot", Step::Committed);
         Ok(recs)
     }
 
-    /// Creates volume `req.name` as a clone of `volume@snapshot` (size: the snapshot's, or larger).
-    /// The clone is exportable when this returns.
+    /// Creates volume `req.name` as a clone of `volume@snapshot`. `req.size_bytes` 0 means the
+    /// snapshot's size; a smaller size or one that is not a multiple of the volume's block size is
+    /// refused. The clone is exportable when this returns.
     pub fn clone_volume(
         &self,
         volume: &str,
@@ -541,79 +930,113 @@ impl Node {
             .ok_or_else(|| NodeError::NotFound(format!("snapshot {volume}@{snapshot}")))?;
         let parent = self.ready_volume(volume)?;
         req.block_size = parent.block_size;
-        req.size_bytes = req.size_bytes.max(snap.size_bytes);
+        if req.size_bytes == 0 {
+            req.size_bytes = snap.size_bytes;
+        } else if req.size_bytes < snap.size_bytes {
+            return Err(NodeError::InvalidArgument(format!(
+                "a clone of {volume}@{snapshot} needs at least the snapshot's {} bytes, not {}",
+                snap.size_bytes, req.size_bytes
+            )));
+        }
         if req.compression.is_none() {
             req.compression.clone_from(&parent.compression);
         }
-        let mut rec = self.new_record(&req, Some((volume.to_owned(), snapshot.to_owned())))?;
-        let mut t = self.inner.catalog.begin()?;
-        if t.volume(&rec.name)?.is_some() {
+        let rec = self.new_record(&req, Some((volume.to_owned(), snapshot.to_owned())))?;
+        if self.inner.catalog.volume(&rec.name)?.is_some() {
             return Err(NodeError::AlreadyExists(format!("volume {}", rec.name)));
         }
-        t.put_volume(&rec)?;
-        let id = t.add_intent(&Intent::Clone {
-            name: rec.name.clone(),
-            origin: (volume.to_owned(), snapshot.to_owned()),
-            size_bytes: rec.size_bytes,
-        })?;
-        t.commit()?;
-        self.step("clone", Step::IntentRecorded);
+        self.check_backend_free(&rec.name)?;
+        self.check_capacity(rec.size_bytes)?;
         let spec = VolumeSpec {
             name: VolumeName::new(rec.name.clone())?,
             size_bytes: rec.size_bytes,
             block_size: rec.block_size,
             compression: rec.compression.clone(),
         };
-        let result = self.inner.provisioner.clone_snapshot(&origin, &spec);
-        self.step("clone", Step::BackendDone);
-        let mut t = self.inner.catalog.begin()?;
-        match &result {
-            Ok(()) => {
-                rec.state = VolumeState::Ready;
+        let ready = VolumeRecord { state: VolumeState::Ready, ..rec.clone() };
+        self.journaled(
+            "clone",
+            |t| {
                 t.put_volume(&rec)?;
-            }
-            Err(_) => t.remove_volume(&rec.name)?,
-        }
-        t.remove_intent(id)?;
-        t.commit()?;
-        result?;
-        self.step("clone", Step::Committed);
-        if rec.allow_any_host || !rec.allowed_hosts.is_empty() {
+                Ok(Intent::Clone {
+                    name: rec.name.clone(),
+                    origin: (volume.to_owned(), snapshot.to_owned()),
+                    size_bytes: rec.size_bytes,
+                })
+            },
+            || Ok(self.inner.provisioner.clone_snapshot(&origin, &spec)?),
+            |t, result| {
+                match result {
+                    Ok(()) => t.put_volume(&ready)?,
+                    Err(_) => t.remove_volume(&rec.name)?,
+                }
+                Ok(IntentAfter::Drop)
+            },
+        )?;
+        if ready.allow_any_host || !ready.allowed_hosts.is_empty() {
             self.inner.target.notify_discovery_changed();
         }
-        Ok(rec)
+        Ok(ready)
     }
 
-    /// Resizes a volume; connected hosts see the new size (Namespace Attribute Changed).
-    pub fn resize(&self, name: &str, new_size_bytes: u64) -> Result<VolumeRecord, NodeError> {
+    /// Resizes a volume; connected hosts see a larger size at once (Namespace Attribute Changed).
+    ///
+    /// A smaller size destroys the data beyond it: refused unless `force`, and refused while hosts
+    /// are connected even then. During a forced shrink the volume is unloaded and cannot be
+    /// connected to.
+    pub fn resize(&self, name: &str, new_size_bytes: u64, force: bool) -> Result<VolumeRecord, NodeError> {
         let _op = self.inner.ops.lock();
         let mut rec = self.ready_volume(name)?;
-        if new_size_bytes == 0 || new_size_bytes % u64::from(rec.block_size) != 0 {
-            return Err(NodeError::InvalidArgument(format!(
-                "size {new_size_bytes} is not a positive multiple of the block size {}",
-                rec.block_size
-            )));
+        check_size(new_size_bytes, rec.block_size)?;
+        if new_size_bytes == rec.size_bytes {
+            return Ok(rec);
         }
-        let mut t = self.inner.catalog.begin()?;
-        let id = t.add_intent(&Intent::Resize {
-            name: name.to_owned(),
-            from: rec.size_bytes,
-            to: new_size_bytes,
-        })?;
-        t.commit()?;
-        self.step("resize", Step::IntentRecorded);
-        let result = self.inner.provisioner.resize(&VolumeName::new(name.to_owned())?, new_size_bytes);
-        self.step("resize", Step::BackendDone);
-        let mut t = self.inner.catalog.begin()?;
-        if result.is_ok() {
-            rec.size_bytes = new_size_bytes;
-            t.put_volume(&rec)?;
-        }
-        t.remove_intent(id)?;
-        t.commit()?;
-        result?;
-        self.step("resize", Step::Committed);
-        if self.inner.target.subsystem(&rec.nqn).is_some() {
+        let shrink = new_size_bytes < rec.size_bytes;
+        let _fence = if shrink {
+            if !force {
+                return Err(NodeError::ShrinkNotForced {
+                    volume: name.to_owned(),
+                    from_bytes: rec.size_bytes,
+                    to_bytes: new_size_bytes,
+                });
+            }
+            let fence = Fence::new(&self.inner, name);
+            if let Some(subsystem) = self.inner.target.subsystem(&rec.nqn) {
+                if !self.inner.target.unload_subsystem(&rec.nqn) {
+                    return Err(NodeError::ShrinkWhileConnected {
+                        volume: name.to_owned(),
+                        controllers: self.controllers_of(&rec.nqn).max(1),
+                    });
+                }
+                self.inner.retire(&subsystem);
+            }
+            Some(fence)
+        } else {
+            self.check_capacity(new_size_bytes - rec.size_bytes)?;
+            None
+        };
+        let vol = VolumeName::new(name.to_owned())?;
+        let from = rec.size_bytes;
+        self.journaled(
+            "resize",
+            |_| Ok(Intent::Resize { name: name.to_owned(), from, to: new_size_bytes }),
+            || Ok(self.inner.provisioner.resize(&vol, new_size_bytes, shrink)?),
+            |t, result| {
+                if result.is_ok() {
+                    t.put_volume(&VolumeRecord { size_bytes: new_size_bytes, ..rec.clone() })?;
+                }
+                Ok(IntentAfter::Drop)
+            },
+        )?;
+        rec.size_bytes = new_size_bytes;
+        if shrink {
+            tracing::info!(
+                volume = name,
+                from_bytes = from,
+                to_bytes = new_size_bytes,
+                "volume shrunk (forced)"
+            );
+        } else if self.inner.target.subsystem(&rec.nqn).is_some() {
             if let Err(e) = self.inner.target.resize_namespace(&rec.nqn, 1, new_size_bytes) {
                 tracing::warn!(volume = name, error = %e, "resized, but the loaded namespace did not follow");
             }
@@ -635,26 +1058,29 @@ impl Node {
         if live > 0 && !force {
             return Err(NodeError::Busy { volume: name.to_owned(), controllers: live });
         }
-        let mut t = self.inner.catalog.begin()?;
-        let mut deleting = rec.clone();
-        deleting.state = VolumeState::Deleting;
-        t.put_volume(&deleting)?; // not exported, not discoverable from here on
-        let id = t.add_intent(&Intent::DeleteVolume { name: name.to_owned() })?;
-        t.commit()?;
-        self.step("delete", Step::IntentRecorded);
-        if self.inner.target.subsystem(&rec.nqn).is_some() {
-            let _ = self.inner.target.remove_subsystem(&rec.nqn, true);
-        }
-        self.delete_in_backend(name)?;
-        self.step("delete", Step::BackendDone);
-        let mut t = self.inner.catalog.begin()?;
-        for s in t.snapshot_names(name)? {
-            t.remove_snapshot(name, &s)?;
-        }
-        t.remove_volume(name)?;
-        t.remove_intent(id)?;
-        t.commit()?;
-        self.step("delete", Step::Committed);
+        let deleting = VolumeRecord { state: VolumeState::Deleting, ..rec.clone() };
+        self.journaled(
+            "delete",
+            |t| {
+                t.put_volume(&deleting)?; // not exported, not discoverable from here on
+                Ok(Intent::DeleteVolume { name: name.to_owned() })
+            },
+            || {
+                if let Some(subsystem) = self.inner.target.subsystem(&rec.nqn) {
+                    let _ = self.inner.target.remove_subsystem(&rec.nqn, true);
+                    self.inner.retire(&subsystem);
+                }
+                self.delete_in_backend(name)
+            },
+            |t, result| match result {
+                Ok(()) => {
+                    t.remove_volume_and_snapshots(name)?;
+                    Ok(IntentAfter::Drop)
+                }
+                // Still `Deleting`, with its intent: the next start carries the delete through.
+                Err(_) => Ok(IntentAfter::Keep),
+            },
+        )?;
         if rec.allow_any_host || !rec.allowed_hosts.is_empty() {
             self.inner.target.notify_discovery_changed();
         }
@@ -668,17 +1094,9 @@ impl Node {
         let vol = VolumeName::new(name.to_owned())?;
         for s in self.inner.catalog.snapshots_of(name)? {
             let r = SnapshotRef { volume: vol.clone(), snapshot: SnapshotName::new(s.name)? };
-            match self.inner.provisioner.delete_snapshot(&r) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
+            done_if_not_found(self.inner.provisioner.delete_snapshot(&r))?;
         }
-        match self.inner.provisioner.delete_volume(&vol) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(done_if_not_found(self.inner.provisioner.delete_volume(&vol))?)
     }
 
     /// Deletes a snapshot. Refused while clones depend on it.
@@ -695,70 +1113,130 @@ impl Node {
             volume: VolumeName::new(volume.to_owned())?,
             snapshot: SnapshotName::new(snapshot.to_owned())?,
         };
-        let mut t = self.inner.catalog.begin()?;
-        let id =
-            t.add_intent(&Intent::DeleteSnapshot { snapshot: (volume.to_owned(), snapshot.to_owned()) })?;
-        t.commit()?;
-        self.step("delete-snapshot", Step::IntentRecorded);
-        match self.inner.provisioner.delete_snapshot(&r) {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => {
-                let mut t = self.inner.catalog.begin()?;
-                t.remove_intent(id)?;
-                t.commit()?;
-                return Err(e.into());
-            }
-        }
-        self.step("delete-snapshot", Step::BackendDone);
-        let mut t = self.inner.catalog.begin()?;
-        t.remove_snapshot(volume, snapshot)?;
-        t.remove_intent(id)?;
-        t.commit()?;
-        self.step("delete-snapshot", Step::Committed);
-        Ok(())
+        self.journaled(
+            "delete-snapshot",
+            |_| Ok(Intent::DeleteSnapshot { snapshot: (volume.to_owned(), snapshot.to_owned()) }),
+            || Ok(done_if_not_found(self.inner.provisioner.delete_snapshot(&r))?),
+            |t, result| {
+                if result.is_ok() {
+                    t.remove_snapshot(volume, snapshot)?;
+                }
+                Ok(IntentAfter::Drop)
+            },
+        )
     }
 
-    /// Lets `hostnqn` connect to the volume.
+    /// Writes a volume record whose host access changed.
+    fn save(&self, rec: &VolumeRecord) -> Result<(), NodeError> {
+        let mut t = self.inner.catalog.begin()?;
+        t.put_volume(rec)?;
+        Ok(t.commit()?)
+    }
+
+    /// Lets `hostnqn` connect to the volume (nothing changes if it may already). Raises a discovery
+    /// log change event.
     pub fn allow_host(&self, name: &str, hostnqn: &str) -> Result<VolumeRecord, NodeError> {
         check_host(hostnqn)?;
         let _op = self.inner.ops.lock();
         let mut rec = self.ready_volume(name)?;
-        if !rec.allowed_hosts.iter().any(|h| h == hostnqn) {
-            rec.allowed_hosts.push(hostnqn.to_owned());
-            rec.allowed_hosts.sort_unstable();
-            let mut t = self.inner.catalog.begin()?;
-            t.put_volume(&rec)?;
-            t.commit()?;
+        if rec.allowed_hosts.iter().any(|h| h == hostnqn) {
+            return Ok(rec);
         }
-        if self.inner.target.subsystem(&rec.nqn).is_some() {
-            let _ = self.inner.target.allow_host(&rec.nqn, hostnqn);
+        rec.allowed_hosts.push(hostnqn.to_owned());
+        rec.allowed_hosts.sort_unstable();
+        self.save(&rec)?;
+        let target = &self.inner.target;
+        // A loaded subsystem raises the event itself.
+        if target.subsystem(&rec.nqn).is_none() || target.allow_host(&rec.nqn, hostnqn).is_err() {
+            target.notify_discovery_changed();
         }
-        self.inner.target.notify_discovery_changed();
         Ok(rec)
     }
 
-    /// Stops `hostnqn` from connecting; with `disconnect`, its controllers are torn down too.
+    /// Stops `hostnqn` from connecting; with `disconnect`, its controllers are torn down too. Raises
+    /// a discovery log change event. An error for a host that is not allowed, and for a volume that
+    /// lets any host connect (one host cannot be excluded from "any").
     pub fn deny_host(&self, name: &str, hostnqn: &str, disconnect: bool) -> Result<VolumeRecord, NodeError> {
         let _op = self.inner.ops.lock();
         let mut rec = self.ready_volume(name)?;
-        rec.allowed_hosts.retain(|h| h != hostnqn);
-        let mut t = self.inner.catalog.begin()?;
-        t.put_volume(&rec)?;
-        t.commit()?;
-        if self.inner.target.subsystem(&rec.nqn).is_some() {
-            let _ = self.inner.target.deny_host(&rec.nqn, hostnqn, disconnect);
+        if rec.allow_any_host {
+            return Err(NodeError::AnyHostAllowed { volume: name.to_owned() });
         }
-        self.inner.target.notify_discovery_changed();
+        if !rec.allowed_hosts.iter().any(|h| h == hostnqn) {
+            return Err(NodeError::HostNotAllowed { volume: name.to_owned(), host: hostnqn.to_owned() });
+        }
+        rec.allowed_hosts.retain(|h| h != hostnqn);
+        self.save(&rec)?;
+        let target = &self.inner.target;
+        if target.subsystem(&rec.nqn).is_none() || target.deny_host(&rec.nqn, hostnqn, disconnect).is_err() {
+            target.notify_discovery_changed();
+        }
         Ok(rec)
+    }
+
+    /// Lets any host connect (`true`) or only the allowed hosts (`false`). Raises a discovery log
+    /// change event. Turning it off with `disconnect` tears down the controllers of the hosts that
+    /// are not allowed; without, they stay connected until they disconnect.
+    pub fn set_allow_any_host(
+        &self,
+        name: &str,
+        allow_any_host: bool,
+        disconnect: bool,
+    ) -> Result<VolumeRecord, NodeError> {
+        let _op = self.inner.ops.lock();
+        let mut rec = self.ready_volume(name)?;
+        if rec.allow_any_host == allow_any_host {
+            return Ok(rec);
+        }
+        rec.allow_any_host = allow_any_host;
+        self.save(&rec)?;
+        let target = &self.inner.target;
+        let access = if allow_any_host { HostAccess::AllowAny } else { HostAccess::DenyAllExcept };
+        if target.subsystem(&rec.nqn).is_none() || target.set_host_access(&rec.nqn, access).is_err() {
+            target.notify_discovery_changed();
+        }
+        if disconnect && !allow_any_host {
+            for c in target.controllers().into_iter().filter(|c| c.subnqn == rec.nqn) {
+                if !rec.allowed_hosts.contains(&c.hostnqn) {
+                    tracing::info!(volume = name, host = %c.hostnqn, cntlid = c.cntlid, "disconnecting a host that lost access");
+                    target.disconnect_controller(c.cntlid);
+                }
+            }
+        }
+        Ok(rec)
+    }
+
+    /// `rec` with state [`VolumeState::Missing`] if it is ready in the catalog and the backend says
+    /// it does not have it.
+    fn with_backend_state(&self, mut rec: VolumeRecord) -> VolumeRecord {
+        if rec.state == VolumeState::Ready {
+            let missing = VolumeName::new(rec.name.clone())
+                .map_err(NodeError::from)
+                .and_then(|n| Ok(!self.inner.provisioner.exists(&n)?));
+            match missing {
+                Ok(true) => rec.state = VolumeState::Missing,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(volume = %rec.name, error = %e, "cannot ask the backend about a volume")
+                }
+            }
+        }
+        rec
     }
 
     /// A volume with its usage and activity.
     pub fn volume(&self, name: &str) -> Result<VolumeInfo, NodeError> {
-        let record =
+        let mut record =
             self.inner.catalog.volume(name)?.ok_or_else(|| NodeError::NotFound(format!("volume {name}")))?;
         let usage = match VolumeName::new(name.to_owned()) {
-            Ok(n) if record.state == VolumeState::Ready => self.inner.provisioner.usage(&n).ok(),
+            Ok(n) if record.state == VolumeState::Ready => match self.inner.provisioner.usage(&n) {
+                Ok(u) => Some(u),
+                Err(e) if is_not_found(&e) => {
+                    record.state = VolumeState::Missing;
+                    None
+                }
+                Err(_) => None,
+            },
             _ => None,
         };
         let active = self.inner.target.subsystem(&record.nqn).is_some();
@@ -766,14 +1244,17 @@ impl Node {
         Ok(VolumeInfo { record, usage, active, controllers })
     }
 
-    /// Up to `limit` volume records in name order, names starting with `prefix`, after `after`.
+    /// Up to `limit` volume records in name order, names starting with `prefix`, after `after`. A
+    /// volume the backend lacks is reported [`VolumeState::Missing`] (one existence check per ready
+    /// volume on the page).
     pub fn volumes(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<VolumeRecord>, NodeError> {
-        Ok(self.inner.catalog.volumes(prefix, after, limit)?)
+        let recs = self.inner.catalog.volumes(prefix, after, limit)?;
+        Ok(recs.into_iter().map(|r| self.with_backend_state(r)).collect())
     }
 
     /// Snapshots of a volume.
@@ -798,6 +1279,25 @@ impl Node {
                 .count(),
             controllers: self.inner.target.controllers().len(),
         })
+    }
+
+    /// The I/O counters of every volume since the node started, loaded or unloaded since: these
+    /// never go down while the process lives.
+    #[must_use]
+    pub fn io_totals(&self) -> IoTotals {
+        let prefix = format!("{}:", self.inner.prefix);
+        // Read the unloaded total first: a subsystem retired meanwhile is then counted twice at
+        // worst for this one reading, never missed (totals stay monotonic).
+        let mut totals = *self.inner.unloaded_io.lock();
+        let target = &self.inner.target;
+        for nqn in target.subsystem_nqns().iter().filter(|n| n.starts_with(&prefix)) {
+            if let Some(s) = target.subsystem(nqn) {
+                for ns in s.namespaces().values() {
+                    totals.add(&ns.stats().snapshot());
+                }
+            }
+        }
+        totals
     }
 
     /// Adds the backend's volumes and snapshots that the catalog does not know (a one-time import of
@@ -832,90 +1332,135 @@ impl Node {
         Ok(adopted)
     }
 
-    /// Finishes or undoes every pending intent (see the module documentation).
+    /// Finishes or undoes every pending intent (see the module documentation) and logs one summary.
     fn reconcile(&self) -> Result<(), NodeError> {
         let _op = self.inner.ops.lock();
-        let p = &self.inner.provisioner;
-        for (id, intent) in self.inner.catalog.intents()? {
-            tracing::info!(?intent, "reconciling an operation interrupted by a crash");
+        let intents = self.inner.catalog.intents()?;
+        if intents.is_empty() {
+            return Ok(());
+        }
+        let mut done = Reconciled::default();
+        for (id, intent) in intents {
             let mut t = self.inner.catalog.begin()?;
-            match &intent {
-                Intent::Create { names } => {
-                    for name in names {
-                        let exists = p.exists(&VolumeName::new(name.clone())?)?;
-                        match t.volume(name)? {
-                            Some(mut rec) if exists => {
-                                rec.state = VolumeState::Ready;
-                                t.put_volume(&rec)?;
-                            }
-                            _ => t.remove_volume(name)?,
-                        }
-                    }
-                }
-                Intent::Clone { name, size_bytes, .. } => {
+            self.reconcile_one(&mut t, &intent, &mut done)?;
+            t.remove_intent(id)?;
+            t.commit()?;
+            done.operations += 1;
+        }
+        tracing::info!(
+            operations = done.operations,
+            volumes_kept = done.volumes_kept,
+            volumes_forgotten = done.volumes_forgotten,
+            volumes_undone = done.volumes_undone,
+            snapshots_kept = done.snapshots_kept,
+            snapshots_forgotten = done.snapshots_forgotten,
+            resizes = done.resizes,
+            deletes = done.deletes,
+            "reconciled the operations a crash interrupted"
+        );
+        Ok(())
+    }
+
+    fn reconcile_one(
+        &self,
+        t: &mut CatalogTxn,
+        intent: &Intent,
+        done: &mut Reconciled,
+    ) -> Result<(), NodeError> {
+        let p = &self.inner.provisioner;
+        match intent {
+            Intent::Create { names } => {
+                // All or none: the batch is kept only if the backend made every volume of it.
+                let mut present = Vec::new();
+                for name in names {
                     let vol = VolumeName::new(name.clone())?;
-                    match t.volume(name)? {
-                        Some(mut rec) if p.exists(&vol)? => {
-                            // The clone may have been made but not grown yet.
-                            if p.usage(&vol).map(|u| u.size_bytes < *size_bytes).unwrap_or(false) {
-                                p.resize(&vol, *size_bytes)?;
-                            }
-                            rec.state = VolumeState::Ready;
-                            t.put_volume(&rec)?;
-                        }
-                        _ => t.remove_volume(name)?,
+                    if p.exists(&vol)? {
+                        present.push(vol);
                     }
                 }
-                Intent::Snapshot { snapshots } => {
-                    for (vol, snap) in snapshots {
-                        let r = SnapshotRef {
-                            volume: VolumeName::new(vol.clone())?,
-                            snapshot: SnapshotName::new(snap.clone())?,
-                        };
-                        match t.snapshot(vol, snap)? {
-                            Some(mut rec) if p.snapshot_exists(&r)? => {
-                                rec.state = VolumeState::Ready;
-                                t.put_snapshot(&rec)?;
-                            }
-                            _ => t.remove_snapshot(vol, snap)?,
+                tracing::debug!(volumes = names.len(), in_backend = present.len(), "reconciling a create");
+                if present.len() == names.len() {
+                    for name in names {
+                        if let Some(rec) = t.volume(name)? {
+                            t.put_volume(&VolumeRecord { state: VolumeState::Ready, ..rec })?;
+                            done.volumes_kept += 1;
                         }
                     }
+                } else {
+                    for vol in &present {
+                        done_if_not_found(p.delete_volume(vol))?;
+                        done.volumes_undone += 1;
+                    }
+                    for name in names {
+                        t.remove_volume(name)?;
+                    }
+                    done.volumes_forgotten += names.len() - present.len();
                 }
-                Intent::Resize { name, from, to } => {
-                    if let Some(mut rec) = t.volume(name)? {
-                        let vol = VolumeName::new(name.clone())?;
-                        rec.size_bytes = match p.resize(&vol, *to) {
-                            Ok(()) => *to,
-                            Err(e) => {
-                                tracing::warn!(volume = %name, error = %e, "resize could not be finished; keeping the old size");
-                                p.usage(&vol).map_or(*from, |u| u.size_bytes)
-                            }
-                        };
-                        t.put_volume(&rec)?;
+            }
+            Intent::Clone { name, size_bytes, .. } => {
+                let vol = VolumeName::new(name.clone())?;
+                match t.volume(name)? {
+                    Some(rec) if p.exists(&vol)? => {
+                        // The clone may have been made but not grown yet.
+                        if p.usage(&vol).map(|u| u.size_bytes < *size_bytes).unwrap_or(false) {
+                            p.resize(&vol, *size_bytes, false)?;
+                        }
+                        t.put_volume(&VolumeRecord { state: VolumeState::Ready, ..rec })?;
+                        done.volumes_kept += 1;
+                    }
+                    _ => {
+                        t.remove_volume(name)?;
+                        done.volumes_forgotten += 1;
                     }
                 }
-                Intent::DeleteVolume { name } => {
-                    self.delete_in_backend(name)?;
-                    for s in t.snapshot_names(name)? {
-                        t.remove_snapshot(name, &s)?;
-                    }
-                    t.remove_volume(name)?;
-                }
-                Intent::DeleteSnapshot { snapshot: (vol, snap) } => {
+            }
+            Intent::Snapshot { snapshots } => {
+                for (vol, snap) in snapshots {
                     let r = SnapshotRef {
                         volume: VolumeName::new(vol.clone())?,
                         snapshot: SnapshotName::new(snap.clone())?,
                     };
-                    match p.delete_snapshot(&r) {
-                        Ok(()) => {}
-                        Err(e) if is_not_found(&e) => {}
-                        Err(e) => return Err(e.into()),
+                    match t.snapshot(vol, snap)? {
+                        Some(rec) if p.snapshot_exists(&r)? => {
+                            t.put_snapshot(&SnapshotRecord { state: VolumeState::Ready, ..rec })?;
+                            done.snapshots_kept += 1;
+                        }
+                        _ => {
+                            t.remove_snapshot(vol, snap)?;
+                            done.snapshots_forgotten += 1;
+                        }
                     }
-                    t.remove_snapshot(vol, snap)?;
                 }
             }
-            t.remove_intent(id)?;
-            t.commit()?;
+            Intent::Resize { name, from, to } => {
+                if let Some(rec) = t.volume(name)? {
+                    let vol = VolumeName::new(name.clone())?;
+                    // The shrink rule was checked before the intent was recorded.
+                    let size_bytes = match p.resize(&vol, *to, to < from) {
+                        Ok(()) => *to,
+                        Err(e) => {
+                            tracing::warn!(volume = %name, error = %e, "resize could not be finished; keeping the old size");
+                            p.usage(&vol).map_or(*from, |u| u.size_bytes)
+                        }
+                    };
+                    t.put_volume(&VolumeRecord { size_bytes, ..rec })?;
+                    done.resizes += 1;
+                }
+            }
+            Intent::DeleteVolume { name } => {
+                self.delete_in_backend(name)?;
+                t.remove_volume_and_snapshots(name)?;
+                done.deletes += 1;
+            }
+            Intent::DeleteSnapshot { snapshot: (vol, snap) } => {
+                let r = SnapshotRef {
+                    volume: VolumeName::new(vol.clone())?,
+                    snapshot: SnapshotName::new(snap.clone())?,
+                };
+                done_if_not_found(p.delete_snapshot(&r))?;
+                t.remove_snapshot(vol, snap)?;
+                done.deletes += 1;
+            }
         }
         Ok(())
     }
@@ -925,21 +1470,30 @@ impl SubsystemSource for Source {
     fn activate(&self, subnqn: &str) -> Option<(SubsystemConfig, Vec<NamespaceConfig>)> {
         let inner = self.0.upgrade()?;
         let name = subnqn.strip_prefix(inner.prefix.as_str())?.strip_prefix(':')?;
+        if inner.fenced.lock().contains(name) {
+            tracing::debug!(volume = name, "connect refused: the volume is being shrunk");
+            return None;
+        }
         let rec = match inner.catalog.volume(name) {
             Ok(Some(r)) if r.state == VolumeState::Ready => r,
             Ok(_) => return None,
             Err(e) => {
-                tracing::error!(volume = name, error = %e, "catalog lookup failed on connect");
+                if let Some(more) = inner.open_failures.check_now() {
+                    tracing::error!(volume = name, error = %e, suppressed = more, "catalog lookup failed on connect");
+                }
                 return None;
             }
         };
         let backend = match VolumeName::new(name.to_owned())
-            .map_err(|e| e.to_string())
-            .and_then(|n| inner.provisioner.open(&n, rec.block_size).map_err(|e| e.to_string()))
+            .and_then(|n| inner.provisioner.open(&n, rec.block_size))
         {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(volume = name, error = %e, "cannot open the volume for a host");
+                if let Some(more) = inner.open_failures.check_now() {
+                    let why =
+                        if is_not_found(&e) { "the backend does not have it" } else { "it cannot be opened" };
+                    tracing::warn!(volume = name, error = %e, suppressed = more, "connect refused: {why}");
+                }
                 return None;
             }
         };
@@ -948,12 +1502,14 @@ impl SubsystemSource for Source {
         config.access = if rec.allow_any_host { HostAccess::AllowAny } else { HostAccess::DenyAllExcept };
         config.allowed_hosts = rec.allowed_hosts.clone();
         let ns = NamespaceConfig { nsid: 1, backend, nguid: rec.nguid, uuid: rec.uuid };
-        tracing::debug!(volume = name, "volume activated");
         Some((config, vec![ns]))
     }
 
-    fn activated(&self, _subnqn: &str) {
+    fn activated(&self, subnqn: &str) {
         if let Some(inner) = self.0.upgrade() {
+            if let Some(name) = subnqn.strip_prefix(inner.prefix.as_str()).and_then(|n| n.strip_prefix(':')) {
+                tracing::info!(volume = name, "volume loaded (a host connected)");
+            }
             if let Some(t) = inner.reaper.lock().as_ref() {
                 t.unpark(); // something to watch now
             }
@@ -984,10 +1540,9 @@ fn reaper(weak: &Weak<Inner>) {
                 return;
             }
             let prefix = format!("{}:", inner.prefix);
-            let loaded: std::collections::HashSet<String> =
+            let loaded: HashSet<String> =
                 inner.target.subsystem_nqns().into_iter().filter(|n| n.starts_with(&prefix)).collect();
-            let busy: std::collections::HashSet<String> =
-                inner.target.controllers().into_iter().map(|c| c.subnqn).collect();
+            let busy: HashSet<String> = inner.target.controllers().into_iter().map(|c| c.subnqn).collect();
             let now = std::time::Instant::now();
             idle_since.retain(|n, _| loaded.contains(n) && !busy.contains(n));
             let mut unloaded = 0;
@@ -996,8 +1551,20 @@ fn reaper(weak: &Weak<Inner>) {
                     continue;
                 }
                 let since = *idle_since.entry(nqn.clone()).or_insert(now);
-                if now.duration_since(since) >= inner.idle_unload && inner.target.unload_subsystem(nqn) {
-                    tracing::debug!(subnqn = %nqn, "idle volume unloaded");
+                if now.duration_since(since) < inner.idle_unload {
+                    continue;
+                }
+                let subsystem = inner.target.subsystem(nqn);
+                if inner.target.unload_subsystem(nqn) {
+                    if let Some(s) = subsystem {
+                        inner.retire(&s);
+                    }
+                    let name = nqn.strip_prefix(&prefix).unwrap_or(nqn);
+                    tracing::info!(
+                        volume = name,
+                        idle_s = inner.idle_unload.as_secs(),
+                        "volume unloaded (no host for the idle time)"
+                    );
                     idle_since.remove(nqn);
                     unloaded += 1;
                 }

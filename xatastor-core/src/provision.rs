@@ -14,6 +14,15 @@
 //!
 //! Names are validated [`VolumeName`]s and [`SnapshotName`]s; how they map onto the backend
 //! (a path, a dataset under a parent dataset) is the provisioner's business.
+//!
+//! **Shrinking** destroys the data beyond the new end. A provisioner shrinks only when
+//! [`VolumeProvisioner::resize`] is called with `allow_shrink` (the node does that only for a forced
+//! resize of a volume no host is connected to) and refuses a smaller size otherwise.
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)
+)]
 
 use std::fmt;
 use std::io;
@@ -156,8 +165,19 @@ pub struct ListedVolume {
     pub snapshots: Vec<SnapshotName>,
 }
 
+/// The space of a backend's storage pool (the file system of a directory, the ZFS dataset, the
+/// machine's memory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// Size of the pool in bytes (used + available).
+    pub total_bytes: u64,
+    /// Bytes still available for writes.
+    pub available_bytes: u64,
+}
+
 /// Errors of lifecycle operations, typed so callers (and the admin CLI) can react to each.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProvisionError {
     /// The volume or snapshot exists already.
     #[error("{0} already exists")]
@@ -215,6 +235,24 @@ pub trait VolumeProvisioner: Send + Sync + fmt::Debug {
     /// A short name of the backend kind (`memory`, `file`, `zvol`).
     fn kind(&self) -> &'static str;
 
+    /// Where on its backend this provisioner keeps volumes: the parent dataset (zvol), the directory
+    /// (file, an absolute path), or empty (memory). Recorded in the catalog with [`Self::kind`] and
+    /// checked at every start, so that a catalog is never served from another backend.
+    fn location(&self) -> String {
+        String::new()
+    }
+
+    /// Whether volumes outlive the process (memory: no). The node forgets a non-durable backend's
+    /// volumes at its next start instead of reporting them ready.
+    fn durable(&self) -> bool {
+        true
+    }
+
+    /// The space of the pool the volumes are made in, if the backend can tell.
+    fn capacity(&self) -> Result<Option<Capacity>, ProvisionError> {
+        Ok(None)
+    }
+
     /// Creates a thin (sparse) volume.
     fn create(&self, spec: &VolumeSpec) -> Result<(), ProvisionError>;
 
@@ -225,8 +263,15 @@ pub trait VolumeProvisioner: Send + Sync + fmt::Debug {
     /// origin's size; a larger size grows the clone after cloning.
     fn clone_snapshot(&self, origin: &SnapshotRef, new: &VolumeSpec) -> Result<(), ProvisionError>;
 
-    /// Sets the volume's size. Shrinking may be refused ([`ProvisionError::Unsupported`]).
-    fn resize(&self, name: &VolumeName, new_size_bytes: u64) -> Result<(), ProvisionError>;
+    /// Sets the volume's size. A smaller size is refused with [`ProvisionError::InvalidArgument`]
+    /// unless `allow_shrink`; with it, the data beyond the new end is gone (and reads as zeros if
+    /// the volume grows again). Callers shrink only volumes that no host has open.
+    fn resize(
+        &self,
+        name: &VolumeName,
+        new_size_bytes: u64,
+        allow_shrink: bool,
+    ) -> Result<(), ProvisionError>;
 
     /// Deletes a volume. Fails with [`ProvisionError::HasDependents`] while it has snapshots that
     /// clones depend on; its other snapshots go with it.

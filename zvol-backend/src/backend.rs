@@ -577,24 +577,21 @@ impl BlockBackend for ZvolBackend {
                 self.block_size
             )));
         }
-        #[allow(clippy::disallowed_methods)] // a driver-side wait, not engine logic (STYLE.md rule 2)
-        let start = std::time::Instant::now();
-        let mut delay = Duration::from_millis(1);
+        let mut backoff =
+            crate::backoff::Backoff::new(RESIZE_WAIT, Duration::from_millis(1), Duration::from_millis(50));
         loop {
             let size = self.device_size()?;
             if size == new_size_bytes {
                 self.size.store(size, Ordering::Release);
                 return Ok(());
             }
-            if start.elapsed() >= RESIZE_WAIT {
+            if !backoff.wait() {
                 return Err(invalid_input(format!(
                     "{} is {size} bytes, not {new_size_bytes}: resize the zvol (volsize) first; the \
                      backend only takes over the device's size",
                     self.path.display()
                 )));
             }
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_millis(50));
         }
     }
 }

@@ -74,6 +74,7 @@
 )]
 
 pub mod backend;
+mod backoff;
 mod ioctl;
 pub mod provisioner;
 pub mod resolve;

@@ -16,10 +16,12 @@ use std::time::Duration;
 
 use nvmeof_target::BlockBackend;
 use xatastor_core::{
-    ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
+    Capacity, ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner,
+    VolumeSpec,
 };
 
 use crate::backend::{ZvolBackend, ZvolOptions};
+use crate::backoff::Backoff;
 use crate::ioctl::ZFS_MAX_DATASET_NAME_LEN;
 use crate::resolve::{DeviceResolver, ResolveError};
 use crate::zfs::{self, CloneProps, CommandZfs, DatasetKind, LzcConfig, VolumeProps, ZfsOps};
@@ -231,15 +233,12 @@ impl ZfsProvisioner {
 
     /// `destroy`, retried with backoff while it fails with `Busy`, for up to `busy_retry`.
     fn destroy_retrying_busy(&self, dataset: &str) -> Result<(), ProvisionError> {
-        #[allow(clippy::disallowed_methods)] // a driver-side wait, not engine logic (STYLE.md rule 2)
-        let start = std::time::Instant::now();
-        let mut delay = Duration::from_millis(5);
+        let mut backoff = Backoff::new(self.busy_retry, Duration::from_millis(5), Duration::from_millis(100));
         loop {
             match self.ops.destroy(dataset) {
-                Err(ProvisionError::Busy(what)) if start.elapsed() < self.busy_retry => {
+                Err(ProvisionError::Busy(what)) if !backoff.expired() => {
                     tracing::debug!(%what, "busy; retrying the destroy");
-                    std::thread::sleep(delay.min(self.busy_retry.saturating_sub(start.elapsed())));
-                    delay = (delay * 2).min(Duration::from_millis(100));
+                    backoff.wait();
                 }
                 other => return other,
             }
@@ -280,6 +279,20 @@ impl ZfsProvisioner {
 impl VolumeProvisioner for ZfsProvisioner {
     fn kind(&self) -> &'static str {
         "zvol"
+    }
+
+    /// The parent dataset.
+    fn location(&self) -> String {
+        self.parent.clone()
+    }
+
+    /// The parent dataset's `used` + `available` and `available` (one `zfs get`).
+    fn capacity(&self) -> Result<Option<Capacity>, ProvisionError> {
+        let p = self.ops.properties(&self.parent)?;
+        Ok(p.available.map(|available| Capacity {
+            total_bytes: p.used.saturating_add(available),
+            available_bytes: available,
+        }))
     }
 
     /// `lzc_create` / `zfs create -s -V`: a sparse zvol with the configured volblocksize.
@@ -346,10 +359,15 @@ impl VolumeProvisioner for ZfsProvisioner {
         Ok(())
     }
 
-    /// `zfs set volsize`. The same size is a no-op; shrinking is refused with `Unsupported` (ZFS would
-    /// do it, destroying the data beyond the new end). Open backends take the new size over with
-    /// [`BlockBackend::resize`].
-    fn resize(&self, name: &VolumeName, new_size_bytes: u64) -> Result<(), ProvisionError> {
+    /// `zfs set volsize`. The same size is a no-op; a smaller one is refused with `InvalidArgument`
+    /// unless `allow_shrink` (ZFS then discards the data beyond the new end). Open backends take the
+    /// new size over with [`BlockBackend::resize`].
+    fn resize(
+        &self,
+        name: &VolumeName,
+        new_size_bytes: u64,
+        allow_shrink: bool,
+    ) -> Result<(), ProvisionError> {
         let dataset = self.dataset(name)?;
         let props = self.ops.properties(&dataset).map_err(|e| match e {
             ProvisionError::NotFound(_) => ProvisionError::NotFound(name.to_string()),
@@ -361,10 +379,10 @@ impl VolumeProvisioner for ZfsProvisioner {
         if new_size_bytes == current {
             return Ok(());
         }
-        if new_size_bytes < current {
-            return Err(ProvisionError::Unsupported(format!(
-                "shrinking {name} from {current} to {new_size_bytes} bytes: a smaller volsize discards the data \
-                 beyond the new end"
+        if new_size_bytes < current && !allow_shrink {
+            return Err(ProvisionError::InvalidArgument(format!(
+                "shrinking {name} from {current} to {new_size_bytes} bytes discards the data beyond the new end; \
+                 it must be forced"
             )));
         }
         check_multiple("new", new_size_bytes, props.volblocksize.unwrap_or(0))?;

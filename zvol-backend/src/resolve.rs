@@ -24,6 +24,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::backoff::Backoff;
+
 use crate::ioctl;
 
 /// Why a zvol's device could not be found.
@@ -151,16 +153,14 @@ impl DeviceResolver {
     /// Waits for the device of `dataset` (see the [module documentation](self)).
     pub fn resolve(&self, dataset: &str) -> Result<PathBuf, ResolveError> {
         let link = self.zvol_link(dataset)?;
-        #[allow(clippy::disallowed_methods)] // a driver-side wait, not engine logic (STYLE.md rule 2)
-        let start = std::time::Instant::now();
-        let mut delay = Duration::from_millis(1);
+        let mut backoff = Backoff::new(self.timeout, Duration::from_millis(1), Duration::from_millis(64));
         let mut next_scan = self.scan_after;
         let mut scanned = 0usize;
         loop {
             if link.exists() {
                 return Ok(link);
             }
-            let elapsed = start.elapsed();
+            let elapsed = backoff.elapsed();
             if elapsed >= next_scan {
                 let (found, n) = self.scan(dataset);
                 scanned = n;
@@ -169,20 +169,17 @@ impl DeviceResolver {
                         "zvol found by BLKZNAME before its udev link appeared");
                     return Ok(dev);
                 }
-                next_scan = start.elapsed() + self.rescan_every;
+                next_scan = backoff.elapsed() + self.rescan_every;
             }
-            let elapsed = start.elapsed();
-            if elapsed >= self.timeout {
+            if !backoff.wait() {
                 return Err(ResolveError::TimedOut {
                     dataset: dataset.to_owned(),
-                    waited: elapsed,
+                    waited: backoff.elapsed(),
                     link,
                     sys_block: self.sys_block_dir.clone(),
                     scanned,
                 });
             }
-            std::thread::sleep(delay.min(self.timeout - elapsed));
-            delay = (delay * 2).min(Duration::from_millis(64));
         }
     }
 

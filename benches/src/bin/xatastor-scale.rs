@@ -189,6 +189,8 @@ fn restart_phase(dir: &Path, probes: usize, idle_secs: u64) {
     let prov: Arc<dyn VolumeProvisioner> = Arc::new(FileProvisioner::new(dir.join("files")).expect("files"));
     let mut config = NodeConfig::new(dir.join("catalog.redb"));
     config.idle_unload = Duration::from_secs(600);
+    // Populated on the memory provisioner (the catalog's cost), served from files now.
+    config.rebind_backend = true;
     let node = Node::open(config, prov, target.clone()).expect("open node");
     let mut sc = ServerConfig::new("127.0.0.1:0".parse().expect("address"));
     sc.workers = 1;

@@ -41,7 +41,7 @@ enum Driver {
 
 /// Serve one volume over NVMe/TCP (for tests and evaluation).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Driver: the blocking thread-per-connection one, or the io_uring server.
     #[arg(long, value_enum, default_value_t = Driver::Blocking)]

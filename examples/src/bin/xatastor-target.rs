@@ -8,10 +8,13 @@
 //! xatastor-target volume clone pg@s1 pg-branch --allow-host …
 //! ```
 //!
-//! `serve` (the default) runs the node; every other subcommand talks to the running node through
-//! its admin socket `<data dir>/admin.sock` (mode 0600).
+//! `serve` (the default: `xatastor-target --config f.toml` is `xatastor-target serve --config
+//! f.toml`) runs the node; every other subcommand talks to the running node through its admin
+//! socket `<data dir>/admin.sock` (mode 0600).
 
-use std::net::SocketAddr;
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,24 +24,36 @@ use clap::{Args, Parser, Subcommand};
 use nvmeof_target::{Target, TargetConfig};
 use serde::Deserialize;
 use serde_json::Value;
+use xatastor_core::catalog::{Catalog, CatalogError};
 use xatastor_core::provisioners::{FileProvisioner, MemoryProvisioner};
-use xatastor_core::{Node, NodeConfig, Server, ServerConfig, VolumeProvisioner};
-use xatastor_examples::admin::{self, Request};
+use xatastor_core::{Node, NodeConfig, NodeError, ProvisionError, Server, ServerConfig, VolumeProvisioner};
+use xatastor_examples::admin::{self, socket, Request};
 use xatastor_examples::units::{format_size, parse_size};
 
-/// Thin, snapshot-able block volumes over NVMe/TCP for the Linux kernel initiator.
+/// Volume and snapshot names, for --help.
+const NAME_RULES: &str =
+    "1-128 bytes of ASCII letters, digits, '_', '.', ':', '-'; not starting with '.' or '-'";
+
+/// The default overcommit limit.
+const DEFAULT_OVERCOMMIT: f64 = 20.0;
+
+/// The Xatastor storage node: thin, snapshot-able block volumes over NVMe/TCP for the Linux kernel
+/// initiator.
 ///
-/// Without a subcommand it serves ./xatastor-data with the file backend on 127.0.0.1:4420.
-/// The other subcommands manage volumes of a running server through its admin socket.
+/// Without a subcommand it serves (the same as `serve`, with the same options): by default
+/// ./xatastor-data with the file backend on 127.0.0.1:4420. The other subcommands manage the
+/// volumes of a running node through its admin socket (admin.sock in the data directory).
 #[derive(Parser, Debug)]
-#[command(name = "xatastor-target", version, about, long_about = None)]
+#[command(name = "xatastor-target", version)]
 struct Cli {
-    /// Data directory: catalog, admin socket, and (file backend) the volumes.
+    /// Data directory: catalog, admin socket, and (file backend) the volumes [default: ./xatastor-data].
     #[arg(long, global = true, env = "XATASTOR_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Print machine-readable JSON instead of text.
+    /// Print machine-readable JSON instead of text (admin subcommands).
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -53,26 +68,41 @@ enum Cmd {
     /// Manage snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
-    /// Node status: volumes, active volumes, controllers.
+    /// Node status: volumes, loaded volumes, controllers, capacity.
     Status,
 }
 
 #[derive(Args, Debug, Default)]
 struct ServeArgs {
-    /// TOML configuration file (flags override it).
+    /// TOML configuration file with the same settings (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Address hosts connect to [default: 127.0.0.1:4420].
+    /// Address hosts connect to: IP:PORT or HOST:PORT (a name is resolved; IPv4 preferred)
+    /// [default: 127.0.0.1:4420].
     #[arg(long)]
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
+    /// Address printed in `nvme connect` lines (volume show, the start banner) when hosts reach the
+    /// node by another address than --listen, which they must when it listens on 0.0.0.0 or ::
+    /// [default: the --listen address].
+    #[arg(long)]
+    advertise: Option<String>,
     /// Storage backend: `file` (sparse files in the data directory; snapshots need reflink),
-    /// `memory` (volatile), or `zvol:<pool/dataset>` (ZFS zvols under that dataset) [default: file].
+    /// `memory` (volatile), or `zvol:<pool/dataset>` (ZFS zvols under that dataset) [default: the
+    /// one recorded in the data directory's catalog, else file].
     #[arg(long)]
     backend: Option<String>,
+    /// Record --backend in the catalog even though another backend is recorded there (the dataset
+    /// was renamed, the directory moved); volumes the backend lacks show as missing.
+    #[arg(long)]
+    rebind_backend: bool,
+    /// Refuse creates and grows past this many provisioned bytes per byte of the backend's pool,
+    /// or `off` [default: 20].
+    #[arg(long)]
+    overcommit_ratio: Option<String>,
     /// Worker threads, each with its own io_uring (0: one per core) [default: 0].
     #[arg(long)]
     workers: Option<usize>,
-    /// Prometheus metrics address, or `off` [default: 127.0.0.1:9464].
+    /// Prometheus metrics address (served at /metrics), or `off` [default: 127.0.0.1:9464].
     #[arg(long)]
     metrics_listen: Option<String>,
     /// Seconds a volume stays loaded after its last host disconnected [default: 30].
@@ -90,9 +120,11 @@ struct ServeArgs {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
+    advertise: Option<String>,
     data_dir: Option<PathBuf>,
     backend: Option<String>,
+    overcommit_ratio: Option<toml::Value>,
     workers: Option<usize>,
     metrics_listen: Option<String>,
     idle_unload_secs: Option<u64>,
@@ -103,11 +135,12 @@ struct FileConfig {
 #[derive(Subcommand, Debug)]
 enum VolumeCmd {
     /// Create a thin volume.
+    #[command(after_help = format!("Names: {NAME_RULES}.\nSizes: {}.", xatastor_examples::units::SIZE_HELP))]
     Create {
-        /// Name: letters, digits, '_', '.', ':', '-'.
+        /// Name (see below).
         name: String,
-        /// Size (e.g. 10GiB).
-        #[arg(long, value_parser = parse_size)]
+        /// Size, e.g. 10GiB, 1.5GiB, 10G (= 10GiB), 10GB (= 10 × 1000³ bytes).
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
         /// Logical block size: 512 or 4096.
         #[arg(long, default_value_t = 512)]
@@ -118,11 +151,13 @@ enum VolumeCmd {
         /// Host NQN allowed to connect (repeat for several).
         #[arg(long = "allow-host")]
         allow_host: Vec<String>,
-        /// Let any host connect.
+        /// Let any host connect (can be turned off later with `volume any-host NAME off`).
         #[arg(long)]
         allow_any_host: bool,
     },
-    /// Create many volumes `<prefix><n>` in one catalog transaction (fleet provisioning).
+    /// Create many volumes `<prefix><n>` in one catalog transaction (fleet provisioning): all or
+    /// none, also if the node crashes meanwhile.
+    #[command(after_help = format!("Names: {NAME_RULES}.\nSizes: {}.", xatastor_examples::units::SIZE_HELP))]
     CreateBatch {
         /// Name prefix.
         #[arg(long)]
@@ -134,7 +169,7 @@ enum VolumeCmd {
         #[arg(long, default_value_t = 0)]
         start: u64,
         /// Size of each.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
         /// Logical block size.
         #[arg(long, default_value_t = 512)]
@@ -143,7 +178,7 @@ enum VolumeCmd {
         #[arg(long = "allow-host")]
         allow_host: Vec<String>,
     },
-    /// List volumes (in name order, paged).
+    /// List volumes in name order, a page at a time (the next page: --after the last name shown).
     List {
         /// Only names starting with this.
         #[arg(long, default_value = "")]
@@ -151,22 +186,29 @@ enum VolumeCmd {
         /// Start after this name.
         #[arg(long)]
         after: Option<String>,
-        /// At most this many.
+        /// At most this many; 0 lists all.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Show a volume: identity, usage, hosts, and the `nvme connect` line.
+    /// Show a volume: identity, state, size and usage, hosts, and the `nvme connect` line.
     Show {
         /// Volume name.
         name: String,
     },
-    /// Resize a volume (connected hosts see the new size).
+    /// Resize a volume (connected hosts see a larger size at once).
+    ///
+    /// Shrinking destroys the data beyond the new size: it needs --force, and is refused while a
+    /// host is connected (disconnect it first).
+    #[command(after_help = format!("Sizes: {}.", xatastor_examples::units::SIZE_HELP))]
     Resize {
         /// Volume name.
         name: String,
         /// New size (e.g. 20GiB).
-        #[arg(value_parser = parse_size)]
+        #[arg(value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
+        /// Allow a smaller size (the data beyond it is lost).
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a volume and its snapshots.
     Delete {
@@ -177,13 +219,14 @@ enum VolumeCmd {
         force: bool,
     },
     /// Create a volume as a copy-on-write clone of a snapshot.
+    #[command(after_help = format!("Names: {NAME_RULES}.\nSizes: {}.", xatastor_examples::units::SIZE_HELP))]
     Clone {
         /// Source snapshot: VOLUME@SNAPSHOT.
         source: String,
         /// New volume name.
         name: String,
-        /// Size (default: the snapshot's).
-        #[arg(long, value_parser = parse_size)]
+        /// Size: at least the snapshot's, a multiple of the block size [default: the snapshot's].
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: Option<u64>,
         /// Host NQN allowed to connect to the clone.
         #[arg(long = "allow-host")]
@@ -196,10 +239,8 @@ enum VolumeCmd {
         /// Host NQN.
         host: String,
     },
-    /// Import the backend's existing volumes and snapshots into the catalog (once, e.g. zvols that
-    /// were created before this node managed the dataset). They start with no allowed host.
-    Adopt,
-    /// Stop a host from connecting.
+    /// Stop an allowed host from connecting (an error for a host that is not allowed, or for a
+    /// volume that lets any host connect: turn that off with `volume any-host NAME off`).
     DenyHost {
         /// Volume name.
         name: String,
@@ -209,11 +250,35 @@ enum VolumeCmd {
         #[arg(long)]
         disconnect: bool,
     },
+    /// Let any host connect (on), or only the allowed hosts (off).
+    AnyHost {
+        /// Volume name.
+        name: String,
+        /// on or off.
+        #[arg(value_enum)]
+        state: OnOff,
+        /// Turning it off: also disconnect the hosts that are not allowed now.
+        #[arg(long)]
+        disconnect: bool,
+    },
+    /// Import the backend's existing volumes and snapshots into the catalog (once, e.g. zvols that
+    /// were created before this node managed the dataset). They start with no allowed host.
+    Adopt,
+}
+
+/// `on` / `off`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 #[derive(Subcommand, Debug)]
 enum SnapshotCmd {
     /// Take snapshots; several VOLUME@SNAPSHOT at once are taken in one step.
+    #[command(after_help = format!("Snapshot names: {NAME_RULES}."))]
     Create {
         /// VOLUME@SNAPSHOT, one or more.
         #[arg(required = true)]
@@ -238,11 +303,47 @@ fn split_snapshot(s: &str) -> Result<(String, String), String> {
     }
 }
 
+impl ServeArgs {
+    /// Whether any serve option was given.
+    fn any(&self) -> bool {
+        let Self {
+            config,
+            listen,
+            advertise,
+            backend,
+            rebind_backend,
+            overcommit_ratio,
+            workers,
+            metrics_listen,
+            idle_unload_secs,
+            max_connections_per_peer,
+            log,
+        } = self;
+        config.is_some()
+            || listen.is_some()
+            || advertise.is_some()
+            || backend.is_some()
+            || *rebind_backend
+            || overcommit_ratio.is_some()
+            || workers.is_some()
+            || metrics_listen.is_some()
+            || idle_unload_secs.is_some()
+            || max_connections_per_peer.is_some()
+            || log.is_some()
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let data_dir = cli.data_dir.clone();
     let result = match cli.cmd {
-        None => serve(data_dir, ServeArgs::default()),
+        Some(_) if cli.serve.any() => {
+            Err("serve options (--listen, --backend, …) go after `serve`, or without a subcommand".into())
+        }
+        None | Some(Cmd::Serve(_)) if cli.json => {
+            Err("--json is for the admin subcommands (volume, snapshot, status); serve logs text".into())
+        }
+        None => serve(data_dir, cli.serve),
         Some(Cmd::Serve(args)) => serve(data_dir, args),
         Some(Cmd::Volume(c)) => client(data_dir, cli.json, volume_request(c)),
         Some(Cmd::Snapshot(c)) => client(data_dir, cli.json, snapshot_request(c)),
@@ -287,10 +388,15 @@ fn volume_request(c: VolumeCmd) -> Result<Request, String> {
         }
         VolumeCmd::List { prefix, after, limit } => Request::VolumeList { prefix, after, limit },
         VolumeCmd::Show { name } => Request::VolumeShow { name },
-        VolumeCmd::Resize { name, size } => Request::VolumeResize { name, size_bytes: size },
+        VolumeCmd::Resize { name, size, force } => Request::VolumeResize { name, size_bytes: size, force },
         VolumeCmd::Delete { name, force } => Request::VolumeDelete { name, force },
         VolumeCmd::Clone { source, name, size, allow_host } => {
             let (volume, snapshot) = split_snapshot(&source)?;
+            if size == Some(0) {
+                return Err(
+                    "--size 0: a clone needs at least its snapshot's size (leave --size out for that)".into(),
+                );
+            }
             Request::VolumeClone {
                 volume,
                 snapshot,
@@ -300,8 +406,11 @@ fn volume_request(c: VolumeCmd) -> Result<Request, String> {
             }
         }
         VolumeCmd::AllowHost { name, host } => Request::VolumeAllowHost { name, host },
-        VolumeCmd::Adopt => Request::Adopt,
         VolumeCmd::DenyHost { name, host, disconnect } => Request::VolumeDenyHost { name, host, disconnect },
+        VolumeCmd::AnyHost { name, state, disconnect } => {
+            Request::VolumeSetAnyHost { name, allow_any_host: state == OnOff::On, disconnect }
+        }
+        VolumeCmd::Adopt => Request::Adopt,
     })
 }
 
@@ -318,15 +427,35 @@ fn snapshot_request(c: SnapshotCmd) -> Result<Request, String> {
     })
 }
 
+/// Writes to stdout; a reader that went away (`| head`) ends the output quietly.
+fn emit(text: &str) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("writing the output: {e}")),
+        _ => Ok(()),
+    }
+}
+
 fn client(data_dir: Option<PathBuf>, json: bool, req: Result<Request, String>) -> Result<(), String> {
     let req = req?;
     let socket = data_dir_or_default(data_dir).join("admin.sock");
-    let result = admin::call(&socket, &req)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
-        return Ok(());
+    let result = socket::call(&socket, &req)?;
+    let text = if json {
+        format!("{}\n", serde_json::to_string_pretty(&result).unwrap_or_default())
+    } else {
+        human(&req, &result)
+    };
+    emit(&text)?;
+    if let Request::VolumeList { limit, .. } = &req {
+        let shown = result.as_array().map_or(0, Vec::len);
+        if *limit > 0 && shown >= *limit {
+            let last = result.as_array().and_then(|a| a.last()).map(|v| s(&v["name"])).unwrap_or_default();
+            eprintln!(
+                "xatastor-target: {shown} volume(s) shown, there may be more: the next page is \
+                 `volume list --after {last}`, all of them `--limit 0`"
+            );
+        }
     }
-    print_human(&req, &result);
     Ok(())
 }
 
@@ -338,89 +467,109 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn print_volume(v: &Value) {
-    println!("volume     {}", s(&v["name"]));
-    println!(
+fn size_of(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "-".into(), format_size)
+}
+
+fn volume_text(v: &Value) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "volume     {}", s(&v["name"]));
+    let _ = writeln!(
+        o,
         "size       {} ({} bytes, {}-byte blocks)",
-        format_size(v["size_bytes"].as_u64().unwrap_or(0)),
+        size_of(&v["size_bytes"]),
         s(&v["size_bytes"]),
         s(&v["block_size"])
     );
-    println!("state      {}", s(&v["state"]));
-    if !v["origin"].is_null() {
-        println!("origin     {}", s(&v["origin"]));
+    let state = s(&v["state"]);
+    if state == "missing" {
+        let _ = writeln!(o, "state      missing (in the catalog, not in the backend: hosts cannot connect)");
+    } else {
+        let _ = writeln!(o, "state      {state}");
     }
-    println!("nqn        {}", s(&v["nqn"]));
-    println!("nguid      {}", s(&v["nguid"]));
-    println!("uuid       {}", s(&v["uuid"]));
-    println!("serial     {}", s(&v["serial"]));
+    if !v["origin"].is_null() {
+        let _ = writeln!(o, "origin     {}", s(&v["origin"]));
+    }
+    let _ = writeln!(o, "nqn        {}", s(&v["nqn"]));
+    let _ = writeln!(o, "nguid      {}", s(&v["nguid"]));
+    let _ = writeln!(o, "uuid       {}", s(&v["uuid"]));
+    let _ = writeln!(o, "serial     {}", s(&v["serial"]));
     let hosts: Vec<String> =
         v["allowed_hosts"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
     let any = v["allow_any_host"].as_bool() == Some(true);
-    println!(
-        "hosts      {}",
-        if any {
-            "any".into()
-        } else if hosts.is_empty() {
-            "none (use volume allow-host)".into()
-        } else {
-            hosts.join(", ")
-        }
-    );
+    let hosts = match (any, hosts.is_empty()) {
+        (true, true) => "any".to_owned(),
+        (true, false) => format!("any (also listed: {})", hosts.join(", ")),
+        (false, true) => "none (use volume allow-host)".to_owned(),
+        (false, false) => hosts.join(", "),
+    };
+    let _ = writeln!(o, "hosts      {hosts}");
     if let Some(used) = v["used_bytes"].as_u64() {
-        println!(
-            "used       {} (compression ratio {:.2})",
+        let _ = writeln!(
+            o,
+            "used       {} (compression ratio {:.2}); {} not yet backed by the pool",
             format_size(used),
-            v["compress_ratio"].as_f64().unwrap_or(1.0)
+            v["compress_ratio"].as_f64().unwrap_or(1.0),
+            size_of(&v["free_bytes"])
         );
     }
+    if let Some(share) = v["pool_share"].as_f64() {
+        let _ = writeln!(o, "pool share {:.1}% of the pool when full", share * 100.0);
+    }
     if !v["active"].is_null() {
-        println!("active     {} ({} controller(s))", s(&v["active"]), s(&v["controllers"]));
+        let _ = writeln!(o, "active     {} ({} controller(s))", s(&v["active"]), s(&v["controllers"]));
     }
     if let Some(snaps) = v["snapshots"].as_array().filter(|a| !a.is_empty()) {
-        println!("snapshots  {}", snaps.iter().map(s).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(o, "snapshots  {}", snaps.iter().map(s).collect::<Vec<_>>().join(", "));
     }
-    println!("connect    {}", s(&v["connect"]));
+    let _ = writeln!(o, "connect    {}", s(&v["connect"]));
+    o
 }
 
-fn print_human(req: &Request, r: &Value) {
+fn human(req: &Request, r: &Value) -> String {
+    let mut o = String::new();
     match req {
         Request::VolumeList { .. } => {
-            println!("{:<32} {:>10} {:<9} {:<20} HOSTS", "NAME", "SIZE", "STATE", "ORIGIN");
+            let _ = writeln!(o, "{:<32} {:>10} {:<9} {:<20} HOSTS", "NAME", "SIZE", "STATE", "ORIGIN");
             for v in r.as_array().into_iter().flatten() {
                 let hosts = if v["allow_any_host"].as_bool() == Some(true) {
                     "any".to_owned()
                 } else {
                     v["allowed_hosts"].as_array().map_or(0, Vec::len).to_string()
                 };
-                println!(
+                let _ = writeln!(
+                    o,
                     "{:<32} {:>10} {:<9} {:<20} {hosts}",
                     s(&v["name"]),
-                    format_size(v["size_bytes"].as_u64().unwrap_or(0)),
+                    size_of(&v["size_bytes"]),
                     s(&v["state"]),
                     s(&v["origin"])
                 );
             }
         }
         Request::SnapshotList { .. } | Request::SnapshotCreate { .. } => {
-            println!("{:<40} {:>10} STATE", "SNAPSHOT", "SIZE");
+            let _ = writeln!(o, "{:<40} {:>10} STATE", "SNAPSHOT", "SIZE");
             for v in r.as_array().into_iter().flatten() {
-                println!(
+                let _ = writeln!(
+                    o,
                     "{:<40} {:>10} {}",
                     format!("{}@{}", s(&v["volume"]), s(&v["name"])),
-                    format_size(v["size_bytes"].as_u64().unwrap_or(0)),
+                    size_of(&v["size_bytes"]),
                     s(&v["state"])
                 );
             }
         }
         Request::VolumeDelete { .. } | Request::SnapshotDelete { .. } => {
-            println!("deleted {}", s(&r["deleted"]))
+            let _ = writeln!(o, "deleted {}", s(&r["deleted"]));
         }
-        Request::VolumeCreateBatch { .. } => println!("created {} volume(s)", s(&r["created"])),
+        Request::VolumeCreateBatch { .. } => {
+            let _ = writeln!(o, "created {} volume(s)", s(&r["created"]));
+        }
         Request::Adopt => {
             let names: Vec<String> =
                 r["adopted"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
-            println!(
+            let _ = writeln!(
+                o,
                 "adopted {} volume(s){}{}",
                 names.len(),
                 if names.is_empty() { "" } else { ": " },
@@ -430,18 +579,41 @@ fn print_human(req: &Request, r: &Value) {
         Request::Status => {
             for k in [
                 "listen",
+                "advertise",
                 "backend",
                 "nqn_prefix",
                 "volumes_total",
                 "volumes_active",
                 "controllers",
-                "catalog_bytes",
             ] {
-                println!("{k:<15} {}", s(&r[k]));
+                let _ = writeln!(o, "{k:<15} {}", s(&r[k]));
+            }
+            let _ = writeln!(o, "{:<15} {}", "catalog", size_of(&r["catalog_bytes"]));
+            let _ = writeln!(o, "{:<15} {}", "provisioned", size_of(&r["provisioned_bytes"]));
+            if r["pool_bytes"].is_u64() {
+                let _ = writeln!(
+                    o,
+                    "{:<15} {} ({} used, {} available)",
+                    "pool",
+                    size_of(&r["pool_bytes"]),
+                    size_of(&r["pool_used_bytes"]),
+                    size_of(&r["pool_available_bytes"])
+                );
+            }
+            let limit =
+                r["overcommit_limit"].as_f64().map_or_else(|| "no limit".into(), |l| format!("limit {l}x"));
+            match r["overcommit"].as_f64() {
+                Some(x) => {
+                    let _ = writeln!(o, "{:<15} {x:.2}x ({limit})", "overcommit");
+                }
+                None => {
+                    let _ = writeln!(o, "{:<15} - ({limit})", "overcommit");
+                }
             }
         }
-        _ => print_volume(r),
+        _ => o = volume_text(r),
     }
+    o
 }
 
 // ---- server ----
@@ -452,11 +624,70 @@ fn load_config(args: &ServeArgs) -> Result<FileConfig, String> {
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// `--listen`: an address or HOST:PORT (resolved; the first IPv4 address if there is one).
+fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("--listen {s:?}: not an address or HOST:PORT that resolves ({e})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("--listen {s:?} resolves to no address"))
+}
+
+/// `--overcommit-ratio`: a positive number or `off`.
+fn overcommit(v: Option<String>) -> Result<Option<f64>, String> {
+    match v.as_deref() {
+        None => Ok(Some(DEFAULT_OVERCOMMIT)),
+        Some("off") => Ok(None),
+        Some(x) => match x.parse::<f64>() {
+            Ok(r) if r.is_finite() && r > 0.0 => Ok(Some(r)),
+            _ => Err(format!("--overcommit-ratio {x:?}: a positive number (like 20 or 1.5) or off")),
+        },
+    }
+}
+
+/// The `--backend` value of a recorded backend.
+fn backend_flag(kind: &str, location: &str) -> String {
+    match kind {
+        "zvol" => format!("zvol:{location}"),
+        other => other.to_owned(),
+    }
+}
+
+/// The backend recorded in the data directory's catalog, as a `--backend` value (`None` for a new
+/// data directory). Reports a catalog held by another node.
+fn recorded_backend(data_dir: &Path) -> Result<Option<String>, String> {
+    let path = data_dir.join("catalog.redb");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let catalog = Catalog::open(&path).map_err(|e| e.to_string())?;
+    let recorded = catalog.backend().map_err(|e| format!("reading {}: {e}", path.display()))?;
+    Ok(recorded.map(|b| backend_flag(&b.kind, &b.location)))
+}
+
 fn provisioner(backend: &str, data_dir: &Path) -> Result<Arc<dyn VolumeProvisioner>, String> {
     match backend {
-        "file" => FileProvisioner::new(data_dir)
-            .map(|p| Arc::new(p) as Arc<dyn VolumeProvisioner>)
-            .map_err(|e| format!("file backend in {}: {e}", data_dir.display())),
+        "file" => {
+            let p = FileProvisioner::new(data_dir)
+                .map_err(|e| format!("file backend in {}: {e}", data_dir.display()))?;
+            if let Err(e) = p.supports_reflink() {
+                let why = match e {
+                    ProvisionError::Unsupported(m) => m,
+                    other => other.to_string(),
+                };
+                tracing::warn!("snapshots and clones will be refused: {why}");
+                eprintln!("xatastor-target: warning: snapshots and clones will be refused: {why}");
+            }
+            Ok(Arc::new(p))
+        }
         "memory" => Ok(Arc::new(MemoryProvisioner::new())),
         other => match other.strip_prefix("zvol:") {
             Some(dataset) if !dataset.is_empty() => {
@@ -469,70 +700,85 @@ fn provisioner(backend: &str, data_dir: &Path) -> Result<Arc<dyn VolumeProvision
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and so in every thread started after it) and returns
-/// the set, for `sigwait`.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: `sigset_t` is plain data; `sigemptyset`/`sigaddset` initialise it, and
-    // `pthread_sigmask` only reads it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: `set` was initialised by `block_signals`; `sig` is a valid out pointer.
-    unsafe { libc::sigwait(set, &mut sig) };
-    sig
+fn init_logging(filter: &str) -> Result<(), String> {
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("--log {filter:?}: {e}"))?,
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+    Ok(())
 }
 
 fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let file = load_config(&args)?;
     let data_dir = data_dir_or_default(data_dir.or(file.data_dir));
-    let listen = args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4420)));
-    let backend = args.backend.or(file.backend).unwrap_or_else(|| "file".into());
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:4420".into());
+    let listen = resolve_listen(&listen)?;
     let workers = args.workers.or(file.workers).unwrap_or(0);
     let metrics_listen =
         args.metrics_listen.or(file.metrics_listen).unwrap_or_else(|| "127.0.0.1:9464".into());
     let idle = Duration::from_secs(args.idle_unload_secs.or(file.idle_unload_secs).unwrap_or(30));
     let per_peer = args.max_connections_per_peer.or(file.max_connections_per_peer).unwrap_or(16384);
+    let ratio = args.overcommit_ratio.or(file.overcommit_ratio.map(|v| match v {
+        toml::Value::String(s) => s,
+        other => other.to_string(),
+    }));
+    let overcommit_ratio = overcommit(ratio)?;
     let log = args.log.or(file.log).unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&log).map_err(|e| format!("--log {log:?}: {e}"))?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let signals = block_signals();
+    init_logging(&log)?;
+    let signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+            .map_err(|e| format!("installing the signal handlers: {e}"))?;
 
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
+    let backend = match args.backend.or(file.backend) {
+        Some(b) => b,
+        None => recorded_backend(&data_dir)?.unwrap_or_else(|| "file".into()),
+    };
     let prov = provisioner(&backend, &data_dir)?;
     let target = Target::new(TargetConfig::default());
     let mut node_config = NodeConfig::new(data_dir.join("catalog.redb"));
     node_config.idle_unload = idle;
-    let node =
-        Node::open(node_config, prov, target.clone()).map_err(|e| format!("opening the catalog: {e}"))?;
+    node_config.rebind_backend = args.rebind_backend;
+    node_config.overcommit_ratio = overcommit_ratio;
+    let node = Node::open(node_config, prov, target.clone()).map_err(|e| match e {
+        NodeError::BackendMismatch { recorded, given } => format!(
+            "{} holds volumes on {recorded}, not on {given}: start with --backend {} (or add \
+             --rebind-backend if the volumes moved there)",
+            data_dir.display(),
+            backend_flag(&recorded.kind, &recorded.location)
+        ),
+        NodeError::Catalog(e @ CatalogError::Locked { .. }) => e.to_string(),
+        e => format!("opening the catalog: {e}"),
+    })?;
 
     let mut config = ServerConfig::new(listen);
     config.workers = workers;
     config.max_connections_per_peer = per_peer;
     let server = Arc::new(Server::start(target, config).map_err(|e| format!("listening on {listen}: {e}"))?);
     let addr = server.local_addr();
-    let ep =
-        admin::Endpoint { traddr: addr.ip().to_string(), trsvcid: addr.port(), backend: backend.clone() };
-    let socket = data_dir.join("admin.sock");
-    admin::serve(&socket, node.clone(), ep).map_err(|e| format!("admin socket {}: {e}", socket.display()))?;
-    let shared = Arc::new(parking_lot::Mutex::new(Some(server.clone())));
+    let advertise = match args.advertise.or(file.advertise) {
+        Some(a) => a,
+        None if addr.ip().is_unspecified() => {
+            tracing::warn!(listen = %addr, "listening on all addresses: set --advertise to the address hosts use");
+            "<this node's address: set --advertise>".into()
+        }
+        None => addr.ip().to_string(),
+    };
+    let ep = admin::Endpoint { listen: addr, advertise: advertise.clone(), backend: backend.clone() };
+    let socket_path = data_dir.join("admin.sock");
+    // Removes the socket file when serve returns, whether the start failed later or it shut down.
+    let admin_socket = socket::serve(&socket_path, node.clone(), ep)
+        .map_err(|e| format!("admin socket {}: {e}", socket_path.display()))?;
+    let shared: xatastor_examples::metrics::SharedServer =
+        Arc::new(parking_lot::Mutex::new(Some(server.clone())));
     let metrics = if metrics_listen == "off" {
         None
     } else {
-        let a: SocketAddr = metrics_listen
-            .parse()
+        let a = resolve_listen(&metrics_listen)
             .map_err(|_| format!("--metrics-listen {metrics_listen:?} is not an address or off"))?;
         Some(
             xatastor_examples::metrics::serve(a, node.clone(), shared.clone())
@@ -543,7 +789,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let me = std::env::args().next().unwrap_or_else(|| "xatastor-target".into());
     let dd = data_dir.display();
     eprintln!("xatastor-target: serving {volumes} volume(s) ({backend} backend, data in {dd}) on {addr}");
-    eprintln!("  admin socket {}", socket.display());
+    eprintln!("  admin socket {}", admin_socket.path().display());
     if let Some(m) = metrics {
         eprintln!("  metrics      http://{m}/metrics");
     }
@@ -552,12 +798,13 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         "  {me} --data-dir {dd} volume create vol1 --size 10GiB --allow-host \"$(cat /etc/nvme/hostnqn)\""
     );
     eprintln!("  {me} --data-dir {dd} volume show vol1        # prints the nvme connect line");
-    eprintln!("  nvme connect -t tcp -a {} -s {} -n {}:vol1", addr.ip(), addr.port(), node.nqn_prefix());
+    eprintln!("  nvme connect -t tcp -a {advertise} -s {} -n {}:vol1", addr.port(), node.nqn_prefix());
 
-    let sig = wait_for_signal(&signals);
+    let mut signals = signals;
+    let sig = signals.forever().next().unwrap_or(signal_hook::consts::SIGTERM);
     eprintln!("xatastor-target: signal {sig}: shutting down (finishing I/O, flushing volumes)");
     shared.lock().take();
-    let _ = std::fs::remove_file(&socket);
+    drop(admin_socket);
     // A metrics scrape may hold the server for a moment.
     let mut server = server;
     for _ in 0..250 {

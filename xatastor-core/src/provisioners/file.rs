@@ -27,9 +27,12 @@
 //! A crash during such a call can leave some of them; the catalog finds them with
 //! [`VolumeProvisioner::snapshot_exists`] when it reconciles.
 //!
-//! **Resize** only grows: shrinking is refused with [`ProvisionError::Unsupported`], because it
-//! would destroy data irrecoverably and an open [`FileBackend`] caches its size (a host could write
-//! past the new end and grow the file again).
+//! **Resize** grows the file; shrinking truncates it and only happens with `allow_shrink` (the node
+//! allows it for a forced resize of a volume no host has open: an open [`FileBackend`] caches its
+//! size, and a host could write past the new end and grow the file again).
+//!
+//! **Capacity** is the file system's (`statvfs`): its size, and the space available to this user.
+//! [`FileProvisioner::supports_reflink`] tells at start whether snapshots will work.
 //!
 //! One provisioner per directory: the catalog serialises operations on one volume, and nothing here
 //! guards against a second process using the same directory.
@@ -45,9 +48,10 @@ use std::sync::Arc;
 use nvmeof_target::{BlockBackend, FileBackend};
 use rustix::io::Errno;
 
-use super::{check_block_size, check_spec};
+use super::{check_block_size, check_spec, refuse_shrink};
 use crate::provision::{
-    ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
+    Capacity, ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner,
+    VolumeSpec,
 };
 
 /// Sizes of file volumes are multiples of this (the smallest block size); the catalog checks the
@@ -103,6 +107,19 @@ impl FileProvisioner {
     #[must_use]
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether the directory's file system makes reflink copies (so snapshots and clones work):
+    /// tries one on two empty temporary files, which are removed again. `Err` is the reason it cannot
+    /// (the message names the file system).
+    pub fn supports_reflink(&self) -> Result<(), ProvisionError> {
+        let src = TempFile::create(&self.volumes.join("reflink-probe-a.img"))?;
+        let dst = TempFile::create(&self.volumes.join("reflink-probe-b.img"))?;
+        match rustix::fs::ioctl_ficlone(&dst.file, &src.file) {
+            Ok(()) => Ok(()),
+            Err(Errno::OPNOTSUPP | Errno::XDEV | Errno::INVAL | Errno::NOTTY) => Err(self.no_reflink()),
+            Err(e) => Err(fs_error("reflinking", &dst.path, e.into())),
+        }
     }
 
     /// Where volume `name` lives: `<dir>/volumes/<name>.img`.
@@ -280,6 +297,20 @@ impl VolumeProvisioner for FileProvisioner {
         "file"
     }
 
+    /// The data directory, made absolute (symbolic links resolved).
+    fn location(&self) -> String {
+        fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone()).display().to_string()
+    }
+
+    /// The file system's size and the bytes available to this user (`statvfs`).
+    fn capacity(&self) -> Result<Option<Capacity>, ProvisionError> {
+        let st = rustix::fs::statvfs(&self.dir).map_err(|e| fs_error("statvfs of", &self.dir, e.into()))?;
+        Ok(Some(Capacity {
+            total_bytes: st.f_blocks.saturating_mul(st.f_frsize),
+            available_bytes: st.f_bavail.saturating_mul(st.f_frsize),
+        }))
+    }
+
     /// A sparse file of the spec's size; the block size is not recorded (it is the catalog's).
     fn create(&self, spec: &VolumeSpec) -> Result<(), ProvisionError> {
         check_spec(spec, self.kind())?;
@@ -347,10 +378,15 @@ impl VolumeProvisioner for FileProvisioner {
         sync_dir(&self.volumes)
     }
 
-    /// Grows the file (a non-zero multiple of 512 bytes); the same size is a no-op, a smaller one
-    /// [`ProvisionError::Unsupported`]. An open [`FileBackend`] learns the new size from its own
+    /// Grows the file (a non-zero multiple of 512 bytes), or with `allow_shrink` truncates it; the
+    /// same size is a no-op. An open [`FileBackend`] learns the new size from its own
     /// [`BlockBackend::resize`].
-    fn resize(&self, name: &VolumeName, new_size_bytes: u64) -> Result<(), ProvisionError> {
+    fn resize(
+        &self,
+        name: &VolumeName,
+        new_size_bytes: u64,
+        allow_shrink: bool,
+    ) -> Result<(), ProvisionError> {
         let path = self.volume_path(name);
         let file = match OpenOptions::new().write(true).open(&path) {
             Ok(file) => file,
@@ -365,13 +401,11 @@ impl VolumeProvisioner for FileProvisioner {
             )));
         }
         let size = file.metadata().map_err(|e| fs_error("inspecting", &path, e))?.len();
-        if new_size_bytes < size {
-            return Err(ProvisionError::Unsupported(format!(
-                "shrinking {name} from {size} to {new_size_bytes} bytes: file volumes only grow"
-            )));
+        if new_size_bytes < size && !allow_shrink {
+            return Err(refuse_shrink(name, size, new_size_bytes));
         }
-        if new_size_bytes > size {
-            file.set_len(new_size_bytes).map_err(|e| fs_error("growing", &path, e))?;
+        if new_size_bytes != size {
+            file.set_len(new_size_bytes).map_err(|e| fs_error("resizing", &path, e))?;
             file.sync_all().map_err(|e| fs_error("syncing", &path, e))?;
         }
         Ok(())
@@ -594,6 +628,10 @@ mod tests {
     fn lifecycle_on_xfs() {
         let xfs = Xfs::new();
         let p = FileProvisioner::new(xfs.data_dir()).unwrap();
+        p.supports_reflink().unwrap();
+        let c = p.capacity().unwrap().unwrap();
+        assert!(c.total_bytes > 200 << 20 && c.total_bytes < 300 << 20, "a 300 MiB image: {c:?}");
+        assert_eq!(p.location(), fs::canonicalize(xfs.data_dir()).unwrap().display().to_string());
         common::lifecycle(&p);
         assert!(entries(&p.volumes).is_empty() && entries(&p.snapshots).is_empty(), "nothing left behind");
     }
@@ -642,12 +680,18 @@ mod tests {
         p.create(&spec("a", 1 << 20, 512)).unwrap();
         p.create(&spec("b", 1 << 20, 512)).unwrap();
         let fs = fs_type(dir.path());
+        let probe = p.supports_reflink();
+        assert_eq!(entries(&p.volumes), ["a.img", "b.img"], "the probe leaves nothing behind");
         match p.snapshot(&[snap("a", "x"), snap("b", "x")]) {
-            Ok(()) => assert!(
-                fs.starts_with("btrfs") || fs.starts_with("xfs"),
-                "reflink worked on {fs}: expected xfs or btrfs"
-            ),
+            Ok(()) => {
+                assert!(probe.is_ok(), "{probe:?}");
+                assert!(
+                    fs.starts_with("btrfs") || fs.starts_with("xfs"),
+                    "reflink worked on {fs}: expected xfs or btrfs"
+                );
+            }
             Err(ProvisionError::Unsupported(message)) => {
+                assert!(matches!(&probe, Err(ProvisionError::Unsupported(m)) if *m == message), "{probe:?}");
                 assert!(message.contains("reflink"), "{message}");
                 assert!(message.contains(&dir.path().display().to_string()), "{message}");
                 assert!(message.ends_with(&fs), "{message}");
@@ -680,10 +724,11 @@ mod tests {
         assert_eq!(b.info().block_size, 4096);
         assert!(b.raw_device().is_some(), "file volumes can be driven on the ring");
         common::write(&*b, 1 << 29, &[5; 4096]);
-        p.resize(&vol("v"), 2 << 30).unwrap();
+        p.resize(&vol("v"), 2 << 30, false).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().len(), 2 << 30);
-        assert_err!(p.resize(&vol("v"), 1 << 30), E::Unsupported(_));
-        assert_err!(p.resize(&vol("v"), (2 << 30) + 100), E::InvalidArgument(_));
+        assert_err!(p.resize(&vol("v"), 1 << 30, false), E::InvalidArgument(_));
+        assert_eq!(fs::metadata(&path).unwrap().len(), 2 << 30);
+        assert_err!(p.resize(&vol("v"), (2 << 30) + 100, false), E::InvalidArgument(_));
         assert_eq!(common::read(&*p.open(&vol("v"), 4096).unwrap(), 1 << 29, 4096), vec![5; 4096]);
 
         p.create(&spec("odd", 4096 + 512, 512)).unwrap();
@@ -697,7 +742,7 @@ mod tests {
         p.delete_volume(&vol("v")).unwrap();
         assert!(!path.exists());
         assert_err!(p.delete_volume(&vol("v")), E::NotFound(_));
-        assert_err!(p.resize(&vol("v"), 1 << 30), E::NotFound(_));
+        assert_err!(p.resize(&vol("v"), 1 << 30, true), E::NotFound(_));
         assert_err!(p.clone_snapshot(&snap("odd", "s"), &spec("c", 1 << 20, 512)), E::NotFound(_));
         assert_err!(p.clone_snapshot(&snap("odd", "s"), &spec("odd", 1 << 20, 512)), E::AlreadyExists(_));
     }

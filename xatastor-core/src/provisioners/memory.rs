@@ -16,8 +16,12 @@
 //!
 //! Behaves like the ZFS provisioner where the catalog can see it: snapshots of several volumes are
 //! one atomic point in time, a snapshot with clones cannot be deleted (nor can its volume), and
-//! [`VolumeProvisioner::list`] reports origins. Unlike ZFS it shrinks volumes when asked (the data
-//! beyond the new end is dropped, and reads as zeros if the volume grows again).
+//! [`VolumeProvisioner::list`] reports origins. A forced shrink drops the data beyond the new end
+//! (it reads as zeros if the volume grows again).
+//!
+//! Nothing outlives the process ([`VolumeProvisioner::durable`] is false): a node restarted on the
+//! memory backend forgets the volumes of its previous run. Its capacity is the machine's memory
+//! (`MemTotal` and `MemAvailable` of `/proc/meminfo`).
 //!
 //! Overhead: an empty volume costs its map entry (64 bytes in a table kept at most 7/8 full), one
 //! `MemoryBackend` allocation (96 bytes with malloc's overhead) and its name: about 210 bytes at 100K
@@ -31,18 +35,27 @@ use std::sync::Arc;
 use nvmeof_target::{BlockBackend, MemoryBackend};
 use parking_lot::RwLock;
 
-use super::{check_block_size, check_size, check_spec};
+use super::{check_block_size, check_size, check_spec, refuse_shrink};
 use crate::provision::{
-    ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
+    Capacity, ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner,
+    VolumeSpec,
 };
 
 /// Volatile volumes in memory, for tests and scale runs (see the [module documentation](self)).
 ///
 /// All operations take one lock over the volume map (a read lock for queries, resize and open); I/O
 /// on an opened volume never takes it.
-#[derive(Default)]
 pub struct MemoryProvisioner {
     volumes: RwLock<HashMap<VolumeName, Volume>>,
+    /// Random per instance: the [`VolumeProvisioner::location`] that tells a catalog whether its
+    /// volumes are still here (the same provisioner, reopened in the same process) or gone.
+    instance: String,
+}
+
+impl Default for MemoryProvisioner {
+    fn default() -> Self {
+        Self { volumes: RwLock::default(), instance: uuid::Uuid::new_v4().simple().to_string() }
+    }
 }
 
 /// One volume. Kept small: a million of these must fit comfortably.
@@ -81,9 +94,35 @@ fn not_found(what: &impl fmt::Display) -> ProvisionError {
     ProvisionError::NotFound(what.to_string())
 }
 
+/// `MemTotal` and `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn parse_meminfo(text: &str) -> Option<Capacity> {
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.get(name.len()..)?.trim().trim_end_matches("kB").trim().parse().ok()?;
+        kib.checked_mul(1024)
+    };
+    Some(Capacity { total_bytes: field("MemTotal:")?, available_bytes: field("MemAvailable:")? })
+}
+
 impl VolumeProvisioner for MemoryProvisioner {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    /// `instance <random id>`: each provisioner is a backend of its own.
+    fn location(&self) -> String {
+        format!("instance {}", self.instance)
+    }
+
+    fn durable(&self) -> bool {
+        false
+    }
+
+    /// The machine's memory.
+    fn capacity(&self) -> Result<Option<Capacity>, ProvisionError> {
+        let text = std::fs::read_to_string("/proc/meminfo")
+            .map_err(|e| ProvisionError::io("reading /proc/meminfo", e))?;
+        Ok(parse_meminfo(&text))
     }
 
     fn create(&self, spec: &VolumeSpec) -> Result<(), ProvisionError> {
@@ -163,13 +202,22 @@ impl VolumeProvisioner for MemoryProvisioner {
         Ok(())
     }
 
-    /// Grows or shrinks; shrinking drops the data beyond the new end. The size must be a non-zero
-    /// multiple of the volume's block size. An opened volume sees the new size at once (it is the same
-    /// object).
-    fn resize(&self, name: &VolumeName, new_size_bytes: u64) -> Result<(), ProvisionError> {
+    /// Grows, or with `allow_shrink` shrinks (dropping the data beyond the new end). The size must be
+    /// a non-zero multiple of the volume's block size. An opened volume sees the new size at once (it
+    /// is the same object).
+    fn resize(
+        &self,
+        name: &VolumeName,
+        new_size_bytes: u64,
+        allow_shrink: bool,
+    ) -> Result<(), ProvisionError> {
         let volumes = self.volumes.read();
         let volume = volumes.get(name).ok_or_else(|| not_found(name))?;
         check_size(new_size_bytes, volume.backend.info().block_size)?;
+        let current = volume.backend.size_bytes();
+        if new_size_bytes < current && !allow_shrink {
+            return Err(refuse_shrink(name, current, new_size_bytes));
+        }
         volume.backend.resize(new_size_bytes).map_err(|e| ProvisionError::io(format!("resizing {name}"), e))
     }
 
@@ -296,9 +344,22 @@ mod tests {
         common::write(&*a, 0, &[7; 4096]);
         let b = p.open(&vol("v"), 512).unwrap();
         assert_eq!(common::read(&*b, 0, 4096), vec![7; 4096], "data persists across activations");
-        p.resize(&vol("v"), 2 << 20).unwrap();
+        p.resize(&vol("v"), 2 << 20, false).unwrap();
         assert_eq!(a.size_bytes(), 2 << 20, "an open volume sees a resize at once");
         assert!(matches!(p.open(&vol("v"), 4096), Err(ProvisionError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn capacity_is_the_machines_memory() {
+        let text = "MemTotal:       24523456 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(
+            parse_meminfo(text),
+            Some(Capacity { total_bytes: 24_523_456 * 1024, available_bytes: 20_000_000 * 1024 })
+        );
+        assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
+        let c = MemoryProvisioner::new().capacity().unwrap().unwrap();
+        assert!(c.total_bytes > 0 && c.available_bytes <= c.total_bytes, "{c:?}");
+        assert!(!MemoryProvisioner::new().durable());
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //! Neither backend compresses: a [`VolumeSpec`] with compression other than
 //! `None` or `"off"` is refused with [`ProvisionError::Unsupported`].
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)
+)]
+
 pub mod file;
 pub mod memory;
 
@@ -37,6 +42,14 @@ fn check_size(size_bytes: u64, block_size: u32) -> Result<(), ProvisionError> {
         )));
     }
     Ok(())
+}
+
+/// The error for a smaller size without `allow_shrink`.
+pub(crate) fn refuse_shrink(name: &crate::provision::VolumeName, current: u64, new: u64) -> ProvisionError {
+    ProvisionError::InvalidArgument(format!(
+        "shrinking {name} from {current} to {new} bytes destroys the data beyond the new end; it must be \
+         forced"
+    ))
 }
 
 /// Checks a spec for a backend without compression (`kind` names the backend in messages).
@@ -114,6 +127,10 @@ mod tests {
     pub(super) fn lifecycle(p: &dyn VolumeProvisioner) {
         use ProvisionError as E;
         let memory = p.kind() == "memory";
+        assert!(p
+            .capacity()
+            .unwrap()
+            .is_some_and(|c| c.total_bytes >= c.available_bytes && c.total_bytes > 0));
         const MIB: u64 = 1 << 20;
 
         // Arguments.
@@ -169,22 +186,25 @@ mod tests {
         assert_eq!(read(&*c2, 0, 12288), two(1, 8192, 0, 4096), "the snapshot did not change");
 
         // Resize.
-        p.resize(&vol("v"), 4 * MIB).unwrap();
+        p.resize(&vol("v"), 4 * MIB, false).unwrap();
         assert_eq!(p.usage(&vol("v")).unwrap().size_bytes, 4 * MIB);
         let v = p.open(&vol("v"), 512).unwrap();
         assert_eq!(v.size_bytes(), 4 * MIB);
         assert_eq!(read(&*v, 0, 8192), two(2, 4096, 1, 4096), "growing keeps the data");
-        assert_err!(p.resize(&vol("v"), 4 * MIB + 100), E::InvalidArgument(_));
-        assert_err!(p.resize(&vol("v"), 0), E::InvalidArgument(_));
-        assert_err!(p.resize(&vol("w"), 4 * MIB), E::NotFound(_));
-        p.resize(&vol("v"), 4 * MIB).unwrap();
-        if memory {
-            p.resize(&vol("v"), 2 * MIB).unwrap();
-            assert_eq!(p.usage(&vol("v")).unwrap().size_bytes, 2 * MIB);
-        } else {
-            assert_err!(p.resize(&vol("v"), 2 * MIB), E::Unsupported(_));
-            assert_eq!(p.usage(&vol("v")).unwrap().size_bytes, 4 * MIB, "a refused shrink changes nothing");
-        }
+        assert_err!(p.resize(&vol("v"), 4 * MIB + 100, false), E::InvalidArgument(_));
+        assert_err!(p.resize(&vol("v"), 0, true), E::InvalidArgument(_));
+        assert_err!(p.resize(&vol("w"), 4 * MIB, false), E::NotFound(_));
+        p.resize(&vol("v"), 4 * MIB, false).unwrap();
+        // Shrinking: refused unless allowed; allowed, it drops the data beyond the new end.
+        write(&*p.open(&vol("v"), 512).unwrap(), 3 * MIB, &[9; 4096]);
+        assert_err!(p.resize(&vol("v"), 2 * MIB, false), E::InvalidArgument(_));
+        assert_eq!(p.usage(&vol("v")).unwrap().size_bytes, 4 * MIB, "a refused shrink changes nothing");
+        p.resize(&vol("v"), 2 * MIB, true).unwrap();
+        assert_eq!(p.usage(&vol("v")).unwrap().size_bytes, 2 * MIB);
+        p.resize(&vol("v"), 4 * MIB, false).unwrap();
+        let v = p.open(&vol("v"), 512).unwrap();
+        assert_eq!(read(&*v, 3 * MIB, 4096), vec![0; 4096], "shrunk away, then grown: zeros");
+        assert_eq!(read(&*v, 0, 8192), two(2, 4096, 1, 4096), "the data before the new end stays");
 
         // List.
         let listed = p.list().unwrap();

@@ -162,6 +162,9 @@ impl ZfsOps for FakeZfs {
     }
     fn properties(&self, dataset: &str) -> Result<DatasetProps, ProvisionError> {
         let s = self.enter(Op::Properties, Call::Properties(dataset.into()))?;
+        if dataset == "tank/xs" {
+            return Ok(DatasetProps { used: 7000, available: Some(5000), ..DatasetProps::default() });
+        }
         let (volsize, volblocksize, origin) = if let Some(v) = s.volumes.get(dataset) {
             (v.volsize, v.volblocksize, v.origin.clone())
         } else if let Some(&size) = s.snapshots.get(dataset) {
@@ -177,6 +180,7 @@ impl ZfsOps for FakeZfs {
             volsize: Some(volsize),
             volblocksize: Some(volblocksize),
             origin,
+            available: Some(5000),
         })
     }
     fn exists(&self, dataset: &str) -> Result<bool, ProvisionError> {
@@ -347,20 +351,40 @@ fn clone_that_cannot_grow_is_removed_again() {
 }
 
 #[test]
-fn resize_grows_refuses_shrinking_and_ignores_same_size() {
+fn resize_grows_shrinks_only_when_allowed_and_ignores_same_size() {
     let (fake, p) = setup();
     fake.add_volume("tank/xs/a", GIB);
     fake.calls();
-    p.resize(&vol("a"), 2 * GIB).unwrap();
+    p.resize(&vol("a"), 2 * GIB, false).unwrap();
     assert_eq!(
         fake.calls(),
         vec![Call::Properties("tank/xs/a".into()), Call::SetVolsize("tank/xs/a".into(), 2 * GIB)]
     );
-    p.resize(&vol("a"), 2 * GIB).unwrap();
+    p.resize(&vol("a"), 2 * GIB, false).unwrap();
     assert_eq!(fake.calls(), vec![Call::Properties("tank/xs/a".into())]);
-    assert!(matches!(p.resize(&vol("a"), GIB), Err(ProvisionError::Unsupported(_))));
-    assert!(matches!(p.resize(&vol("a"), 2 * GIB + 512), Err(ProvisionError::InvalidArgument(_))));
-    assert!(matches!(p.resize(&vol("nope"), GIB), Err(ProvisionError::NotFound(n)) if n == "nope"));
+    assert!(matches!(p.resize(&vol("a"), GIB, false), Err(ProvisionError::InvalidArgument(_))));
+    assert_eq!(fake.calls(), vec![Call::Properties("tank/xs/a".into())], "a refused shrink sets nothing");
+    assert!(matches!(p.resize(&vol("a"), 2 * GIB + 512, false), Err(ProvisionError::InvalidArgument(_))));
+    assert!(matches!(p.resize(&vol("nope"), GIB, false), Err(ProvisionError::NotFound(n)) if n == "nope"));
+    // A forced shrink is one `zfs set volsize`.
+    fake.calls();
+    p.resize(&vol("a"), GIB, true).unwrap();
+    assert_eq!(
+        fake.calls(),
+        vec![Call::Properties("tank/xs/a".into()), Call::SetVolsize("tank/xs/a".into(), GIB)]
+    );
+    assert!(matches!(p.resize(&vol("a"), GIB / 2 + 512, true), Err(ProvisionError::InvalidArgument(_))));
+}
+
+#[test]
+fn location_and_capacity_are_the_parent_datasets() {
+    let (_fake, p) = setup();
+    assert_eq!(p.location(), "tank/xs");
+    assert!(p.durable());
+    assert_eq!(
+        p.capacity().unwrap(),
+        Some(xatastor_core::Capacity { total_bytes: 12000, available_bytes: 5000 })
+    );
 }
 
 #[test]
@@ -480,7 +504,7 @@ fn every_error_kind_of_the_control_path_reaches_the_caller() {
         assert!(same(&p.list().unwrap_err(), &make()), "list");
 
         fake.fail_next(Op::SetVolsize, make());
-        assert!(same(&p.resize(&vol("a"), 2 * GIB).unwrap_err(), &make()), "resize");
+        assert!(same(&p.resize(&vol("a"), 2 * GIB, false).unwrap_err(), &make()), "resize");
 
         fake.fail_next(Op::DestroySnapshots, make());
         let e = p.delete_volume(&vol("a")).unwrap_err();

@@ -10,7 +10,7 @@ use xatastor_core::ProvisionError;
 use super::{parent_of, CloneProps, DatasetKind, DatasetProps, ListEntry, VolumeProps, ZfsOps};
 
 /// The properties [`ZfsOps::properties`] reads, in `zfs get` syntax.
-const PROPERTIES: &str = "used,referenced,logicalused,compressratio,volsize,volblocksize,origin";
+const PROPERTIES: &str = "used,referenced,logicalused,compressratio,volsize,volblocksize,origin,available";
 
 /// The `zfs` command (`zfs create`, `zfs snapshot`, …), run with `LC_ALL=C` so its messages can be
 /// matched; failures are classified by [`classify_failure`].
@@ -214,6 +214,7 @@ pub fn parse_properties(stdout: &str) -> Result<DatasetProps, ProvisionError> {
             "volsize" => props.volsize = parse_u64("get", value)?,
             "volblocksize" => props.volblocksize = parse_u64("get", value)?,
             "origin" => props.origin = (value != "-" && !value.is_empty()).then(|| value.to_owned()),
+            "available" => props.available = parse_u64("get", value)?,
             _ => {}
         }
     }
@@ -436,7 +437,7 @@ esac"#;
                 "clone -o compression=zstd tank/x/a@s1 tank/x/c",
                 "clone tank/x/a@s1 tank/x/d",
                 "set volsize=2147483648 tank/x/c",
-                "get -Hp -o property,value used,referenced,logicalused,compressratio,volsize,volblocksize,origin tank/x/a",
+                "get -Hp -o property,value used,referenced,logicalused,compressratio,volsize,volblocksize,origin,available tank/x/a",
                 "list -H -o name tank/x/a",
                 "list -H -o name tank/x/nope",
                 "list -Hp -t volume,snapshot -r -o name,type,volsize,origin tank/x",
@@ -468,7 +469,7 @@ esac"#;
     #[test]
     fn properties_are_parsed() {
         let out = "used\t1064960\nreferenced\t57344\nlogicalused\t2097152\ncompressratio\t2.37\n\
-                   volsize\t1073741824\nvolblocksize\t16384\norigin\ttank/x/base@s1\n";
+                   volsize\t1073741824\nvolblocksize\t16384\norigin\ttank/x/base@s1\navailable\t5000000\n";
         let p = parse_properties(out).unwrap();
         assert_eq!(
             p,
@@ -480,6 +481,7 @@ esac"#;
                 volsize: Some(1 << 30),
                 volblocksize: Some(16384),
                 origin: Some("tank/x/base@s1".into()),
+                available: Some(5_000_000),
             }
         );
         let plain = parse_properties("used\t1\nreferenced\t2\ncompressratio\t1.00x\norigin\t-\nvolsize\t-\n")

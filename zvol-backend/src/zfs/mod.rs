@@ -61,6 +61,8 @@ pub struct DatasetProps {
     pub volblocksize: Option<u64>,
     /// `origin`: the snapshot a clone was made from.
     pub origin: Option<String>,
+    /// `available`, bytes (what the dataset and its children can still write; none for snapshots).
+    pub available: Option<u64>,
 }
 
 /// The type of a listed dataset.
