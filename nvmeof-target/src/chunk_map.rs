@@ -31,7 +31,9 @@ pub(crate) fn new_chunk(data: &[u8]) -> Arc<Chunk> {
     let mut chunk = Arc::new(Chunk([0; CHUNK]));
     if let Some(c) = Arc::get_mut(&mut chunk) {
         let n = data.len().min(CHUNK);
-        c.0[..n].copy_from_slice(&data[..n]);
+        if let (Some(dst), Some(src)) = (c.0.get_mut(..n), data.get(..n)) {
+            dst.copy_from_slice(src);
+        }
     }
     chunk
 }

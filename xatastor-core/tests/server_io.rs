@@ -150,12 +150,19 @@ fn o_direct_volume_on_the_ring() {
     let srv = server(&target, 1, |_| {});
     let (_adm, cntlid) = admin(srv.local_addr(), 0);
     let mut q = io_queue(srv.local_addr(), 1, cntlid);
-    // Aligned: 4 KiB in-capsule (data at an arbitrary place in the receive buffer: bounced) and
-    // 128 KiB through R2T, both on the ring.
+    let before = srv.worker_stats()[0];
+    // Aligned: 4 KiB in-capsule and 128 KiB through R2T, both on the ring, straight from the memory
+    // the PDUs were received into (the queue receives in direct mode: data lands aligned).
     let a = pattern(4096, 1);
     let b = pattern(128 * 1024, 2);
     assert_eq!(write(&mut q, 8, &a), Status::SUCCESS);
     assert_eq!(write(&mut q, 1024, &b), Status::SUCCESS);
+    let after = srv.worker_stats()[0];
+    assert_eq!(after.bounced_writes, before.bounced_writes, "no aligned write was copied to a bounce buffer");
+    assert_eq!(
+        after.received_bytes_copied, before.received_bytes_copied,
+        "nothing was copied out of the shared receive buffers: the queue receives in direct mode"
+    );
     // Not 4096-aligned: through the backend's own path.
     let c = pattern(1024, 3);
     assert_eq!(write(&mut q, 3, &c), Status::SUCCESS);

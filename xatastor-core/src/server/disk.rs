@@ -5,7 +5,7 @@
 //!
 //! | operation | ring opcode | buffers |
 //! |---|---|---|
-//! | read | `Read` | a fresh buffer, handed to the engine as `Bytes` without a copy (sector-aligned for `O_DIRECT`) |
+//! | read | `Read` | a fresh buffer (for `O_DIRECT`: a sector-aligned one from the worker's pool), handed to the engine as `Bytes` without a copy |
 //! | write | `Write` (one segment) / `Writev` | the PDUs' own data; for `O_DIRECT`, copied into an aligned buffer only if it is not aligned already |
 //! | flush | `Fsync(DATASYNC)` | — |
 //! | write zeroes / deallocate | `Fallocate` (`ZERO_RANGE` / `PUNCH_HOLE`) | — |
@@ -23,6 +23,7 @@ use nvmeof_proto::Payload;
 use nvmeof_target::{IoError, IoOp, IoOutput, IoResult, IoToken, Namespace, RawDevice};
 use smallvec::SmallVec;
 
+use super::pool::{Pooled, ReadPool};
 use super::slab::Key;
 use crate::aligned::{is_aligned_ptr, AlignedBuf};
 
@@ -61,7 +62,8 @@ pub(super) enum DiskKind {
 pub(super) enum ReadBuf {
     /// Capacity `len`, filled by the kernel (length set on completion).
     Plain(BytesMut),
-    Aligned(AlignedBuf),
+    /// For `O_DIRECT`: an aligned buffer of the worker's pool.
+    Aligned(Pooled),
 }
 
 /// How a request will run.
@@ -76,7 +78,7 @@ pub(super) enum Plan {
 
 /// Decides where `op` runs on `dev` and, for the ring, builds it. The entries point into the
 /// operation's heap buffers, which do not move when the operation itself is moved into a slab.
-pub(super) fn plan(op: IoOp, dev: &RawDevice<'_>) -> Plan {
+pub(super) fn plan(op: IoOp, dev: &RawDevice<'_>, pool: &Arc<ReadPool>) -> Plan {
     let align = if dev.direct { (dev.alignment.max(1) as usize).next_power_of_two() } else { 1 };
     let aligned = |offset: u64, len: u64| offset % align as u64 == 0 && len % align as u64 == 0;
     let fd = types::Fd(dev.fd.as_raw_fd());
@@ -86,10 +88,10 @@ pub(super) fn plan(op: IoOp, dev: &RawDevice<'_>) -> Plan {
         IoOp::Read { offset, len } if aligned(offset, u64::from(len)) => {
             let len = len as usize;
             let (buf, ptr) = if align > 1 {
-                let Some(mut b) = AlignedBuf::zeroed(len, align) else {
+                let Some(mut b) = pool.take(len, align) else {
                     return Plan::Fail("read buffer too large");
                 };
-                let ptr = b.as_mut_slice().as_mut_ptr();
+                let ptr = b.as_mut_ptr();
                 (ReadBuf::Aligned(b), ptr)
             } else {
                 let mut b = BytesMut::with_capacity(len);
@@ -224,7 +226,12 @@ pub(super) fn on_completion(kind: &mut DiskKind, res: i32) -> Outcome {
             b.resize(len, 0);
             Ok(IoOutput::Data(b.freeze().into()))
         }
-        DiskKind::Read { buf: ReadBuf::Aligned(b), .. } => Ok(IoOutput::Data(Bytes::from_owner(b).into())),
+        DiskKind::Read { buf: ReadBuf::Aligned(mut b), len } => {
+            if (res as usize) < len {
+                b.zero_from(res as usize);
+            }
+            Ok(IoOutput::Data(Bytes::from_owner(b).into()))
+        }
         DiskKind::Write { len, .. } if (res as usize) < len => {
             Err(IoError::Io(io::Error::new(io::ErrorKind::WriteZero, "short write")))
         }

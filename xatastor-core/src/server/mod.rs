@@ -41,6 +41,7 @@
 mod bufring;
 mod conn;
 mod disk;
+mod pool;
 mod slab;
 mod worker;
 
@@ -173,6 +174,8 @@ impl Server {
                 poll_hits: m.stats.spin_hits.load(Ordering::Relaxed),
                 poll_misses: m.stats.spin_misses.load(Ordering::Relaxed),
                 poll_time: Duration::from_nanos(m.stats.spin_ns.load(Ordering::Relaxed)),
+                received_bytes_copied: m.stats.rx_copied.load(Ordering::Relaxed),
+                bounced_writes: m.stats.bounced.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -299,6 +302,8 @@ struct Counters {
     spin_hits: AtomicU64,
     spin_misses: AtomicU64,
     spin_ns: AtomicU64,
+    rx_copied: AtomicU64,
+    bounced: AtomicU64,
 }
 
 /// A snapshot of one worker's counters ([`Server::worker_stats`]).
@@ -319,6 +324,12 @@ pub struct WorkerStats {
     pub poll_misses: u64,
     /// Time spent polling (the CPU the poll window costs).
     pub poll_time: Duration,
+    /// Bytes copied out of the shared receive buffers into connections' reassembly buffers (ring
+    /// mode). Queues of `O_DIRECT` volumes receive in direct mode and copy nothing.
+    pub received_bytes_copied: u64,
+    /// Writes to `O_DIRECT` devices whose data was not aligned and was copied into an aligned
+    /// buffer first.
+    pub bounced_writes: u64,
 }
 
 impl Mailbox {

@@ -39,6 +39,7 @@ use parking_lot::Mutex;
 use super::bufring::{BufRing, BUF_GROUP};
 use super::conn::{Conn, DirectStep, RxMode};
 use super::disk::{self, DiskOp, Outcome, Plan};
+use super::pool::ReadPool;
 use super::slab::{Key, Slab};
 use super::{Mailbox, ServerConfig};
 
@@ -95,6 +96,8 @@ pub(super) struct Worker {
     no_fallocate: HashSet<usize>,
     /// Spin instead of blocking until then (a hot connection had input).
     spin_until: Option<Instant>,
+    /// Aligned read buffers for `O_DIRECT` devices.
+    read_pool: Arc<ReadPool>,
 }
 
 impl Worker {
@@ -134,6 +137,7 @@ impl Worker {
             dirty: Vec::new(),
             no_fallocate: HashSet::new(),
             spin_until: None,
+            read_pool: Arc::new(ReadPool::default()),
         })
     }
 
@@ -495,6 +499,7 @@ impl Worker {
             }
         } else if let Some(bid) = bid {
             c.rx.buf.extend_from_slice(self.bufs.get(bid, res as usize));
+            self.mailbox.stats.rx_copied.fetch_add(res as u64, Ordering::Relaxed);
             self.bufs.recycle(bid);
             self.feed(key, now);
             if let Some(c) = self.conns.get_mut(key) {
@@ -621,7 +626,7 @@ impl Worker {
             Some(_) if matches!(op, IoOp::WriteZeroes { .. } | IoOp::Discard { .. }) && refused() => {
                 Plan::Backend(op)
             }
-            Some(dev) => disk::plan(op, &dev),
+            Some(dev) => disk::plan(op, &dev, &self.read_pool),
         };
         match plan {
             Plan::Backend(op) => self.submit_to_backend(conn, token, &namespace, op, now),
@@ -632,6 +637,9 @@ impl Worker {
                 }
             }
             Plan::Ring(kind, sqes) => {
+                if matches!(kind, disk::DiskKind::Write { _bounce: Some(_), .. }) {
+                    self.mailbox.stats.bounced.fetch_add(1, Ordering::Relaxed);
+                }
                 let Some(key) = self.disk.insert(DiskOp { conn, token, namespace, kind }) else {
                     if let Some(c) = self.conns.get_mut(conn) {
                         let e = io::Error::other("too many operations in flight");
