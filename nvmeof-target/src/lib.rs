@@ -62,6 +62,7 @@
 )]
 
 mod admin;
+pub mod auth;
 pub mod backend;
 mod config;
 mod connection;
