@@ -69,6 +69,7 @@ mod connection;
 mod controller;
 pub mod host;
 mod io;
+mod ratelimit;
 mod subsystem;
 mod target;
 

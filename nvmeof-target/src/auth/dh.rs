@@ -208,6 +208,7 @@ fn group(group: DhGroup) -> Option<&'static Group> {
 }
 
 /// The prime of `group`, big-endian, `group.value_len()` bytes; `None` for the null group.
+#[cfg(test)]
 pub(crate) fn prime(group: DhGroup) -> Option<Vec<u8>> {
     hex_to_bytes(prime_hex(group)?)
 }

@@ -56,8 +56,9 @@ pub(crate) enum ReceiveOutcome {
     Message(Vec<u8>),
     /// Return this message (DH-HMAC-CHAP_Success1): the queue is authenticated.
     Authenticated(Vec<u8>, AuthInfo),
-    /// Return this AUTH_Failure1, then tear the queue down.
-    Failure1(Vec<u8>, FailureExplanation, &'static str),
+    /// Return this AUTH_Failure1, then tear the queue down. Carries the reason when it was not
+    /// reported before (the failure was found by this Receive, not by an earlier Send).
+    Failure1(Vec<u8>, Option<(FailureExplanation, &'static str)>),
     /// The host's buffer cannot hold even an AUTH_Failure1: fail the command, tear the queue down.
     BufferTooSmall,
 }
@@ -82,7 +83,7 @@ enum State {
     /// Success1 carried R2; the host's Success2 (or Failure2) is next.
     AwaitSuccess2 { t_id: u16, info: AuthInfo },
     /// A check failed; AUTH_Failure1 is next, then the end of the queue.
-    Failed { t_id: u16, explanation: FailureExplanation, detail: &'static str },
+    Failed { t_id: u16, explanation: FailureExplanation },
 }
 
 /// Authentication state of one queue.
@@ -148,7 +149,8 @@ impl QueueAuth {
     }
 
     fn fail(&mut self, t_id: u16, explanation: FailureExplanation, detail: &'static str) -> SendOutcome {
-        self.state = State::Failed { t_id, explanation, detail };
+        self.state = State::Failed { t_id, explanation };
+        self.authenticated = false;
         SendOutcome::Failed(explanation, detail)
     }
 
@@ -165,9 +167,9 @@ impl QueueAuth {
 
     /// An Authentication Send carried `msg` (its TL bytes).
     pub(crate) fn handle_send(&mut self, msg: &[u8], ctx: &Ctx<'_>) -> SendOutcome {
-        if let State::Failed { explanation, detail, .. } = self.state {
-            // Already failed: nothing the host says changes that; Failure1 is next.
-            return SendOutcome::Failed(explanation, detail);
+        if let State::Failed { .. } = self.state {
+            // Already failed (and reported): nothing the host says changes that; Failure1 is next.
+            return SendOutcome::Continue;
         }
         let t_id = self.current_t_id();
         let parsed = match AuthMessage::parse(msg) {
@@ -319,14 +321,14 @@ impl QueueAuth {
     pub(crate) fn handle_receive(&mut self, al: u32, ctx: &Ctx<'_>) -> ReceiveOutcome {
         let al = al as usize;
         let state = std::mem::replace(&mut self.state, State::Idle);
-        let (t_id, explanation, detail) = match state {
+        let (t_id, explanation, detail): (u16, FailureExplanation, Option<&'static str>) = match state {
             State::Negotiated { t_id, hash, group, secrets } => match challenge(t_id, hash, group, ctx) {
                 Ok((msg, c1, s1, keys)) if msg.len() <= al => {
                     self.state = State::AwaitReply { t_id, hash, group, secrets, c1, s1, keys };
                     return ReceiveOutcome::Message(msg);
                 }
-                Ok(_) => (t_id, FailureExplanation::IncorrectPayload, "host buffer too small for the challenge"),
-                Err(_) => (t_id, FailureExplanation::Failed, "no random bytes for the challenge"),
+                Ok(_) => (t_id, FailureExplanation::IncorrectPayload, Some("host buffer too small for the challenge")),
+                Err(_) => (t_id, FailureExplanation::Failed, Some("no random bytes for the challenge")),
             },
             State::Success1 { t_id, info, r2 } => {
                 let msg = AuthMessage::Success1(Success1 {
@@ -336,7 +338,7 @@ impl QueueAuth {
                 })
                 .to_vec();
                 if msg.len() > al {
-                    (t_id, FailureExplanation::IncorrectPayload, "host buffer too small for Success1")
+                    (t_id, FailureExplanation::IncorrectPayload, Some("host buffer too small for Success1"))
                 } else if r2.is_some() {
                     self.state = State::AwaitSuccess2 { t_id, info };
                     return ReceiveOutcome::Message(msg);
@@ -345,22 +347,23 @@ impl QueueAuth {
                     return ReceiveOutcome::Authenticated(msg, info);
                 }
             }
-            State::Failed { t_id, explanation, detail } => (t_id, explanation, detail),
+            State::Failed { t_id, explanation } => (t_id, explanation, None),
             other => {
                 let t_id = {
                     self.state = other;
                     self.current_t_id()
                 };
-                (t_id, FailureExplanation::IncorrectProtocolMessage, "Authentication Receive out of order")
+                (t_id, FailureExplanation::IncorrectProtocolMessage, Some("Authentication Receive out of order"))
             }
         };
-        self.state = State::Failed { t_id, explanation, detail };
+        self.state = State::Failed { t_id, explanation };
         self.authenticated = false;
+        self.deadline = None;
         let msg = failure_bytes(t_id, explanation);
         if msg.len() > al {
             return ReceiveOutcome::BufferTooSmall;
         }
-        ReceiveOutcome::Failure1(msg, explanation, detail)
+        ReceiveOutcome::Failure1(msg, detail.map(|d| (explanation, d)))
     }
 }
 
