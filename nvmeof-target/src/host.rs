@@ -233,6 +233,21 @@ impl HostQueue {
         cid
     }
 
+    /// Submits a command whose data goes by R2T/H2CData even where [`HostQueue::submit`] would put it
+    /// in the capsule (Fabrics commands): for exercising a target's R2T path. Returns the CID used.
+    pub fn submit_data_by_r2t(&mut self, mut sqe: Sqe, data: Payload) -> u16 {
+        let mut cid = sqe.cid.get();
+        if self.in_use(cid) {
+            cid = self.next_cid().unwrap_or(cid);
+        }
+        sqe.cid.set(cid);
+        sqe.flags = (sqe.flags & 0x3f) | 0x40;
+        sqe.dptr = SglDescriptor::transport(data.len() as u32);
+        self.pending.insert(cid, Pending { data_out: Some(data), data_in: Payload::new(), done_early: false });
+        self.send(Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::new() }));
+        cid
+    }
+
     /// Consumes received bytes.
     pub fn handle_input(&mut self, buf: &mut BytesMut) -> Result<(), HostError> {
         loop {
