@@ -9,7 +9,8 @@ use nvmeof_proto::nvme::discovery::{
 };
 use nvmeof_proto::nvme::fabrics::{
     connect_success_dw0, connect_success_dw0_auth_required, ConnectCommand, ConnectData, InvalidParameter,
-    NqnError, PropertyGetCommand, PropertySetCommand, CNTLID_DYNAMIC, CONNECT_DATA_LEN, NQN_FIELD_LEN, RECFMT_0,
+    NqnError, PropertyGetCommand, PropertySetCommand, CNTLID_DYNAMIC, CONNECT_DATA_LEN, NQN_FIELD_LEN,
+    RECFMT_0,
 };
 use nvmeof_proto::nvme::features::{
     AsyncEventConfig, FeatureId, KeepAliveTimer, NumberOfQueues, VolatileWriteCache,
@@ -86,7 +87,8 @@ impl Connection {
             Err(e) => Err(e),
         };
         let result = (|| {
-            let subnqn = cd.subnqn().map_err(|e| invalid(InvalidParameter::SUBNQN, nqn_problem(e, "subsystem")))?;
+            let subnqn =
+                cd.subnqn().map_err(|e| invalid(InvalidParameter::SUBNQN, nqn_problem(e, "subsystem")))?;
             let hostnqn = hostnqn.map_err(|e| invalid(InvalidParameter::HOSTNQN, nqn_problem(e, "host")))?;
             let entries = u32::from(c.sqsize.get()) + 1;
             let max_entries = self.target.shared.config.max_queue_entries;
@@ -156,7 +158,11 @@ impl Connection {
                 .filter(|ctrl| ctrl.subsystem.as_ref().is_some_and(|s| Arc::ptr_eq(s, &subsys)))
                 .ok_or_else(|| invalid(InvalidParameter::CNTLID, "no such controller"))?;
             if ctrl.hostnqn != hostnqn || ctrl.hostid != cd.hostid {
-                return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0, "controller belongs to another host"));
+                return Err((
+                    Status::CONNECT_INVALID_HOST.with_dnr(),
+                    0,
+                    "controller belongs to another host",
+                ));
             }
             // Read before checking readiness: a reset in between makes the claim fail.
             let generation = ctrl.enable_generation();

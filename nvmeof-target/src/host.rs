@@ -243,7 +243,8 @@ impl HostQueue {
         sqe.cid.set(cid);
         sqe.flags = (sqe.flags & 0x3f) | 0x40;
         sqe.dptr = SglDescriptor::transport(data.len() as u32);
-        self.pending.insert(cid, Pending { data_out: Some(data), data_in: Payload::new(), done_early: false });
+        self.pending
+            .insert(cid, Pending { data_out: Some(data), data_in: Payload::new(), done_early: false });
         self.send(Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::new() }));
         cid
     }

@@ -237,7 +237,11 @@ fn rotation_applies_to_the_next_authentication_and_keeps_hosts_connected() {
 
     // Rotate: the node stores a new secret.
     keys.set(SUBNQN, HOSTNQN, HostSecrets::new(secret(OTHER_SECRET)));
-    assert_eq!(write(&mut io, 8, vec![7; 512], now).status(), Status::SUCCESS, "connected host keeps working");
+    assert_eq!(
+        write(&mut io, 8, vec![7; 512], now).status(),
+        Status::SUCCESS,
+        "connected host keeps working"
+    );
     // The host re-authenticates its live queues with the new secret (as Linux does after
     // `echo <new> > /sys/class/nvme/nvmeX/dhchap_secret`).
     let out = authenticate(&mut admin, host_auth(OTHER_SECRET, None), 3, 3, now).unwrap();
@@ -318,13 +322,35 @@ fn an_unfinished_reauthentication_is_dropped_not_the_queue() {
     let (target, _keys) = target_with_auth(true);
     let mut link = Link::new(&target, HostOptions::default(), now);
     bring_up_admin_auth(&mut link, host_auth(HOST_SECRET, None), now);
-    assert_eq!(link.conn.poll_timeout().map(|d| d > now + Duration::from_secs(4)), Some(true), "only keep-alive");
+    assert_eq!(
+        link.conn.poll_timeout().map(|d| d > now + Duration::from_secs(4)),
+        Some(true),
+        "only keep-alive"
+    );
     assert_eq!(send(&mut link, negotiate(2, &ALL_HASHES, &ALL_GROUPS), now).status(), Status::SUCCESS);
     let t = clock.advance(Duration::from_secs(4));
     // Keep-alive traffic keeps the controller alive meanwhile.
-    assert_eq!(link.command(nvmeof_proto::nvme::Sqe { opcode: 0x18, ..nvmeof_proto::nvme::Sqe::zeroed() }, None, 0, t).status(), Status::SUCCESS);
+    assert_eq!(
+        link.command(
+            nvmeof_proto::nvme::Sqe { opcode: 0x18, ..nvmeof_proto::nvme::Sqe::zeroed() },
+            None,
+            0,
+            t
+        )
+        .status(),
+        Status::SUCCESS
+    );
     let t = clock.advance(Duration::from_secs(7));
-    assert_eq!(link.command(nvmeof_proto::nvme::Sqe { opcode: 0x18, ..nvmeof_proto::nvme::Sqe::zeroed() }, None, 0, t).status(), Status::SUCCESS);
+    assert_eq!(
+        link.command(
+            nvmeof_proto::nvme::Sqe { opcode: 0x18, ..nvmeof_proto::nvme::Sqe::zeroed() },
+            None,
+            0,
+            t
+        )
+        .status(),
+        Status::SUCCESS
+    );
     link.conn.handle_timeout(t);
     link.drain_events(t);
     assert!(link.closed.is_none(), "{:?}", link.closed);
@@ -468,7 +494,11 @@ fn bad_first_messages_are_answered_with_failure1() {
         ("unknown hashes", negotiate_ids(&[0x09], &[0x01]), FailureExplanation::HashNotUsable),
         ("unknown groups", negotiate_ids(&[0x01], &[0x07, 0x08]), FailureExplanation::DhGroupNotUsable),
         ("Reply first", reply, FailureExplanation::IncorrectProtocolMessage),
-        ("Success2 first", AuthMessage::Success2 { t_id: 1 }.to_vec(), FailureExplanation::IncorrectProtocolMessage),
+        (
+            "Success2 first",
+            AuthMessage::Success2 { t_id: 1 }.to_vec(),
+            FailureExplanation::IncorrectProtocolMessage,
+        ),
     ];
     for (name, msg, explanation) in cases {
         let mut link = connected(&target, now);
@@ -536,10 +566,22 @@ fn bad_replies_are_answered_with_failure1() {
         ("no DH value", reply(1, 32, 0, 0, &[]), FailureExplanation::IncorrectPayload),
         ("DHVLEN 65535 on 256 bytes", huge_dhvlen, FailureExplanation::IncorrectPayload),
         ("DH value 0", reply(1, 32, 0, 0, &[0; 256]), FailureExplanation::DhGroupNotUsable),
-        ("DH value 1", reply(1, 32, 0, 0, &{ let mut v = vec![0u8; 256]; v[255] = 1; v }), FailureExplanation::DhGroupNotUsable),
+        (
+            "DH value 1",
+            reply(1, 32, 0, 0, &{
+                let mut v = vec![0u8; 256];
+                v[255] = 1;
+                v
+            }),
+            FailureExplanation::DhGroupNotUsable,
+        ),
         ("DH value above p", reply(1, 32, 0, 0, &[0xff; 256]), FailureExplanation::DhGroupNotUsable),
         ("wrong response", reply(1, 32, 0, 0, &two), FailureExplanation::Failed),
-        ("Success2 instead", AuthMessage::Success2 { t_id: 1 }.to_vec(), FailureExplanation::IncorrectProtocolMessage),
+        (
+            "Success2 instead",
+            AuthMessage::Success2 { t_id: 1 }.to_vec(),
+            FailureExplanation::IncorrectProtocolMessage,
+        ),
     ];
     for (name, msg, explanation) in cases {
         let (mut link, _) = challenged(&target, DhGroup::Ffdhe2048, now);
@@ -623,7 +665,10 @@ fn host_buffers_too_small_for_the_answer() {
     let (target, _keys) = target_with_auth(true);
     // The challenge (16 + 64 + 1024 bytes) does not fit 100 bytes: AUTH_Failure1 instead.
     let mut link = connected(&target, now);
-    assert_eq!(send(&mut link, negotiate(1, &[DhchapHash::Sha512], &[DhGroup::Ffdhe8192]), now).status(), Status::SUCCESS);
+    assert_eq!(
+        send(&mut link, negotiate(1, &[DhchapHash::Sha512], &[DhGroup::Ffdhe8192]), now).status(),
+        Status::SUCCESS
+    );
     let c = receive(&mut link, 100, now);
     let bytes = c.data.to_bytes();
     assert_eq!(
@@ -667,7 +712,11 @@ fn many_connects_share_the_sequence_counter() {
 fn target_config_limits_what_is_accepted() {
     let now = Clock::new().0;
     let config = TargetConfig {
-        auth: AuthConfig { dh_groups: vec![DhGroup::Ffdhe2048], hashes: vec![DhchapHash::Sha256], ..AuthConfig::default() },
+        auth: AuthConfig {
+            dh_groups: vec![DhGroup::Ffdhe2048],
+            hashes: vec![DhchapHash::Sha256],
+            ..AuthConfig::default()
+        },
         ..TargetConfig::default()
     };
     let (target, _) = target_with_config(config);

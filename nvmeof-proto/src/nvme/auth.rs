@@ -84,7 +84,7 @@ code_enum! {
 impl DhchapHash {
     /// Hash length in bytes (HL): the length of challenges and responses.
     #[must_use]
-    pub const fn len(self) -> usize {
+    pub const fn hash_len(self) -> usize {
         match self {
             Self::Sha256 => 32,
             Self::Sha384 => 48,
@@ -499,7 +499,12 @@ pub enum AuthMessage<'a> {
 }
 
 /// Splits `len` bytes off the front of `rest`, or reports how many the message needs in total.
-fn take<'a>(rest: &mut &'a [u8], len: usize, needed_total: usize, got: usize) -> Result<&'a [u8], AuthDecodeError> {
+fn take<'a>(
+    rest: &mut &'a [u8],
+    len: usize,
+    needed_total: usize,
+    got: usize,
+) -> Result<&'a [u8], AuthDecodeError> {
     if rest.len() < len {
         return Err(AuthDecodeError::Truncated { needed: needed_total, got });
     }
@@ -589,7 +594,8 @@ impl<'a> AuthMessage<'a> {
             }
             AuthMessageId::Failure1 | AuthMessageId::Failure2 => {
                 let (h, _) = header::<FailureMessage>(bytes)?;
-                let f = Failure { t_id: h.t_id.get(), reason_code: h.reason_code, explanation: h.explanation };
+                let f =
+                    Failure { t_id: h.t_id.get(), reason_code: h.reason_code, explanation: h.explanation };
                 let msg = if id == AuthMessageId::Failure1 { Self::Failure1(f) } else { Self::Failure2(f) };
                 Ok((msg, size_of_val(h)))
             }
@@ -879,7 +885,10 @@ mod tests {
         assert_eq!(AuthMessage::Failure1(f).to_vec(), raw);
         assert_eq!(AuthMessage::parse(&raw).unwrap(), (AuthMessage::Failure1(f), 8));
         let raw = [0x00, 0xf0, 0, 0, 0x34, 0x12, 0x01, 0x01];
-        assert_eq!(AuthMessage::parse(&raw).unwrap().0, AuthMessage::Failure2(Failure::new(0x1234, FailureExplanation::Failed)));
+        assert_eq!(
+            AuthMessage::parse(&raw).unwrap().0,
+            AuthMessage::Failure2(Failure::new(0x1234, FailureExplanation::Failed))
+        );
         assert_eq!(f.to_string(), "incorrect protocol message");
     }
 
@@ -906,7 +915,10 @@ mod tests {
             AuthMessage::parse(&raw),
             Err(AuthDecodeError::Truncated { needed: 16 + 64 + 65535, got: 80 })
         );
-        assert_eq!(AuthMessage::parse(&[0x01, 0x04, 0, 0]), Err(AuthDecodeError::Truncated { needed: 16, got: 4 }));
+        assert_eq!(
+            AuthMessage::parse(&[0x01, 0x04, 0, 0]),
+            Err(AuthDecodeError::Truncated { needed: 16, got: 4 })
+        );
     }
 
     #[test]
@@ -918,7 +930,7 @@ mod tests {
 
     #[test]
     fn identifier_tables() {
-        assert_eq!(DhchapHash::Sha384.len(), 48);
+        assert_eq!(DhchapHash::Sha384.hash_len(), 48);
         assert_eq!(DhGroup::Ffdhe6144.value_len(), 768);
         assert_eq!(DhGroup::from_u8(6), None);
         assert_eq!(AuthMessageId::Failure1.auth_type(), AUTH_TYPE_COMMON);

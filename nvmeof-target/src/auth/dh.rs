@@ -246,7 +246,8 @@ impl KeyPair {
         let g = group(dh_group).ok_or(DhError::NoSuchGroup)?;
         let bits = exponent_bits(dh_group);
         let x = Zeroizing::new(
-            BoxedUint::from_be_slice(private, bits.next_multiple_of(64)).map_err(|_| DhError::InvalidPeerValue)?,
+            BoxedUint::from_be_slice(private, bits.next_multiple_of(64))
+                .map_err(|_| DhError::InvalidPeerValue)?,
         );
         let generator = BoxedMontyForm::new(BoxedUint::from(2u8).widen(g.bits), g.params.clone());
         let public = generator.pow_bounded_exp(&x, bits).retrieve().to_be_bytes().into_vec();
@@ -299,7 +300,9 @@ mod tests {
         for block in text.split('[').skip(1) {
             let (name, body) = block.split_once(']').unwrap();
             let field = |k: &str| {
-                body.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("{name}: {k}"))
+                body.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                    .unwrap_or_else(|| panic!("{name}: {k}"))
             };
             let group = match field("group") {
                 "ffdhe2048" => DhGroup::Ffdhe2048,
@@ -379,11 +382,16 @@ mod tests {
         two[255] = 2;
         let mut one = vec![0u8; 256];
         one[255] = 1;
-        for bad in [vec![0u8; 256], one, p_minus_1, p, vec![0xff; 256], vec![2u8; 255], vec![2u8; 257], vec![]] {
+        for bad in
+            [vec![0u8; 256], one, p_minus_1, p, vec![0xff; 256], vec![2u8; 255], vec![2u8; 257], vec![]]
+        {
             assert_eq!(kp.shared_secret(&bad).unwrap_err(), DhError::InvalidPeerValue, "{:?}", &bad.get(..4));
         }
         assert!(kp.shared_secret(&two).is_ok(), "2 is the smallest value allowed");
-        assert_eq!(KeyPair::generate(DhGroup::Null, &DeterministicEntropy::new(1)).unwrap_err(), DhError::NoSuchGroup);
+        assert_eq!(
+            KeyPair::generate(DhGroup::Null, &DeterministicEntropy::new(1)).unwrap_err(),
+            DhError::NoSuchGroup
+        );
     }
 
     #[test]

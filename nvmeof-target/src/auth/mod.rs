@@ -39,11 +39,11 @@
 //! Randomness (challenges, sequence numbers, DH exponents) comes from an [`Entropy`], the OS's by
 //! default and a deterministic one in tests.
 
-mod crypto;
 pub(crate) mod commands;
+mod crypto;
 pub(crate) mod dh;
-pub(crate) mod session;
 mod secret;
+pub(crate) mod session;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -99,7 +99,10 @@ impl Entropy for DeterministicEntropy {
     fn fill(&self, dest: &mut [u8]) -> Result<(), EntropyError> {
         let mut counter = self.counter.lock();
         for chunk in dest.chunks_mut(32) {
-            let block = Sha256::new().chain_update(self.seed.to_le_bytes()).chain_update(counter.to_le_bytes()).finalize();
+            let block = Sha256::new()
+                .chain_update(self.seed.to_le_bytes())
+                .chain_update(counter.to_le_bytes())
+                .finalize();
             *counter += 1;
             for (d, s) in chunk.iter_mut().zip(block.iter()) {
                 *d = *s;
@@ -248,7 +251,13 @@ mod tests {
         let text = include_str!("../../tests/vectors/dhchap-responses.txt");
         let ffdhe = include_str!("../../tests/vectors/ffdhe.txt");
         let shared2048 = unhex(
-            ffdhe.split("[openssl-ffdhe2048]").nth(1).unwrap().lines().find_map(|l| l.strip_prefix("shared=")).unwrap(),
+            ffdhe
+                .split("[openssl-ffdhe2048]")
+                .nth(1)
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("shared="))
+                .unwrap(),
         );
         let global = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap();
         let (hostnqn, subnqn) = (global("hostnqn"), global("subnqn"));

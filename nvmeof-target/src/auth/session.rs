@@ -140,7 +140,7 @@ impl QueueAuth {
     /// The deadline passed. Returns true if the queue must be torn down (it never authenticated);
     /// otherwise the re-authentication in progress is dropped.
     pub(crate) fn handle_timeout(&mut self, now: Instant) -> bool {
-        if !self.deadline.is_some_and(|d| now >= d) {
+        if self.deadline.is_none_or(|d| now < d) {
             return false;
         }
         self.deadline = None;
@@ -174,7 +174,13 @@ impl QueueAuth {
         let t_id = self.current_t_id();
         let parsed = match AuthMessage::parse(msg) {
             Ok((m, len)) if len == msg.len() => m,
-            Ok(_) => return self.fail(t_id, FailureExplanation::IncorrectPayload, "message longer than its fields say"),
+            Ok(_) => {
+                return self.fail(
+                    t_id,
+                    FailureExplanation::IncorrectPayload,
+                    "message longer than its fields say",
+                )
+            }
             Err(AuthDecodeError::UnknownMessage { .. }) => {
                 return self.fail(t_id, FailureExplanation::IncorrectProtocolMessage, "unknown message")
             }
@@ -220,10 +226,18 @@ impl QueueAuth {
         }
         let t_id = n.t_id;
         if n.sc_c != SC_C_NONE {
-            return self.fail(t_id, FailureExplanation::ConcatenationMismatch, "secure channel concatenation asked for");
+            return self.fail(
+                t_id,
+                FailureExplanation::ConcatenationMismatch,
+                "secure channel concatenation asked for",
+            );
         }
         let Some(d) = n.protocols.iter().find(|d| d.authid == AUTH_ID_DHCHAP) else {
-            return self.fail(t_id, FailureExplanation::ProtocolNotUsable, "no DH-HMAC-CHAP protocol descriptor");
+            return self.fail(
+                t_id,
+                FailureExplanation::ProtocolNotUsable,
+                "no DH-HMAC-CHAP protocol descriptor",
+            );
         };
         let (Some(hashes), Some(groups)) = (d.hashes(), d.dh_groups()) else {
             return self.fail(t_id, FailureExplanation::IncorrectPayload, "HALEN or DHLEN beyond 30");
@@ -249,7 +263,7 @@ impl QueueAuth {
         if r.t_id != t_id {
             return payload(self, "wrong transaction ID");
         }
-        if r.response.len() != hash.len() {
+        if r.response.len() != hash.hash_len() {
             return payload(self, "HL is not the hash length");
         }
         if r.cvalid > 1 || (r.cvalid == 1 && r.seqnum == 0) {
@@ -327,13 +341,17 @@ impl QueueAuth {
                     self.state = State::AwaitReply { t_id, hash, group, secrets, c1, s1, keys };
                     return ReceiveOutcome::Message(msg);
                 }
-                Ok(_) => (t_id, FailureExplanation::IncorrectPayload, Some("host buffer too small for the challenge")),
+                Ok(_) => (
+                    t_id,
+                    FailureExplanation::IncorrectPayload,
+                    Some("host buffer too small for the challenge"),
+                ),
                 Err(_) => (t_id, FailureExplanation::Failed, Some("no random bytes for the challenge")),
             },
             State::Success1 { t_id, info, r2 } => {
                 let msg = AuthMessage::Success1(Success1 {
                     t_id,
-                    hl: info.hash.len() as u8,
+                    hl: info.hash.hash_len() as u8,
                     response: r2.as_deref().map(|v| &v[..]),
                 })
                 .to_vec();
@@ -353,7 +371,11 @@ impl QueueAuth {
                     self.state = other;
                     self.current_t_id()
                 };
-                (t_id, FailureExplanation::IncorrectProtocolMessage, Some("Authentication Receive out of order"))
+                (
+                    t_id,
+                    FailureExplanation::IncorrectProtocolMessage,
+                    Some("Authentication Receive out of order"),
+                )
             }
         };
         self.state = State::Failed { t_id, explanation };
@@ -371,7 +393,7 @@ type ChallengeParts = (Vec<u8>, Zeroizing<Vec<u8>>, u32, Option<KeyPair>);
 
 /// Builds the Challenge: a fresh C1, the next S1 and, for an FFDHE group, a fresh key pair.
 fn challenge(t_id: u16, hash: DhchapHash, group: DhGroup, ctx: &Ctx<'_>) -> Result<ChallengeParts, DhError> {
-    let mut c1 = Zeroizing::new(vec![0u8; hash.len()]);
+    let mut c1 = Zeroizing::new(vec![0u8; hash.hash_len()]);
     ctx.entropy.fill(&mut c1)?;
     let s1 = next_seqnum(ctx.seqnum, ctx.entropy);
     let keys = match group {

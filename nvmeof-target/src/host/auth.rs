@@ -256,13 +256,14 @@ impl HostAuthenticator {
         if c.t_id != self.t_id {
             return Err(payload("wrong transaction ID in the challenge"));
         }
-        let hash = DhchapHash::from_u8(c.hash_id)
-            .filter(|h| self.config.hashes.contains(h))
-            .ok_or((FailureExplanation::HashNotUsable, HostAuthError::Protocol("hash function not offered")))?;
+        let hash = DhchapHash::from_u8(c.hash_id).filter(|h| self.config.hashes.contains(h)).ok_or((
+            FailureExplanation::HashNotUsable,
+            HostAuthError::Protocol("hash function not offered"),
+        ))?;
         let group = DhGroup::from_u8(c.dh_group_id)
             .filter(|g| self.config.dh_groups.contains(g))
             .ok_or((FailureExplanation::DhGroupNotUsable, HostAuthError::Protocol("DH group not offered")))?;
-        if c.challenge.len() != hash.len() {
+        if c.challenge.len() != hash.hash_len() {
             return Err(payload("HL is not the hash length"));
         }
         if c.dh_value.len() != group.value_len() {
@@ -276,7 +277,10 @@ impl HostAuthenticator {
         let shared = match &keys {
             None => None,
             Some(kp) => Some(kp.shared_secret(c.dh_value).map_err(|_| {
-                (FailureExplanation::DhGroupNotUsable, HostAuthError::Protocol("controller DH value out of range"))
+                (
+                    FailureExplanation::DhGroupNotUsable,
+                    HostAuthError::Protocol("controller DH value out of range"),
+                )
             })?),
         };
         let cfg = Arc::clone(&self.config);
@@ -293,7 +297,7 @@ impl HostAuthenticator {
             nqn2: &cfg.subnqn,
         }
         .compute();
-        let mut c2 = Zeroizing::new(vec![0u8; hash.len()]);
+        let mut c2 = Zeroizing::new(vec![0u8; hash.hash_len()]);
         let mut s2 = 0u32;
         if let Some(ctrl_secret) = &cfg.controller_secret {
             let mut seq = [0u8; 4];
@@ -316,7 +320,8 @@ impl HostAuthenticator {
                 .compute(),
             );
         }
-        self.outcome = Some(AuthOutcome { hash, dh_group: group, bidirectional: cfg.controller_secret.is_some() });
+        self.outcome =
+            Some(AuthOutcome { hash, dh_group: group, bidirectional: cfg.controller_secret.is_some() });
         Ok(AuthMessage::Reply(Reply {
             t_id: self.t_id,
             cvalid: u8::from(cfg.controller_secret.is_some()),
@@ -342,7 +347,7 @@ impl HostAuthenticator {
         let Some(outcome) = self.outcome else {
             return self.finish(Err(HostAuthError::Protocol("no outcome")));
         };
-        if s.t_id != self.t_id || usize::from(s.hl) != outcome.hash.len() {
+        if s.t_id != self.t_id || usize::from(s.hl) != outcome.hash.hash_len() {
             return self.refuse(
                 FailureExplanation::IncorrectPayload,
                 HostAuthError::Protocol("wrong transaction ID or HL in Success1"),
@@ -354,7 +359,9 @@ impl HostAuthenticator {
                 let msg = AuthMessage::Success2 { t_id: self.t_id }.to_vec();
                 self.next = Some((Next::Send(msg), Expect::Success2Sent));
             }
-            (Some(_), _) => self.refuse(FailureExplanation::Failed, HostAuthError::ControllerNotAuthenticated),
+            (Some(_), _) => {
+                self.refuse(FailureExplanation::Failed, HostAuthError::ControllerNotAuthenticated)
+            }
         }
     }
 }
