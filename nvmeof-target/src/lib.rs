@@ -126,8 +126,9 @@ pub mod fuzzing {
     }
 
     impl AuthHarness {
-        /// A queue that must authenticate before `deadline`, with these secrets for its host.
-        pub fn new(secrets: Option<HostSecrets>, deadline: Instant, seed: u64) -> Self {
+        /// A queue that must authenticate before `deadline`, with these secrets for its host, under
+        /// `config`.
+        pub fn new(secrets: Option<HostSecrets>, config: AuthConfig, deadline: Instant, seed: u64) -> Self {
             let keys = MemoryHostKeys::new();
             let (subnqn, hostnqn) =
                 ("nqn.2026-01.io.xatastor:fuzz".to_owned(), "nqn.2014-08.io.example:host".to_owned());
@@ -137,7 +138,7 @@ pub mod fuzzing {
             Self {
                 auth: QueueAuth::required(deadline),
                 keys,
-                config: AuthConfig::default(),
+                config,
                 entropy: DeterministicEntropy::new(seed),
                 seqnum: AtomicU32::new(0),
                 hostnqn,

@@ -271,7 +271,8 @@ impl KeyPair {
             return Err(DhError::InvalidPeerValue);
         }
         let base = BoxedMontyForm::new(y, g.params.clone());
-        let s = base.pow_bounded_exp(&self.private, exponent_bits(self.group)).retrieve();
+        let power = Zeroizing::new(base.pow_bounded_exp(&self.private, exponent_bits(self.group)));
+        let s = Zeroizing::new(power.retrieve());
         Ok(Zeroizing::new(s.to_be_bytes().into_vec()))
     }
 }

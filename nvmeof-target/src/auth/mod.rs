@@ -219,7 +219,9 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     /// SHA-512, SHA-384, SHA-256; ffdhe3072 first (128-bit strength, like SHA-256, for a fraction of
     /// what ffdhe8192 costs: each queue's authentication takes two exponentiations on the
-    /// connection's thread), then the larger groups, then ffdhe2048 and, last, no DH exchange.
+    /// connection's thread, about 2.5 ms with ffdhe3072 and 20 ms with ffdhe8192 on a current x86-64
+    /// core; see `examples/auth_cost.rs`), then the larger groups, then ffdhe2048 and, last, no DH
+    /// exchange.
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(10),
