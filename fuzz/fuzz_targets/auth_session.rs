@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use nvmeof_proto::nvme::auth::{AuthMessage, DhGroup};
-use nvmeof_proto::nvme::fabrics::{AuthReceiveCommand, AuthSendCommand, CONNECT_AUTHREQ_ATR, CNTLID_DYNAMIC};
+use nvmeof_proto::nvme::fabrics::{AuthReceiveCommand, AuthSendCommand, CNTLID_DYNAMIC, CONNECT_AUTHREQ_ATR};
 use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::nvme::{Cqe, Status};
 use nvmeof_proto::{DecoderConfig, Digests, Payload, PduDecoder};
@@ -98,15 +98,28 @@ fn run_direct(scenario: u8, mut input: Input<'_>, start: Instant) {
         None
     } else {
         let s = HostSecrets::new(DhchapSecret::parse(HOST_SECRET).unwrap());
-        Some(if scenario & 0x04 != 0 { s.with_controller(DhchapSecret::parse(CTRL_SECRET).unwrap()) } else { s })
+        Some(if scenario & 0x04 != 0 {
+            s.with_controller(DhchapSecret::parse(CTRL_SECRET).unwrap())
+        } else {
+            s
+        })
     };
-    let mut h = AuthHarness::new(secrets, auth_config(scenario), start + Duration::from_secs(10), u64::from(scenario));
+    let mut h = AuthHarness::new(
+        secrets,
+        auth_config(scenario),
+        start + Duration::from_secs(10),
+        u64::from(scenario),
+    );
     let mut now = start;
     let mut honest = false;
     // The honest host, part of the way.
     let prefix = scenario & 0x03;
     if prefix != 0 {
-        let mut host = HostAuthenticator::new(host_config(scenario & 0x04 != 0), 1, Arc::new(DeterministicEntropy::new(9)));
+        let mut host = HostAuthenticator::new(
+            host_config(scenario & 0x04 != 0),
+            1,
+            Arc::new(DeterministicEntropy::new(9)),
+        );
         let mut steps = 0;
         while let Some((sqe, data, read_len)) = host.poll_command() {
             if prefix == 1 && steps == 2 {
@@ -219,7 +232,13 @@ impl Side {
         }
     }
 
-    fn command(&mut self, sqe: nvmeof_proto::nvme::Sqe, data: Option<Payload>, read_len: u32, now: Instant) -> Option<Completion> {
+    fn command(
+        &mut self,
+        sqe: nvmeof_proto::nvme::Sqe,
+        data: Option<Payload>,
+        read_len: u32,
+        now: Instant,
+    ) -> Option<Completion> {
         // Completions of earlier commands (an Authentication Send by R2T) may share the CID.
         self.completions.clear();
         let cid = self.host.submit(sqe, data, read_len);
@@ -236,9 +255,15 @@ fn run_engine(scenario: u8, mut input: Input<'_>, start: Instant) {
         ..TargetConfig::default()
     });
     target
-        .add_subsystem(SubsystemConfig { access: HostAccess::AllowAny, require_auth: true, ..SubsystemConfig::new(NQN, "FUZZ") })
+        .add_subsystem(SubsystemConfig {
+            access: HostAccess::AllowAny,
+            require_auth: true,
+            ..SubsystemConfig::new(NQN, "FUZZ")
+        })
         .unwrap();
-    target.add_namespace(NQN, NamespaceConfig::derived(NQN, 1, Arc::new(MemoryBackend::new(1 << 20, 512)))).unwrap();
+    target
+        .add_namespace(NQN, NamespaceConfig::derived(NQN, 1, Arc::new(MemoryBackend::new(1 << 20, 512))))
+        .unwrap();
     target.set_entropy(Arc::new(DeterministicEntropy::new(u64::from(scenario))));
     let keys = Arc::new(MemoryHostKeys::new());
     if scenario & 0x08 == 0 {
@@ -262,13 +287,20 @@ fn run_engine(scenario: u8, mut input: Input<'_>, start: Instant) {
     side.pump(start);
     let (sqe, data) = host::connect_command(0, 32, 0, CNTLID_DYNAMIC, [1; 16], NQN, HOST);
     let c = side.command(sqe, Some(data), 0, start).expect("Connect answered");
-    assert!(c.status().is_success() && c.cqe.dw0.get() & CONNECT_AUTHREQ_ATR != 0, "Connect asks for authentication");
+    assert!(
+        c.status().is_success() && c.cqe.dw0.get() & CONNECT_AUTHREQ_ATR != 0,
+        "Connect asks for authentication"
+    );
 
     let mut now = start;
     let mut honest = false;
     let prefix = scenario & 0x03;
     if prefix != 0 {
-        let mut auth = HostAuthenticator::new(host_config(scenario & 0x04 != 0), 1, Arc::new(DeterministicEntropy::new(9)));
+        let mut auth = HostAuthenticator::new(
+            host_config(scenario & 0x04 != 0),
+            1,
+            Arc::new(DeterministicEntropy::new(9)),
+        );
         let mut steps = 0;
         while let Some((sqe, data, read_len)) = auth.poll_command() {
             if prefix == 1 && steps == 2 {
@@ -337,7 +369,11 @@ fn run_engine(scenario: u8, mut input: Input<'_>, start: Instant) {
     }
 
     // Whatever the target sent must be well-formed controller-to-host PDUs.
-    let mut dec = PduDecoder::new(DecoderConfig { digests: Digests::NONE, max_data_pdu: 1 << 20, ..DecoderConfig::host() });
+    let mut dec = PduDecoder::new(DecoderConfig {
+        digests: Digests::NONE,
+        max_data_pdu: 1 << 20,
+        ..DecoderConfig::host()
+    });
     let mut out = BytesMut::from(&side.sent[..]);
     loop {
         match dec.decode(&mut out) {

@@ -928,6 +928,49 @@ mod tests {
         assert_eq!(AuthMessage::parse(&raw).unwrap(), (AuthMessage::Success2 { t_id: 9 }, 16));
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        /// parse(encode(m)) == m for every message, with any bytes after it left alone; and parsing
+        /// arbitrary bytes never panics and never claims more bytes than it was given.
+        #[test]
+        fn encode_parse_round_trip(
+            kind in 0u8..7,
+            t_id in any::<u16>(),
+            seqnum in any::<u32>(),
+            small in any::<u8>(),
+            hl in prop::sample::select(vec![32usize, 48, 64]),
+            dh in prop::collection::vec(any::<u8>(), 0..300),
+            tail in prop::collection::vec(any::<u8>(), 0..20),
+        ) {
+            let a = vec![0xa5u8; hl];
+            let b = vec![0x5au8; hl];
+            let d = ProtocolDescriptor::dhchap(&[DhchapHash::Sha256], &[DhGroup::Null, DhGroup::Ffdhe4096]);
+            let protocols = [d, d];
+            let msg = match kind {
+                0 => AuthMessage::Negotiate(Negotiate { t_id, sc_c: small, protocols: &protocols[..usize::from(small % 3)] }),
+                1 => AuthMessage::Challenge(Challenge { t_id, hash_id: small, dh_group_id: small, seqnum, challenge: &a, dh_value: &dh }),
+                2 => AuthMessage::Reply(Reply { t_id, cvalid: small, seqnum, response: &a, challenge: &b, dh_value: &dh }),
+                3 => AuthMessage::Success1(Success1 { t_id, hl: hl as u8, response: (small % 2 == 0).then_some(&a[..]) }),
+                4 => AuthMessage::Success2 { t_id },
+                5 => AuthMessage::Failure1(Failure { t_id, reason_code: small, explanation: small.wrapping_add(1) }),
+                _ => AuthMessage::Failure2(Failure { t_id, reason_code: 1, explanation: small }),
+            };
+            let mut bytes = msg.to_vec();
+            prop_assert_eq!(bytes.len(), msg.encoded_len());
+            let len = bytes.len();
+            bytes.extend_from_slice(&tail);
+            prop_assert_eq!(AuthMessage::parse(&bytes).unwrap(), (msg, len));
+        }
+
+        #[test]
+        fn parsing_garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+            if let Ok((_, len)) = AuthMessage::parse(&bytes) {
+                prop_assert!(len <= bytes.len());
+            }
+        }
+    }
+
     #[test]
     fn identifier_tables() {
         assert_eq!(DhchapHash::Sha384.hash_len(), 48);
