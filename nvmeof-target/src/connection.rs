@@ -160,15 +160,8 @@ impl R2tSlot {
 
 #[derive(Debug)]
 pub(crate) enum AfterData {
-    Write {
-        offset: u64,
-        fua: bool,
-    },
-    Dsm {
-        ranges: usize,
-        deallocate: bool,
-    },
-    /// The message of an Authentication Send.
+    Write { offset: u64, fua: bool },
+    Dsm { ranges: usize, deallocate: bool },
     AuthSend,
 }
 
