@@ -14,10 +14,12 @@ use nvmeof_proto::{
 };
 use smallvec::SmallVec;
 
+use crate::auth::session::QueueAuth;
 use crate::backend::{IoOp, IoOutput, IoResult, IoToken};
 use crate::config::TransportParams;
 use crate::controller::{Controller, Notifier};
 use crate::hash::{IntMap, IntSet};
+use crate::ratelimit::LogLimiter;
 use crate::subsystem::{Namespace, OpClass};
 use crate::target::Target;
 
@@ -91,6 +93,29 @@ pub enum CloseReason {
     ControllerGone,
     /// The driver reported that the peer closed the socket (or dropped the connection).
     PeerClosed,
+    /// In-band authentication failed: AUTH_Failure1 was sent, or the host sent AUTH_Failure2.
+    AuthenticationFailed,
+    /// The queue did not authenticate within [`crate::auth::AuthConfig::timeout`].
+    AuthenticationTimeout,
+}
+
+impl CloseReason {
+    /// A short description for logs.
+    #[must_use]
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::HostTerminated { .. } => "host terminated the connection",
+            Self::ProtocolError(_) => "transport protocol error",
+            Self::SequenceError { .. } => "PDU sequence error",
+            Self::ConnectTimeout => "no Connect in time",
+            Self::KeepAliveExpired => "keep-alive timeout",
+            Self::Disconnected => "host disconnected",
+            Self::ControllerGone => "controller gone",
+            Self::PeerClosed => "connection closed",
+            Self::AuthenticationFailed => "authentication failed",
+            Self::AuthenticationTimeout => "authentication timed out",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +165,7 @@ impl R2tSlot {
 pub(crate) enum AfterData {
     Write { offset: u64, fua: bool },
     Dsm { ranges: usize, deallocate: bool },
+    AuthSend,
 }
 
 #[derive(Debug)]
@@ -202,6 +228,8 @@ pub(crate) struct Queue {
     pub(crate) data_in_flight: usize,
     /// Tokens of a shutdown's flushes still outstanding.
     pub(crate) shutdown: Vec<u64>,
+    /// In-band authentication of this queue.
+    pub(crate) auth: QueueAuth,
 }
 
 /// Tokens with this bit belong to the engine's own requests (shutdown flushes), not to a command.
@@ -251,6 +279,9 @@ pub struct Connection {
     /// After close: backend requests still running, and the controller whose count they hold.
     draining: IntSet<u64>,
     drain_ctrl: Option<Arc<Controller>>,
+    /// Rate limits of per-command warnings.
+    io_error_log: LogLimiter,
+    digest_log: LogLimiter,
 }
 
 impl fmt::Debug for Connection {
@@ -266,7 +297,7 @@ impl fmt::Debug for Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.teardown();
+        self.teardown("connection dropped");
         // Requests the driver never completed: give up on them (the driver dropped the connection).
         if let Some(ctrl) = self.drain_ctrl.take() {
             for _ in self.draining.drain() {
@@ -308,6 +339,8 @@ impl Connection {
             next_token: 0,
             draining: IntSet::default(),
             drain_ctrl: None,
+            io_error_log: LogLimiter::default(),
+            digest_log: LogLimiter::default(),
         }
     }
 
@@ -415,7 +448,12 @@ impl Connection {
         match self.state {
             State::AwaitIcReq | State::AwaitConnect => self.connect_deadline,
             State::Live => {
-                self.queue.as_ref().filter(|q| q.qid == 0).and_then(|q| q.ctrl.keep_alive_deadline())
+                let q = self.queue.as_ref()?;
+                let keep_alive = if q.qid == 0 { q.ctrl.keep_alive_deadline() } else { None };
+                match (keep_alive, q.auth.deadline()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
             }
             State::Closed => None,
         }
@@ -464,6 +502,9 @@ impl Connection {
                 }
             }
             State::Live => {
+                if self.auth_timeout(now) {
+                    return;
+                }
                 let expired = self
                     .queue
                     .as_ref()
@@ -548,7 +589,9 @@ impl Connection {
 
     fn handle_decode_error(&mut self, err: DecodeError, buf: &mut BytesMut, now: Instant) {
         if let DecodeError::DataDigest { pdu_type, cccid, ttag, datao, datal, last, .. } = err {
-            tracing::warn!(parent: &self.span, ?pdu_type, cccid, "data digest error");
+            if let Some(suppressed) = self.digest_log.hit(now) {
+                tracing::warn!(parent: &self.span, ?pdu_type, cccid, suppressed, "data digest error");
+            }
             match pdu_type {
                 PduType::CapsuleCmd => self.capsule_digest_error(cccid),
                 PduType::H2cData => {
@@ -593,14 +636,16 @@ impl Connection {
             return;
         }
         tracing::debug!(parent: &self.span, ?reason, "closing");
-        self.teardown();
+        self.teardown(reason.describe());
         self.events.push_back(Event::Close(reason));
     }
 
     /// Leaves the queue: detaches from the controller (tearing it down for an admin queue) and keeps
     /// count of backend requests still running.
-    fn teardown(&mut self) {
+    fn teardown(&mut self, why: &'static str) {
         self.state = State::Closed;
+        self.io_error_log.flush(&self.span, "backend I/O failed");
+        self.digest_log.flush(&self.span, "data digest error");
         let Some(q) = self.queue.take() else { return };
         for cmd in q.inflight.values() {
             if matches!(cmd.state, CmdState::Io { .. }) && cmd.token != 0 {
@@ -611,7 +656,7 @@ impl Connection {
         q.ctrl.detach_connection(self.id, q.qid);
         if q.qid == 0 {
             // The admin queue is gone: so is the controller, and with it its I/O queues.
-            self.target.remove_controller(&q.ctrl);
+            self.target.remove_controller(&q.ctrl, why);
         }
         self.drain_ctrl = Some(q.ctrl);
     }
@@ -690,6 +735,16 @@ impl Connection {
         }
         q.sqhd = (q.sqhd + 1) % q.entries;
         q.ctrl.touch(now);
+        // Authentication commands run on any queue; until the queue has authenticated, they (and
+        // Disconnect) are all it may carry.
+        if crate::auth::commands::is_auth_command(&cmd.sqe) {
+            self.handle_auth_command(&cmd, now);
+            return;
+        }
+        if !q.auth.is_authenticated() && !crate::auth::commands::is_disconnect(&cmd.sqe) {
+            self.respond(cid, Status::AUTHENTICATION_REQUIRED.with_dnr(), 0);
+            return;
+        }
         if q.qid == 0 {
             self.handle_admin(cmd, now);
         } else {
@@ -960,6 +1015,7 @@ impl Connection {
         match then {
             AfterData::Write { offset, fua } => self.submit_io(cid, IoOp::Write { offset, data, fua }, None),
             AfterData::Dsm { ranges, deallocate } => self.dsm_data(cid, &data, ranges, deallocate, now),
+            AfterData::AuthSend => self.auth_send_data(cid, &data, now),
         }
     }
 
@@ -975,7 +1031,10 @@ impl Connection {
             }
             (Ok(_), None) => (Status::SUCCESS, None),
             (Err(e), read) => {
-                tracing::warn!(parent: &self.span, cid, error = %e, "backend I/O failed");
+                // A full or failing disk fails every command: one line, then a count per second.
+                if let Some(suppressed) = self.io_error_log.hit(now) {
+                    tracing::warn!(parent: &self.span, cid, error = %e, suppressed, "backend I/O failed");
+                }
                 (e.status(read.is_some()), None)
             }
         };
