@@ -10,7 +10,7 @@ use nvmeof_proto::nvme::opcode::{FabricsCommandType, FABRICS_OPCODE};
 use nvmeof_proto::nvme::{Cqe, DataLocation, Status};
 use nvmeof_proto::{
     C2hData, CapsuleCmd, CapsuleResp, DecodeError, DecoderConfig, EncodeOptions, EncodedPdu,
-    FatalErrorStatus, IcReq, IcResp, Payload, Pdu, PduDecoder, PduType, R2t, TermReq,
+    FatalErrorStatus, IcReq, IcResp, Payload, Pdu, PduDecoder, PduInput, PduType, R2t, TermReq,
 };
 use smallvec::SmallVec;
 
@@ -469,7 +469,11 @@ impl Connection {
     /// Consumes at most `max_pdus` complete PDUs at the front of `buf` and returns how many it took
     /// (a fatal decode error counts as one). A driver that applies backpressure between PDUs (see the
     /// type's documentation) calls this with 1 and drains [`Connection::poll_event`] after each.
-    pub fn handle_input_pdus(&mut self, buf: &mut BytesMut, now: Instant, max_pdus: usize) -> usize {
+    ///
+    /// `buf` is a reassembly buffer ([`BytesMut`]) or a [`bytes::Bytes`] decoded in place (see
+    /// [`PduInput`]): PDU data are slices of its memory either way. Bytes left over (a partial PDU)
+    /// are the driver's to keep and hand in again, in front of what arrives next.
+    pub fn handle_input_pdus<B: PduInput>(&mut self, buf: &mut B, now: Instant, max_pdus: usize) -> usize {
         let span = self.span.clone();
         let _enter = span.enter();
         let mut taken = 0;
@@ -587,7 +591,7 @@ impl Connection {
         gone
     }
 
-    fn handle_decode_error(&mut self, err: DecodeError, buf: &mut BytesMut, now: Instant) {
+    fn handle_decode_error<B: PduInput>(&mut self, err: DecodeError, buf: &mut B, now: Instant) {
         if let DecodeError::DataDigest { pdu_type, cccid, ttag, datao, datal, last, .. } = err {
             if let Some(suppressed) = self.digest_log.hit(now) {
                 tracing::warn!(parent: &self.span, ?pdu_type, cccid, suppressed, "data digest error");
@@ -605,7 +609,7 @@ impl Connection {
         if let Some(term) = TermReq::for_error(&err, buf) {
             self.transmit(Pdu::C2hTermReq(term));
         }
-        buf.clear();
+        buf.clear_input();
         self.close(CloseReason::ProtocolError(err));
     }
 

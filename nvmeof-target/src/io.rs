@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use nvmeof_proto::nvme::nvm::{parse_dsm_ranges, DsmCommand, RwCommand, WriteZeroesCommand};
 use nvmeof_proto::nvme::opcode::{FabricsCommandType, IoOpcode, FABRICS_OPCODE};
-use nvmeof_proto::nvme::{DataLocation, Status};
+use nvmeof_proto::nvme::{DataLocation, Sqe, Status};
 use nvmeof_proto::{CapsuleCmd, Payload};
 use smallvec::SmallVec;
 
@@ -60,6 +60,50 @@ impl Connection {
                 ns.stats().record(OpClass::Other, 0, false, std::time::Duration::ZERO);
             }
             self.respond(cid, status, 0);
+        }
+    }
+
+    /// Tells the backends which ranges the complete read and write commands at the front of
+    /// `input` (received, not yet handed in) will touch ([`crate::BlockBackend::prefetch`]), so that
+    /// a backend can start its lookups for the whole batch at once. A hint only: nothing is checked
+    /// or consumed; the commands are handled as usual when `input` is handed in. Does nothing except
+    /// on a live I/O queue; looks at 64 commands at most.
+    pub fn prefetch_input(&self, input: &[u8]) {
+        use zerocopy::FromBytes;
+        const CH_LEN: usize = 8;
+        const CAPSULE: u8 = 0x04;
+        let Some(q) = self.queue.as_ref().filter(|q| q.qid != 0) else { return };
+        let Some(subsys) = q.ctrl.subsystem.as_ref() else { return };
+        let namespaces = subsys.namespaces();
+        let mut batch: SmallVec<[ByteRange; 32]> = SmallVec::new();
+        let mut batch_ns: Option<&Arc<Namespace>> = None;
+        let mut at = 0usize;
+        for _ in 0..64 {
+            let Some(ch) = input.get(at..at + CH_LEN) else { break };
+            let plen = ch.get(4..8).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes) as usize;
+            if plen < CH_LEN || input.len() - at < plen {
+                break;
+            }
+            let sqe = input.get(at + CH_LEN..).and_then(|b| Sqe::read_from_prefix(b).ok()).map(|(s, _)| s);
+            at += plen;
+            let Some(sqe) = sqe.filter(|_| ch.first() == Some(&CAPSULE)) else { continue };
+            if !matches!(IoOpcode::from_u8(sqe.opcode), Some(IoOpcode::Read | IoOpcode::Write)) {
+                continue;
+            }
+            let Some(ns) = namespaces.get(&sqe.nsid.get()) else { continue };
+            if batch_ns.is_some_and(|b| !Arc::ptr_eq(b, ns)) {
+                if let Some(b) = batch_ns {
+                    b.backend().prefetch(&batch);
+                }
+                batch.clear();
+            }
+            batch_ns = Some(ns);
+            let rw = RwCommand::from_sqe(&sqe);
+            let shift = ns.block_shift();
+            batch.push(ByteRange { offset: rw.slba << shift, len: u64::from(rw.nlb) << shift });
+        }
+        if let Some(b) = batch_ns {
+            b.backend().prefetch(&batch);
         }
     }
 

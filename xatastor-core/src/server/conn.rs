@@ -132,6 +132,9 @@ pub(super) struct Rx {
     pub(super) held: bool,
     /// Ring mode: the receive was cancelled because the peer does not read its responses.
     pub(super) paused: bool,
+    /// Ring mode: the receive ended because every receive buffer was out; armed again when some
+    /// come back.
+    pub(super) starved: bool,
 }
 
 impl Rx {

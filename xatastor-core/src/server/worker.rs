@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use nvmeof_target::{
     Completer, Event, IoError, IoOp, IoRequest, IoToken, Namespace, Submitted, Target, TransportParams,
@@ -54,6 +55,23 @@ const KIND_CANCEL: u8 = 6;
 /// While a connection's input is held back (send queue over the limit), received bytes beyond this
 /// make the worker cancel its receive until the peer reads.
 const RX_HOLD_BYTES: usize = 256 * 1024;
+
+/// Bytes the PDU at the front of `buf` still lacks (its common header first, then the rest up to its
+/// PLEN); all the bytes there are if PLEN is not one a PDU can have (the decoder reports that).
+fn missing(buf: &[u8]) -> usize {
+    const CH: usize = 8;
+    match buf.get(4..8) {
+        None => CH - buf.len().min(CH),
+        Some(p) => {
+            let plen = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+            if plen < CH {
+                usize::MAX
+            } else {
+                plen.saturating_sub(buf.len())
+            }
+        }
+    }
+}
 
 /// A connection whose input arrives again within this many poll windows is hot.
 const HOT_WINDOWS: u32 = 4;
@@ -98,6 +116,8 @@ pub(super) struct Worker {
     spin_until: Option<Instant>,
     /// Aligned read buffers for `O_DIRECT` devices.
     read_pool: Arc<ReadPool>,
+    /// Connections whose receive ended for want of buffers.
+    starved: Vec<Key>,
 }
 
 impl Worker {
@@ -138,6 +158,7 @@ impl Worker {
             no_fallocate: HashSet::new(),
             spin_until: None,
             read_pool: Arc::new(ReadPool::default()),
+            starved: Vec::new(),
         })
     }
 
@@ -217,6 +238,7 @@ impl Worker {
             self.cqes = cqes;
             self.flush_sends();
             self.run_timers(now);
+            self.reclaim_buffers();
         }
     }
 
@@ -360,11 +382,28 @@ impl Worker {
         self.after_engine(key, now); // arms the connect timeout
     }
 
+    /// Gives receive buffers whose decoded PDUs are gone back to the kernel, and receives again on
+    /// connections that ran out of them.
+    fn reclaim_buffers(&mut self) {
+        self.bufs.reclaim();
+        if self.starved.is_empty() || self.bufs.held() >= usize::from(self.bufs.entries()) {
+            return;
+        }
+        let mut starved = std::mem::take(&mut self.starved);
+        for key in starved.drain(..) {
+            if let Some(c) = self.conns.get_mut(key) {
+                c.rx.starved = false;
+            }
+            self.arm_recv(key);
+        }
+        self.starved = starved;
+    }
+
     /// Arms the connection's receive: the multishot one in ring mode, the next placed one in direct
     /// mode.
     fn arm_recv(&mut self, key: Key) {
         let Some(c) = self.conns.get_mut(key) else { return };
-        if c.rx.armed || c.rx.paused || c.rx.held || c.closing || c.dead {
+        if c.rx.armed || c.rx.paused || c.rx.held || c.rx.starved || c.closing || c.dead {
             return;
         }
         let fd = types::Fd(c.stream.as_raw_fd());
@@ -418,6 +457,55 @@ impl Worker {
                 continue;
             }
             if taken == 0 {
+                break;
+            }
+        }
+        self.maybe_go_direct(key, now);
+    }
+
+    /// Decodes PDUs straight from a receive buffer (`chunk`): their data are slices of it, and the
+    /// buffer goes back to the kernel when the last of them is dropped. A partial PDU already waiting
+    /// in the reassembly buffer is completed from the front of `chunk` first (copying only what it
+    /// lacks); what cannot be decoded now (a partial PDU at the end, input held back) is copied into
+    /// the reassembly buffer.
+    fn feed_in_place(&mut self, key: Key, chunk: &mut Bytes, now: Instant) {
+        let limit = self.config.max_send_queue_bytes;
+        if let Some(c) = self.conns.get(key) {
+            // The batch's lookups start together (a hint to the backend).
+            let skip = if c.rx.buf.is_empty() { 0 } else { missing(&c.rx.buf).min(chunk.len()) };
+            c.engine.prefetch_input(chunk.get(skip..).unwrap_or_default());
+        }
+        loop {
+            let Some(c) = self.conns.get_mut(key) else { return };
+            if c.closing || chunk.is_empty() {
+                break;
+            }
+            if !c.rx.buf.is_empty() {
+                // Complete the waiting PDU (or, held back, just queue everything behind it).
+                let take = if c.rx.held { chunk.len() } else { missing(&c.rx.buf).min(chunk.len()) };
+                c.rx.buf.extend_from_slice(chunk.get(..take).unwrap_or_default());
+                chunk.advance(take);
+                self.mailbox.stats.rx_copied.fetch_add(take as u64, Ordering::Relaxed);
+                self.feed(key, now);
+                continue;
+            }
+            if c.tx.queued_bytes > limit {
+                // Held back: keep the rest for later (the buffer goes back to the kernel now).
+                c.rx.buf.extend_from_slice(chunk);
+                self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                chunk.clear();
+                self.feed(key, now);
+                break;
+            }
+            let taken = c.engine.handle_input_pdus(chunk, now, 1);
+            self.drain_events(key, now);
+            if taken == 0 {
+                // A partial PDU: wait for the rest in the reassembly buffer.
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.rx.buf.extend_from_slice(chunk);
+                    self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                chunk.clear();
                 break;
             }
         }
@@ -483,9 +571,13 @@ impl Worker {
             self.spin_until = Some(now + self.config.poll_window);
         }
         let direct = c.rx.is_direct();
-        if res == -libc::ENOBUFS || res == -libc::ECANCELED {
-            // ENOBUFS: every buffer was taken between two reaps; they are back now: receive again
-            // (unless paused). ECANCELED: paused because the peer does not read, or leaving ring mode.
+        if res == -libc::ENOBUFS {
+            // Every receive buffer is out: receive again once some came back (end of this turn, or
+            // when the writes holding them are done).
+            c.rx.starved = true;
+            self.starved.push(key);
+        } else if res == -libc::ECANCELED {
+            // Paused because the peer does not read, or leaving ring mode.
         } else if res <= 0 {
             c.dead = res < 0;
             c.engine.handle_peer_closed();
@@ -498,10 +590,17 @@ impl Worker {
                 DirectStep::More => {}
             }
         } else if let Some(bid) = bid {
-            c.rx.buf.extend_from_slice(self.bufs.get(bid, res as usize));
-            self.mailbox.stats.rx_copied.fetch_add(res as u64, Ordering::Relaxed);
-            self.bufs.recycle(bid);
-            self.feed(key, now);
+            // Decode in place from the receive buffer, unless half the buffers are already out that
+            // way (writes in flight hold theirs until the backend is done) or input is held back.
+            if self.bufs.held() < usize::from(self.bufs.entries()) / 2 && !c.rx.held {
+                let mut chunk = self.bufs.take(bid, res as usize);
+                self.feed_in_place(key, &mut chunk, now);
+            } else {
+                c.rx.buf.extend_from_slice(self.bufs.get(bid, res as usize));
+                self.mailbox.stats.rx_copied.fetch_add(res as u64, Ordering::Relaxed);
+                self.bufs.recycle(bid);
+                self.feed(key, now);
+            }
             if let Some(c) = self.conns.get_mut(key) {
                 if c.rx.held && c.rx.buf.len() > RX_HOLD_BYTES && c.rx.armed && !c.rx.paused {
                     // Input keeps piling up while the peer does not read: stop receiving.
