@@ -778,6 +778,16 @@ sc_control_auth_keys() {
         || fail "nvme gen-dhchap-key --secret=... failed: $got"
     log "key 00..1f: nvme-cli $got, expected $want"
     [[ $got == "$want" ]] || fail "nvme gen-dhchap-key --secret=00..1f --hmac=0 gave $got, expected $want"
+    # With --hmac=1 nvme-cli 2.3 prints the key already transformed, HMAC-SHA-256(key, NQN ||
+    # "NVMe-over-Fabrics"), tagged 01 (and the kernel transforms a 01 key once more when it uses it).
+    want=$(python3 -c 'import base64, hashlib, hmac, sys, zlib
+k = hmac.new(bytes.fromhex(sys.argv[1]), sys.argv[2].encode() + b"NVMe-over-Fabrics", hashlib.sha256).digest()
+print("DHHC-1:01:" + base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode() + ":")' \
+        000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f "$AUTH_HOSTNQN") || fail "python3 failed"
+    got=$(nvme gen-dhchap-key --secret=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f --hmac=1 --nqn="$AUTH_HOSTNQN" 2>&1) \
+        || fail "nvme gen-dhchap-key --secret=... --hmac=1 failed: $got"
+    log "key 00..1f, --hmac=1 --nqn=$AUTH_HOSTNQN: nvme-cli $got, expected $want"
+    [[ $got == "$want" ]] || fail "nvme gen-dhchap-key --secret=00..1f --hmac=1 --nqn=$AUTH_HOSTNQN gave $got, expected $want"
     # A damaged secret (one base64 character changed: the CRC no longer matches) is refused.
     local bad
     bad=${k:0:12}$([[ ${k:12:1} == A ]] && echo B || echo A)${k:13}
