@@ -77,10 +77,9 @@ fn encode(c: &mut Criterion) {
             let opts = EncodeOptions { digests, pda: 0 };
             g.throughput(Throughput::Elements(1));
             g.bench_function(format!("{name}/{variant}"), |b| {
-                let mut scratch = BytesMut::with_capacity(64 * 1024);
                 b.iter_batched(
                     || pdu.clone(),
-                    |p| black_box(p.encode_with(&opts, &mut scratch).unwrap()),
+                    |p| black_box(p.encode(&opts).unwrap()),
                     BatchSize::SmallInput,
                 );
             });

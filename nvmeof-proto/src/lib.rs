@@ -72,5 +72,5 @@ pub use payload::Payload;
 pub use pdu::encode::EncodeError;
 pub use pdu::{
     C2hData, CapsuleCmd, CapsuleResp, DecoderConfig, Digests, Direction, EncodeOptions, EncodedPdu, H2cData,
-    IcReq, IcResp, Pdu, PduDecoder, PduType, R2t, TermReq,
+    IcReq, IcResp, Pdu, PduDecoder, PduInput, PduType, R2t, TermReq,
 };

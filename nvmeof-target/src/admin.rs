@@ -8,8 +8,9 @@ use nvmeof_proto::nvme::discovery::{
     DiscoveryLogEntry, DiscoverySubtype, DISCOVERY_NQN, TREQ_DISABLE_SQ_FLOW_CONTROL,
 };
 use nvmeof_proto::nvme::fabrics::{
-    connect_success_dw0, ConnectCommand, ConnectData, InvalidParameter, PropertyGetCommand,
-    PropertySetCommand, CNTLID_DYNAMIC, CONNECT_DATA_LEN, RECFMT_0,
+    connect_success_dw0, connect_success_dw0_auth_required, ConnectCommand, ConnectData, InvalidParameter,
+    NqnError, PropertyGetCommand, PropertySetCommand, CNTLID_DYNAMIC, CONNECT_DATA_LEN, NQN_FIELD_LEN,
+    RECFMT_0,
 };
 use nvmeof_proto::nvme::features::{
     AsyncEventConfig, FeatureId, KeepAliveTimer, NumberOfQueues, VolatileWriteCache,
@@ -28,6 +29,7 @@ use nvmeof_proto::nvme::{DataLocation, Status};
 use nvmeof_proto::{CapsuleCmd, Payload};
 use zerocopy::IntoBytes;
 
+use crate::auth::session::QueueAuth;
 use crate::backend::IoOp;
 use crate::connection::{Cmd, CmdState, Connection, Queue};
 use crate::controller::Controller;
@@ -73,24 +75,34 @@ impl Connection {
             self.respond(cid, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
             return;
         };
-        let invalid =
-            |p: InvalidParameter| (Status::CONNECT_INVALID_PARAMETERS.with_dnr(), u64::from(p.to_dw0()));
+        let invalid = |p: InvalidParameter, why: &'static str| {
+            (Status::CONNECT_INVALID_PARAMETERS.with_dnr(), u64::from(p.to_dw0()), why)
+        };
+        // An empty host NQN (SPDK's perf sends one unless given `hostnqn:`) is accepted like any other
+        // name, as Linux's and SPDK's targets do: it can only pass an allow-any-host subsystem, since
+        // no allowed-host list or secret can name it.
+        let hostnqn = match cd.hostnqn() {
+            Ok(n) => Ok(n),
+            Err(NqnError::Empty) => Ok(""),
+            Err(e) => Err(e),
+        };
         let result = (|| {
-            let subnqn = cd.subnqn().map_err(|_| invalid(InvalidParameter::SUBNQN))?;
-            let hostnqn = cd.hostnqn().map_err(|_| invalid(InvalidParameter::HOSTNQN))?;
+            let subnqn =
+                cd.subnqn().map_err(|e| invalid(InvalidParameter::SUBNQN, nqn_problem(e, "subsystem")))?;
+            let hostnqn = hostnqn.map_err(|e| invalid(InvalidParameter::HOSTNQN, nqn_problem(e, "host")))?;
             let entries = u32::from(c.sqsize.get()) + 1;
             let max_entries = self.target.shared.config.max_queue_entries;
             let qid = c.qid.get();
             if entries < 2 || entries > max_entries || (qid == 0 && entries < 32) {
-                return Err(invalid(InvalidParameter::SQSIZE));
+                return Err(invalid(InvalidParameter::SQSIZE, "queue size out of range"));
             }
             let sq_flow_control = !c.sq_flow_control_disabled();
             if subnqn == DISCOVERY_NQN {
                 if qid != 0 {
-                    return Err(invalid(InvalidParameter::QID));
+                    return Err(invalid(InvalidParameter::QID, "I/O queue to the discovery subsystem"));
                 }
                 if cd.cntlid.get() != CNTLID_DYNAMIC {
-                    return Err(invalid(InvalidParameter::CNTLID));
+                    return Err(invalid(InvalidParameter::CNTLID, "static controller ID"));
                 }
                 // A discovery controller without keep alive would live as long as its socket: give it
                 // the default timeout Linux's own target uses.
@@ -101,9 +113,9 @@ impl Connection {
                 let ctrl = self
                     .target
                     .create_controller(None, hostnqn.to_owned(), cd.hostid, kato, now)
-                    .ok_or((Status::CONNECT_CONTROLLER_BUSY, 0))?;
+                    .ok_or((Status::CONNECT_CONTROLLER_BUSY, 0, "no free controller ID"))?;
                 ctrl.touch(now);
-                return Ok((ctrl, 0u16, entries, sq_flow_control, 0));
+                return Ok((ctrl, 0u16, entries, sq_flow_control, 0, false));
             }
             let subsys = match self.target.subsystem_or_activate(subnqn) {
                 Some(s) if s.allows_host(hostnqn) => s,
@@ -111,78 +123,98 @@ impl Connection {
                 // empty controller answers its reconnects, so that it stops (see detach.rs).
                 found => match self.target.tombstone(subnqn, hostnqn) {
                     Some(tombstone) => tombstone,
-                    None if found.is_some() => return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0)),
-                    None => return Err(invalid(InvalidParameter::SUBNQN)),
+                    None if found.is_some() => {
+                        return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0, "host not allowed"))
+                    }
+                    None => return Err(invalid(InvalidParameter::SUBNQN, "no such subsystem")),
                 },
             };
+            let auth_required = self.target.auth_required(&subsys, hostnqn);
             if qid == 0 {
                 if cd.cntlid.get() != CNTLID_DYNAMIC {
-                    return Err(invalid(InvalidParameter::CNTLID));
+                    return Err(invalid(InvalidParameter::CNTLID, "static controller ID"));
                 }
                 if self.target.host_is_draining(&subsys, hostnqn) {
                     // The host's previous controller still has writes landing: retry later.
-                    return Err((Status::CONNECT_CONTROLLER_BUSY, 0));
+                    return Err((Status::CONNECT_CONTROLLER_BUSY, 0, "previous controller still draining"));
                 }
                 let ctrl = self
                     .target
                     .create_controller(Some(subsys.clone()), hostnqn.to_owned(), cd.hostid, c.kato.get(), now)
-                    .ok_or((Status::CONNECT_CONTROLLER_BUSY, 0))?;
+                    .ok_or((Status::CONNECT_CONTROLLER_BUSY, 0, "no free controller ID"))?;
                 // The subsystem may have been removed, or the host denied, while we were at it.
                 let still = self.target.subsystem(subnqn).is_some_and(|s| Arc::ptr_eq(&s, &subsys))
                     || self.target.is_tombstone_of(&subsys, hostnqn);
                 if !still || !subsys.allows_host(hostnqn) {
-                    self.target.remove_controller(&ctrl);
                     if !still && subsys.allows_host(hostnqn) {
                         // Unloaded (or replaced) meanwhile: the host may simply retry.
-                        return Err((Status::CONNECT_CONTROLLER_BUSY, 0));
+                        self.target.remove_controller(&ctrl, "subsystem unloaded while connecting");
+                        return Err((Status::CONNECT_CONTROLLER_BUSY, 0, "subsystem unloaded meanwhile"));
                     }
-                    return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0));
+                    self.target.remove_controller(&ctrl, "host denied while connecting");
+                    return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0, "host denied meanwhile"));
                 }
                 ctrl.touch(now);
-                return Ok((ctrl, 0, entries, sq_flow_control, 0));
+                return Ok((ctrl, 0, entries, sq_flow_control, 0, auth_required));
             }
             let ctrl = self
                 .target
                 .find_controller(cd.cntlid.get())
                 .filter(|ctrl| !ctrl.is_dead())
                 .filter(|ctrl| ctrl.subsystem.as_ref().is_some_and(|s| Arc::ptr_eq(s, &subsys)))
-                .ok_or_else(|| invalid(InvalidParameter::CNTLID))?;
+                .ok_or_else(|| invalid(InvalidParameter::CNTLID, "no such controller"))?;
             if ctrl.hostnqn != hostnqn || ctrl.hostid != cd.hostid {
-                return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0));
+                return Err((
+                    Status::CONNECT_INVALID_HOST.with_dnr(),
+                    0,
+                    "controller belongs to another host",
+                ));
             }
             // Read before checking readiness: a reset in between makes the claim fail.
             let generation = ctrl.enable_generation();
             if !ctrl.is_ready() {
-                return Err((Status::COMMAND_SEQUENCE_ERROR, 0));
+                return Err((Status::COMMAND_SEQUENCE_ERROR, 0, "controller not ready"));
             }
             if !ctrl.claim_io_queue(qid, self.id, generation) {
-                return Err(invalid(InvalidParameter::QID));
+                return Err(invalid(InvalidParameter::QID, "queue ID taken or not granted"));
             }
-            Ok((ctrl, qid, entries, sq_flow_control, generation))
+            Ok((ctrl, qid, entries, sq_flow_control, generation, auth_required))
         })();
         match result {
-            Err((status, dw0)) => {
+            Err((status, dw0, reason)) => {
                 tracing::info!(
                     parent: &self.span,
                     ?status,
+                    reason,
                     qid = c.qid.get(),
-                    host = cd.hostnqn().unwrap_or("?"),
-                    subsystem = cd.subnqn().unwrap_or("?"),
+                    host = %nqn_for_log(&cd.hostnqn),
+                    subsystem = %nqn_for_log(&cd.subnqn),
                     "Connect refused"
                 );
                 self.respond(cid, status, dw0);
             }
-            Ok((ctrl, qid, entries, sq_flow_control, generation)) => {
-                tracing::info!(
-                    parent: &self.span,
-                    cntlid = ctrl.cntlid,
-                    qid,
-                    entries,
-                    host = %ctrl.hostnqn,
-                    subsystem = ctrl.subsystem.as_ref().map_or(DISCOVERY_NQN, |s| s.nqn()),
-                    "queue connected"
-                );
+            Ok((ctrl, qid, entries, sq_flow_control, generation, auth_required)) => {
+                let subsystem = ctrl.subsystem.as_ref().map_or(DISCOVERY_NQN, |s| s.nqn());
+                if qid == 0 {
+                    tracing::info!(
+                        parent: &self.span,
+                        cntlid = ctrl.cntlid,
+                        host = %ctrl.hostnqn,
+                        subsystem,
+                        kato_ms = ctrl.kato_ms(),
+                        auth_required,
+                        "controller created"
+                    );
+                } else {
+                    tracing::debug!(parent: &self.span, cntlid = ctrl.cntlid, qid, entries, auth_required, "I/O queue connected");
+                }
                 let cntlid = ctrl.cntlid;
+                let auth = if auth_required {
+                    let timeout = self.target.shared.config.auth.timeout;
+                    QueueAuth::required(now.checked_add(timeout).unwrap_or(now))
+                } else {
+                    QueueAuth::not_required()
+                };
                 self.set_live(Queue {
                     ctrl,
                     qid,
@@ -194,8 +226,14 @@ impl Connection {
                     waiting: Default::default(),
                     data_in_flight: 0,
                     shutdown: Vec::new(),
+                    auth,
                 });
-                self.respond(cid, Status::SUCCESS, u64::from(connect_success_dw0(cntlid)));
+                let dw0 = if auth_required {
+                    connect_success_dw0_auth_required(cntlid)
+                } else {
+                    connect_success_dw0(cntlid)
+                };
+                self.respond(cid, Status::SUCCESS, u64::from(dw0));
                 self.recheck_after_connect();
             }
         }
@@ -522,7 +560,8 @@ impl Connection {
 
     fn smart_log(&self, ctrl: &Controller) -> Vec<u8> {
         let mut log = SmartLog::zeroed();
-        log.set_temperature_celsius(25);
+        // No sensor: Composite Temperature stays 0 (not reported), as in Linux's target; a made-up
+        // value would look real to monitoring.
         log.available_spare = 100;
         log.available_spare_threshold = 10;
         let (mut read, mut written, mut reads, mut writes) = (0u128, 0u128, 0u128, 0u128);
@@ -667,6 +706,30 @@ impl Connection {
             _ => Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
         }
     }
+}
+
+/// What is wrong with an NQN field, for the log.
+fn nqn_problem(e: NqnError, which: &'static str) -> &'static str {
+    match (e, which) {
+        (NqnError::Empty, "host") => "empty host NQN",
+        (NqnError::Empty, _) => "empty subsystem NQN",
+        (NqnError::NotTerminated, "host") => "host NQN not NUL-terminated",
+        (NqnError::NotTerminated, _) => "subsystem NQN not NUL-terminated",
+        (NqnError::TooLong { .. }, "host") => "host NQN longer than 223 bytes",
+        (NqnError::TooLong { .. }, _) => "subsystem NQN longer than 223 bytes",
+        (NqnError::InvalidUtf8, "host") => "host NQN not UTF-8",
+        (NqnError::InvalidUtf8, _) => "subsystem NQN not UTF-8",
+        (_, "host") => "invalid host NQN",
+        _ => "invalid subsystem NQN",
+    }
+}
+
+/// An NQN field as it can be shown in a log, even when it is not valid: the bytes before the first
+/// NUL (at most 223), lossily decoded and escaped.
+fn nqn_for_log(field: &[u8; NQN_FIELD_LEN]) -> String {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(NQN_FIELD_LEN).min(223);
+    let text = String::from_utf8_lossy(field.get(..end).unwrap_or_default());
+    text.escape_debug().to_string()
 }
 
 fn zeros() -> Bytes {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use nvmeof_proto::Digests;
 
+use crate::auth::AuthConfig;
+
 /// Limits and identity of a target. The defaults suit a Linux host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TargetConfig {
@@ -35,6 +37,8 @@ pub struct TargetConfig {
     pub firmware_revision: String,
     /// Asynchronous Event Requests a controller keeps outstanding (AERL + 1).
     pub max_async_events: u8,
+    /// In-band authentication (DH-HMAC-CHAP): what the target accepts and the time limit.
+    pub auth: AuthConfig,
 }
 
 impl Default for TargetConfig {
@@ -52,6 +56,7 @@ impl Default for TargetConfig {
             max_namespaces: 1024,
             firmware_revision: env!("CARGO_PKG_VERSION").chars().take(8).collect(),
             max_async_events: 4,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -73,6 +78,7 @@ impl TargetConfig {
             self.max_data_in_flight_per_connection.max(self.max_transfer_bytes as usize);
         self.max_namespaces = self.max_namespaces.clamp(1, 0xffff_fffe);
         self.max_async_events = self.max_async_events.clamp(1, 16);
+        self.auth.timeout = self.auth.timeout.clamp(Duration::from_millis(100), Duration::from_secs(600));
         self.firmware_revision =
             self.firmware_revision.chars().filter(char::is_ascii_graphic).take(8).collect();
         self

@@ -1,6 +1,6 @@
 //! One TCP connection: the NVMe/TCP queue state machine.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,13 +10,16 @@ use nvmeof_proto::nvme::opcode::{FabricsCommandType, FABRICS_OPCODE};
 use nvmeof_proto::nvme::{Cqe, DataLocation, Status};
 use nvmeof_proto::{
     C2hData, CapsuleCmd, CapsuleResp, DecodeError, DecoderConfig, EncodeOptions, EncodedPdu,
-    FatalErrorStatus, IcReq, IcResp, Payload, Pdu, PduDecoder, PduType, R2t, TermReq,
+    FatalErrorStatus, IcReq, IcResp, Payload, Pdu, PduDecoder, PduInput, PduType, R2t, TermReq,
 };
 use smallvec::SmallVec;
 
+use crate::auth::session::QueueAuth;
 use crate::backend::{IoOp, IoOutput, IoResult, IoToken};
 use crate::config::TransportParams;
 use crate::controller::{Controller, Notifier};
+use crate::hash::{IntMap, IntSet};
+use crate::ratelimit::LogLimiter;
 use crate::subsystem::{Namespace, OpClass};
 use crate::target::Target;
 
@@ -40,7 +43,9 @@ pub enum Event {
 /// A backend operation the engine needs done.
 #[must_use]
 pub struct IoRequest {
-    /// Identifies the request in [`Connection::complete_io`]; unique within the target.
+    /// Identifies the request in [`Connection::complete_io`]. Unique among the requests of its
+    /// connection that are in flight (not across connections: a driver that routes completions
+    /// from several connections keys them by connection and token).
     pub token: IoToken,
     /// The namespace (and through it the backend) to operate on.
     pub namespace: Arc<Namespace>,
@@ -88,6 +93,29 @@ pub enum CloseReason {
     ControllerGone,
     /// The driver reported that the peer closed the socket (or dropped the connection).
     PeerClosed,
+    /// In-band authentication failed: AUTH_Failure1 was sent, or the host sent AUTH_Failure2.
+    AuthenticationFailed,
+    /// The queue did not authenticate within [`crate::auth::AuthConfig::timeout`].
+    AuthenticationTimeout,
+}
+
+impl CloseReason {
+    /// A short description for logs.
+    #[must_use]
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::HostTerminated { .. } => "host terminated the connection",
+            Self::ProtocolError(_) => "transport protocol error",
+            Self::SequenceError { .. } => "PDU sequence error",
+            Self::ConnectTimeout => "no Connect in time",
+            Self::KeepAliveExpired => "keep-alive timeout",
+            Self::Disconnected => "host disconnected",
+            Self::ControllerGone => "controller gone",
+            Self::PeerClosed => "connection closed",
+            Self::AuthenticationFailed => "authentication failed",
+            Self::AuthenticationTimeout => "authentication timed out",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +165,7 @@ impl R2tSlot {
 pub(crate) enum AfterData {
     Write { offset: u64, fua: bool },
     Dsm { ranges: usize, deallocate: bool },
+    AuthSend,
 }
 
 #[derive(Debug)]
@@ -193,12 +222,14 @@ pub(crate) struct Queue {
     pub(crate) sqhd: u32,
     pub(crate) sq_flow_control: bool,
     pub(crate) enable_generation: u32,
-    pub(crate) inflight: HashMap<u16, Cmd>,
+    pub(crate) inflight: IntMap<u16, Cmd>,
     /// Commands waiting for data budget, oldest first.
     pub(crate) waiting: VecDeque<u16>,
     pub(crate) data_in_flight: usize,
     /// Tokens of a shutdown's flushes still outstanding.
     pub(crate) shutdown: Vec<u64>,
+    /// In-band authentication of this queue.
+    pub(crate) auth: QueueAuth,
 }
 
 /// Tokens with this bit belong to the engine's own requests (shutdown flushes), not to a command.
@@ -238,7 +269,6 @@ pub struct Connection {
     state: State,
     decoder: PduDecoder,
     pub(crate) encode: EncodeOptions,
-    scratch: BytesMut,
     events: VecDeque<Event>,
     notifier: Option<Notifier>,
     connect_deadline: Option<Instant>,
@@ -247,8 +277,11 @@ pub struct Connection {
     pub(crate) queue: Option<Queue>,
     next_token: u64,
     /// After close: backend requests still running, and the controller whose count they hold.
-    draining: HashSet<u64>,
+    draining: IntSet<u64>,
     drain_ctrl: Option<Arc<Controller>>,
+    /// Rate limits of per-command warnings.
+    io_error_log: LogLimiter,
+    digest_log: LogLimiter,
 }
 
 impl fmt::Debug for Connection {
@@ -264,7 +297,7 @@ impl fmt::Debug for Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.teardown();
+        self.teardown("connection dropped");
         // Requests the driver never completed: give up on them (the driver dropped the connection).
         if let Some(ctrl) = self.drain_ctrl.take() {
             for _ in self.draining.drain() {
@@ -298,15 +331,16 @@ impl Connection {
             state: State::AwaitIcReq,
             decoder,
             encode: EncodeOptions::default(),
-            scratch: BytesMut::new(),
             events: VecDeque::new(),
             notifier: None,
             connect_deadline: Some(deadline),
             max_r2t: 1,
             queue: None,
             next_token: 0,
-            draining: HashSet::new(),
+            draining: IntSet::default(),
             drain_ctrl: None,
+            io_error_log: LogLimiter::default(),
+            digest_log: LogLimiter::default(),
         }
     }
 
@@ -361,6 +395,29 @@ impl Connection {
         self.queue.as_ref().map_or(0, |q| q.inflight.len())
     }
 
+    /// The memory alignment the data of this queue's commands should have so that a driver can hand
+    /// it to the backend without a copy: for a live I/O queue, the largest alignment any namespace of
+    /// its subsystem needs for direct I/O ([`crate::RawDevice::direct`]); 1 otherwise (admin and
+    /// discovery queues, buffered devices, backends that do their own I/O).
+    ///
+    /// A driver may place received PDUs in memory so that their data starts at such an address
+    /// (the data offset of a PDU is in its common header), instead of copying the data later.
+    #[must_use]
+    pub fn data_alignment(&self) -> usize {
+        let Some(q) = self.queue.as_ref().filter(|q| q.qid != 0 && self.state == State::Live) else {
+            return 1;
+        };
+        let Some(subsystem) = q.ctrl.subsystem.as_ref() else { return 1 };
+        subsystem
+            .namespaces()
+            .values()
+            .filter_map(|ns| ns.backend().raw_device())
+            .filter(|d| d.direct)
+            .map(|d| (d.alignment.max(1) as usize).next_power_of_two())
+            .max()
+            .unwrap_or(1)
+    }
+
     // ---- commands ----
 
     /// Sets the callback the engine invokes when this connection must be woken to act on something
@@ -391,7 +448,12 @@ impl Connection {
         match self.state {
             State::AwaitIcReq | State::AwaitConnect => self.connect_deadline,
             State::Live => {
-                self.queue.as_ref().filter(|q| q.qid == 0).and_then(|q| q.ctrl.keep_alive_deadline())
+                let q = self.queue.as_ref()?;
+                let keep_alive = if q.qid == 0 { q.ctrl.keep_alive_deadline() } else { None };
+                match (keep_alive, q.auth.deadline()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
             }
             State::Closed => None,
         }
@@ -401,18 +463,32 @@ impl Connection {
 
     /// Consumes every complete PDU at the front of `buf`.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) {
+        self.handle_input_pdus(buf, now, usize::MAX);
+    }
+
+    /// Consumes at most `max_pdus` complete PDUs at the front of `buf` and returns how many it took
+    /// (a fatal decode error counts as one). A driver that applies backpressure between PDUs (see the
+    /// type's documentation) calls this with 1 and drains [`Connection::poll_event`] after each.
+    ///
+    /// `buf` is a reassembly buffer ([`BytesMut`]) or a [`bytes::Bytes`] decoded in place (see
+    /// [`PduInput`]): PDU data are slices of its memory either way. Bytes left over (a partial PDU)
+    /// are the driver's to keep and hand in again, in front of what arrives next.
+    pub fn handle_input_pdus<B: PduInput>(&mut self, buf: &mut B, now: Instant, max_pdus: usize) -> usize {
         let span = self.span.clone();
         let _enter = span.enter();
-        while self.state != State::Closed {
+        let mut taken = 0;
+        while self.state != State::Closed && taken < max_pdus {
             if self.check_controller() {
-                return;
+                break;
             }
             match self.decoder.decode(buf) {
                 Ok(Some(pdu)) => self.handle_pdu(pdu, now),
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(err) => self.handle_decode_error(err, buf, now),
             }
+            taken += 1;
         }
+        taken
     }
 
     /// The driver saw the peer close the socket (or it failed).
@@ -430,6 +506,9 @@ impl Connection {
                 }
             }
             State::Live => {
+                if self.auth_timeout(now) {
+                    return;
+                }
                 let expired = self
                     .queue
                     .as_ref()
@@ -512,9 +591,11 @@ impl Connection {
         gone
     }
 
-    fn handle_decode_error(&mut self, err: DecodeError, buf: &mut BytesMut, now: Instant) {
+    fn handle_decode_error<B: PduInput>(&mut self, err: DecodeError, buf: &mut B, now: Instant) {
         if let DecodeError::DataDigest { pdu_type, cccid, ttag, datao, datal, last, .. } = err {
-            tracing::warn!(parent: &self.span, ?pdu_type, cccid, "data digest error");
+            if let Some(suppressed) = self.digest_log.hit(now) {
+                tracing::warn!(parent: &self.span, ?pdu_type, cccid, suppressed, "data digest error");
+            }
             match pdu_type {
                 PduType::CapsuleCmd => self.capsule_digest_error(cccid),
                 PduType::H2cData => {
@@ -528,7 +609,7 @@ impl Connection {
         if let Some(term) = TermReq::for_error(&err, buf) {
             self.transmit(Pdu::C2hTermReq(term));
         }
-        buf.clear();
+        buf.clear_input();
         self.close(CloseReason::ProtocolError(err));
     }
 
@@ -559,14 +640,16 @@ impl Connection {
             return;
         }
         tracing::debug!(parent: &self.span, ?reason, "closing");
-        self.teardown();
+        self.teardown(reason.describe());
         self.events.push_back(Event::Close(reason));
     }
 
     /// Leaves the queue: detaches from the controller (tearing it down for an admin queue) and keeps
     /// count of backend requests still running.
-    fn teardown(&mut self) {
+    fn teardown(&mut self, why: &'static str) {
         self.state = State::Closed;
+        self.io_error_log.flush(&self.span, "backend I/O failed");
+        self.digest_log.flush(&self.span, "data digest error");
         let Some(q) = self.queue.take() else { return };
         for cmd in q.inflight.values() {
             if matches!(cmd.state, CmdState::Io { .. }) && cmd.token != 0 {
@@ -577,13 +660,13 @@ impl Connection {
         q.ctrl.detach_connection(self.id, q.qid);
         if q.qid == 0 {
             // The admin queue is gone: so is the controller, and with it its I/O queues.
-            self.target.remove_controller(&q.ctrl);
+            self.target.remove_controller(&q.ctrl, why);
         }
         self.drain_ctrl = Some(q.ctrl);
     }
 
     pub(crate) fn transmit(&mut self, pdu: Pdu) {
-        match pdu.encode_with(&self.encode, &mut self.scratch) {
+        match pdu.encode(&self.encode) {
             Ok(enc) => self.events.push_back(Event::Transmit(enc)),
             Err(e) => tracing::error!(parent: &self.span, %e, "cannot encode a PDU"),
         }
@@ -656,6 +739,16 @@ impl Connection {
         }
         q.sqhd = (q.sqhd + 1) % q.entries;
         q.ctrl.touch(now);
+        // Authentication commands run on any queue; until the queue has authenticated, they (and
+        // Disconnect) are all it may carry.
+        if crate::auth::commands::is_auth_command(&cmd.sqe) {
+            self.handle_auth_command(&cmd, now);
+            return;
+        }
+        if !q.auth.is_authenticated() && !crate::auth::commands::is_disconnect(&cmd.sqe) {
+            self.respond(cid, Status::AUTHENTICATION_REQUIRED.with_dnr(), 0);
+            return;
+        }
         if q.qid == 0 {
             self.handle_admin(cmd, now);
         } else {
@@ -699,6 +792,14 @@ impl Connection {
         let fold =
             status.is_success() && result == 0 && self.queue.as_ref().is_some_and(|q| !q.sq_flow_control);
         let total = data.len();
+        if total > 0 && total <= chunk {
+            // One PDU: the payload moves into it (no reference count to take).
+            self.transmit(Pdu::C2hData(C2hData { cccid: cid, datao: 0, last: true, success: fold, data }));
+            if !fold {
+                self.respond(cid, status, result);
+            }
+            return;
+        }
         let mut off = 0usize;
         while off < total {
             let n = chunk.min(total - off);
@@ -719,7 +820,9 @@ impl Connection {
 
     // ---- commands with data and backend I/O ----
 
-    /// A token unique within the target: connection ID, a per-connection sequence number and the CID.
+    /// A token unique among this connection's requests in flight: the CID (a command's CID is not
+    /// reused while the command is in flight), a per-connection sequence number (tells a stale
+    /// completion from the current command's) and the low bits of the connection ID (for logs).
     pub(crate) fn new_token(&mut self, cid: u16) -> u64 {
         self.next_token = self.next_token.wrapping_add(1) & 0xff_ffff;
         ((self.id & 0x7f_ffff) << 40) | (self.next_token << 16) | u64::from(cid)
@@ -916,6 +1019,7 @@ impl Connection {
         match then {
             AfterData::Write { offset, fua } => self.submit_io(cid, IoOp::Write { offset, data, fua }, None),
             AfterData::Dsm { ranges, deallocate } => self.dsm_data(cid, &data, ranges, deallocate, now),
+            AfterData::AuthSend => self.auth_send_data(cid, &data, now),
         }
     }
 
@@ -931,7 +1035,10 @@ impl Connection {
             }
             (Ok(_), None) => (Status::SUCCESS, None),
             (Err(e), read) => {
-                tracing::warn!(parent: &self.span, cid, error = %e, "backend I/O failed");
+                // A full or failing disk fails every command: one line, then a count per second.
+                if let Some(suppressed) = self.io_error_log.hit(now) {
+                    tracing::warn!(parent: &self.span, cid, error = %e, suppressed, "backend I/O failed");
+                }
                 (e.status(read.is_some()), None)
             }
         };

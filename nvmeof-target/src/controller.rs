@@ -21,6 +21,9 @@ use crate::subsystem::Subsystem;
 /// The driver answers by calling [`crate::Connection::handle_wakeup`] on the connection's own thread.
 pub type Notifier = Arc<dyn Fn() + Send + Sync>;
 
+/// Activity closer than this to the last recorded one is not recorded again (see `touch`).
+const TOUCH_GRANULARITY_NS: u64 = 1_000_000;
+
 /// The limit of entries a Changed Namespace List holds before it says "more than 1024 changed".
 const CHANGED_NS_LIST_MAX: usize = 1024;
 
@@ -132,7 +135,11 @@ impl Controller {
     /// Records host activity (Keep Alive, or any command: traffic-based keep alive).
     pub(crate) fn touch(&self, now: Instant) {
         let ns = u64::try_from(now.saturating_duration_since(self.created).as_nanos()).unwrap_or(u64::MAX);
-        self.last_activity_ns.fetch_max(ns, Ordering::Relaxed);
+        // Keep-alive time is counted in seconds: a write per millisecond at most keeps the I/O path
+        // from bouncing this cache line between the cores of a controller's queues.
+        if ns > self.last_activity_ns.load(Ordering::Relaxed).saturating_add(TOUCH_GRANULARITY_NS) {
+            self.last_activity_ns.fetch_max(ns, Ordering::Relaxed);
+        }
     }
 
     /// When the keep-alive timer expires, if it runs.

@@ -170,6 +170,8 @@ impl Target {
         }
         let mut config = SubsystemConfig::new(subsys.nqn(), subsys.serial());
         config.model = subsys.model().to_owned();
+        // A host that had to authenticate still has to.
+        config.require_auth = subsys.requires_auth();
         config.allowed_hosts.push(hostnqn.to_owned());
         t.order.push_back(key.clone());
         t.by_key.insert(key, Arc::new(Subsystem::new(config)));

@@ -5,6 +5,10 @@
 //! a clock: [`HostQueue::poll_transmit`] yields PDUs to write, [`HostQueue::handle_input`] consumes
 //! received bytes, [`HostQueue::poll_completion`] yields finished commands.
 //!
+//! A queue whose Connect response asks for authentication (AUTHREQ.ATR) runs a
+//! [`HostAuthenticator`] first: DH-HMAC-CHAP with a host secret, and optionally a controller secret
+//! for bidirectional authentication ([`BlockingHost::authenticate`] drives one).
+//!
 //! ```text
 //!  submit(sqe, data) ──▶ CapsuleCmd ──▶ (target) ──▶ R2T ──▶ H2CData … ──▶ CapsuleResp ──▶ Completion
 //!                                                 └─▶ C2HData … (SUCCESS) ───────────────▶ Completion
@@ -21,6 +25,13 @@ use nvmeof_proto::{
     PduDecoder,
 };
 use zerocopy::IntoBytes;
+
+mod auth;
+
+pub use auth::{
+    auth_receive_command, auth_send_command, AuthOutcome, HostAuthConfig, HostAuthError, HostAuthenticator,
+    AUTH_RECEIVE_LEN,
+};
 
 /// How a host queue connects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +230,22 @@ impl HostQueue {
         };
         self.pending.insert(cid, Pending { data_out, data_in: Payload::new(), done_early: false });
         self.send(Pdu::CapsuleCmd(CapsuleCmd { sqe, data: capsule_data }));
+        cid
+    }
+
+    /// Submits a command whose data goes by R2T/H2CData even where [`HostQueue::submit`] would put it
+    /// in the capsule (Fabrics commands): for exercising a target's R2T path. Returns the CID used.
+    pub fn submit_data_by_r2t(&mut self, mut sqe: Sqe, data: Payload) -> u16 {
+        let mut cid = sqe.cid.get();
+        if self.in_use(cid) {
+            cid = self.next_cid().unwrap_or(cid);
+        }
+        sqe.cid.set(cid);
+        sqe.flags = (sqe.flags & 0x3f) | 0x40;
+        sqe.dptr = SglDescriptor::transport(data.len() as u32);
+        self.pending
+            .insert(cid, Pending { data_out: Some(data), data_in: Payload::new(), done_early: false });
+        self.send(Pdu::CapsuleCmd(CapsuleCmd { sqe, data: Payload::new() }));
         cid
     }
 
@@ -448,6 +475,21 @@ impl<S: std::io::Read + std::io::Write> BlockingHost<S> {
                 return Ok(c);
             }
             self.receive()?;
+        }
+    }
+
+    /// Runs an authentication transaction to its end (after a Connect whose response had
+    /// AUTHREQ.ATR set, or to re-authenticate a live queue). Completions of other commands that
+    /// arrive meanwhile are dropped. A refusal is `PermissionDenied`.
+    pub fn authenticate(&mut self, auth: &mut HostAuthenticator) -> std::io::Result<AuthOutcome> {
+        while let Some((sqe, data, read_len)) = auth.poll_command() {
+            let c = self.command(sqe, data, read_len)?;
+            auth.handle_completion(&c);
+        }
+        match auth.result() {
+            Some(Ok(outcome)) => Ok(*outcome),
+            Some(Err(e)) => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.clone())),
+            None => Err(std::io::Error::other("authentication did not finish")),
         }
     }
 

@@ -36,6 +36,9 @@
 //! - Prompt host detach ([`Target::detach_namespaces`]): namespaces taken away from chosen
 //!   controllers (with a Namespace Attribute Changed event) before their connections are cut, and
 //!   the hosts' reconnects answered so that they stop.
+//! - In-band authentication ([`auth`]): Authentication Send/Receive with DH-HMAC-CHAP (SHA-256/384/512,
+//!   null and FFDHE 2048–8192 groups, bidirectional), AUTHREQ in the Connect response, re-authentication,
+//!   secrets per host from a [`auth::HostKeys`] the embedder provides.
 //!
 //! ## Example: a memory-backed target, driven by hand
 //!
@@ -65,13 +68,17 @@
 )]
 
 mod admin;
+pub mod auth;
 pub mod backend;
+mod chunk_map;
 mod config;
 mod connection;
 mod controller;
 mod detach;
+mod hash;
 pub mod host;
 mod io;
+mod ratelimit;
 mod subsystem;
 mod target;
 
@@ -88,3 +95,117 @@ pub use subsystem::{
     LATENCY_BUCKETS,
 };
 pub use target::{SubsystemSource, Target, TargetError};
+
+/// Internals for the fuzz targets in `fuzz/` (compiled only with `--cfg fuzzing`, as cargo-fuzz does).
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    use std::sync::atomic::AtomicU32;
+    use std::time::Instant;
+
+    use crate::auth::session::{Ctx, QueueAuth, ReceiveOutcome, SendOutcome};
+    use crate::auth::{AuthConfig, DeterministicEntropy, HostKeys, HostSecrets, MemoryHostKeys};
+
+    /// What a message did to the queue's authentication.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Step {
+        /// Moved on (or ignored after a failure).
+        Continue,
+        /// Failed: AUTH_Failure1 is next.
+        Failed,
+        /// The queue is authenticated.
+        Authenticated,
+        /// The host gave up: the queue ends.
+        Aborted,
+    }
+
+    /// One queue's authentication state machine, driven directly (no PDUs): the host secrets of
+    /// `HOSTNQN` for `SUBNQN` are the given ones, randomness is deterministic.
+    pub struct AuthHarness {
+        auth: QueueAuth,
+        keys: MemoryHostKeys,
+        config: AuthConfig,
+        entropy: DeterministicEntropy,
+        seqnum: AtomicU32,
+        /// The host NQN the queue connected with.
+        pub hostnqn: String,
+        /// The subsystem NQN.
+        pub subnqn: String,
+    }
+
+    impl AuthHarness {
+        /// A queue that must authenticate before `deadline`, with these secrets for its host, under
+        /// `config`.
+        pub fn new(secrets: Option<HostSecrets>, config: AuthConfig, deadline: Instant, seed: u64) -> Self {
+            let keys = MemoryHostKeys::new();
+            let (subnqn, hostnqn) =
+                ("nqn.2026-01.io.xatastor:fuzz".to_owned(), "nqn.2014-08.io.example:host".to_owned());
+            if let Some(s) = secrets {
+                keys.set(&subnqn, &hostnqn, s);
+            }
+            Self {
+                auth: QueueAuth::required(deadline),
+                keys,
+                config,
+                entropy: DeterministicEntropy::new(seed),
+                seqnum: AtomicU32::new(0),
+                hostnqn,
+                subnqn,
+            }
+        }
+
+        fn with_ctx<R>(&mut self, now: Instant, f: impl FnOnce(&mut QueueAuth, &Ctx<'_>) -> R) -> R {
+            let keys: Option<&dyn HostKeys> = Some(&self.keys);
+            let ctx = Ctx {
+                subnqn: &self.subnqn,
+                hostnqn: &self.hostnqn,
+                config: &self.config,
+                entropy: &self.entropy,
+                seqnum: &self.seqnum,
+                keys,
+                now,
+            };
+            f(&mut self.auth, &ctx)
+        }
+
+        /// An Authentication Send with `msg`.
+        pub fn send(&mut self, msg: &[u8], now: Instant) -> Step {
+            match self.with_ctx(now, |a, ctx| a.handle_send(msg, ctx)) {
+                SendOutcome::Continue => Step::Continue,
+                SendOutcome::Failed(..) => Step::Failed,
+                SendOutcome::Authenticated(_) => Step::Authenticated,
+                SendOutcome::HostAborted(_) => Step::Aborted,
+            }
+        }
+
+        /// An Authentication Receive into `al` bytes: the message returned (if any) and whether the
+        /// queue ends after it.
+        pub fn receive(&mut self, al: u32, now: Instant) -> (Option<Vec<u8>>, bool) {
+            match self.with_ctx(now, |a, ctx| a.handle_receive(al, ctx)) {
+                ReceiveOutcome::Message(m) | ReceiveOutcome::Authenticated(m, _) => (Some(m), false),
+                ReceiveOutcome::Failure1(m, _) => (Some(m), true),
+                ReceiveOutcome::BufferTooSmall => (None, true),
+            }
+        }
+
+        /// The deadline may have passed: true if the queue must end.
+        pub fn timeout(&mut self, now: Instant) -> bool {
+            self.auth.handle_timeout(now)
+        }
+
+        /// True once other commands may run.
+        pub fn is_authenticated(&self) -> bool {
+            self.auth.is_authenticated()
+        }
+    }
+
+    /// Host secrets for the harness from DHHC-1 strings.
+    #[must_use]
+    pub fn secrets(host: &str, ctrl: Option<&str>) -> Option<HostSecrets> {
+        let h = crate::auth::DhchapSecret::parse(host).ok()?;
+        let mut s = HostSecrets::new(h);
+        if let Some(c) = ctrl {
+            s = s.with_controller(crate::auth::DhchapSecret::parse(c).ok()?);
+        }
+        Some(s)
+    }
+}

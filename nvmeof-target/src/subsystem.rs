@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -272,6 +272,10 @@ pub struct SubsystemConfig {
     pub access: HostAccess,
     /// Host NQNs allowed to connect.
     pub allowed_hosts: Vec<String>,
+    /// Every host must authenticate with DH-HMAC-CHAP (see [`crate::auth`]); a host without a
+    /// secret in the target's [`crate::auth::HostKeys`] cannot use the subsystem. Without it, only
+    /// hosts that have a secret there must authenticate.
+    pub require_auth: bool,
 }
 
 impl SubsystemConfig {
@@ -284,6 +288,7 @@ impl SubsystemConfig {
             model: "Xatastor".into(),
             access: HostAccess::DenyAllExcept,
             allowed_hosts: Vec::new(),
+            require_auth: false,
         }
     }
 }
@@ -299,6 +304,7 @@ pub struct Subsystem {
     namespaces: ArcSwap<NamespaceMap>,
     namespaces_writer: parking_lot::Mutex<()>,
     hosts: RwLock<(HostAccess, BTreeSet<String>)>,
+    require_auth: AtomicBool,
 }
 
 impl Subsystem {
@@ -310,6 +316,7 @@ impl Subsystem {
             namespaces: ArcSwap::from_pointee(BTreeMap::new()),
             namespaces_writer: parking_lot::Mutex::new(()),
             hosts: RwLock::new((config.access, config.allowed_hosts.into_iter().collect())),
+            require_auth: AtomicBool::new(config.require_auth),
         }
     }
 
@@ -370,6 +377,16 @@ impl Subsystem {
 
     pub(crate) fn set_access(&self, access: HostAccess) {
         self.hosts.write().0 = access;
+    }
+
+    /// True if every host must authenticate (see [`SubsystemConfig::require_auth`]).
+    #[must_use]
+    pub fn requires_auth(&self) -> bool {
+        self.require_auth.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_require_auth(&self, required: bool) {
+        self.require_auth.store(required, Ordering::Relaxed);
     }
 }
 

@@ -1,7 +1,7 @@
 //! The target: the shared registry of subsystems and controllers, and its management API.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,6 +11,7 @@ use nvmeof_proto::nvme::features::{AsyncEvent, AsyncEventConfig};
 use nvmeof_proto::nvme::identify::fill_space_padded;
 use parking_lot::{Mutex, RwLock};
 
+use crate::auth::{Entropy, HostKeys, HostSecrets, OsEntropy};
 use crate::config::{TargetConfig, TransportParams};
 use crate::connection::Connection;
 use crate::controller::{Controller, ControllerInfo};
@@ -75,6 +76,10 @@ pub(crate) struct Shared {
     source: RwLock<Option<Arc<dyn SubsystemSource>>>,
     /// Empty stand-ins for subsystems hosts were detached from (see `detach.rs`).
     pub(crate) tombstones: Mutex<crate::detach::Tombstones>,
+    host_keys: RwLock<Option<Arc<dyn HostKeys>>>,
+    entropy: RwLock<Arc<dyn Entropy>>,
+    /// DH-HMAC-CHAP sequence number S1 of the last challenge (0: none sent yet).
+    pub(crate) auth_seqnum: AtomicU32,
 }
 
 /// Where subsystems that are not loaded come from: lets a storage node keep a million volumes on
@@ -146,6 +151,9 @@ impl Target {
                 next_connection_id: AtomicU64::new(1),
                 source: RwLock::new(None),
                 tombstones: Mutex::default(),
+                host_keys: RwLock::new(None),
+                entropy: RwLock::new(Arc::new(OsEntropy)),
+                auth_seqnum: AtomicU32::new(0),
             }),
         }
     }
@@ -201,7 +209,7 @@ impl Target {
         // Collected after unpublishing, so a Connect racing with the removal is caught too (Connect
         // re-checks that its subsystem is still published after creating its controller).
         for c in self.controllers_of(nqn) {
-            self.remove_controller(&c);
+            self.remove_controller(&c, "subsystem removed");
         }
         self.discovery_changed();
         Ok(())
@@ -253,7 +261,7 @@ impl Target {
         let removed = self.shared.subsystems.write().remove(nqn).is_some();
         // A Connect that raced with the removal re-checks its subsystem and retries.
         for c in self.controllers_of(nqn) {
-            self.remove_controller(&c);
+            self.remove_controller(&c, "subsystem unloaded");
         }
         removed
     }
@@ -314,7 +322,7 @@ impl Target {
         }
         if disconnect {
             for c in self.controllers_of(subnqn).into_iter().filter(|c| c.hostnqn == hostnqn) {
-                self.remove_controller(&c);
+                self.remove_controller(&c, "host denied");
             }
         }
         Ok(())
@@ -326,6 +334,44 @@ impl Target {
         self.subsystem_or_err(subnqn)?.set_access(access);
         self.discovery_changed();
         Ok(())
+    }
+
+    /// Sets whether every host must authenticate to the subsystem (DH-HMAC-CHAP, see
+    /// [`crate::auth`]). Applies to queues connected from now on; live ones are not disturbed.
+    pub fn set_auth_required(&self, subnqn: &str, required: bool) -> Result<(), TargetError> {
+        self.subsystem_or_err(subnqn)?.set_require_auth(required);
+        Ok(())
+    }
+
+    /// Sets where the DH-HMAC-CHAP secrets of hosts come from (see [`HostKeys`]); replaces an earlier
+    /// one. Without one no host has a secret (and no host can connect to a subsystem that requires
+    /// authentication).
+    pub fn set_host_keys(&self, keys: Arc<dyn HostKeys>) {
+        *self.shared.host_keys.write() = Some(keys);
+    }
+
+    /// Sets the random number source of authentication (challenges, sequence numbers, DH
+    /// exponents); the operating system's by default. Tests use a deterministic one.
+    pub fn set_entropy(&self, entropy: Arc<dyn Entropy>) {
+        *self.shared.entropy.write() = entropy;
+    }
+
+    pub(crate) fn host_keys(&self) -> Option<Arc<dyn HostKeys>> {
+        self.shared.host_keys.read().clone()
+    }
+
+    pub(crate) fn entropy(&self) -> Arc<dyn Entropy> {
+        self.shared.entropy.read().clone()
+    }
+
+    /// True if `hostnqn` must authenticate its queues to `subsys`: the subsystem requires it of
+    /// everyone, or the host has a secret.
+    pub(crate) fn auth_required(&self, subsys: &Subsystem, hostnqn: &str) -> bool {
+        subsys.requires_auth() || self.host_secrets(subsys.nqn(), hostnqn).is_some()
+    }
+
+    fn host_secrets(&self, subnqn: &str, hostnqn: &str) -> Option<Arc<HostSecrets>> {
+        self.host_keys()?.host_secrets(subnqn, hostnqn)
     }
 
     // ---- namespaces ----
@@ -430,7 +476,7 @@ impl Target {
     pub fn disconnect_controller(&self, cntlid: u16) -> bool {
         let ctrl = self.shared.controllers.lock().by_id.get(&cntlid).cloned();
         ctrl.is_some_and(|c| {
-            self.remove_controller(&c);
+            self.remove_controller(&c, "disconnected by management");
             true
         })
     }
@@ -475,15 +521,25 @@ impl Target {
     }
 
     /// Tears a controller down: gone from the table, every connection serving it woken to close.
-    pub(crate) fn remove_controller(&self, ctrl: &Arc<Controller>) {
+    /// `why` is logged (once, by whoever removes it first).
+    pub(crate) fn remove_controller(&self, ctrl: &Arc<Controller>, why: &str) {
         {
             let mut table = self.shared.controllers.lock();
             if table.by_id.get(&ctrl.cntlid).is_some_and(|c| Arc::ptr_eq(c, ctrl)) {
                 table.by_id.remove(&ctrl.cntlid);
             }
         }
-        if ctrl.kill() && ctrl.outstanding_io() > 0 {
-            self.shared.draining.lock().push(ctrl.clone());
+        if ctrl.kill() {
+            tracing::info!(
+                cntlid = ctrl.cntlid,
+                host = %ctrl.hostnqn,
+                subsystem = ctrl.subsystem.as_ref().map_or(DISCOVERY_NQN, |s| s.nqn()),
+                reason = why,
+                "controller removed"
+            );
+            if ctrl.outstanding_io() > 0 {
+                self.shared.draining.lock().push(ctrl.clone());
+            }
         }
         self.controller_gone(ctrl);
     }

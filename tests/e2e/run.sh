@@ -9,6 +9,9 @@
 #   --timeout SECS      hard limit for the whole guest run (default: 2400)
 #   --out DIR           where to keep logs (default: a new /tmp/xatastor-e2e.XXXXXX)
 #   --no-cargo          do not run cargo build (use the existing target/release binary)
+#   --kernel 6.1|6.12   the guest kernel (default: 6.1, Debian 12's; 6.12: bookworm-backports',
+#                       with NVMe in-band authentication); each has its own cached image
+#                       (build-image.sh --kernel); passed to the guest as E2E_KERNEL
 #   --driver NAME       the target's driver: blocking (default) or io-uring (xatastor-core's server);
 #                       also passed to the guest as E2E_DRIVER (the zfs suite's in-guest targets
 #                       use it; they default to io-uring)
@@ -31,6 +34,7 @@
 #                       ext4 disk (serial xe2e-bin) that the guest mounts on /opt/xe2e-bin, first
 #                       in its PATH (under their base names); without --no-cargo, run.sh builds them
 #   guest-cmdline=A[,B] extra guest kernel command line arguments (e.g. hardened_usercopy=off)
+#   guest-cmdline@K=A[,B]  the same, only when the guest kernel is K (--kernel K)
 # Prints "PASS <name>" / "FAIL <name>: <reason>" per scenario and "N passed, M failed";
 # exits 1 if anything failed (or the guest did not finish), 2 on a harness error.
 set -euo pipefail
@@ -47,6 +51,7 @@ CARGO=1
 VERBOSE=0
 DRIVER=blocking
 DRIVER_SET=0
+KERNEL=6.1
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --scenario) SCENARIO="$(realpath "$2")"; shift 2 ;;
@@ -57,6 +62,7 @@ while [[ $# -gt 0 ]]; do
         --out) OUT="$2"; shift 2 ;;
         --no-cargo) CARGO=0; shift ;;
         --driver) DRIVER="$2"; DRIVER_SET=1; shift 2 ;;
+        --kernel) KERNEL="$2"; shift 2 ;;
         -v|--verbose) VERBOSE=1; shift ;;
         -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -80,6 +86,11 @@ KATO_MARGIN=2
 GUEST_MEM="${XATASTOR_E2E_GUEST_MEM:-2048}"
 GUEST_CPUS="${XATASTOR_E2E_GUEST_CPUS:-2}"
 
+case $KERNEL in
+    6.1|6.12) ;;
+    *) echo "run.sh: unknown --kernel '$KERNEL' (known: 6.1, 6.12)" >&2; exit 2 ;;
+esac
+
 T_START=$(date +%s)
 log() { printf '[e2e %s +%ss] %s\n' "$(date +%T)" "$(( $(date +%s) - T_START ))" "$*" >&2; }
 die() { printf '[e2e] ERROR: %s\n' "$*" >&2; exit 2; }
@@ -96,7 +107,11 @@ for word in $(sed -n 's/^# e2e-needs://p' "$SCENARIO"); do
         guest-bin) NEED_BINS+=(nvmeof-blocking-target) ;;
         guest-bin=*) IFS=, read -r -a _bins <<<"${word#*=}"; NEED_BINS+=("${_bins[@]}") ;;
         guest-cmdline=*) IFS=, read -r -a _args <<<"${word#*=}"; NEED_CMDLINE+=("${_args[@]}") ;;
-        *) die "$SCENARIO: unknown '# e2e-needs:' word: $word (known: scratch-disk[=SIZE], guest-bin[=A,B], guest-cmdline=ARG[,ARG])" ;;
+        guest-cmdline@*=*)
+            _k=${word#guest-cmdline@}; _k=${_k%%=*}
+            case $_k in 6.1|6.12) ;; *) die "$SCENARIO: '# e2e-needs: $word': unknown kernel '$_k' (known: 6.1, 6.12)" ;; esac
+            if [[ $_k == "$KERNEL" ]]; then IFS=, read -r -a _args <<<"${word#*=}"; NEED_CMDLINE+=("${_args[@]}"); fi ;;
+        *) die "$SCENARIO: unknown '# e2e-needs:' word: $word (known: scratch-disk[=SIZE], guest-bin[=A,B], guest-cmdline[@KERNEL]=ARG[,ARG])" ;;
     esac
 done
 for tool in qemu-system-x86_64 timeout; do
@@ -134,11 +149,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- (a) guest image -----------------------------------------------------------------------
-log "guest image"
-IMAGE="$("$HERE/build-image.sh" | tail -n1)" || die "build-image.sh failed"
+log "guest image (kernel $KERNEL)"
+IMAGE="$("$HERE/build-image.sh" --kernel "$KERNEL" | tail -n1)" || die "build-image.sh --kernel $KERNEL failed"
 for f in vmlinuz initrd.img rootfs.img; do
     [[ -f $IMAGE/$f ]] || die "image $IMAGE lacks $f"
 done
+log "guest kernel: $(sed -n 's/^kernel: //p' "$IMAGE/manifest.txt" | head -n1)"
 
 # --- (b) target binary ---------------------------------------------------------------------
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
@@ -201,6 +217,7 @@ E2E_BAD_HOSTNQN=$BAD_HOSTNQN
 E2E_BAD_HOSTID=$BAD_HOSTID
 E2E_ONLY="$ONLY"
 E2E_KATO=$KATO
+E2E_KERNEL=$KERNEL
 EOF
 [[ $DRIVER_SET == 0 ]] || echo "E2E_DRIVER=$DRIVER" >> "$OUT/env.sh"
 # Scenario files pull shared helpers in with '# e2e-include: FILE...' lines (paths relative to
@@ -433,7 +450,7 @@ fi
 T_TOTAL=$(( $(date +%s) - T_START ))
 BOOT_S="$(sed -n 's/.*running scenario (uptime \([0-9.]*s\)).*/\1/p' "$CONSOLE" | head -n1)"
 {
-    echo "timings: total ${T_TOTAL}s, guest ${T_GUEST}s (scenario started at guest uptime ${BOOT_S:-?})"
+    echo "timings: total ${T_TOTAL}s, guest ${T_GUEST}s (scenario started at guest uptime ${BOOT_S:-?}); kernel $KERNEL, driver $DRIVER"
     sed -n 's/^TIME /  /p; s/^INFO /  info: /p' "$OUT/results.txt"
 } >&2
 echo "$passed passed, $failed failed"

@@ -97,3 +97,39 @@ fn churn_then_graceful_shutdown() {
         assert!(matches!(n, Ok(0) | Err(_)), "connection still open after shutdown");
     }
 }
+
+/// Only the workers of one server share its port: another server, or any other process listening
+/// on the address (even with `SO_REUSEPORT`), makes the start fail instead of splitting connections.
+#[test]
+fn a_port_held_by_another_listener_is_an_error_at_start() {
+    let (first, _target) = start(2);
+    let addr = first.local_addr();
+    let mut config = ServerConfig::new(addr);
+    config.workers = 1;
+    let err =
+        Server::start(Target::new(TargetConfig::default()), config).expect_err("a second server on the port");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    assert!(err.to_string().contains("already in use"), "{err}");
+    // The first server still gets every connection.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&icreq()).unwrap();
+    read_icresp(&mut s);
+    drop(s);
+    first.shutdown().unwrap();
+
+    // Someone else's SO_REUSEPORT listener on the port.
+    let foreign = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    foreign.set_reuse_address(true).unwrap();
+    foreign.set_reuse_port(true).unwrap();
+    foreign.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    foreign.listen(16).unwrap();
+    let taken = foreign.local_addr().unwrap().as_socket().unwrap();
+    let err = Server::start(Target::new(TargetConfig::default()), ServerConfig::new(taken))
+        .expect_err("a port another process listens on");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    drop(foreign);
+    // Once it is gone, the port is ours.
+    let mut config = ServerConfig::new(taken);
+    config.workers = 2;
+    Server::start(Target::new(TargetConfig::default()), config).unwrap().shutdown().unwrap();
+}

@@ -561,12 +561,10 @@ impl BlockBackend for ZvolBackend {
     }
 
     fn raw_device(&self) -> Option<RawDevice<'_>> {
-        Some(RawDevice {
-            fd: self.file.as_fd(),
-            base_offset: 0,
-            direct: self.direct,
-            alignment: self.alignment,
-        })
+        // zvols refuse fallocate (no PUNCH_HOLE / ZERO_RANGE): deallocate and write zeroes go to
+        // `submit` (BLKDISCARD, zero writes).
+        let dev = RawDevice::new(self.file.as_fd());
+        Some(if self.direct { dev.direct(self.alignment) } else { dev })
     }
 
     /// Accepts `new_size_bytes` once the device reports it (see the module's resize contract): the

@@ -14,6 +14,19 @@
 //! echo "resize 2GiB" > /tmp/ctl     # stderr: control: ok resize ...
 //! echo "controllers" > /tmp/ctl     # stderr: control: ok controllers ...
 //! ```
+//!
+//! In-band authentication (DH-HMAC-CHAP): give each `--host` a secret (a DHHC-1 string as
+//! `nvme gen-dhchap-key` prints it, or a file holding one), optionally a controller secret for
+//! bidirectional authentication, and `--require-auth` to refuse hosts without one:
+//!
+//! ```sh
+//! nvme gen-dhchap-key -n nqn.2014-08.org.nvmexpress:uuid:1234 > host.key; chmod 600 host.key
+//! nvmeof-blocking-target --memory 1GiB --host nqn.2014-08.org.nvmexpress:uuid:1234 \
+//!     --dhchap-secret host.key --require-auth
+//! nvme connect -t tcp -a 127.0.0.1 -s 4420 -n nqn.2026-01.io.xatastor:blocking \
+//!     --hostnqn nqn.2014-08.org.nvmexpress:uuid:1234 --dhchap-secret "$(cat host.key)"
+//! echo "dhchap-secret nqn.2014-08.org.nvmexpress:uuid:1234 new.key" > /tmp/ctl   # rotate
+//! ```
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader};
@@ -24,6 +37,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
+use nvmeof_target::auth::{DhchapSecret, HostSecrets, MemoryHostKeys};
 use nvmeof_target::{
     BlockBackend, FileBackend, HostAccess, MemoryBackend, NamespaceConfig, SubsystemConfig, Target,
     TargetConfig,
@@ -76,6 +90,18 @@ struct Args {
     /// Let any host connect.
     #[arg(long)]
     allow_any_host: bool,
+    /// Every host must authenticate (DH-HMAC-CHAP); a host without a secret cannot connect.
+    /// Without this only hosts given a secret must authenticate.
+    #[arg(long)]
+    require_auth: bool,
+    /// DH-HMAC-CHAP secret of the `--host` hosts: a DHHC-1 string (`DHHC-1:00:…:`, as `nvme
+    /// gen-dhchap-key` prints it) or a file holding one. The hosts must then authenticate with it.
+    #[arg(long, value_name = "SECRET|FILE", requires = "hosts")]
+    dhchap_secret: Option<String>,
+    /// Controller secret for bidirectional authentication (the host's `--dhchap-ctrl-secret`): a
+    /// DHHC-1 string or a file holding one.
+    #[arg(long, value_name = "SECRET|FILE", requires = "dhchap_secret")]
+    dhchap_ctrl_secret: Option<String>,
     /// Log filter (tracing-subscriber syntax), e.g. `info`, `nvmeof_target=debug`.
     #[arg(long, default_value = "info")]
     log: String,
@@ -83,7 +109,9 @@ struct Args {
     ///
     /// Commands: `resize SIZE` resizes namespace 1 (e.g. `resize 1GiB`; connected hosts get a
     /// Namespace Attribute Changed event and see the new size without reconnecting); `controllers`
-    /// lists the live controllers. Each command prints one line to stderr, `control: ok ...` or
+    /// lists the live controllers; `dhchap-secret HOSTNQN SECRET|FILE [CTRL_SECRET|FILE]` sets or
+    /// replaces a host's secrets (used from its next authentication on: connected hosts stay);
+    /// `dhchap-remove HOSTNQN` drops them; `require-auth on|off`. Each command prints one line to stderr, `control: ok ...` or
     /// `control: error ...`. The target keeps the FIFO open, so writers may come and go
     /// (e.g. `echo "resize 2GiB" > PATH`).
     #[arg(long, value_name = "PATH")]
@@ -132,10 +160,24 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.allow_any_host {
         sc.access = HostAccess::AllowAny;
     }
+    sc.require_auth = args.require_auth;
     target.add_subsystem(sc)?;
+    let keys = Arc::new(MemoryHostKeys::new());
+    if let Some(host_secret) = &args.dhchap_secret {
+        let host = load_secret(host_secret).map_err(|e| format!("--dhchap-secret: {e}"))?;
+        let mut secrets = HostSecrets::new(host);
+        if let Some(c) = &args.dhchap_ctrl_secret {
+            secrets =
+                secrets.with_controller(load_secret(c).map_err(|e| format!("--dhchap-ctrl-secret: {e}"))?);
+        }
+        for h in &args.hosts {
+            keys.set(&args.nqn, h, secrets.clone());
+        }
+    }
+    target.set_host_keys(keys.clone());
     target.add_namespace(&args.nqn, NamespaceConfig::derived(&args.nqn, 1, backend.clone()))?;
     if let Some(path) = &args.control {
-        spawn_control(path, target.clone(), args.nqn.clone())?;
+        spawn_control(path, target.clone(), args.nqn.clone(), keys.clone())?;
     }
     let (addr, serve): (SocketAddr, Box<dyn FnOnce() -> std::io::Result<()>>) = match args.driver {
         Driver::Blocking => {
@@ -174,6 +216,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.hosts.is_empty() && !args.allow_any_host {
         eprintln!("  note: no host may connect: add --host NQN or --allow-any-host");
     }
+    if args.dhchap_secret.is_some() || args.require_auth {
+        eprintln!(
+            "  authentication: {}; connect with --hostnqn <host> --dhchap-secret <host secret>{}",
+            if args.require_auth { "required of every host" } else { "required of hosts with a secret" },
+            if args.dhchap_ctrl_secret.is_some() { " --dhchap-ctrl-secret <controller secret>" } else { "" }
+        );
+    }
     if let Some(path) = &args.control {
         eprintln!("  control: reading commands from {}", path.display());
     }
@@ -181,8 +230,28 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// A DH-HMAC-CHAP secret given as a DHHC-1 string or as a file holding one. A file others may read
+/// is used with a warning.
+fn load_secret(arg: &str) -> Result<DhchapSecret, String> {
+    if arg.trim_start().starts_with("DHHC-1:") {
+        return DhchapSecret::parse(arg).map_err(|e| e.to_string());
+    }
+    let meta = std::fs::metadata(arg)
+        .map_err(|e| format!("{arg}: {e} (give a DHHC-1 secret or a file holding one)"))?;
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+        eprintln!("warning: {arg} can be read by other users (chmod 600 it)");
+    }
+    let text = std::fs::read_to_string(arg).map_err(|e| format!("{arg}: {e}"))?;
+    DhchapSecret::parse(&text).map_err(|e| format!("{arg}: {e}"))
+}
+
 /// Opens the control FIFO and serves its commands on a thread of its own.
-fn spawn_control(path: &Path, target: Target, nqn: String) -> Result<(), Box<dyn std::error::Error>> {
+fn spawn_control(
+    path: &Path,
+    target: Target,
+    nqn: String,
+    keys: Arc<MemoryHostKeys>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let meta = std::fs::metadata(path)
         .map_err(|e| format!("--control {}: {e} (create it with mkfifo)", path.display()))?;
     if !meta.file_type().is_fifo() {
@@ -201,7 +270,7 @@ fn spawn_control(path: &Path, target: Target, nqn: String) -> Result<(), Box<dyn
                 Ok(line) => {
                     let line = line.trim();
                     if !line.is_empty() && !line.starts_with('#') {
-                        match control_command(&target, &nqn, line) {
+                        match control_command(&target, &nqn, &keys, line) {
                             Ok(msg) => eprintln!("control: ok {msg}"),
                             Err(msg) => eprintln!("control: error {line:?}: {msg}"),
                         }
@@ -217,10 +286,32 @@ fn spawn_control(path: &Path, target: Target, nqn: String) -> Result<(), Box<dyn
     Ok(())
 }
 
-/// Executes one control command; the text of the `ok` or `error` line.
-fn control_command(target: &Target, nqn: &str, line: &str) -> Result<String, String> {
+/// Executes one control command; the text of the `ok` or `error` line (never a secret).
+fn control_command(target: &Target, nqn: &str, keys: &MemoryHostKeys, line: &str) -> Result<String, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
+        ["dhchap-secret", host, secret, rest @ ..] if rest.len() <= 1 => {
+            let mut secrets = HostSecrets::new(load_secret(secret)?);
+            if let [ctrl] = rest {
+                secrets = secrets.with_controller(load_secret(ctrl)?);
+            }
+            keys.set(nqn, host, secrets);
+            Ok(format!(
+                "dhchap-secret {host}: set{}",
+                if rest.is_empty() { "" } else { " with a controller secret" }
+            ))
+        }
+        ["dhchap-remove", host] => {
+            if keys.remove(nqn, host) {
+                Ok(format!("dhchap-remove {host}"))
+            } else {
+                Err(format!("{host} has no secret"))
+            }
+        }
+        ["require-auth", on_off @ ("on" | "off")] => {
+            target.set_auth_required(nqn, *on_off == "on").map_err(|e| e.to_string())?;
+            Ok(format!("require-auth {on_off}"))
+        }
         ["resize", size] => {
             let bytes = parse_size(size)?;
             if bytes == 0 {
@@ -251,6 +342,8 @@ fn control_command(target: &Target, nqn: &str, line: &str) -> Result<String, Str
                 Ok(format!("controllers {}: {}", items.len(), items.join("; ")))
             }
         }
-        _ => Err("unknown command (commands: resize SIZE, controllers)".into()),
+        _ => Err("unknown command (commands: resize SIZE, controllers, dhchap-secret HOSTNQN SECRET|FILE \
+                  [CTRL_SECRET|FILE], dhchap-remove HOSTNQN, require-auth on|off)"
+            .into()),
     }
 }

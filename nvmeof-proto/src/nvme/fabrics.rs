@@ -78,6 +78,13 @@ pub const fn connect_success_dw0(cntlid: u16) -> u32 {
     cntlid as u32
 }
 
+/// DW0 of a successful Connect response that asks the host to authenticate the queue with
+/// DH-HMAC-CHAP before using it (AUTHREQ.ATR set, no secure channel concatenation).
+#[must_use]
+pub const fn connect_success_dw0_auth_required(cntlid: u16) -> u32 {
+    cntlid as u32 | CONNECT_AUTHREQ_ATR
+}
+
 /// The controller ID in DW0 of a successful Connect response (bits 15:0).
 #[must_use]
 pub const fn cntlid_from_dw0(dw0: u32) -> u16 {
@@ -663,10 +670,185 @@ impl DisconnectCommand {
     }
 }
 
+/// Security Protocol (SECP) of NVMe in-band authentication in Authentication Send / Receive: `E9h`,
+/// "NVMe" (both SPSP bytes are `01h`, the DH-HMAC-CHAP protocol).
+pub const AUTH_SECP_NVME: u8 = 0xe9;
+
+/// SPSP0 and SPSP1 of Authentication Send / Receive for DH-HMAC-CHAP.
+pub const AUTH_SPSP_DHCHAP: u8 = 0x01;
+
+/// Authentication Send command (FCTYPE `0x05`): carries one authentication message (TL bytes) from
+/// the host to the controller, in-capsule or by data PDUs per SGL1. Authentication Receive (FCTYPE
+/// `0x06`, [`AuthReceiveCommand`]) has the same layout with AL (the host's buffer) in place of TL.
+///
+/// | bytes | field |
+/// | --- | --- |
+/// | 0 | opcode (`0x7f`) |
+/// | 1 | flags (PSDT) |
+/// | 2..4 | command identifier |
+/// | 4 | FCTYPE (`0x05`) |
+/// | 5..24 | reserved |
+/// | 24..40 | SGL1: the message |
+/// | 40 | reserved (NSSF) |
+/// | 41 | SPSP0: `01h` |
+/// | 42 | SPSP1: `01h` |
+/// | 43 | SECP: [`AUTH_SECP_NVME`] |
+/// | 44..48 | TL: transfer length in bytes |
+/// | 48..64 | reserved |
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct AuthSendCommand {
+    /// Opcode: [`FABRICS_OPCODE`].
+    pub opcode: u8,
+    /// Flags (PSDT in bits 7:6).
+    pub flags: u8,
+    /// Command identifier.
+    pub cid: U16,
+    /// Fabrics command type: Authentication Send (`0x05`).
+    pub fctype: u8,
+    /// Reserved.
+    pub reserved1: [u8; 19],
+    /// SGL descriptor of the message.
+    pub sgl1: SglDescriptor,
+    /// Reserved (NVMe Security Specific Field).
+    pub nssf: u8,
+    /// Security Protocol Specific 0.
+    pub spsp0: u8,
+    /// Security Protocol Specific 1.
+    pub spsp1: u8,
+    /// Security Protocol.
+    pub secp: u8,
+    /// Transfer length: bytes of the message.
+    pub tl: U32,
+    /// Reserved.
+    pub reserved2: [u8; 16],
+}
+
+sqe_view!(AuthSendCommand);
+
+impl AuthSendCommand {
+    /// An Authentication Send of a `tl`-byte DH-HMAC-CHAP message described by `sgl1`.
+    #[must_use]
+    pub fn new(cid: u16, tl: u32, sgl1: SglDescriptor) -> Self {
+        let mut cmd = Self::new_zeroed();
+        cmd.opcode = FABRICS_OPCODE;
+        cmd.flags = SQE_FLAGS_PSDT_SGL;
+        cmd.cid = U16::new(cid);
+        cmd.fctype = FabricsCommandType::AuthenticationSend as u8;
+        cmd.sgl1 = sgl1;
+        cmd.spsp0 = AUTH_SPSP_DHCHAP;
+        cmd.spsp1 = AUTH_SPSP_DHCHAP;
+        cmd.secp = AUTH_SECP_NVME;
+        cmd.tl = U32::new(tl);
+        cmd
+    }
+
+    /// True if SECP and both SPSP bytes name DH-HMAC-CHAP.
+    #[must_use]
+    pub fn is_dhchap(&self) -> bool {
+        self.secp == AUTH_SECP_NVME && self.spsp0 == AUTH_SPSP_DHCHAP && self.spsp1 == AUTH_SPSP_DHCHAP
+    }
+}
+
+/// Authentication Receive command (FCTYPE `0x06`): asks the controller for its next authentication
+/// message, into a host buffer of AL bytes (returned by data PDUs per SGL1). Same layout as
+/// [`AuthSendCommand`] with AL at bytes 44..48.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct AuthReceiveCommand {
+    /// Opcode: [`FABRICS_OPCODE`].
+    pub opcode: u8,
+    /// Flags (PSDT in bits 7:6).
+    pub flags: u8,
+    /// Command identifier.
+    pub cid: U16,
+    /// Fabrics command type: Authentication Receive (`0x06`).
+    pub fctype: u8,
+    /// Reserved.
+    pub reserved1: [u8; 19],
+    /// SGL descriptor of the host's buffer.
+    pub sgl1: SglDescriptor,
+    /// Reserved (NVMe Security Specific Field).
+    pub nssf: u8,
+    /// Security Protocol Specific 0.
+    pub spsp0: u8,
+    /// Security Protocol Specific 1.
+    pub spsp1: u8,
+    /// Security Protocol.
+    pub secp: u8,
+    /// Allocation length: bytes the host can take.
+    pub al: U32,
+    /// Reserved.
+    pub reserved2: [u8; 16],
+}
+
+sqe_view!(AuthReceiveCommand);
+
+impl AuthReceiveCommand {
+    /// An Authentication Receive into an `al`-byte buffer described by `sgl1`.
+    #[must_use]
+    pub fn new(cid: u16, al: u32, sgl1: SglDescriptor) -> Self {
+        let mut cmd = Self::new_zeroed();
+        cmd.opcode = FABRICS_OPCODE;
+        cmd.flags = SQE_FLAGS_PSDT_SGL;
+        cmd.cid = U16::new(cid);
+        cmd.fctype = FabricsCommandType::AuthenticationReceive as u8;
+        cmd.sgl1 = sgl1;
+        cmd.spsp0 = AUTH_SPSP_DHCHAP;
+        cmd.spsp1 = AUTH_SPSP_DHCHAP;
+        cmd.secp = AUTH_SECP_NVME;
+        cmd.al = U32::new(al);
+        cmd
+    }
+
+    /// True if SECP and both SPSP bytes name DH-HMAC-CHAP.
+    #[must_use]
+    pub fn is_dhchap(&self) -> bool {
+        self.secp == AUTH_SECP_NVME && self.spsp0 == AUTH_SPSP_DHCHAP && self.spsp1 == AUTH_SPSP_DHCHAP
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn auth_commands_byte_exact() {
+        // Authentication Send of a 72-byte AUTH_Negotiate in the capsule, as the Linux host sends it.
+        let mut raw = [0u8; 64];
+        raw[0] = 0x7f;
+        raw[1] = 0x40;
+        raw[2..4].copy_from_slice(&7u16.to_le_bytes());
+        raw[4] = 0x05;
+        raw[24..40].copy_from_slice(SglDescriptor::in_capsule(0, 72).as_bytes());
+        raw[41] = 0x01;
+        raw[42] = 0x01;
+        raw[43] = 0xe9;
+        raw[44..48].copy_from_slice(&72u32.to_le_bytes());
+        let send = AuthSendCommand::new(7, 72, SglDescriptor::in_capsule(0, 72));
+        assert_eq!(send.as_bytes(), &raw[..]);
+        assert!(send.is_dhchap());
+        assert_eq!(size_of::<AuthSendCommand>(), 64);
+        assert_eq!(offset_of!(AuthSendCommand, secp), 43);
+        assert_eq!(offset_of!(AuthSendCommand, tl), 44);
+
+        raw[4] = 0x06;
+        raw[24..40].copy_from_slice(SglDescriptor::transport(4096).as_bytes());
+        raw[44..48].copy_from_slice(&4096u32.to_le_bytes());
+        let recv = AuthReceiveCommand::new(7, 4096, SglDescriptor::transport(4096));
+        assert_eq!(recv.as_bytes(), &raw[..]);
+        assert_eq!(AuthReceiveCommand::from_sqe(&Sqe::read_from_bytes(&raw[..]).unwrap()).al.get(), 4096);
+        let mut other = recv;
+        other.secp = 0xea;
+        assert!(!other.is_dhchap());
+    }
+
+    #[test]
+    fn connect_dw0_with_authreq() {
+        assert_eq!(connect_success_dw0_auth_required(0x1234), 0x0002_1234);
+        assert_eq!(cntlid_from_dw0(connect_success_dw0_auth_required(0x1234)), 0x1234);
+    }
 
     #[test]
     fn connect_layout_matches_spec() {

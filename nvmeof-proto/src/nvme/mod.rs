@@ -4,11 +4,13 @@
 //! ```text
 //!  CapsuleCmd ── Sqe (64 B) ── dptr: SglDescriptor ── opcode: admin / NVM / fabrics
 //!                                   │                     └── fabrics: Connect (+ 1024 B data),
-//!                                   │                         Property Get/Set, Disconnect
+//!                                   │                         Property Get/Set, Disconnect,
+//!                                   │                         Authentication Send/Receive (auth)
 //!  CapsuleResp ─ Cqe (16 B) ── Status
 //!  Data PDUs ─── Identify (controller, namespace, lists), log pages (incl. discovery log), features
 //! ```
 
+pub mod auth;
 pub mod cqe;
 pub mod discovery;
 pub mod fabrics;

@@ -1,6 +1,6 @@
 //! The incremental stream decoder.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use zerocopy::FromBytes;
 
 use super::wire::{
@@ -14,6 +14,64 @@ use super::{
 use crate::digest::{crc32c, DIGEST_LEN};
 use crate::error::{DecodeError, FatalErrorStatus, HeaderField};
 use crate::payload::Payload;
+
+/// Received bytes a [`PduDecoder`] takes PDUs from: a reassembly buffer ([`BytesMut`]), or a
+/// [`Bytes`] a driver received into and decodes in place (a receive buffer shared with the kernel,
+/// say, that goes back to it when the last PDU taken from it is dropped). A PDU's data is a slice of
+/// the input's memory either way.
+pub trait PduInput: std::ops::Deref<Target = [u8]> + sealed::Sealed {
+    /// Removes the first `n` bytes (at most the length) and returns them.
+    fn take_front(&mut self, n: usize) -> Bytes;
+    /// Drops the first `n` bytes (at most the length).
+    fn skip_front(&mut self, n: usize);
+    /// Drops everything.
+    fn clear_input(&mut self);
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for bytes::BytesMut {}
+    impl Sealed for bytes::Bytes {}
+}
+
+impl PduInput for BytesMut {
+    fn take_front(&mut self, n: usize) -> Bytes {
+        let n = n.min(self.len());
+        // All of it: the memory moves (no reference count to share).
+        if n == self.len() {
+            std::mem::take(self).freeze()
+        } else {
+            self.split_to(n).freeze()
+        }
+    }
+
+    fn skip_front(&mut self, n: usize) {
+        self.advance(n.min(self.len()));
+    }
+
+    fn clear_input(&mut self) {
+        self.clear();
+    }
+}
+
+impl PduInput for Bytes {
+    fn take_front(&mut self, n: usize) -> Bytes {
+        let n = n.min(self.len());
+        if n == self.len() {
+            std::mem::take(self)
+        } else {
+            self.split_to(n)
+        }
+    }
+
+    fn skip_front(&mut self, n: usize) {
+        self.advance(n.min(self.len()));
+    }
+
+    fn clear_input(&mut self) {
+        self.clear();
+    }
+}
 
 /// What a [`PduDecoder`] accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,7 +205,7 @@ impl PduDecoder {
     }
 
     /// Decodes the PDU at the front of `buf`, removing it from the buffer.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Pdu>, DecodeError> {
+    pub fn decode<B: PduInput>(&mut self, buf: &mut B) -> Result<Option<Pdu>, DecodeError> {
         let Ok((ch, _)) = CommonHeader::read_from_prefix(buf) else {
             return Ok(self.wait(COMMON_HEADER_LEN, buf.len()));
         };
@@ -295,7 +353,7 @@ fn header<T: FromBytes>(buf: &[u8]) -> Result<T, DecodeError> {
 
 /// Builds the PDU from a buffer holding all of it; consumes exactly `plen` bytes, except on a fatal
 /// error, where the buffer is left untouched.
-fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> {
+fn decode_body<B: PduInput>(buf: &mut B, layout: &Layout) -> Result<Pdu, DecodeError> {
     let pdu = match layout.pdu_type {
         PduType::IcReq => {
             let h: IcReqHeader = header(buf)?;
@@ -357,16 +415,28 @@ fn decode_body(buf: &mut BytesMut, layout: &Layout) -> Result<Pdu, DecodeError> 
             return Ok(Pdu::C2hData(C2hData { cccid, datao, last, success, data }));
         }
     };
-    buf.advance(layout.plen);
+    buf.skip_front(layout.plen);
     Ok(pdu)
 }
 
 /// Removes the PDU from the buffer and returns its data as a slice of the buffer's memory.
-fn take_data(buf: &mut BytesMut, layout: &Layout) -> Payload {
-    let pdu = buf.split_to(layout.plen);
+///
+/// A PDU with data that fills a reassembly buffer takes its memory whole (no reference count to
+/// share: a driver that receives each PDU into a buffer of its own pays no allocation here).
+fn take_data<B: PduInput>(buf: &mut B, layout: &Layout) -> Payload {
     match layout.data {
-        Some((start, len)) if len > 0 => pdu.freeze().slice(start..start + len).into(),
-        _ => Payload::new(),
+        Some((start, len)) if len > 0 => {
+            let mut data = buf.take_front(layout.plen);
+            data.advance(start);
+            if data.len() > len {
+                data.truncate(len);
+            }
+            data.into()
+        }
+        _ => {
+            buf.skip_front(layout.plen);
+            Payload::new()
+        }
     }
 }
 
@@ -406,8 +476,8 @@ fn crc32c_zero_padded(data: &[u8]) -> u32 {
 /// The digest covers the data only (NVMe/TCP; Linux). When the data length is not a multiple of four,
 /// the digest of the data padded with zeros to a multiple of four is accepted as well, for
 /// interoperability with SPDK.
-fn take_checked_data(
-    buf: &mut BytesMut,
+fn take_checked_data<B: PduInput>(
+    buf: &mut B,
     layout: &Layout,
     ctx: DigestContext,
 ) -> Result<Payload, DecodeError> {

@@ -2,7 +2,7 @@
 
 use std::io::{self, IoSlice, Write};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use zerocopy::little_endian::{U16, U32};
 use zerocopy::IntoBytes;
 
@@ -42,14 +42,88 @@ pub enum EncodeError {
     SuccessWithoutLast,
 }
 
-/// An encoded PDU: the header bytes (common header, PDU header, header digest, padding), then the
-/// payload segments as they were given (never copied), then the data digest.
+/// Longest header an encoded PDU has: a capsule header with its digest (76 bytes) padded to a
+/// multiple of the receiver's data alignment ((PDA + 1) × 4 bytes; with PDA 17, 72-byte units: 144).
+pub const MAX_HEADER_LEN: usize = 144;
+
+/// Headers up to this length are kept inline in the [`EncodedPdu`] (every header a controller sends
+/// on a live queue: response capsules, C2HData and R2T, 24 bytes plus a digest).
+const INLINE_HEADER_LEN: usize = 32;
+
+/// A header being built, on the stack.
+struct HeaderBuf {
+    bytes: [u8; MAX_HEADER_LEN],
+    len: usize,
+}
+
+impl HeaderBuf {
+    const fn new() -> Self {
+        Self { bytes: [0; MAX_HEADER_LEN], len: 0 }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or_default()
+    }
+
+    /// Appends `b` (as much as fits; headers are at most [`MAX_HEADER_LEN`] by construction).
+    fn put_slice(&mut self, b: &[u8]) {
+        let n = b.len().min(MAX_HEADER_LEN - self.len);
+        if let (Some(dst), Some(src)) = (self.bytes.get_mut(self.len..self.len + n), b.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        self.len += n;
+    }
+
+    /// Zero padding up to `len` bytes in all (the array is zeroed).
+    fn pad_to(&mut self, len: usize) {
+        self.len = self.len.max(len.min(MAX_HEADER_LEN));
+    }
+
+    fn finish(self) -> Header {
+        match self.bytes.get(..INLINE_HEADER_LEN) {
+            Some(head) if self.len <= INLINE_HEADER_LEN => {
+                let mut bytes = [0u8; INLINE_HEADER_LEN];
+                bytes.copy_from_slice(head);
+                Header::Inline { bytes, len: self.len as u8 }
+            }
+            _ => Header::Heap(Bytes::copy_from_slice(self.as_slice())),
+        }
+    }
+}
+
+/// The header bytes of an encoded PDU: short ones inline (no allocation; a vectored write points at
+/// them where the `EncodedPdu` sits in a send queue), longer ones (ICReq/ICResp, command capsules) on
+/// the heap.
+#[derive(Clone, PartialEq, Eq)]
+enum Header {
+    Inline { bytes: [u8; INLINE_HEADER_LEN], len: u8 },
+    Heap(Bytes),
+}
+
+impl Header {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Header::Inline { bytes, len } => bytes.get(..usize::from(*len)).unwrap_or_default(),
+            Header::Heap(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for Header {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Header").field(&self.as_slice()).finish()
+    }
+}
+
+/// An encoded PDU: the header bytes (common header, PDU header, header digest, padding; a
+/// controller's response, data and R2T headers are kept inline: no allocation), then the payload segments as they were given (never copied), then the
+/// data digest.
 ///
 /// Write it with [`EncodedPdu::io_slices`] (vectored) or [`EncodedPdu::write_to`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[must_use]
 pub struct EncodedPdu {
-    header: Bytes,
+    header: Header,
     data: Payload,
     data_digest: Option<[u8; DIGEST_LEN]>,
 }
@@ -57,8 +131,8 @@ pub struct EncodedPdu {
 impl EncodedPdu {
     /// Header bytes: common header, PDU-specific header, header digest and padding.
     #[must_use]
-    pub fn header(&self) -> &Bytes {
-        &self.header
+    pub fn header(&self) -> &[u8] {
+        self.header.as_slice()
     }
 
     /// The payload, exactly as it was given to the encoder.
@@ -76,7 +150,7 @@ impl EncodedPdu {
     /// Total length on the wire (PLEN).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.header.len() + self.data.len() + self.data_digest.map_or(0, |d| d.len())
+        self.header.as_slice().len() + self.data.len() + self.data_digest.map_or(0, |d| d.len())
     }
 
     /// Always false: a PDU has at least its header.
@@ -87,7 +161,7 @@ impl EncodedPdu {
 
     /// The PDU's byte chunks in wire order.
     pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
-        core::iter::once(&self.header[..])
+        core::iter::once(self.header.as_slice())
             .chain(self.data.segments().iter().map(|s| &s[..]))
             .chain(self.data_digest.as_ref().map(|d| &d[..]))
     }
@@ -111,27 +185,17 @@ impl EncodedPdu {
         v
     }
 
-    /// The parts: header bytes, payload, data digest.
+    /// The parts: header bytes (copied out), payload, data digest.
     #[must_use]
     pub fn into_parts(self) -> (Bytes, Payload, Option<[u8; DIGEST_LEN]>) {
-        (self.header, self.data, self.data_digest)
+        (Bytes::copy_from_slice(self.header.as_slice()), self.data, self.data_digest)
     }
 }
 
 impl Pdu {
-    /// Encodes the PDU (allocating a small buffer for its header).
-    pub fn encode(self, opts: &EncodeOptions) -> Result<EncodedPdu, EncodeError> {
-        let mut scratch = BytesMut::new();
-        self.encode_with(opts, &mut scratch)
-    }
-
-    /// Encodes the PDU, writing its header into `scratch`, which is cleared first and whose spare
-    /// capacity is reused from call to call (keep one per connection). The payload is moved, not copied.
-    pub fn encode_with(
-        self,
-        opts: &EncodeOptions,
-        scratch: &mut BytesMut,
-    ) -> Result<EncodedPdu, EncodeError> {
+    /// Encodes the PDU. The payload moves into the result (no copy); headers of up to 32 bytes
+    /// (what a controller sends on a live queue) are kept inline, longer ones take one allocation.
+    pub fn encode(mut self, opts: &EncodeOptions) -> Result<EncodedPdu, EncodeError> {
         match &self {
             Pdu::H2cData(H2cData { data, .. }) | Pdu::C2hData(C2hData { data, .. }) if data.is_empty() => {
                 return Err(EncodeError::EmptyData);
@@ -145,10 +209,15 @@ impl Pdu {
         let hlen = usize::from(pdu_type.header_len());
         let header_digest = pdu_type.has_digests() && opts.digests.header;
         let header_end = hlen + if header_digest { DIGEST_LEN } else { 0 };
-        let (data, with_data_offset) = match &self {
-            Pdu::CapsuleCmd(c) => (c.data.clone(), !c.data.is_empty()),
-            Pdu::H2cData(d) => (d.data.clone(), true),
-            Pdu::C2hData(d) => (d.data.clone(), true),
+        // The payload moves into the encoded PDU (no reference count is taken).
+        let (data, with_data_offset) = match &mut self {
+            Pdu::CapsuleCmd(c) => {
+                let data = std::mem::replace(&mut c.data, Payload::new());
+                let with = !data.is_empty();
+                (data, with)
+            }
+            Pdu::H2cData(d) => (std::mem::replace(&mut d.data, Payload::new()), true),
+            Pdu::C2hData(d) => (std::mem::replace(&mut d.data, Payload::new()), true),
             Pdu::H2cTermReq(t) | Pdu::C2hTermReq(t) => {
                 let quoted = t.data.slice(..t.data.len().min(TERM_REQ_MAX_DATA_LEN));
                 (Payload::from(quoted), false)
@@ -177,23 +246,24 @@ impl Pdu {
             plen: U32::new(plen),
         };
 
-        scratch.clear();
-        scratch.reserve(data_start);
-        write_header(&self, ch, datal, scratch);
-        if header_digest {
-            let crc = crc32c(scratch);
-            scratch.put_u32_le(crc);
+        if data_start > MAX_HEADER_LEN {
+            return Err(EncodeError::TooLarge { len: data.len() });
         }
-        scratch.put_bytes(0, data_start.saturating_sub(scratch.len()));
-        // The header leaves with the written bytes; the scratch keeps the spare capacity.
-        let header = scratch.split().freeze();
+        let mut header = HeaderBuf::new();
+        write_header(&self, ch, datal, &mut header);
+        if header_digest {
+            let crc = crc32c(header.as_slice());
+            header.put_slice(&crc.to_le_bytes());
+        }
+        header.pad_to(data_start);
+        let header = header.finish();
 
         let data_digest = data_digest.then(|| data.crc32c().to_le_bytes());
         Ok(EncodedPdu { header, data, data_digest })
     }
 }
 
-fn write_header(pdu: &Pdu, mut ch: CommonHeader, datal: u32, out: &mut BytesMut) {
+fn write_header(pdu: &Pdu, mut ch: CommonHeader, datal: u32, out: &mut HeaderBuf) {
     match pdu {
         Pdu::IcReq(r) => out.put_slice(
             IcReqHeader {

@@ -17,8 +17,8 @@ mod decode;
 pub mod encode;
 pub mod wire;
 
-pub use decode::{DecoderConfig, PduDecoder};
-pub use encode::{EncodeOptions, EncodedPdu};
+pub use decode::{DecoderConfig, PduDecoder, PduInput};
+pub use encode::{EncodeOptions, EncodedPdu, MAX_HEADER_LEN};
 
 use bytes::Bytes;
 
@@ -200,7 +200,8 @@ pub const fn pda_alignment(pda: u8) -> usize {
 }
 
 /// The PDO an encoder gives a data-carrying PDU: header, header digest and the least padding that
-/// aligns the data to the receiver's PDA (at most 128, so it always fits the PDO byte).
+/// aligns the data to the receiver's PDA (at most 144, see [`MAX_HEADER_LEN`]; it always fits the
+/// PDO byte).
 #[must_use]
 pub const fn data_offset(pdu_type: PduType, header_digest: bool, pda: u8) -> usize {
     let unaligned = pdu_type.header_len() as usize + if header_digest { 4 } else { 0 };

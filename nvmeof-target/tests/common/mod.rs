@@ -256,3 +256,83 @@ pub fn io_setup(target: &Target, opts: HostOptions, kato_ms: u32, now: Instant) 
     bring_up_io(&mut io, cntlid, 1, now);
     (admin, io, cntlid)
 }
+
+// ---- authentication ----
+
+use nvmeof_proto::nvme::fabrics::CONNECT_AUTHREQ_ATR;
+use nvmeof_target::auth::{DeterministicEntropy, DhchapSecret, HostSecrets, MemoryHostKeys};
+use nvmeof_target::host::{AuthOutcome, HostAuthConfig, HostAuthError, HostAuthenticator};
+
+/// Fixed secrets (any 32/48/64-byte keys do; these are the nvme-cli 2.3 examples).
+pub const HOST_SECRET: &str = "DHHC-1:00:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:";
+pub const CTRL_SECRET: &str = "DHHC-1:01:bHuByyp0b3RFSx1xQPMVO1HKmUWfzveoahfydpW4fNgSLMVm:";
+pub const OTHER_SECRET: &str =
+    "DHHC-1:02:yRbznXvUOKyUzpjxLyIgLGvEOxsb9/CBo2/XbRG0sXMHJv918yV2tXSc+gbRp7T1eXmwtA==:";
+
+pub fn secret(s: &str) -> DhchapSecret {
+    DhchapSecret::parse(s).unwrap()
+}
+
+/// `target_with_volume` plus a key store holding HOST_SECRET (and CTRL_SECRET) for HOSTNQN, and a
+/// deterministic entropy source.
+pub fn target_with_auth(require_auth: bool) -> (Target, Arc<MemoryHostKeys>) {
+    let (target, _) = target_with_volume();
+    target.set_auth_required(SUBNQN, require_auth).unwrap();
+    target.set_entropy(Arc::new(DeterministicEntropy::new(42)));
+    let keys = Arc::new(MemoryHostKeys::new());
+    keys.set(SUBNQN, HOSTNQN, HostSecrets::new(secret(HOST_SECRET)).with_controller(secret(CTRL_SECRET)));
+    target.set_host_keys(keys.clone());
+    (target, keys)
+}
+
+pub fn host_auth(host_secret: &str, ctrl_secret: Option<&str>) -> Arc<HostAuthConfig> {
+    let mut c = HostAuthConfig::new(HOSTNQN, SUBNQN, secret(host_secret));
+    c.controller_secret = ctrl_secret.map(secret);
+    Arc::new(c)
+}
+
+/// Runs a host authentication transaction over the link.
+pub fn authenticate(
+    link: &mut Link,
+    config: Arc<HostAuthConfig>,
+    t_id: u16,
+    seed: u64,
+    now: Instant,
+) -> Result<AuthOutcome, HostAuthError> {
+    let mut auth = HostAuthenticator::new(config, t_id, Arc::new(DeterministicEntropy::new(seed)));
+    while let Some((sqe, data, read_len)) = auth.poll_command() {
+        let c = link.command(sqe, data, read_len, now);
+        auth.handle_completion(&c);
+    }
+    auth.result().cloned().expect("authentication finished")
+}
+
+/// The admin Connect alone; returns the completion.
+pub fn connect_admin(link: &mut Link, subnqn: &str, hostnqn: &str, kato_ms: u32, now: Instant) -> Completion {
+    link.pump(now);
+    assert!(link.host.is_ready(), "ICResp: {:?} {:?}", link.closed, link.host_error);
+    let (sqe, data) = host::connect_command(0, 32, kato_ms, CNTLID_DYNAMIC, HOSTID, subnqn, hostnqn);
+    link.command(sqe, Some(data), 0, now)
+}
+
+/// Like `bring_up_admin`, with DH-HMAC-CHAP between Connect and the rest (the Connect must ask for
+/// it). Returns the CNTLID and what was negotiated.
+pub fn bring_up_admin_auth(link: &mut Link, config: Arc<HostAuthConfig>, now: Instant) -> (u16, AuthOutcome) {
+    let c = connect_admin(link, SUBNQN, HOSTNQN, 5000, now);
+    assert_eq!(c.status(), Status::SUCCESS, "admin Connect");
+    assert_ne!(c.cqe.dw0.get() & CONNECT_AUTHREQ_ATR, 0, "Connect asks for authentication");
+    let cntlid = c.cqe.dw0.get() as u16;
+    let outcome = authenticate(link, config, 1, 7, now).expect("authentication");
+    for cc in [0x0046_0000u64, 0x0046_0001] {
+        let r = link.command(host::property_set(offset::CC, PropertyWidth::Four, cc), None, 0, now);
+        assert_eq!(r.status(), Status::SUCCESS);
+    }
+    (cntlid, outcome)
+}
+
+/// Connects I/O queue `qid` of `cntlid`; returns the Connect completion.
+pub fn connect_io(link: &mut Link, cntlid: u16, qid: u16, now: Instant) -> Completion {
+    link.pump(now);
+    let (sqe, data) = host::connect_command(qid, 128, 0, cntlid, HOSTID, SUBNQN, HOSTNQN);
+    link.command(sqe, Some(data), 0, now)
+}

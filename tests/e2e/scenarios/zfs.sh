@@ -1,5 +1,5 @@
 #!/bin/bash
-# e2e-needs: scratch-disk=4G guest-bin guest-cmdline=hardened_usercopy=off
+# e2e-needs: scratch-disk=4G guest-bin guest-cmdline@6.1=hardened_usercopy=off
 #
 # ZFS end-to-end scenarios, run INSIDE the guest by /sbin/xe2e-init (tests/e2e/run.sh --suite zfs).
 #

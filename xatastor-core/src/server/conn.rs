@@ -1,0 +1,447 @@
+//! One TCP connection as the worker keeps it: the engine's [`Connection`], the receive state (which
+//! of two ways bytes arrive) and the send queue.
+//!
+//! **Receiving.** A connection starts in *ring* mode: a multishot receive into the worker's shared
+//! provided buffers, whose bytes are copied into the connection's reassembly buffer and decoded from
+//! there — no receive buffer is tied to an idle connection. An I/O queue whose namespace is an
+//! `O_DIRECT` device (zvols, block devices) switches to *direct* mode once it is live: it reads each
+//! PDU's 8-byte common header, then the rest of the PDU (plus the next common header) into memory
+//! placed so that the PDU's data starts at an address aligned for the device. The write then goes
+//! to the device straight from that memory: the kernel's copy out of the socket is the only copy.
+//!
+//! ```text
+//!  ring:    RecvMulti ─▶ provided buffer ─copy─▶ buf ─▶ decode ─▶ (write data copied again for O_DIRECT)
+//!  direct:  Recv 8 B ─▶ common header ─▶ Recv (PLEN - 8 + 8) ─▶ [pad][header][data, aligned][next CH]
+//!                                                                  └─▶ decode ─▶ write from here
+//! ```
+//!
+//! **Sending.** PDUs the engine emits are queued; the worker sends each connection's queue with one
+//! `writev` per loop turn (header and payload `Bytes` as iovecs, no copy).
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, TcpStream};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use nvmeof_proto::EncodedPdu;
+use nvmeof_target::Connection;
+
+/// Send at most this many PDUs in one `writev`.
+const MAX_PDUS_PER_SEND: usize = 256;
+
+/// Iovecs of one `writev` (Linux's `IOV_MAX`); one PDU has at most a few dozen (header, data
+/// segments, digest), so a single PDU always fits.
+const MAX_IOVECS: usize = 1024;
+
+/// Length of a PDU's common header.
+const CH_LEN: usize = 8;
+
+pub(super) struct Conn {
+    pub(super) stream: TcpStream,
+    pub(super) peer_ip: IpAddr,
+    pub(super) engine: Connection,
+    pub(super) rx: Rx,
+    pub(super) tx: Tx,
+    pub(super) woken: Arc<AtomicBool>,
+    /// The deadline this connection has in the worker's timer heap.
+    pub(super) timer: Option<Instant>,
+    /// When input last arrived (for the worker's poll window).
+    pub(super) last_input: Option<Instant>,
+    /// Listed in the worker's list of connections with something to send.
+    pub(super) dirty: bool,
+    /// The data alignment of the queue was looked at (once it is a live I/O queue).
+    pub(super) alignment_checked: bool,
+    /// The engine closed the connection: flush, then close the socket.
+    pub(super) closing: bool,
+    /// The socket failed or the peer is gone: nothing more is sent.
+    pub(super) dead: bool,
+}
+
+impl Conn {
+    pub(super) fn new(
+        stream: TcpStream,
+        peer_ip: IpAddr,
+        engine: Connection,
+        woken: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            stream,
+            peer_ip,
+            engine,
+            rx: Rx::default(),
+            tx: Tx::default(),
+            woken,
+            timer: None,
+            last_input: None,
+            dirty: false,
+            alignment_checked: false,
+            closing: false,
+            dead: false,
+        }
+    }
+}
+
+/// How received bytes reach the connection.
+#[derive(Debug, Default)]
+pub(super) enum RxMode {
+    /// Multishot receive into the worker's provided buffers, copied into [`Rx::buf`].
+    #[default]
+    Ring,
+    /// Leaving ring mode: the multishot receive was cancelled; direct mode starts when it has ended.
+    Switching {
+        /// The alignment direct mode will use.
+        align: usize,
+    },
+    /// Plain receives into memory placed for the data's alignment.
+    Direct(Direct),
+}
+
+/// Direct-mode state: which part of a PDU the next receive reads.
+#[derive(Debug)]
+pub(super) struct Direct {
+    align: usize,
+    /// The next PDU's common header, as far as received.
+    ch: [u8; CH_LEN],
+    ch_len: usize,
+    /// Length of the PDU being assembled in [`Rx::buf`] (0: the common header is being read).
+    plen: usize,
+}
+
+/// What a direct-mode receive completion led to.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum DirectStep {
+    /// Receive again.
+    More,
+    /// [`Rx::buf`] holds exactly one whole PDU: decode it, then call [`Rx::direct_next`].
+    Pdu,
+    /// The common header is not one to place (length out of bounds): the connection went back to
+    /// ring mode with the bytes in [`Rx::buf`], where the decoder reports the error.
+    Fallback,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Rx {
+    /// Undecoded input (ring mode) or the PDU being assembled (direct mode).
+    pub(super) buf: BytesMut,
+    pub(super) mode: RxMode,
+    /// A receive is in flight (the multishot one, or a direct one).
+    pub(super) armed: bool,
+    /// Input waits undecoded because the send queue is over its limit.
+    pub(super) held: bool,
+    /// Ring mode: the receive was cancelled because the peer does not read its responses.
+    pub(super) paused: bool,
+    /// Ring mode: the receive ended because every receive buffer was out; armed again when some
+    /// come back.
+    pub(super) starved: bool,
+}
+
+impl Rx {
+    /// Starts direct mode with whatever ring mode left in [`Rx::buf`]: at most one partial PDU, copied
+    /// once into the placed buffer. If a whole PDU is waiting (or the header is not one to place), the
+    /// connection stays in ring mode ([`DirectStep::Fallback`]).
+    pub(super) fn start_direct(&mut self, align: usize, max_pdu: usize) -> DirectStep {
+        let plen = self.buf.get(4..8).map(|p| u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize);
+        if plen.is_some_and(|plen| self.buf.len() >= plen || !(CH_LEN..=max_pdu).contains(&plen)) {
+            self.mode = RxMode::Ring;
+            return DirectStep::Fallback;
+        }
+        let leftover = std::mem::take(&mut self.buf);
+        let mut d = Direct { align, ch: [0; CH_LEN], ch_len: 0, plen: 0 };
+        let n = leftover.len().min(CH_LEN);
+        if let (Some(dst), Some(src)) = (d.ch.get_mut(..n), leftover.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        d.ch_len = n;
+        self.mode = RxMode::Direct(d);
+        if n < CH_LEN {
+            return DirectStep::More;
+        }
+        if self.place(max_pdu) == DirectStep::Pdu {
+            return DirectStep::Pdu;
+        }
+        // The rest of the partial PDU ring mode had received (a one-time copy at the switch).
+        self.buf.extend_from_slice(leftover.get(CH_LEN..).unwrap_or_default());
+        self.after_body()
+    }
+
+    /// Where the next direct-mode receive writes, and how many bytes it may take.
+    pub(super) fn direct_target(&mut self) -> Option<(*mut u8, usize)> {
+        let RxMode::Direct(d) = &mut self.mode else { return None };
+        if d.plen == 0 {
+            let rest = d.ch.get_mut(d.ch_len..)?;
+            return Some((rest.as_mut_ptr(), rest.len()));
+        }
+        // The rest of this PDU and the next common header (a short read is fine).
+        let want = (d.plen + CH_LEN).saturating_sub(self.buf.len());
+        let spare = self.buf.spare_capacity_mut();
+        (spare.len() >= want && want > 0).then(|| (spare.as_mut_ptr().cast::<u8>(), want))
+    }
+
+    /// A direct-mode receive wrote `n` (> 0) bytes where [`Rx::direct_target`] said.
+    ///
+    /// # Safety
+    /// The kernel must have written `n` bytes at the target [`Rx::direct_target`] returned, and
+    /// nothing may have touched [`Rx::buf`] since.
+    pub(super) unsafe fn direct_received(&mut self, n: usize, max_pdu: usize) -> DirectStep {
+        let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
+        if d.plen == 0 {
+            d.ch_len = (d.ch_len + n).min(CH_LEN);
+            if d.ch_len < CH_LEN {
+                return DirectStep::More;
+            }
+            return self.place(max_pdu);
+        }
+        let len = (self.buf.len() + n).min(self.buf.capacity());
+        // SAFETY: the caller guarantees the kernel initialised these `n` bytes of spare capacity
+        // right after the current length (and `len` is capped by the capacity).
+        unsafe { self.buf.set_len(len) };
+        self.after_body()
+    }
+
+    /// After bytes of a PDU body arrived: the PDU is whole (the next common header's bytes moved
+    /// out of the buffer), or more is needed.
+    fn after_body(&mut self) -> DirectStep {
+        let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
+        if self.buf.len() < d.plen {
+            return DirectStep::More;
+        }
+        let extra = self.buf.get(d.plen..).unwrap_or_default();
+        d.ch_len = extra.len().min(CH_LEN);
+        if let (Some(dst), Some(src)) = (d.ch.get_mut(..d.ch_len), extra.get(..d.ch_len)) {
+            dst.copy_from_slice(src);
+        }
+        self.buf.truncate(d.plen);
+        DirectStep::Pdu
+    }
+
+    /// After the PDU in [`Rx::buf`] was decoded: set up the next one.
+    pub(super) fn direct_next(&mut self, max_pdu: usize) -> DirectStep {
+        let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
+        d.plen = 0;
+        if d.ch_len < CH_LEN {
+            return DirectStep::More;
+        }
+        self.place(max_pdu)
+    }
+
+    /// A whole common header is in `ch`: make room for its PDU so that the data lands aligned, and
+    /// put the header in front. Headers with a length out of bounds go back to ring mode.
+    fn place(&mut self, max_pdu: usize) -> DirectStep {
+        let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
+        let plen = u32::from_le_bytes([d.ch[4], d.ch[5], d.ch[6], d.ch[7]]) as usize;
+        if !(CH_LEN..=max_pdu).contains(&plen) {
+            self.buf = BytesMut::from(&d.ch[..]);
+            self.mode = RxMode::Ring;
+            return DirectStep::Fallback;
+        }
+        // Data offset (PDO) if the PDU has data; headers without data need no placement.
+        let pdo = usize::from(d.ch[3]);
+        let data_at = if pdo >= CH_LEN && pdo < plen { pdo } else { 0 };
+        let align = if data_at > 0 { d.align } else { 1 };
+        // A buffer of our own per PDU with data (the data leaves with it); a data-less PDU reuses it.
+        self.buf.clear();
+        self.buf.reserve(plen + CH_LEN + align);
+        let base = self.buf.as_ptr() as usize;
+        let pad = (align - (base + data_at) % align) % align;
+        self.buf.resize(pad, 0);
+        self.buf.advance(pad);
+        self.buf.extend_from_slice(&d.ch);
+        d.plen = plen;
+        d.ch_len = 0;
+        if plen == CH_LEN {
+            return DirectStep::Pdu;
+        }
+        DirectStep::More
+    }
+
+    /// True while direct mode waits for a common header with nothing of a PDU received.
+    pub(super) fn is_direct(&self) -> bool {
+        matches!(self.mode, RxMode::Direct(_))
+    }
+}
+
+/// The send queue.
+#[derive(Default)]
+pub(super) struct Tx {
+    queued: VecDeque<EncodedPdu>,
+    /// Bytes in `queued` and `sending` not written yet.
+    pub(super) queued_bytes: usize,
+    /// PDUs of the `writev` in flight, and its iovecs (both must stay put until it completes).
+    sending: Vec<EncodedPdu>,
+    iov: Vec<libc::iovec>,
+    /// Bytes of `sending` already written by earlier partial writes.
+    sent: usize,
+    /// A `writev` is in flight.
+    pub(super) inflight: bool,
+}
+
+impl Tx {
+    pub(super) fn push(&mut self, pdu: EncodedPdu) {
+        self.queued_bytes += pdu.len();
+        self.queued.push_back(pdu);
+    }
+
+    /// Nothing queued, nothing being sent.
+    pub(super) fn is_empty(&self) -> bool {
+        !self.inflight && self.sending.is_empty() && self.queued.is_empty()
+    }
+
+    /// Something waits to be sent and no `writev` is in flight.
+    pub(super) fn ready(&self) -> bool {
+        !self.inflight && (!self.sending.is_empty() || !self.queued.is_empty())
+    }
+
+    /// The iovecs of the next `writev`: as many queued PDUs as fit (after what partial writes left).
+    /// Marks the write in flight. The pointers stay valid until [`Tx::complete`] or [`Tx::fail`].
+    pub(super) fn prepare(&mut self) -> Option<(*const libc::iovec, u32)> {
+        if self.inflight {
+            return None;
+        }
+        if self.sending.is_empty() {
+            let mut iovecs = 0;
+            while let Some(p) = self.queued.front() {
+                let n = p.chunks().count();
+                if self.sending.len() >= MAX_PDUS_PER_SEND
+                    || (iovecs + n > MAX_IOVECS && !self.sending.is_empty())
+                {
+                    break;
+                }
+                iovecs += n;
+                if let Some(p) = self.queued.pop_front() {
+                    self.sending.push(p);
+                }
+            }
+            self.sent = 0;
+        }
+        if self.sending.is_empty() {
+            return None;
+        }
+        self.iov.clear();
+        let mut skip = self.sent;
+        for pdu in &self.sending {
+            for chunk in pdu.chunks() {
+                if skip >= chunk.len() {
+                    skip -= chunk.len();
+                    continue;
+                }
+                let rest = chunk.get(skip..).unwrap_or_default();
+                skip = 0;
+                self.iov
+                    .push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
+            }
+        }
+        self.inflight = true;
+        Some((self.iov.as_ptr(), self.iov.len() as u32))
+    }
+
+    /// The `writev` in flight wrote `written` bytes.
+    pub(super) fn complete(&mut self, written: usize) {
+        self.inflight = false;
+        self.sent += written;
+        let total: usize = self.sending.iter().map(EncodedPdu::len).sum();
+        if self.sent >= total {
+            self.sending.clear();
+            self.sent = 0;
+            self.queued_bytes = self.queued_bytes.saturating_sub(total);
+        }
+    }
+
+    /// The socket failed: drop everything.
+    pub(super) fn fail(&mut self) {
+        self.inflight = false;
+        self.sending.clear();
+        self.queued.clear();
+        self.queued_bytes = 0;
+        self.sent = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(pdu_type: u8, pdo: u8, plen: u32) -> [u8; 8] {
+        let p = plen.to_le_bytes();
+        [pdu_type, 0, 72, pdo, p[0], p[1], p[2], p[3]]
+    }
+
+    /// Plays the kernel: writes `bytes` where the receive state says, as several short reads.
+    fn receive(rx: &mut Rx, mut bytes: &[u8], step: usize) -> Vec<Vec<u8>> {
+        let mut pdus = Vec::new();
+        while !bytes.is_empty() {
+            let (ptr, room) = rx.direct_target().expect("a target");
+            let n = room.min(step).min(bytes.len());
+            // SAFETY: `ptr` has room for `room` ≥ n bytes (the receive state's promise).
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, n) };
+            bytes = &bytes[n..];
+            // SAFETY: n bytes were just written at the target.
+            let mut step_now = unsafe { rx.direct_received(n, 1 << 20) };
+            while step_now == DirectStep::Pdu {
+                pdus.push(rx.buf.to_vec());
+                rx.buf.clear();
+                step_now = rx.direct_next(1 << 20);
+            }
+            assert_ne!(step_now, DirectStep::Fallback);
+        }
+        pdus
+    }
+
+    #[test]
+    fn direct_mode_places_each_pdus_data_aligned() {
+        for align in [512usize, 4096] {
+            let mut rx = Rx::default();
+            assert_eq!(rx.start_direct(align, 1 << 20), DirectStep::More);
+            // A capsule with 4 KiB of in-capsule data (PDO 72), a capsule without data, and an
+            // H2CData with 8 KiB (PDO 24), back to back.
+            let mut stream = Vec::new();
+            let mut expect = Vec::new();
+            for (t, pdo, hlen, dlen) in [(4u8, 72u8, 72usize, 4096usize), (4, 0, 72, 0), (6, 24, 24, 8192)] {
+                let plen = hlen + dlen;
+                let mut pdu = header(t, pdo, plen as u32).to_vec();
+                pdu.resize(hlen, 0xAA);
+                pdu.extend((0..dlen).map(|i| (i % 251) as u8));
+                expect.push(pdu.clone());
+                stream.extend(pdu);
+            }
+            for step in [1usize, 7, 100, 1 << 20] {
+                let mut rx2 = Rx::default();
+                rx2.start_direct(align, 1 << 20);
+                let pdus = receive(&mut rx2, &stream, step);
+                assert_eq!(pdus, expect, "align {align}, reads of {step} bytes");
+            }
+            // The data of a PDU with data starts aligned in the buffer handed to the decoder.
+            let pdu = &expect[0];
+            let (ptr, room) = rx.direct_target().unwrap();
+            // SAFETY: room bytes are available at ptr.
+            unsafe { std::ptr::copy_nonoverlapping(pdu.as_ptr(), ptr, 8.min(room)) };
+            // SAFETY: 8 bytes written.
+            assert_eq!(unsafe { rx.direct_received(8, 1 << 20) }, DirectStep::More);
+            assert_eq!((rx.buf.as_ptr() as usize + 72) % align, 0, "data lands aligned");
+        }
+    }
+
+    #[test]
+    fn a_partial_pdu_from_ring_mode_carries_over_and_bad_lengths_fall_back() {
+        let mut pdu = header(4, 72, 72 + 512).to_vec();
+        pdu.resize(72, 1);
+        pdu.extend([9u8; 512]);
+        let mut rx = Rx::default();
+        rx.buf.extend_from_slice(&pdu[..100]);
+        assert_eq!(rx.start_direct(512, 1 << 20), DirectStep::More);
+        let pdus = receive(&mut rx, &pdu[100..], 1 << 20);
+        assert_eq!(pdus, vec![pdu.clone()]);
+
+        let mut rx = Rx::default();
+        rx.start_direct(512, 4096);
+        let bad = header(4, 72, 1 << 30);
+        let (ptr, _) = rx.direct_target().unwrap();
+        // SAFETY: the header target has room for 8 bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bad.as_ptr(), ptr, 8) };
+        // SAFETY: 8 bytes written.
+        assert_eq!(unsafe { rx.direct_received(8, 4096) }, DirectStep::Fallback);
+        assert!(matches!(rx.mode, RxMode::Ring));
+        assert_eq!(&rx.buf[..], &bad[..], "the header is kept for the decoder to reject");
+    }
+}

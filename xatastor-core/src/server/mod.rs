@@ -1,0 +1,357 @@
+//! The thread-per-core io_uring NVMe/TCP server.
+//!
+//! ```text
+//!  Server::start ── checks the port is free ── one SO_REUSEPORT listener per worker ── N workers
+//!
+//!  worker (one thread, one io_uring, no locks on the I/O path):
+//!     AcceptMulti(listener) ─▶ new Conn { engine Connection, receive state, send queue }
+//!     RecvMulti(conn)       ─▶ bytes in a provided buffer (worker-wide pool) ─▶ handle_input ─▶ events
+//!     Recv(conn, placed)    ─▶ direct mode: a PDU whose data lands aligned for an O_DIRECT device
+//!     Writev(conn)          ◀─ Event::Transmit (header + payload Bytes, no copy), one per turn
+//!     Read/Write(v)/Fsync/  ◀─ Event::Io for file, block-device and zvol volumes (O_DIRECT with
+//!       Fallocate(fd)          aligned buffers), the PDUs' own buffers as write data
+//!     Read(eventfd)         ◀─ engine notifiers (AEN, teardown), async backend completions, shutdown
+//!     io_uring_enter        spin for a short poll window after a hot connection's input, else
+//!                           block until a completion or the earliest timer: idle costs nothing
+//! ```
+//!
+//! - **Receive.** Multishot receives into a provided-buffer ring shared by the worker's connections:
+//!   an idle connection holds no receive buffer. Received bytes are copied once from the ring buffer
+//!   into the connection's reassembly buffer; decoded PDU data are `Bytes` slices of that buffer,
+//!   handed to the backend without another copy. I/O queues of `O_DIRECT` volumes receive each PDU
+//!   into memory placed so that its data is aligned for the device (see the `conn` module): a zvol
+//!   write reaches the device with no copy in user space.
+//! - **Backend I/O.** File-descriptor backends ([`nvmeof_target::BlockBackend::raw_device`]) run on the
+//!   ring: reads, writes (FUA as `RWF_DSYNC`), flushes (`fdatasync`), write zeroes and deallocate
+//!   (`fallocate`, where the device declares the mode; otherwise the backend's own implementation).
+//!   Other backends are called through [`nvmeof_target::BlockBackend::submit`]; those that complete
+//!   later do so from any thread through a completion queue and the worker's eventfd.
+//! - **Operations in flight** live in slabs keyed by the full 64-bit `user_data` of their ring
+//!   entries (kind, generation, slot), never freed before their last completion.
+//! - **Timers.** A heap of engine deadlines (keep-alive, connect timeouts) bounds `io_uring_enter`.
+//! - **Limits.** Connections per worker and per peer address; bytes queued for sending per connection
+//!   (above the limit the connection's input is not decoded and its receive is cancelled until the
+//!   peer reads — a stalled reader cannot make the server buffer without bound); the engine bounds the
+//!   data of commands in flight.
+//! - **The port.** Only the workers of one server share the listening port: a port another process
+//!   listens on (even with `SO_REUSEPORT`) is an error at start, not a split of its connections.
+//! - **Shutdown.** Stop accepting, close every connection once its responses are sent, wait for
+//!   backend I/O in flight, then flush every namespace's backend.
+
+mod bufring;
+mod conn;
+mod disk;
+mod pool;
+mod slab;
+mod worker;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use io_uring::{opcode, IoUring, Probe};
+use nvmeof_target::{execute_blocking, CompletionSink, IoOp, IoResult, IoToken, Target};
+use parking_lot::Mutex;
+
+use worker::Worker;
+
+/// How to run the server.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Address to listen on (every worker listens on it with `SO_REUSEPORT`).
+    pub listen: SocketAddr,
+    /// Worker threads (0: one per available core).
+    pub workers: usize,
+    /// Port ID reported in discovery log entries.
+    pub port_id: u16,
+    /// Submission queue entries of each worker's ring.
+    pub ring_entries: u32,
+    /// Connections a worker accepts at most; more are closed at once.
+    pub max_connections_per_worker: usize,
+    /// Connections from one peer IP address at most (all workers together); more are closed at once.
+    /// A Linux host opens one connection per queue (1 admin + one I/O queue per CPU) for every
+    /// volume it attaches, so this is a guard against one peer taking every slot, not a tight limit.
+    pub max_connections_per_peer: usize,
+    /// Bytes of responses queued for sending on one connection above which its input is no longer
+    /// decoded (and its receive is cancelled) until the peer reads.
+    pub max_send_queue_bytes: usize,
+    /// Size of each receive buffer, in bytes. Receive buffers are shared by all of a worker's
+    /// connections (an io_uring provided-buffer ring): an idle connection holds none.
+    pub recv_buffer_bytes: usize,
+    /// Receive buffers per worker (rounded up to a power of two, at most 32768).
+    pub recv_buffers: u16,
+    /// How long a worker polls its ring before blocking after input on a *hot* connection (one whose
+    /// requests follow each other within four windows): a busy host's next request is then served
+    /// without a wake-up. Zero turns polling off. Idle workers and sparse traffic (keep-alives)
+    /// never poll.
+    pub poll_window: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults: one worker per core, 1024-entry rings, 65536 connections per worker, 16384 per peer
+    /// address, 4 MiB of queued responses per connection, 256 receive buffers of 64 KiB per worker,
+    /// a 50 µs poll window.
+    #[must_use]
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            workers: 0,
+            port_id: 1,
+            ring_entries: 1024,
+            max_connections_per_worker: 65536,
+            max_connections_per_peer: 16384,
+            max_send_queue_bytes: 4 << 20,
+            recv_buffer_bytes: 64 * 1024,
+            recv_buffers: 256,
+            poll_window: Duration::from_micros(50),
+        }
+    }
+}
+
+/// A running server. Dropping it does not stop it: call [`Server::shutdown`].
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    target: Target,
+    stop: Arc<AtomicBool>,
+    mailboxes: Vec<Arc<Mailbox>>,
+    workers: Vec<JoinHandle<io::Result<()>>>,
+}
+
+impl Server {
+    /// Probes io_uring, binds the listeners and starts the workers. Fails with a clear error when
+    /// io_uring is not available (old kernel, seccomp) or an opcode the server needs is missing, and
+    /// when another process listens on the address.
+    pub fn start(target: Target, config: ServerConfig) -> io::Result<Server> {
+        let workers = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        probe()?;
+        check_port_free(config.listen)?;
+        let mut listeners = Vec::with_capacity(workers);
+        let mut addr = config.listen;
+        for _ in 0..workers {
+            let l = reuseport_listener(addr)?;
+            // With port 0 the first bind picks the port; the others join it.
+            addr = l.local_addr()?;
+            listeners.push(l);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers = Arc::new(Mutex::new(HashMap::new()));
+        let mut mailboxes = Vec::new();
+        let mut handles = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let mailbox = Arc::new(Mailbox::new()?);
+            mailboxes.push(mailbox.clone());
+            let (target, config, stop, peers) = (target.clone(), config.clone(), stop.clone(), peers.clone());
+            let handle = std::thread::Builder::new().name(format!("xatastor-w{i}")).spawn(move || {
+                let mut w = Worker::new(target, config, listener, mailbox, stop, peers)?;
+                w.run()
+            })?;
+            handles.push(handle);
+        }
+        tracing::info!(%addr, workers, "NVMe/TCP server listening");
+        Ok(Server { local_addr: addr, target, stop, mailboxes, workers: handles })
+    }
+
+    /// Counters of each worker, in worker order.
+    #[must_use]
+    pub fn worker_stats(&self) -> Vec<WorkerStats> {
+        self.mailboxes
+            .iter()
+            .map(|m| WorkerStats {
+                connections: m.stats.connections.load(Ordering::Relaxed),
+                connections_held: m.stats.held.load(Ordering::Relaxed),
+                accepted: m.stats.accepted.load(Ordering::Relaxed),
+                refused: m.stats.refused.load(Ordering::Relaxed),
+                poll_hits: m.stats.spin_hits.load(Ordering::Relaxed),
+                poll_misses: m.stats.spin_misses.load(Ordering::Relaxed),
+                poll_time: Duration::from_nanos(m.stats.spin_ns.load(Ordering::Relaxed)),
+                received_bytes_copied: m.stats.rx_copied.load(Ordering::Relaxed),
+                bounced_writes: m.stats.bounced.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// The address the server listens on (with the port the system chose for port 0).
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes every connection once its pending responses are sent, waits for the
+    /// backend I/O in flight and the workers, then flushes every namespace's backend (so writes that
+    /// were acknowledged without FUA are durable too). Returns the first error (a worker's, or a
+    /// flush that failed).
+    pub fn shutdown(self) -> io::Result<()> {
+        self.stop.store(true, Ordering::Release);
+        for m in &self.mailboxes {
+            m.signal();
+        }
+        let mut first: io::Result<()> = Ok(());
+        for w in self.workers {
+            let r = w.join().map_err(|_| io::Error::other("a worker thread panicked")).and_then(|r| r);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        for nqn in self.target.subsystem_nqns() {
+            let Some(subsystem) = self.target.subsystem(&nqn) else { continue };
+            for ns in subsystem.namespaces().values() {
+                if let Err(e) = execute_blocking(ns.backend().as_ref(), IoOp::Flush) {
+                    tracing::error!(subsystem = %nqn, nsid = ns.nsid(), error = %e, "flush at shutdown failed");
+                    if first.is_ok() {
+                        first =
+                            Err(io::Error::other(format!("flush of {nqn} nsid {} failed: {e}", ns.nsid())));
+                    }
+                }
+            }
+        }
+        first
+    }
+}
+
+/// Checks that io_uring works here and has the opcodes the server uses.
+fn probe() -> io::Result<()> {
+    let ring = IoUring::new(8).map_err(|e| {
+        io::Error::new(e.kind(), format!("io_uring is not available ({e}); a Linux 6.x kernel without seccomp limits on io_uring is required"))
+    })?;
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::Writev::CODE, "writev"),
+        (opcode::Write::CODE, "write"),
+        (opcode::Read::CODE, "read"),
+        (opcode::Fsync::CODE, "fsync"),
+        (opcode::Fallocate::CODE, "fallocate"),
+        (opcode::AsyncCancel::CODE, "async cancel"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring lacks the {name} opcode (a Linux 6.x kernel is required)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Fails if another socket listens on `addr` (or on the wildcard address of its port).
+///
+/// The workers share their port through `SO_REUSEPORT`, which the kernel extends to any process of
+/// the same user: without this check a second server on the same address would silently receive a
+/// share of the first one's connections. A plain bind (no `SO_REUSEPORT`) conflicts with every
+/// listener on the port, ours included, so it is made before ours and dropped again. (Two servers
+/// started within the same instant could both pass; a server started later fails here.)
+fn check_port_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{addr} is already in use by another process (another node serving this port?)"),
+            )
+        } else {
+            e
+        }
+    })
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// What other threads hand a worker: engine wake-ups and backend completions, announced through
+/// the worker's eventfd (which its ring always has a read armed on).
+#[derive(Debug)]
+struct Mailbox {
+    eventfd: OwnedFd,
+    /// Connections (slab keys) whose engine asked for `handle_wakeup`.
+    woken: Mutex<Vec<u64>>,
+    /// Results of backend requests that completed on another thread (token: the worker's own key
+    /// of the request).
+    completions: Mutex<Vec<(IoToken, IoResult)>>,
+    stats: Counters,
+}
+
+/// The worker's counters, written by the worker only, read by anyone.
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicUsize,
+    held: AtomicUsize,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    spin_hits: AtomicU64,
+    spin_misses: AtomicU64,
+    spin_ns: AtomicU64,
+    rx_copied: AtomicU64,
+    bounced: AtomicU64,
+}
+
+/// A snapshot of one worker's counters ([`Server::worker_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Open connections (queues) served by this worker.
+    pub connections: usize,
+    /// Connections whose input is held back because the peer does not read its responses.
+    pub connections_held: usize,
+    /// Connections accepted since start.
+    pub accepted: u64,
+    /// Connections closed at once because a limit was reached.
+    pub refused: u64,
+    /// Poll windows that found work before they ran out.
+    pub poll_hits: u64,
+    /// Poll windows that ran out (the worker then blocked).
+    pub poll_misses: u64,
+    /// Time spent polling (the CPU the poll window costs).
+    pub poll_time: Duration,
+    /// Bytes copied out of the shared receive buffers into connections' reassembly buffers (ring
+    /// mode). Queues of `O_DIRECT` volumes receive in direct mode and copy nothing.
+    pub received_bytes_copied: u64,
+    /// Writes to `O_DIRECT` devices whose data was not aligned and was copied into an aligned
+    /// buffer first.
+    pub bounced_writes: u64,
+}
+
+impl Mailbox {
+    fn new() -> io::Result<Self> {
+        let eventfd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+        Ok(Self {
+            eventfd,
+            woken: Mutex::new(Vec::new()),
+            completions: Mutex::new(Vec::new()),
+            stats: Counters::default(),
+        })
+    }
+
+    /// Wakes the worker blocked in `io_uring_enter`.
+    fn signal(&self) {
+        let _ = rustix::io::write(&self.eventfd, &1u64.to_ne_bytes());
+    }
+}
+
+impl CompletionSink for Mailbox {
+    fn complete(&self, token: IoToken, result: IoResult) {
+        self.completions.lock().push((token, result));
+        self.signal();
+    }
+}

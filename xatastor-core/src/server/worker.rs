@@ -1,0 +1,923 @@
+//! A worker: one thread, one io_uring, its own listener, connections, receive buffers and disk I/O.
+//!
+//! ```text
+//!  loop {
+//!      wait      submit queued entries; spin for the poll window if a connection is hot, else
+//!                block in io_uring_enter until a completion or the earliest timer
+//!      reap      accept / receive / send / disk / wake-up completions → engine calls
+//!      send      one writev per connection with output (everything the turn produced)
+//!      timers    engine deadlines that passed (keep-alive, connect timeout)
+//!  }
+//! ```
+//!
+//! The ring is made with `SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG` where the kernel has them:
+//! completion work (a socket became readable, a disk write finished) is not run by interrupting the
+//! worker but in batches when it enters the kernel, and the `TASKRUN` flag in the shared ring tells
+//! the worker, without a system call, that such work is waiting.
+//!
+//! **Poll window.** A worker that just served a *hot* connection (one whose input arrives again
+//! within a few poll windows, such as a host keeping a queue busy) spins on the ring for up to
+//! [`super::ServerConfig::poll_window`] before it blocks: the next request of a busy host is then
+//! picked up without a wake-up (a cross-core interrupt, tens of µs on a VM). A worker whose
+//! connections are idle, or only see sparse traffic like keep-alives, blocks at once and uses no CPU.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use nvmeof_target::{
+    Completer, Event, IoError, IoOp, IoRequest, IoToken, Namespace, Submitted, Target, TransportParams,
+};
+use parking_lot::Mutex;
+
+use super::bufring::{BufRing, BUF_GROUP};
+use super::conn::{Conn, DirectStep, RxMode};
+use super::disk::{self, DiskOp, Outcome, Plan};
+use super::pool::ReadPool;
+use super::slab::{Key, Slab};
+use super::{Mailbox, ServerConfig};
+
+const KIND_ACCEPT: u8 = 1;
+const KIND_RECV: u8 = 2;
+const KIND_SEND: u8 = 3;
+const KIND_WAKE: u8 = 4;
+const KIND_DISK: u8 = 5;
+/// Cancellations: their completions need nothing.
+const KIND_CANCEL: u8 = 6;
+
+/// While a connection's input is held back (send queue over the limit), received bytes beyond this
+/// make the worker cancel its receive until the peer reads.
+const RX_HOLD_BYTES: usize = 256 * 1024;
+
+/// Bytes the PDU at the front of `buf` still lacks (its common header first, then the rest up to its
+/// PLEN); all the bytes there are if PLEN is not one a PDU can have (the decoder reports that).
+fn missing(buf: &[u8]) -> usize {
+    const CH: usize = 8;
+    match buf.get(4..8) {
+        None => CH - buf.len().min(CH),
+        Some(p) => {
+            let plen = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+            if plen < CH {
+                usize::MAX
+            } else {
+                plen.saturating_sub(buf.len())
+            }
+        }
+    }
+}
+
+/// A connection whose input arrives again within this many poll windows is hot.
+const HOT_WINDOWS: u32 = 4;
+
+/// A backend request that will complete through the mailbox.
+struct PendingIo {
+    conn: Key,
+    token: IoToken,
+}
+
+pub(super) struct Worker {
+    // Declared first so it is dropped first: the kernel lets go of the buffer ring before its memory
+    // (`bufs`, below) is freed.
+    ring: IoUring,
+    bufs: BufRing,
+    target: Target,
+    config: ServerConfig,
+    listener: TcpListener,
+    mailbox: Arc<Mailbox>,
+    wake_buf: Box<u64>,
+    stop: Arc<AtomicBool>,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    conns: Slab<Box<Conn>>,
+    disk: Slab<DiskOp>,
+    pending: Slab<PendingIo>,
+    accepting: bool,
+    /// Engine deadlines: (when, connection). Entries whose connection has since moved its deadline
+    /// are skipped when they come up.
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// Entries that did not fit the submission queue, submitted as soon as there is room.
+    backlog: VecDeque<squeue::Entry>,
+    cqes: Vec<(u64, i32, u32)>,
+    /// Reused list of the engine's I/O requests (no allocation per event batch).
+    io_scratch: Vec<IoRequest>,
+    /// Connections with output to send at the end of this turn.
+    dirty: Vec<Key>,
+    /// Namespaces (by address) whose device refused a `fallocate` mode it declared: write zeroes and
+    /// deallocate go straight to the backend. A new namespace at a reused address merely takes the
+    /// backend's (correct, slower) path for these two operations until the set is cleared.
+    no_fallocate: HashSet<usize>,
+    /// Spin instead of blocking until then (a hot connection had input).
+    spin_until: Option<Instant>,
+    /// Aligned read buffers for `O_DIRECT` devices.
+    read_pool: Arc<ReadPool>,
+    /// Connections whose receive ended for want of buffers.
+    starved: Vec<Key>,
+}
+
+impl Worker {
+    pub(super) fn new(
+        target: Target,
+        config: ServerConfig,
+        listener: TcpListener,
+        mailbox: Arc<Mailbox>,
+        stop: Arc<AtomicBool>,
+        peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ) -> io::Result<Self> {
+        let ring = new_ring(config.ring_entries.max(64))?;
+        let bufs = BufRing::new(config.recv_buffers, config.recv_buffer_bytes.max(4096))?;
+        // SAFETY: the ring memory is page aligned, holds `entries` initialised entries and stays
+        // allocated until after `ring` is dropped (field order of `Worker`).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(bufs.ring_addr(), bufs.entries(), BUF_GROUP, 0)?
+        };
+        Ok(Self {
+            ring,
+            bufs,
+            target,
+            config,
+            listener,
+            mailbox,
+            wake_buf: Box::new(0),
+            stop,
+            peers,
+            conns: Slab::default(),
+            disk: Slab::default(),
+            pending: Slab::default(),
+            accepting: true,
+            timers: BinaryHeap::new(),
+            backlog: VecDeque::new(),
+            cqes: Vec::new(),
+            io_scratch: Vec::new(),
+            dirty: Vec::new(),
+            no_fallocate: HashSet::new(),
+            spin_until: None,
+            read_pool: Arc::new(ReadPool::default()),
+            starved: Vec::new(),
+        })
+    }
+
+    /// Queues an entry whose buffers stay valid until its completion.
+    ///
+    /// # Safety
+    /// Every buffer the entry points to must stay valid and unmoved until its completion is reaped.
+    unsafe fn push(&mut self, entry: squeue::Entry) {
+        // SAFETY: the caller guarantees the entry's buffers outlive the operation.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.backlog.push_back(entry);
+        }
+    }
+
+    fn flush_backlog(&mut self) {
+        while let Some(e) = self.backlog.front() {
+            // SAFETY: entries in the backlog were built under the same guarantees as in `push`.
+            if unsafe { self.ring.submission().push(e) }.is_err() {
+                return;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    fn arm_accept(&mut self) {
+        let e = opcode::AcceptMulti::new(types::Fd(self.listener.as_raw_fd()))
+            .build()
+            .user_data(u64::from(KIND_ACCEPT) << 56);
+        // SAFETY: accept writes no buffer of ours; the listener lives as long as the worker.
+        unsafe { self.push(e) };
+    }
+
+    fn arm_wake(&mut self) {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let e = opcode::Read::new(types::Fd(self.mailbox.eventfd.as_raw_fd()), buf.cast(), 8)
+            .build()
+            .user_data(u64::from(KIND_WAKE) << 56);
+        // SAFETY: `wake_buf` is a Box owned by the worker, never moved or freed while it runs; the
+        // eventfd is owned by the mailbox, which the worker holds.
+        unsafe { self.push(e) };
+    }
+
+    fn cancel(&mut self, user_data: u64) {
+        let e = opcode::AsyncCancel::new(user_data).build().user_data(u64::from(KIND_CANCEL) << 56);
+        // SAFETY: cancelling touches no buffer.
+        unsafe { self.push(e) };
+    }
+
+    #[allow(clippy::disallowed_methods)] // the driver owns the clock
+    pub(super) fn run(&mut self) -> io::Result<()> {
+        self.arm_accept();
+        self.arm_wake();
+        loop {
+            self.flush_backlog();
+            if self.stop.load(Ordering::Acquire) && self.accepting {
+                self.begin_shutdown();
+            }
+            if !self.accepting && self.conns.is_empty() && self.pending.is_empty() && self.disk.is_empty() {
+                return Ok(());
+            }
+            self.wait()?;
+            let now = Instant::now();
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+            for &(ud, res, flags) in &cqes {
+                let (kind, key) = Key::from_user_data(ud);
+                match kind {
+                    KIND_ACCEPT => self.on_accept(res, flags, now),
+                    KIND_RECV => self.on_recv(key, res, flags, now),
+                    KIND_SEND => self.on_send(key, res, now),
+                    KIND_WAKE => self.on_wake(now),
+                    KIND_DISK => self.on_disk(key, res, now),
+                    _ => {}
+                }
+            }
+            cqes.clear();
+            self.cqes = cqes;
+            self.flush_sends();
+            self.run_timers(now);
+            self.reclaim_buffers();
+        }
+    }
+
+    /// Submits what is queued and waits for completions: spinning while the poll window is open,
+    /// blocking (bounded by the earliest timer) otherwise.
+    #[allow(clippy::disallowed_methods)] // the driver owns the clock
+    fn wait(&mut self) -> io::Result<()> {
+        if !self.ring.completion().is_empty() {
+            return self.enter(|ring| ring.submit().map(drop));
+        }
+        if let Some(until) = self.spin_until {
+            self.enter(|ring| ring.submit().map(drop))?;
+            let start = Instant::now();
+            let mut spins = 0u32;
+            loop {
+                if !self.ring.completion().is_empty() {
+                    self.note_spin(start, true);
+                    return Ok(());
+                }
+                if self.ring.submission().taskrun() {
+                    // Completion work is waiting in the kernel: an enter runs it.
+                    self.enter(|ring| ring.submit().map(drop))?;
+                    continue;
+                }
+                spins = spins.wrapping_add(1);
+                if spins % 32 == 0 && Instant::now() >= until {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            self.note_spin(start, false);
+            self.spin_until = None;
+        }
+        let deadline = self.timers.peek().map(|Reverse((t, _))| *t);
+        match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+            Some(d) => {
+                let ts = timespec(d);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.enter(|ring| ring.submitter().submit_with_args(1, &args).map(drop))
+            }
+            None => self.enter(|ring| ring.submit_and_wait(1).map(drop)),
+        }
+    }
+
+    fn note_spin(&self, start: Instant, found: bool) {
+        let stats = &self.mailbox.stats;
+        #[allow(clippy::disallowed_methods)] // the driver owns the clock
+        let spent = start.elapsed().as_nanos() as u64;
+        stats.spin_ns.fetch_add(spent, Ordering::Relaxed);
+        if found {
+            stats.spin_hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.spin_misses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One `io_uring_enter`, with the errors that only mean "nothing to do" ignored.
+    fn enter(&mut self, f: impl FnOnce(&mut IoUring) -> io::Result<()>) -> io::Result<()> {
+        match f(&mut self.ring) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.kind() == io::ErrorKind::Interrupted => {
+                Ok(())
+            }
+            // The completion queue is full: the caller reaps it first.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn run_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((t, key))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            if c.timer != Some(t) {
+                continue; // moved since; its current deadline has its own entry
+            }
+            c.timer = None;
+            c.engine.handle_timeout(now);
+            self.after_engine(key, now);
+        }
+        // Deadlines that keep moving (keep-alive on a busy admin queue) leave stale entries behind;
+        // rebuild the heap when they outnumber the live ones.
+        if self.timers.len() > 4 * self.conns.len() + 64 {
+            self.timers = self.conns.iter().filter_map(|(key, c)| Some(Reverse((c.timer?, key)))).collect();
+        }
+        self.flush_sends();
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32, now: Instant) {
+        if !cqueue::more(flags) && self.accepting {
+            self.arm_accept();
+        }
+        if res < 0 {
+            if res != -libc::ECANCELED || self.accepting {
+                tracing::warn!(error = %io::Error::from_raw_os_error(-res), "accept failed");
+            }
+            return;
+        }
+        // SAFETY: a successful accept completion carries a new file descriptor that nothing else owns.
+        let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
+        if !self.accepting {
+            return;
+        }
+        let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) else { return };
+        if self.conns.len() >= self.config.max_connections_per_worker {
+            tracing::warn!(%peer, limit = self.config.max_connections_per_worker, "connection limit of the worker reached: closing a new connection");
+            self.mailbox.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Some(key) = self.conns.next_key() else { return };
+        let peer_ip = peer.ip().to_canonical();
+        {
+            let mut peers = self.peers.lock();
+            let n = peers.entry(peer_ip).or_insert(0);
+            if *n >= self.config.max_connections_per_peer {
+                tracing::warn!(%peer, limit = self.config.max_connections_per_peer, "connection limit of the peer address reached: closing a new connection");
+                self.mailbox.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            *n += 1;
+        }
+        let _ = stream.set_nodelay(true);
+        let params = TransportParams { local_addr: local, peer_addr: peer, port_id: self.config.port_id };
+        let mut engine = self.target.accept(params, now);
+        let woken = Arc::new(AtomicBool::new(false));
+        let (flag, mailbox) = (woken.clone(), self.mailbox.clone());
+        engine.set_notifier(Arc::new(move || {
+            if !flag.swap(true, Ordering::AcqRel) {
+                mailbox.woken.lock().push(key.to_u64());
+                mailbox.signal();
+            }
+        }));
+        let inserted = self.conns.insert(Box::new(Conn::new(stream, peer_ip, engine, woken)));
+        debug_assert_eq!(inserted, Some(key));
+        self.mailbox.stats.connections.store(self.conns.len(), Ordering::Relaxed);
+        self.mailbox.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.arm_recv(key);
+        self.after_engine(key, now); // arms the connect timeout
+    }
+
+    /// Gives receive buffers whose decoded PDUs are gone back to the kernel, and receives again on
+    /// connections that ran out of them.
+    fn reclaim_buffers(&mut self) {
+        self.bufs.reclaim();
+        if self.starved.is_empty() || self.bufs.held() >= usize::from(self.bufs.entries()) {
+            return;
+        }
+        let mut starved = std::mem::take(&mut self.starved);
+        for key in starved.drain(..) {
+            if let Some(c) = self.conns.get_mut(key) {
+                c.rx.starved = false;
+            }
+            self.arm_recv(key);
+        }
+        self.starved = starved;
+    }
+
+    /// Arms the connection's receive: the multishot one in ring mode, the next placed one in direct
+    /// mode.
+    fn arm_recv(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if c.rx.armed || c.rx.paused || c.rx.held || c.rx.starved || c.closing || c.dead {
+            return;
+        }
+        let fd = types::Fd(c.stream.as_raw_fd());
+        let entry = match &c.rx.mode {
+            RxMode::Ring => opcode::RecvMulti::new(fd, BUF_GROUP).build(),
+            RxMode::Switching { .. } => return,
+            RxMode::Direct(_) => {
+                let Some((ptr, len)) = c.rx.direct_target() else { return };
+                opcode::Recv::new(fd, ptr, len as u32).build()
+            }
+        };
+        c.rx.armed = true;
+        // SAFETY: ring mode receives into the worker's provided buffers, which live as long as its
+        // ring; direct mode into the connection's own buffer (`Rx::direct_target`), which nothing
+        // touches while `armed`, in a boxed connection that is not freed before the receive ends.
+        unsafe { self.push(entry.user_data(key.user_data(KIND_RECV))) };
+    }
+
+    /// Decodes received input, one PDU at a time, while the connection's send queue is under its
+    /// limit: a burst of small read commands cannot turn into an unbounded pile of responses. Input
+    /// left over stays (held) until the peer reads.
+    fn feed(&mut self, key: Key, now: Instant) {
+        let limit = self.config.max_send_queue_bytes;
+        loop {
+            let Some(c) = self.conns.get_mut(key) else { return };
+            if c.closing || c.rx.buf.is_empty() {
+                break;
+            }
+            if c.tx.queued_bytes > limit {
+                if !c.rx.held {
+                    c.rx.held = true;
+                    self.mailbox.stats.held.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            if c.rx.held {
+                c.rx.held = false;
+                self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
+            }
+            let direct = c.rx.is_direct();
+            let taken = c.engine.handle_input_pdus(&mut c.rx.buf, now, 1);
+            self.drain_events(key, now);
+            if direct {
+                // Direct mode hands in exactly one PDU; set up the next.
+                let max = self.max_pdu(key);
+                let Some(c) = self.conns.get_mut(key) else { return };
+                c.rx.buf.clear();
+                if c.rx.direct_next(max) != DirectStep::Pdu {
+                    break;
+                }
+                continue;
+            }
+            if taken == 0 {
+                break;
+            }
+        }
+        self.maybe_go_direct(key, now);
+    }
+
+    /// Decodes PDUs straight from a receive buffer (`chunk`): their data are slices of it, and the
+    /// buffer goes back to the kernel when the last of them is dropped. A partial PDU already waiting
+    /// in the reassembly buffer is completed from the front of `chunk` first (copying only what it
+    /// lacks); what cannot be decoded now (a partial PDU at the end, input held back) is copied into
+    /// the reassembly buffer.
+    fn feed_in_place(&mut self, key: Key, chunk: &mut Bytes, now: Instant) {
+        let limit = self.config.max_send_queue_bytes;
+        if let Some(c) = self.conns.get(key) {
+            // The batch's lookups start together (a hint to the backend).
+            let skip = if c.rx.buf.is_empty() { 0 } else { missing(&c.rx.buf).min(chunk.len()) };
+            c.engine.prefetch_input(chunk.get(skip..).unwrap_or_default());
+        }
+        loop {
+            let Some(c) = self.conns.get_mut(key) else { return };
+            if c.closing || chunk.is_empty() {
+                break;
+            }
+            if !c.rx.buf.is_empty() {
+                // Complete the waiting PDU (or, held back, just queue everything behind it).
+                let take = if c.rx.held { chunk.len() } else { missing(&c.rx.buf).min(chunk.len()) };
+                c.rx.buf.extend_from_slice(chunk.get(..take).unwrap_or_default());
+                chunk.advance(take);
+                self.mailbox.stats.rx_copied.fetch_add(take as u64, Ordering::Relaxed);
+                self.feed(key, now);
+                continue;
+            }
+            if c.tx.queued_bytes > limit {
+                // Held back: keep the rest for later (the buffer goes back to the kernel now).
+                c.rx.buf.extend_from_slice(chunk);
+                self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                chunk.clear();
+                self.feed(key, now);
+                break;
+            }
+            let taken = c.engine.handle_input_pdus(chunk, now, 1);
+            self.drain_events(key, now);
+            if taken == 0 {
+                // A partial PDU: wait for the rest in the reassembly buffer.
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.rx.buf.extend_from_slice(chunk);
+                    self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                chunk.clear();
+                break;
+            }
+        }
+        self.maybe_go_direct(key, now);
+    }
+
+    fn max_pdu(&self, key: Key) -> usize {
+        self.conns.get(key).map_or(0, |c| c.engine.max_pdu_len())
+    }
+
+    /// A live I/O queue of an `O_DIRECT` volume leaves ring mode (once), so its data lands aligned.
+    fn maybe_go_direct(&mut self, key: Key, now: Instant) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if c.alignment_checked || c.closing || c.dead || !matches!(c.rx.mode, RxMode::Ring) {
+            return;
+        }
+        if c.engine.qid().is_none_or(|q| q == 0) {
+            return;
+        }
+        c.alignment_checked = true;
+        let align = c.engine.data_alignment();
+        if align <= 1 || c.rx.held || c.rx.paused {
+            return;
+        }
+        c.rx.mode = RxMode::Switching { align };
+        if c.rx.armed {
+            self.cancel(key.user_data(KIND_RECV));
+        } else {
+            self.finish_switch(key, now);
+        }
+    }
+
+    /// The multishot receive has ended: start direct mode with what ring mode left over.
+    fn finish_switch(&mut self, key: Key, now: Instant) {
+        let max = self.max_pdu(key);
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let RxMode::Switching { align } = c.rx.mode else { return };
+        match c.rx.start_direct(align, max) {
+            DirectStep::Pdu => self.feed(key, now),
+            DirectStep::More | DirectStep::Fallback => {}
+        }
+        self.arm_recv(key);
+    }
+
+    fn on_recv(&mut self, key: Key, res: i32, flags: u32, now: Instant) {
+        let bid = cqueue::buffer_select(flags);
+        let more = cqueue::more(flags);
+        let Some(c) = self.conns.get_mut(key) else {
+            if let Some(bid) = bid {
+                self.bufs.recycle(bid);
+            }
+            return;
+        };
+        if !more {
+            c.rx.armed = false;
+        }
+        let previous = c.last_input.replace(now);
+        if res > 0
+            && previous
+                .is_some_and(|p| now.saturating_duration_since(p) < self.config.poll_window * HOT_WINDOWS)
+        {
+            // A hot connection: keep polling for a while before blocking.
+            self.spin_until = Some(now + self.config.poll_window);
+        }
+        let direct = c.rx.is_direct();
+        if res == -libc::ENOBUFS {
+            // Every receive buffer is out: receive again once some came back (end of this turn, or
+            // when the writes holding them are done).
+            c.rx.starved = true;
+            self.starved.push(key);
+        } else if res == -libc::ECANCELED {
+            // Paused because the peer does not read, or leaving ring mode.
+        } else if res <= 0 {
+            c.dead = res < 0;
+            c.engine.handle_peer_closed();
+        } else if direct {
+            let max = c.engine.max_pdu_len();
+            // SAFETY: this completion is the direct receive armed in `arm_recv` at the target
+            // `direct_target` gave, and it wrote `res` bytes there; nothing touched the buffer since.
+            match unsafe { c.rx.direct_received(res as usize, max) } {
+                DirectStep::Pdu | DirectStep::Fallback => self.feed(key, now),
+                DirectStep::More => {}
+            }
+        } else if let Some(bid) = bid {
+            // Decode in place from the receive buffer, unless half the buffers are already out that
+            // way (writes in flight hold theirs until the backend is done) or input is held back.
+            if self.bufs.held() < usize::from(self.bufs.entries()) / 2 && !c.rx.held {
+                let mut chunk = self.bufs.take(bid, res as usize);
+                self.feed_in_place(key, &mut chunk, now);
+            } else {
+                c.rx.buf.extend_from_slice(self.bufs.get(bid, res as usize));
+                self.mailbox.stats.rx_copied.fetch_add(res as u64, Ordering::Relaxed);
+                self.bufs.recycle(bid);
+                self.feed(key, now);
+            }
+            if let Some(c) = self.conns.get_mut(key) {
+                if c.rx.held && c.rx.buf.len() > RX_HOLD_BYTES && c.rx.armed && !c.rx.paused {
+                    // Input keeps piling up while the peer does not read: stop receiving.
+                    c.rx.paused = true;
+                    self.cancel(key.user_data(KIND_RECV));
+                }
+            }
+        }
+        if let Some(c) = self.conns.get_mut(key) {
+            if !more && matches!(c.rx.mode, RxMode::Switching { .. }) && !c.rx.armed {
+                self.finish_switch(key, now);
+            }
+        }
+        self.after_engine(key, now);
+        self.arm_recv(key);
+    }
+
+    fn on_send(&mut self, key: Key, res: i32, now: Instant) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if res < 0 {
+            c.dead = true;
+            c.tx.fail();
+            c.engine.handle_peer_closed();
+        } else {
+            c.tx.complete(res as usize);
+        }
+        // Input held back because of a full send queue: decode it now, and receive again.
+        if c.rx.held {
+            self.feed(key, now);
+        }
+        let resume = self.conns.get_mut(key).is_some_and(|c| {
+            let go = (c.rx.paused || c.rx.is_direct()) && !c.rx.held;
+            if c.rx.paused && go {
+                c.rx.paused = false;
+            }
+            go
+        });
+        self.after_engine(key, now);
+        if resume {
+            self.arm_recv(key);
+        }
+    }
+
+    fn on_wake(&mut self, now: Instant) {
+        self.arm_wake();
+        let woken = std::mem::take(&mut *self.mailbox.woken.lock());
+        for key in woken {
+            let key = Key::from_u64(key);
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            c.woken.store(false, Ordering::Release);
+            c.engine.handle_wakeup(now);
+            self.after_engine(key, now);
+        }
+        let done = std::mem::take(&mut *self.mailbox.completions.lock());
+        for (token, result) in done {
+            let Some(p) = self.pending.remove(Key::from_u64(token.to_raw())) else { continue };
+            if let Some(c) = self.conns.get_mut(p.conn) {
+                c.engine.complete_io(p.token, result, now);
+                self.after_engine(p.conn, now);
+            }
+        }
+    }
+
+    /// Carries out the engine's events, keeps the connection's timer current, lists it for sending,
+    /// and frees it once it is closed and quiet.
+    fn after_engine(&mut self, key: Key, now: Instant) {
+        self.drain_events(key, now);
+        if let Some(c) = self.conns.get_mut(key) {
+            let t = c.engine.poll_timeout();
+            if t != c.timer {
+                c.timer = t;
+                if let Some(t) = t {
+                    self.timers.push(Reverse((t, key)));
+                }
+            }
+            if c.tx.ready() && !c.dirty {
+                c.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+        self.maybe_free(key);
+    }
+
+    /// Takes the engine's events: queues transmits, starts backend I/O (whose immediate completions
+    /// may produce more events).
+    fn drain_events(&mut self, key: Key, now: Instant) {
+        loop {
+            let Some(c) = self.conns.get_mut(key) else { return };
+            let mut ios = std::mem::take(&mut self.io_scratch);
+            while let Some(ev) = c.engine.poll_event() {
+                match ev {
+                    Event::Transmit(pdu) => {
+                        if !c.dead {
+                            c.tx.push(pdu);
+                        }
+                    }
+                    Event::Io(req) => ios.push(req),
+                    Event::Close(reason) => {
+                        tracing::debug!(?reason, "connection closed");
+                        c.closing = true;
+                    }
+                }
+            }
+            if ios.is_empty() {
+                self.io_scratch = ios;
+                return;
+            }
+            for req in ios.drain(..) {
+                self.start_io(key, req, now);
+            }
+            self.io_scratch = ios;
+        }
+    }
+
+    /// Runs a backend request: on the ring for file-descriptor backends, otherwise through the
+    /// backend itself.
+    fn start_io(&mut self, conn: Key, req: IoRequest, now: Instant) {
+        let IoRequest { token, namespace, op } = req;
+        let refused = || self.no_fallocate.contains(&(Arc::as_ptr(&namespace) as usize));
+        let plan = match namespace.backend().raw_device() {
+            None => Plan::Backend(op),
+            Some(_) if matches!(op, IoOp::WriteZeroes { .. } | IoOp::Discard { .. }) && refused() => {
+                Plan::Backend(op)
+            }
+            Some(dev) => disk::plan(op, &dev, &self.read_pool),
+        };
+        match plan {
+            Plan::Backend(op) => self.submit_to_backend(conn, token, &namespace, op, now),
+            Plan::Fail(why) => {
+                if let Some(c) = self.conns.get_mut(conn) {
+                    let e = io::Error::new(io::ErrorKind::OutOfMemory, why);
+                    c.engine.complete_io(token, Err(IoError::Io(e)), now);
+                }
+            }
+            Plan::Ring(kind, sqes) => {
+                if matches!(kind, disk::DiskKind::Write { _bounce: Some(_), .. }) {
+                    self.mailbox.stats.bounced.fetch_add(1, Ordering::Relaxed);
+                }
+                let Some(key) = self.disk.insert(DiskOp { conn, token, namespace, kind }) else {
+                    if let Some(c) = self.conns.get_mut(conn) {
+                        let e = io::Error::other("too many operations in flight");
+                        c.engine.complete_io(token, Err(IoError::Io(e)), now);
+                    }
+                    return;
+                };
+                for e in sqes {
+                    // SAFETY: the entries point into the operation's heap buffers (read buffer,
+                    // write data or bounce buffer, iovecs), owned by the `DiskOp` in `self.disk`
+                    // until its last completion is reaped; the namespace it holds keeps the fd open.
+                    unsafe { self.push(e.user_data(key.user_data(KIND_DISK))) };
+                }
+            }
+        }
+    }
+
+    /// Hands a request to the backend's own `submit`: immediate backends answer at once, others
+    /// complete later from any thread through the mailbox.
+    fn submit_to_backend(
+        &mut self,
+        conn: Key,
+        token: IoToken,
+        namespace: &Arc<Namespace>,
+        op: IoOp,
+        now: Instant,
+    ) {
+        let Some(slot) = self.pending.next_key() else {
+            if let Some(c) = self.conns.get_mut(conn) {
+                let e = io::Error::other("too many operations in flight");
+                c.engine.complete_io(token, Err(IoError::Io(e)), now);
+            }
+            return;
+        };
+        let completer = Completer::new(IoToken::from_raw(slot.to_u64()), self.mailbox.clone());
+        match namespace.backend().submit(op, completer) {
+            Submitted::Done(result) => {
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.engine.complete_io(token, result, now);
+                }
+            }
+            Submitted::Pending => {
+                let inserted = self.pending.insert(PendingIo { conn, token });
+                debug_assert_eq!(inserted, Some(slot));
+            }
+        }
+    }
+
+    fn on_disk(&mut self, key: Key, res: i32, now: Instant) {
+        let Some(op) = self.disk.get_mut(key) else { return };
+        let outcome = disk::on_completion(&mut op.kind, res);
+        if matches!(outcome, Outcome::Pending) {
+            return;
+        }
+        let Some(DiskOp { conn, token, namespace, .. }) = self.disk.remove(key) else { return };
+        let result = match outcome {
+            Outcome::Pending => return,
+            Outcome::Done(result) => result,
+            Outcome::Refused(op) => {
+                // The device refused a mode it declared: the backend does it its way, and from now
+                // on without trying the ring first.
+                if self.no_fallocate.len() > 4096 {
+                    self.no_fallocate.clear(); // bounded; entries of unloaded namespaces go too
+                }
+                if self.no_fallocate.insert(Arc::as_ptr(&namespace) as usize) {
+                    tracing::warn!(
+                        nsid = namespace.nsid(),
+                        "the device refused fallocate although it declared it; using the backend's path"
+                    );
+                }
+                self.submit_to_backend(conn, token, &namespace, op, now);
+                self.after_engine(conn, now);
+                return;
+            }
+        };
+        if let Some(c) = self.conns.get_mut(conn) {
+            c.engine.complete_io(token, result, now);
+        }
+        self.after_engine(conn, now);
+    }
+
+    /// Starts a `writev` on every connection that has output and none in flight.
+    fn flush_sends(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for key in dirty.drain(..) {
+            self.start_send(key);
+        }
+        self.dirty = dirty;
+    }
+
+    fn start_send(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        c.dirty = false;
+        if c.dead {
+            return;
+        }
+        let Some((iov, n)) = c.tx.prepare() else { return };
+        let e = opcode::Writev::new(types::Fd(c.stream.as_raw_fd()), iov, n)
+            .build()
+            .user_data(key.user_data(KIND_SEND));
+        // SAFETY: the iovecs and the bytes they point to (the PDUs in the send queue's `sending`,
+        // reference-counted `Bytes` that nothing frees while they are held there) stay untouched
+        // until this write completes (`Tx::inflight`), and the connection is not freed before then.
+        unsafe { self.push(e) };
+    }
+
+    fn maybe_free(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if !c.closing {
+            return;
+        }
+        let flushed = c.dead || c.tx.is_empty();
+        if flushed && c.rx.armed {
+            // Ends the receive still in flight (it completes with 0), after which we come back here.
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            c.dead = true;
+            return;
+        }
+        if flushed && !c.rx.armed && !c.tx.inflight && c.engine.is_drained() {
+            let Some(c) = self.conns.remove(key) else { return };
+            if c.rx.held {
+                self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.mailbox.stats.connections.store(self.conns.len(), Ordering::Relaxed);
+            let mut peers = self.peers.lock();
+            if let Some(n) = peers.get_mut(&c.peer_ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    peers.remove(&c.peer_ip);
+                }
+            }
+        }
+    }
+
+    /// Stops accepting and closes every connection (the engine tears down their controllers; hosts
+    /// reconnect to the next server).
+    #[allow(clippy::disallowed_methods)] // the driver owns the clock
+    fn begin_shutdown(&mut self) {
+        self.accepting = false;
+        self.cancel(u64::from(KIND_ACCEPT) << 56);
+        let now = Instant::now();
+        let keys: Vec<Key> = self.conns.keys().collect();
+        for key in keys {
+            if let Some(c) = self.conns.get_mut(key) {
+                c.engine.handle_peer_closed();
+            }
+            self.after_engine(key, now);
+        }
+        self.flush_sends();
+    }
+}
+
+/// A ring with deferred, batched completion work where the kernel supports it (6.1+), falling back
+/// to cooperative task running, then to a plain ring.
+fn new_ring(entries: u32) -> io::Result<IoUring> {
+    let cq = entries.saturating_mul(4);
+    let attempts: [fn(&mut io_uring::Builder); 3] = [
+        |b| {
+            b.setup_single_issuer().setup_defer_taskrun().setup_taskrun_flag();
+        },
+        |b| {
+            b.setup_coop_taskrun().setup_taskrun_flag();
+        },
+        |_| {},
+    ];
+    let mut last = None;
+    for setup in attempts {
+        let mut builder = IoUring::builder();
+        builder.setup_submit_all().setup_cqsize(cq);
+        setup(&mut builder);
+        match builder.build(entries) {
+            Ok(ring) => return Ok(ring),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("cannot create an io_uring")))
+}
+
+fn timespec(d: Duration) -> types::Timespec {
+    types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
+}
