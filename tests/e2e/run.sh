@@ -3,7 +3,7 @@
 #
 # Usage: tests/e2e/run.sh [options]
 #   --scenario FILE     guest scenario script (default: tests/e2e/scenarios/nvme-tcp.sh)
-#   --suite NAME        the same as --scenario tests/e2e/scenarios/NAME.sh (nvme-tcp, zfs, node)
+#   --suite NAME        the same as --scenario tests/e2e/scenarios/NAME.sh (nvme-tcp, zfs, node, csi)
 #   --only "A B ..."    run only these scenarios (names as printed in PASS/FAIL lines)
 #   --target-log FILTER target log filter (default: debug; e.g. info, nvmeof_target=trace)
 #   --timeout SECS      hard limit for the whole guest run (default: 2400)

@@ -32,6 +32,15 @@ enum Mode {
     Controller(ControllerArgs),
     /// The node plugin: Identity and Node services (nvme connect, mkfs, mount) on this host.
     Node(NodeArgs),
+    /// Make one CSI call to an endpoint, as a container orchestrator does (for checking a
+    /// deployment by hand); prints the answer as JSON.
+    Call {
+        /// The endpoint's Unix socket.
+        #[arg(long, default_value = "/csi/csi.sock")]
+        endpoint: PathBuf,
+        #[command(subcommand)]
+        call: csi::call::Call,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -79,6 +88,12 @@ struct NodeArgs {
     state_dir: PathBuf,
 }
 
+/// The plugin this process serves.
+enum Plugin {
+    Controller(ControllerArgs),
+    Node(NodeArgs),
+}
+
 fn init_logging(filter: &str) -> Result<(), String> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -90,7 +105,25 @@ fn init_logging(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn call(endpoint: &std::path::Path, c: csi::call::Call) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    match rt.block_on(csi::call::call(endpoint, c)) {
+        Ok(v) => {
+            println!("{v}");
+            Ok(())
+        }
+        Err(s) => {
+            Err(serde_json::json!({"code": format!("{:?}", s.code()), "message": s.message()}).to_string())
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
+    let plugin = match cli.mode {
+        Mode::Call { endpoint, call: c } => return call(&endpoint, c),
+        Mode::Controller(a) => Plugin::Controller(a),
+        Mode::Node(a) => Plugin::Node(a),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -98,8 +131,8 @@ fn run(cli: Cli) -> Result<(), String> {
         .map_err(|e| format!("runtime: {e}"))?;
     // The admin clients' connections are tasks of this runtime.
     let _enter = rt.enter();
-    let (common, services) = match cli.mode {
-        Mode::Controller(a) => {
+    let (common, services) = match plugin {
+        Plugin::Controller(a) => {
             init_logging(&a.common.log)?;
             let auth = ClientAuth::from_files(
                 a.admin_token_file.as_deref(),
@@ -124,7 +157,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let c = controller::Controller::new(nodes)?;
             (a.common, Services { controller: Some(c), node: None })
         }
-        Mode::Node(a) => {
+        Plugin::Node(a) => {
             init_logging(&a.common.log)?;
             let config = node::NodeConfig {
                 hostnqn_file: a.hostnqn_file,

@@ -21,6 +21,7 @@
 // where the size of the error value does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod call;
 pub mod controller;
 pub mod node;
 

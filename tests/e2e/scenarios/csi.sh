@@ -1,11 +1,11 @@
 #!/bin/bash
-# e2e-needs: scratch-disk=4G guest-bin=xatastor-target,xatastor-csi,examples/csi_call guest-cmdline@6.1=hardened_usercopy=off
+# e2e-needs: scratch-disk=4G guest-bin=xatastor-target,xatastor-csi guest-cmdline@6.1=hardened_usercopy=off
 #
 # The CSI driver end to end, run INSIDE the guest by /sbin/xe2e-init (tests/e2e/run.sh --suite csi):
 # a storage node (`xatastor-target serve --backend zvol:POOL/xs`, its admin API on gRPC with a
 # bearer token), the CSI controller plugin over it (`xatastor-csi controller`) and the node plugin
 # (`xatastor-csi node`, node id = the guest's /etc/nvme/hostnqn), each on its Unix socket. Every
-# volume operation is a CSI call (examples/csi_call, as a CO's sidecars and kubelet make them); the
+# volume operation is a CSI call (`xatastor-csi call`, as a CO's sidecars and kubelet make them); the
 # node plugin runs the guest's real nvme-cli, mkfs.xfs, mount and xfs_growfs against the kernel's
 # NVMe/TCP initiator. hardened_usercopy=off on 6.1: see scenarios/node.sh.
 #
@@ -134,8 +134,8 @@ plugins_start() {
 }
 
 # ctl / nod RPC ARGS...: one CSI call to the controller / node plugin; the JSON answer on stdout.
-ctl() { echo "+ csi_call controller $*" >&2; timeout -k 5 180 csi_call --endpoint "$CTL_SOCK" "$@"; }
-nod() { echo "+ csi_call node $*" >&2; timeout -k 5 180 csi_call --endpoint "$NODE_SOCK" "$@"; }
+ctl() { echo "+ xatastor-csi call controller $*" >&2; timeout -k 5 180 xatastor-csi call --endpoint "$CTL_SOCK" "$@"; }
+nod() { echo "+ xatastor-csi call node $*" >&2; timeout -k 5 180 xatastor-csi call --endpoint "$NODE_SOCK" "$@"; }
 
 # The volume of the last `provision`: VID, its node-side NQN, the contexts NodeStage gets.
 # provision NAME SIZE [create-volume options...]: CreateVolume + ControllerPublish.
@@ -226,7 +226,7 @@ sc_csi_setup() {
     local bp=$!
     wait_for "the wrong-token controller's socket" test -S "$STATE/bad.sock"
     local out
-    out=$(timeout 60 csi_call --endpoint "$STATE/bad.sock" create-volume refused --size "$GIB" 2>&1) && fail "CreateVolume with a wrong admin token succeeded"
+    out=$(timeout 60 xatastor-csi call --endpoint "$STATE/bad.sock" create-volume refused --size "$GIB" 2>&1) && fail "CreateVolume with a wrong admin token succeeded"
     kill "$bp" 2>/dev/null
     grep -qi 'credentials\|unauthenticated\|token' <<< "$out" || fail "a wrong admin token failed without saying so: $out"
     xt_vol=$(timeout 30 "$XT" --data-dir "$DATA" volume list 2>&1)

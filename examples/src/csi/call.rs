@@ -1,32 +1,26 @@
-//! `csi_call`: one CSI call to a `xatastor-csi` endpoint from the command line, the way a container
-//! orchestrator makes it (the end-to-end suite drives the driver with it; a Kubernetes cluster does
-//! the same through its sidecars and kubelet). Prints the answer as one JSON object; a failed call
-//! prints `{"code": "...", "message": "..."}` on stderr and exits with status 1.
+//! One CSI call from the command line (`xatastor-csi call`), the way a container orchestrator
+//! makes it: for checking a driver by hand, and for the end-to-end suite, which drives the driver
+//! with it. The answer is one JSON object.
 //!
 //! ```sh
-//! csi_call --endpoint /run/csi-ctl.sock create-volume pvc-1 --size 1073741824 --param compression=lz4
-//! csi_call --endpoint /run/csi-ctl.sock publish node-a/pvc-1 "$(cat /etc/nvme/hostnqn)"
-//! csi_call --endpoint /run/csi-node.sock stage node-a/pvc-1 /stage/pvc-1 --context nqn=… --context address=… --context port=4420
+//! xatastor-csi call --endpoint /csi/csi.sock create-volume pvc-1 --size 1073741824 --param compression=lz4
+//! xatastor-csi call --endpoint /csi/csi.sock publish node-a/pvc-1 "$(cat /etc/nvme/hostnqn)"
 //! ```
 
+// Every CSI error is a gRPC status (the spec defines the codes).
+#![allow(clippy::result_large_err, missing_docs)]
+
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::Path;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use serde_json::{json, Value};
-use xatastor_examples::csi::{self, pb};
 
-#[derive(Parser, Debug)]
-struct Cli {
-    /// The CSI endpoint's Unix socket.
-    #[arg(long)]
-    endpoint: PathBuf,
-    #[command(subcommand)]
-    call: Call,
-}
+use super::pb;
 
+/// One call.
 #[derive(Subcommand, Debug)]
-enum Call {
+pub enum Call {
     /// Identity.Probe and GetPluginInfo.
     Probe,
     /// Node.NodeGetInfo.
@@ -100,7 +94,11 @@ enum Call {
 fn kv(pairs: &[String]) -> Result<HashMap<String, String>, String> {
     pairs
         .iter()
-        .map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{p:?} is not KEY=VALUE")))
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("{p:?} is not KEY=VALUE"))
+        })
         .collect()
 }
 
@@ -116,21 +114,23 @@ fn capability(block: bool) -> pb::VolumeCapability {
     }
 }
 
-async fn call(cli: Cli) -> Result<Value, tonic::Status> {
-    let channel = csi::unix_channel(&cli.endpoint)
+pub async fn call(endpoint: &Path, call: Call) -> Result<Value, tonic::Status> {
+    let channel = super::unix_channel(endpoint)
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("{}: {e}", cli.endpoint.display())))?;
+        .map_err(|e| tonic::Status::unavailable(format!("{}: {e}", endpoint.display())))?;
     let mut id = pb::identity_client::IdentityClient::new(channel.clone());
     let mut ctl = pb::controller_client::ControllerClient::new(channel.clone());
     let mut node = pb::node_client::NodeClient::new(channel);
     let bad = |e: String| tonic::Status::invalid_argument(e);
-    Ok(match cli.call {
+    Ok(match call {
         Call::Probe => {
             let info = id.get_plugin_info(pb::GetPluginInfoRequest {}).await?.into_inner();
             let ready = id.probe(pb::ProbeRequest {}).await?.into_inner().ready;
             json!({"name": info.name, "vendor_version": info.vendor_version, "ready": ready})
         }
-        Call::NodeInfo => json!({"node_id": node.node_get_info(pb::NodeGetInfoRequest {}).await?.into_inner().node_id}),
+        Call::NodeInfo => {
+            json!({"node_id": node.node_get_info(pb::NodeGetInfoRequest {}).await?.into_inner().node_id})
+        }
         Call::CreateVolume { name, size, params, from_snapshot, from_volume, block } => {
             use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
             let source = match (from_snapshot, from_volume) {
@@ -200,8 +200,11 @@ async fn call(cli: Cli) -> Result<Value, tonic::Status> {
             json!({})
         }
         Call::Unstage { volume_id, staging_path } => {
-            node.node_unstage_volume(pb::NodeUnstageVolumeRequest { volume_id, staging_target_path: staging_path })
-                .await?;
+            node.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id,
+                staging_target_path: staging_path,
+            })
+            .await?;
             json!({})
         }
         Call::NodePublish { volume_id, staging_path, target_path, context, block, readonly } => {
@@ -244,25 +247,4 @@ async fn call(cli: Cli) -> Result<Value, tonic::Status> {
             json!({"usage": usage, "abnormal": abnormal})
         }
     })
-}
-
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(call(cli)) {
-        Ok(v) => {
-            println!("{v}");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(s) => {
-            eprintln!("{}", json!({"code": format!("{:?}", s.code()), "message": s.message()}));
-            std::process::ExitCode::FAILURE
-        }
-    }
 }
