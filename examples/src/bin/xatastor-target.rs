@@ -333,6 +333,13 @@ impl ServeArgs {
     }
 }
 
+/// The allocator: mimalloc. The I/O path allocates a buffer per read (4 KiB up to the largest
+/// transfer): glibc's malloc serves those outside its per-thread cache and gives freed memory back
+/// to the kernel eagerly (a 128 KiB read page-faulted its buffer in every time). Measured with
+/// mimalloc instead (benches/spdk-compare.sh): 4 KiB random reads +21%, 128 KiB reads ×2.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let data_dir = cli.data_dir.clone();
