@@ -583,7 +583,8 @@ impl BlockBackend for MemoryBackend {
             // One load per range: the map slot and the first line of the data (touching more lines
             // was measured slower: the hardware prefetcher streams the rest once the copy starts).
             if let Some(c) = chunks.get(r.offset / CHUNK as u64) {
-                sum = sum.wrapping_add(c.bytes().get((r.offset % CHUNK as u64) as usize).copied().unwrap_or(0));
+                sum =
+                    sum.wrapping_add(c.bytes().get((r.offset % CHUNK as u64) as usize).copied().unwrap_or(0));
             }
         }
         std::hint::black_box(sum);

@@ -270,7 +270,8 @@ fn slow_writes_holding_receive_buffers_do_not_stall_the_worker() {
         for (n, q) in queues.iter_mut().enumerate() {
             for i in 0..32u64 {
                 let lba = (n as u64 * 32 + i) * 8;
-                q.submit(rw(0x01, lba, 8), Some(Payload::from(pattern(4096, (lba + round) as u8))), 0).unwrap();
+                q.submit(rw(0x01, lba, 8), Some(Payload::from(pattern(4096, (lba + round) as u8))), 0)
+                    .unwrap();
             }
         }
         for q in &mut queues {

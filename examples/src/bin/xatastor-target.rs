@@ -111,6 +111,11 @@ struct ServeArgs {
     /// Connections accepted from one peer address [default: 16384].
     #[arg(long)]
     max_connections_per_peer: Option<usize>,
+    /// Microseconds a worker polls for the next request of a busy connection before it sleeps
+    /// (lower latency for a host keeping a queue busy; idle workers and sparse traffic never poll;
+    /// 0: never poll) [default: 50].
+    #[arg(long)]
+    poll_window_us: Option<u64>,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter) [default: info].
     #[arg(long)]
     log: Option<String>,
@@ -129,6 +134,7 @@ struct FileConfig {
     metrics_listen: Option<String>,
     idle_unload_secs: Option<u64>,
     max_connections_per_peer: Option<usize>,
+    poll_window_us: Option<u64>,
     log: Option<String>,
 }
 
@@ -317,6 +323,7 @@ impl ServeArgs {
             metrics_listen,
             idle_unload_secs,
             max_connections_per_peer,
+            poll_window_us,
             log,
         } = self;
         config.is_some()
@@ -329,6 +336,7 @@ impl ServeArgs {
             || metrics_listen.is_some()
             || idle_unload_secs.is_some()
             || max_connections_per_peer.is_some()
+            || poll_window_us.is_some()
             || log.is_some()
     }
 }
@@ -729,6 +737,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         args.metrics_listen.or(file.metrics_listen).unwrap_or_else(|| "127.0.0.1:9464".into());
     let idle = Duration::from_secs(args.idle_unload_secs.or(file.idle_unload_secs).unwrap_or(30));
     let per_peer = args.max_connections_per_peer.or(file.max_connections_per_peer).unwrap_or(16384);
+    let poll_window = Duration::from_micros(args.poll_window_us.or(file.poll_window_us).unwrap_or(50));
     let ratio = args.overcommit_ratio.or(file.overcommit_ratio.map(|v| match v {
         toml::Value::String(s) => s,
         other => other.to_string(),
@@ -765,6 +774,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let mut config = ServerConfig::new(listen);
     config.workers = workers;
     config.max_connections_per_peer = per_peer;
+    config.poll_window = poll_window;
     let server = Arc::new(Server::start(target, config).map_err(|e| format!("listening on {listen}: {e}"))?);
     let addr = server.local_addr();
     let advertise = match args.advertise.or(file.advertise) {
