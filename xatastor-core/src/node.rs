@@ -478,7 +478,7 @@ impl Inner {
     /// Gives volume `name`'s loaded subsystem (if any) the requirement the catalog records now.
     /// Serialised with every other such call, so the last one applies the latest record.
     fn apply_require_auth(&self, name: &str) {
-        self.loaded_secrets.with_update_lock(|| match self.catalog.volume(name) {
+        self.loaded_secrets.with_update_lock(name, || match self.catalog.volume(name) {
             Ok(Some(rec)) => {
                 if self.target.subsystem(&rec.nqn).is_some() {
                     // Unloaded meanwhile: nothing to apply.
@@ -644,8 +644,12 @@ struct Reconciled {
 
 impl Node {
     /// Opens the catalog, checks that it belongs to `provisioner`'s backend (recording it on the
-    /// first start), reconciles pending intents with the backend, and attaches the node to `target`
-    /// as its [`SubsystemSource`] (volumes are exported on demand from now on).
+    /// first start), opens the secrets directory ([`NodeConfig::secrets_dir`]; created 0700, refused
+    /// if others may access it), reconciles pending intents with the backend, and attaches the node
+    /// to `target` as its [`SubsystemSource`] (volumes are exported on demand from now on) and as its
+    /// [`nvmeof_target::auth::HostKeys`] (replacing any the target had; subsystems that are not the
+    /// node's volumes have no host secrets through it). No secret is read here: a volume's secrets
+    /// are read when a host's Connect loads it.
     pub fn open(
         config: NodeConfig,
         provisioner: Arc<dyn VolumeProvisioner>,
@@ -1003,9 +1007,8 @@ impl Node {
         self.check_capacity(total)?;
         // Before anything is recorded: the new volumes' secrets, replacing whatever a deleted volume
         // of the same name may have left.
-        for r in &recs {
-            self.inner.secrets.write(&r.name, &secrets)?;
-        }
+        let names: Vec<&str> = recs.iter().map(|r| r.name.as_str()).collect();
+        self.inner.secrets.write_many(&names, &secrets)?;
         if !secrets.is_empty() {
             self.step("create", Step::SecretsFileWritten);
         }

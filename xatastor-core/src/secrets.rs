@@ -5,6 +5,8 @@
 //!   <data dir>/secrets/            0700, owned by the node's user (checked at start)
 //!       <volume>.dhchap            0600: one line per host with a secret (checked at every read)
 //!       .<volume>.tmp              a write in progress (temp → fsync → rename → fsync of the directory)
+//!       .batch-<uuid>.tmp          a batch of new volumes in progress: one file, hard-linked as each
+//!                                  volume's file (one data fsync and one directory fsync per batch)
 //!
 //!   host Connect ──▶ Node activates the volume ──▶ reads <volume>.dhchap into memory
 //!   Connect / (re)authentication ──▶ HostKeys::host_secrets(subnqn, hostnqn) ──▶ a map lookup
@@ -220,14 +222,13 @@ impl VolumeSecrets {
         self.hosts.iter().map(|(h, s)| (h.as_str(), s.controller.is_some()))
     }
 
-    /// The file's contents (wiped when dropped).
-    fn to_file(&self, volume: &str) -> Zeroizing<String> {
+    /// The file's contents (wiped when dropped). They do not name the volume: a batch of new
+    /// volumes shares one file through hard links.
+    fn to_file(&self) -> Zeroizing<String> {
         let mut out = Zeroizing::new(String::new());
         out.push_str(HEADER);
         out.push('\n');
-        out.push_str("# DH-HMAC-CHAP secrets of volume ");
-        out.push_str(volume);
-        out.push_str(", one host a line: <host secret> <controller secret or -> <host NQN>\n");
+        out.push_str("# DH-HMAC-CHAP secrets of a volume, one host a line: <host secret> <controller secret or -> <host NQN>\n");
         for (host, s) in &self.hosts {
             out.push_str(&s.host.to_dhhc1());
             out.push(' ');
@@ -391,7 +392,64 @@ impl SecretsDir {
             return Ok(());
         }
         let path = self.file_of(volume);
-        let tmp = self.path.join(format!(".{volume}.tmp"));
+        let tmp = self.write_temp(&format!(".{volume}.tmp"), secrets)?;
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(&path)(e)
+        })?;
+        self.sync()
+    }
+
+    /// Gives every volume of `volumes` the same secrets (replacing whatever files they had; no
+    /// secrets removes them), durably when this returns, with one data fsync and one directory
+    /// fsync for the whole batch: the volumes' files are hard links to one file (a later change
+    /// of one volume's secrets replaces its link, not the shared file). Meant for volumes no host
+    /// can use yet (a batch being created): a crash in the middle leaves some with their files and
+    /// some without.
+    pub fn write_many(&self, volumes: &[&str], secrets: &VolumeSecrets) -> Result<(), SecretsError> {
+        let mut changed = false;
+        for v in volumes {
+            let path = self.file_of(v);
+            match std::fs::remove_file(&path) {
+                Ok(()) => changed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        if !secrets.is_empty() {
+            let name = format!(".batch-{}.tmp", uuid::Uuid::new_v4().simple());
+            let mut source = self.write_temp(&name, secrets)?;
+            let linked = (|| {
+                for v in volumes {
+                    let path = self.file_of(v);
+                    match std::fs::hard_link(&source, &path) {
+                        Ok(()) => {}
+                        // The file system's limit of links to one file (65,000 on ext4): go on with a
+                        // fresh copy.
+                        Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
+                            let next = self.write_temp(&name, secrets)?;
+                            source = next;
+                            std::fs::hard_link(&source, &path).map_err(io_err(&path))?;
+                        }
+                        Err(e) => return Err(io_err(&path)(e)),
+                    }
+                }
+                Ok(())
+            })();
+            let _ = std::fs::remove_file(&source);
+            linked?;
+            changed = true;
+        }
+        if changed {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `secrets` to a new file `name` in the directory (0600, fsynced) and returns its path;
+    /// a file of that name left by a crash is replaced.
+    fn write_temp(&self, name: &str, secrets: &VolumeSecrets) -> Result<PathBuf, SecretsError> {
+        let tmp = self.path.join(name);
         match std::fs::remove_file(&tmp) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -407,15 +465,15 @@ impl SecretsDir {
         let written = (|| {
             // Exactly 0600 whatever the umask.
             file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            file.write_all(secrets.to_file(volume).as_bytes())?;
+            file.write_all(secrets.to_file().as_bytes())?;
             file.sync_all()
         })();
         drop(file);
-        if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &path)) {
+        if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
-            return Err(io_err(&path)(e));
+            return Err(io_err(&tmp)(e));
         }
-        self.sync()
+        Ok(tmp)
     }
 
     /// Removes the secrets file of `volume` (durably); false if there was none.
@@ -523,12 +581,16 @@ impl VolumeAuth {
 /// (the generation tells).
 pub(crate) struct LoadedSecrets {
     map: RwLock<HashMap<String, Loaded>>,
-    update: Mutex<()>,
+    /// Serialises loads and updates of one volume (sharded by name: activations of different
+    /// volumes, on different workers, rarely wait for each other).
+    update: [Mutex<()>; UPDATE_SHARDS],
     next_generation: AtomicU64,
     /// What a host of a loaded volume without an entry must prove: a random secret nobody has.
     unknown: Arc<HostSecrets>,
     misses: RateLimit,
 }
+
+const UPDATE_SHARDS: usize = 64;
 
 struct Loaded {
     generation: u64,
@@ -556,21 +618,30 @@ impl LoadedSecrets {
         let unknown = DhchapSecret::generate(&OsEntropy, 64, None)?;
         Ok(Self {
             map: RwLock::new(HashMap::new()),
-            update: Mutex::new(()),
+            update: std::array::from_fn(|_| Mutex::new(())),
             next_generation: AtomicU64::new(1),
             unknown: Arc::new(HostSecrets::new(unknown)),
             misses: RateLimit::new(Duration::from_secs(10)),
         })
     }
 
-    /// Reads a volume's secrets with `read` and keeps them, all under the update lock. Returns the
-    /// entry's generation.
+    fn update_lock(&self, volume: &str) -> parking_lot::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        volume.hash(&mut h);
+        let shard = (h.finish() % UPDATE_SHARDS as u64) as usize;
+        let [first, ..] = &self.update;
+        self.update.get(shard).unwrap_or(first).lock() // always `get`: shard < UPDATE_SHARDS
+    }
+
+    /// Reads a volume's secrets with `read` and keeps them, all under the volume's update lock.
+    /// Returns the entry's generation.
     pub(crate) fn load<E>(
         &self,
         volume: &str,
         read: impl FnOnce() -> Result<VolumeSecrets, E>,
     ) -> Result<u64, E> {
-        let _update = self.update.lock();
+        let _update = self.update_lock(volume);
         let secrets = read()?;
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let hosts = secrets.hosts.into_iter().collect();
@@ -581,15 +652,15 @@ impl LoadedSecrets {
     /// Replaces a loaded volume's secrets (nothing if it is not loaded). Call after the file is
     /// written.
     pub(crate) fn update_if_loaded(&self, volume: &str, secrets: &VolumeSecrets) {
-        let _update = self.update.lock();
+        let _update = self.update_lock(volume);
         if let Some(entry) = self.map.write().get_mut(volume) {
             entry.hosts = secrets.hosts.iter().map(|(h, s)| (h.clone(), s.clone())).collect();
         }
     }
 
-    /// Runs `f` under the update lock (serialises with loads and updates).
-    pub(crate) fn with_update_lock<R>(&self, f: impl FnOnce() -> R) -> R {
-        let _update = self.update.lock();
+    /// Runs `f` under the update lock of `volume` (serialises with its loads and updates).
+    pub(crate) fn with_update_lock<R>(&self, volume: &str, f: impl FnOnce() -> R) -> R {
+        let _update = self.update_lock(volume);
         f()
     }
 
@@ -600,7 +671,7 @@ impl LoadedSecrets {
 
     /// Drops a volume's entry if it is still generation `generation` (not loaded again since).
     pub(crate) fn forget_if(&self, volume: &str, generation: u64) {
-        let _update = self.update.lock();
+        let _update = self.update_lock(volume);
         let mut map = self.map.write();
         if map.get(volume).is_some_and(|e| e.generation == generation) {
             map.remove(volume);
@@ -609,7 +680,7 @@ impl LoadedSecrets {
 
     /// Drops a volume's entry.
     pub(crate) fn forget(&self, volume: &str) {
-        let _update = self.update.lock();
+        let _update = self.update_lock(volume);
         self.map.write().remove(volume);
     }
 
@@ -674,7 +745,6 @@ mod tests {
     fn file_round_trip_permissions_and_atomic_replace() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = SecretsDir::open(tmp.path().join("secrets")).unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
         assert_eq!(mode(dir.path()), 0o700);
         assert!(dir.read("v").unwrap().is_empty(), "no file: no secrets");
         let mut s = VolumeSecrets::new();
@@ -701,6 +771,41 @@ mod tests {
         dir.write("v", &VolumeSecrets::new()).unwrap();
         assert!(!dir.file_of("v").exists());
         assert!(!dir.remove("v").unwrap());
+    }
+
+    #[test]
+    fn a_batch_shares_one_file_until_one_volume_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SecretsDir::open(tmp.path().join("secrets")).unwrap();
+        let mut stale = VolumeSecrets::new();
+        stale.set("nqn.old", HostSecrets::new(secret(7)));
+        dir.write("b", &stale).unwrap();
+        let mut s = VolumeSecrets::new();
+        s.set("nqn.h", HostSecrets::new(secret(1)));
+        dir.write_many(&["a", "b", "c"], &s).unwrap();
+        for v in ["a", "b", "c"] {
+            let got = dir.read(v).unwrap();
+            assert_eq!(got.hosts().collect::<Vec<_>>(), [("nqn.h", false)], "{v}");
+            assert_eq!(std::fs::metadata(dir.file_of(v)).unwrap().nlink(), 3);
+            assert_eq!(mode(&dir.file_of(v)), 0o600);
+        }
+        // One volume's change replaces its link only.
+        s.set("nqn.h2", HostSecrets::new(secret(2)));
+        dir.write("b", &s).unwrap();
+        assert_eq!(dir.read("b").unwrap().hosts().count(), 2);
+        assert_eq!(dir.read("a").unwrap().hosts().count(), 1);
+        assert_eq!(dir.read("c").unwrap().hosts().count(), 1);
+        // No secrets: the batch's files go; no temporary file is left.
+        dir.write_many(&["a", "b", "x"], &VolumeSecrets::new()).unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["c.dhchap"]);
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().mode() & 0o7777
     }
 
     #[test]
