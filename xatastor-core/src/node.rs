@@ -475,6 +475,29 @@ impl Inner {
         })
     }
 
+    /// The secrets of volume `rec`, refused if its file lacks a host the catalog lists (the file was
+    /// lost or replaced: [`SecretsError::Missing`]), so that no change made on top of such a file
+    /// forgets the hosts it lacks — which could then connect without authenticating. `except` is
+    /// a host the caller is about to give a secret (or take it from).
+    fn read_secrets_checked(
+        &self,
+        rec: &VolumeRecord,
+        except: Option<&str>,
+    ) -> Result<VolumeSecrets, NodeError> {
+        let secrets = self.secrets.read(&rec.name)?;
+        let missing: Vec<String> = rec
+            .dhchap_hosts
+            .iter()
+            .filter(|h| Some(h.as_str()) != except && secrets.get(h).is_none())
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            Ok(secrets)
+        } else {
+            Err(SecretsError::Missing { path: self.secrets.file_of(&rec.name), hosts: missing }.into())
+        }
+    }
+
     /// Gives volume `name`'s loaded subsystem (if any) the requirement the catalog records now.
     /// Serialised with every other such call, so the last one applies the latest record.
     fn apply_require_auth(&self, name: &str) {
@@ -971,8 +994,9 @@ impl Node {
     }
 
     /// [`Node::create_volumes`] with the same authentication settings for every volume of the batch:
-    /// each gets the requirement and its own copy of the secrets, written before the create is
-    /// recorded (a volume of the batch is never exported without them).
+    /// each gets the requirement and the secrets, written before the create is recorded (a volume
+    /// of the batch is never exported without them) — for the whole batch with one data fsync (one
+    /// file, hard-linked; a later change of one volume's secrets is that volume's alone).
     pub fn create_volumes_with_auth(
         &self,
         reqs: Vec<CreateVolume>,
@@ -1175,8 +1199,11 @@ impl Node {
         }
         self.check_backend_free(&rec.name)?;
         self.check_capacity(rec.size_bytes)?;
-        let mut secrets =
-            if auth.inherit_secrets { self.inner.secrets.read(volume)? } else { VolumeSecrets::new() };
+        let mut secrets = if auth.inherit_secrets {
+            self.inner.read_secrets_checked(&parent, None)?
+        } else {
+            VolumeSecrets::new()
+        };
         secrets.overlay(&explicit);
         rec.require_auth = auth.require_auth || parent.require_auth;
         rec.dhchap_hosts = secrets.hosts().map(|(h, _)| h.to_owned()).collect();
@@ -1478,7 +1505,7 @@ impl Node {
         hostnqn: &str,
         secrets: HostSecrets,
     ) -> Result<VolumeSecrets, NodeError> {
-        let mut all = self.inner.secrets.read(&rec.name)?;
+        let mut all = self.inner.read_secrets_checked(rec, Some(hostnqn))?;
         let rotated = all.get(hostnqn).is_some();
         let bidirectional = secrets.controller.is_some();
         all.set(hostnqn, secrets);
@@ -1510,11 +1537,14 @@ impl Node {
     ) -> Result<bool, NodeError> {
         let mut all = self.inner.secrets.read(name)?;
         if !all.remove(hostnqn) {
+            // From memory even so: the file may have lost the host behind the node's back.
+            self.inner.loaded_secrets.remove_host_if_loaded(name, hostnqn);
             return Ok(false);
         }
         self.inner.secrets.write(name, &all)?;
         self.step(op, Step::SecretsFileWritten);
-        self.inner.loaded_secrets.update_if_loaded(name, &all);
+        // Only this host: other hosts a damaged file lacks keep their secrets in memory.
+        self.inner.loaded_secrets.remove_host_if_loaded(name, hostnqn);
         tracing::info!(volume = name, host = hostnqn, "host secret removed");
         Ok(true)
     }
@@ -1626,7 +1656,7 @@ impl Node {
     pub fn volume_auth(&self, name: &str) -> Result<VolumeAuth, NodeError> {
         let rec =
             self.inner.catalog.volume(name)?.ok_or_else(|| NodeError::NotFound(format!("volume {name}")))?;
-        Ok(VolumeAuth::from_secrets(rec.require_auth, &self.inner.secrets.read(name)?))
+        Ok(VolumeAuth::from_secrets(rec.require_auth, &self.inner.read_secrets_checked(&rec, None)?))
     }
 
     /// The secrets directory.
@@ -1702,7 +1732,8 @@ impl Node {
         };
         let active = self.inner.target.subsystem(&record.nqn).is_some();
         let controllers = if active { self.controllers_of(&record.nqn) } else { 0 };
-        let auth = VolumeAuth::from_secrets(record.require_auth, &self.inner.secrets.read(name)?);
+        let auth =
+            VolumeAuth::from_secrets(record.require_auth, &self.inner.read_secrets_checked(&record, None)?);
         Ok(VolumeInfo { record, usage, active, controllers, auth })
     }
 

@@ -658,6 +658,15 @@ impl LoadedSecrets {
         }
     }
 
+    /// Removes one host's secrets from a loaded volume (nothing if it is not loaded). Call after
+    /// the file is written.
+    pub(crate) fn remove_host_if_loaded(&self, volume: &str, hostnqn: &str) {
+        let _update = self.update_lock(volume);
+        if let Some(entry) = self.map.write().get_mut(volume) {
+            entry.hosts.remove(hostnqn);
+        }
+    }
+
     /// Runs `f` under the update lock of `volume` (serialises with its loads and updates).
     pub(crate) fn with_update_lock<R>(&self, volume: &str, f: impl FnOnce() -> R) -> R {
         let _update = self.update_lock(volume);
@@ -900,7 +909,11 @@ mod tests {
         loaded.update_if_loaded("v", &s);
         assert_eq!(*keys.host_secrets("nqn.p:v", "h").unwrap().host.to_dhhc1(), *secret(2).to_dhhc1());
         loaded.update_if_loaded("w", &s);
+        loaded.remove_host_if_loaded("w", "h");
         assert_eq!(loaded.len(), 1, "an update does not load");
+        loaded.remove_host_if_loaded("v", "h");
+        assert!(keys.host_secrets("nqn.p:v", "h").is_none());
+        loaded.update_if_loaded("v", &s);
         // Loaded again meanwhile: an unload of the older generation keeps it.
         let g2 = loaded.load("v", || Ok::<_, ()>(s.clone())).unwrap();
         assert!(g2 > g1);

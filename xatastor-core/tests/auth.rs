@@ -398,7 +398,25 @@ fn a_lost_secrets_file_keeps_the_volume_unexported() {
     std::fs::remove_file(f.node.secrets_dir().join("lost.dhchap")).unwrap();
     // The host must not get in without authenticating: the volume is not exported at all.
     assert!(connect_admin_only(addr, &nqn, HOST, 0).is_err());
-    // Removing the host's secret (or setting it again) is how the operator says what is meant.
+    // Admin calls say so, and no change on top of the incomplete file forgets HOST.
+    let e = f.node.volume_auth("lost").unwrap_err();
+    assert!(matches!(&e, NodeError::Secrets(SecretsError::Missing { hosts, .. }) if hosts == &[HOST]), "{e}");
+    assert!(matches!(f.node.volume("lost"), Err(NodeError::Secrets(SecretsError::Missing { .. }))));
+    let e = f.node.set_host_secrets("lost", OTHER, HostSecrets::new(gen(None))).unwrap_err();
+    assert!(matches!(e, NodeError::Secrets(SecretsError::Missing { .. })), "{e}");
+    f.node.snapshot(&[("lost".into(), "s".into())]).unwrap();
+    let mut inherit = VolumeAuthOptions::new();
+    inherit.inherit_secrets = true;
+    let e = f.node.clone_volume_with_auth("lost", "s", volume("heir", &[HOST]), &inherit).unwrap_err();
+    assert!(matches!(e, NodeError::Secrets(SecretsError::Missing { .. })), "{e}");
+    assert!(f.node.catalog().volume("heir").unwrap().is_none());
+    assert!(connect_admin_only(addr, &nqn, HOST, 0).is_err());
+    // Setting HOST's secret again, or removing it, is how the operator says what is meant.
+    let s = gen(None);
+    f.node.set_host_secrets("lost", HOST, HostSecrets::new(s.clone())).unwrap();
+    bring_up(addr, &nqn, HOST, &s, None);
+    std::fs::remove_file(f.node.secrets_dir().join("lost.dhchap")).unwrap();
+    // (The loaded volume keeps its secrets in memory: the file is read at the next activation.)
     assert!(f.node.remove_host_secrets("lost", HOST).unwrap(), "the catalog listed it");
     let (_, _, atr) = connect_admin_only(addr, &nqn, HOST, 0).unwrap();
     assert!(!atr);
