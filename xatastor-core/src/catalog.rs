@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   volumes       name            → VolumeRecord   (size, block size, origin, NQN, NGUID/UUID,
-//!                                                   serial, allowed hosts, state)
+//!                                                   serial, allowed hosts, authentication, state)
 //!   snapshots     "volume@snap"   → SnapshotRecord
 //!   host_volumes  host NQN | "*"  →→ volume name   (multimap: the discovery index)
 //!   clones        "volume@snap"   →→ clone name    (multimap: dependents of a snapshot)
@@ -21,6 +21,15 @@
 //! It also records **which backend** the volumes live on ([`BackendRecord`]: kind, dataset or
 //! directory, durable or not), so that a node started on another backend is refused instead of
 //! serving volumes whose devices are elsewhere.
+//!
+//! **Authentication.** A record says whether every host must authenticate (DH-HMAC-CHAP) and which
+//! hosts have a secret ([`VolumeRecord::dhchap_hosts`]); the secrets themselves are never in the
+//! catalog (see [`crate::secrets`]).
+//!
+//! **Record versions.** Volume records are written as `0x00, 2, postcard(VolumeRecord)`; a record
+//! without that tag is the first layout (no authentication fields) and reads as one that requires no
+//! authentication. A catalog of schema version 1 opens as it is (nothing is rewritten at start) and
+//! is marked version 2, which older builds refuse instead of misreading the new records.
 //!
 //! **Why redb.** It is an embedded, pure-Rust, ACID key-value store with copy-on-write B-trees:
 //! a commit is durable when it returns (fsync), a crash at any moment leaves the last committed
@@ -52,8 +61,15 @@ const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 /// The key of volumes any host may connect to in the `host_volumes` index.
 const ANY_HOST: &str = "*";
-/// Catalog layout version, stored in `meta`.
-const SCHEMA_VERSION: u32 = 1;
+/// Catalog layout version, stored in `meta`: 2 since volume records carry authentication settings.
+const SCHEMA_VERSION: u32 = 2;
+/// The oldest layout this build opens (and marks [`SCHEMA_VERSION`]).
+const OLDEST_SCHEMA_VERSION: u32 = 1;
+/// First byte of a versioned volume record. A record of the first layout starts with the varint
+/// length of its (non-empty) name, so never with 0.
+const RECORD_TAG: u8 = 0;
+/// Version of the volume record layout written now.
+const RECORD_VERSION: u8 = 2;
 
 /// Meta keys of the backend record and the provisioned-bytes counter.
 const META_BACKEND_KIND: &str = "backend_kind";
@@ -83,7 +99,10 @@ pub enum CatalogError {
         reason: String,
     },
     /// The catalog was written by a newer, incompatible version.
-    #[error("catalog schema version {found} is not supported (this build reads version {SCHEMA_VERSION})")]
+    #[error(
+        "catalog schema version {found} is not supported (this build reads versions \
+         {OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION})"
+    )]
     Schema {
         /// The version found.
         found: u32,
@@ -175,6 +194,52 @@ pub struct VolumeRecord {
     pub state: VolumeState,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix_s: u64,
+    /// Every host must authenticate (DH-HMAC-CHAP); a host without a secret cannot connect.
+    pub require_auth: bool,
+    /// Hosts that have a DH-HMAC-CHAP secret for this volume, sorted. The secrets are in the node's
+    /// secrets directory, never here; this list is what that directory must hold at least (a volume
+    /// whose secrets file lacks one of them is not exported: see [`crate::secrets`]).
+    pub dhchap_hosts: Vec<String>,
+}
+
+/// The first layout of [`VolumeRecord`] (schema version 1), before authentication.
+#[derive(Deserialize)]
+struct VolumeRecordV1 {
+    name: String,
+    size_bytes: u64,
+    block_size: u32,
+    compression: Option<String>,
+    origin: Option<(String, String)>,
+    nqn: String,
+    nguid: [u8; 16],
+    uuid: [u8; 16],
+    serial: String,
+    allow_any_host: bool,
+    allowed_hosts: Vec<String>,
+    state: VolumeState,
+    created_unix_s: u64,
+}
+
+impl From<VolumeRecordV1> for VolumeRecord {
+    fn from(v: VolumeRecordV1) -> Self {
+        Self {
+            name: v.name,
+            size_bytes: v.size_bytes,
+            block_size: v.block_size,
+            compression: v.compression,
+            origin: v.origin,
+            nqn: v.nqn,
+            nguid: v.nguid,
+            uuid: v.uuid,
+            serial: v.serial,
+            allow_any_host: v.allow_any_host,
+            allowed_hosts: v.allowed_hosts,
+            state: v.state,
+            created_unix_s: v.created_unix_s,
+            require_auth: false,
+            dhchap_hosts: Vec::new(),
+        }
+    }
 }
 
 /// A snapshot as the catalog knows it.
@@ -246,6 +311,25 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, Ca
         .map_err(|e| CatalogError::Corrupt { key: key.to_owned(), reason: e.to_string() })
 }
 
+/// A volume record in the current layout: tag, version, postcard.
+fn encode_volume(rec: &VolumeRecord) -> Vec<u8> {
+    let mut out = vec![RECORD_TAG, RECORD_VERSION];
+    out.extend_from_slice(&encode(rec));
+    out
+}
+
+/// A volume record of any layout this build knows.
+fn decode_volume(key: &str, bytes: &[u8]) -> Result<VolumeRecord, CatalogError> {
+    match bytes {
+        [RECORD_TAG, RECORD_VERSION, rest @ ..] => decode(key, rest),
+        [RECORD_TAG, version, ..] => Err(CatalogError::Corrupt {
+            key: key.to_owned(),
+            reason: format!("volume record version {version} is not known to this build"),
+        }),
+        _ => decode::<VolumeRecordV1>(key, bytes).map(VolumeRecord::from),
+    }
+}
+
 /// The catalog database (one file). Cheap to share behind an `Arc`; writes are serialised by the
 /// store, reads run concurrently with them.
 #[derive(Debug)]
@@ -287,6 +371,8 @@ impl VolumeRecord {
             allowed_hosts: Vec::new(),
             state: VolumeState::Creating,
             created_unix_s: unix_now(),
+            require_auth: false,
+            dhchap_hosts: Vec::new(),
         }
     }
 }
@@ -331,10 +417,12 @@ impl Catalog {
                 .map_err(store)?
                 .and_then(|v| v.value().try_into().ok().map(u32::from_le_bytes));
             match found {
-                None => {
+                Some(SCHEMA_VERSION) => {}
+                // New, or an older layout this build reads as it is: records of the old layout are
+                // decoded as such and written in the new one when they change.
+                None | Some(OLDEST_SCHEMA_VERSION..SCHEMA_VERSION) => {
                     meta.insert("schema", SCHEMA_VERSION.to_le_bytes().as_slice()).map_err(store)?;
                 }
-                Some(SCHEMA_VERSION) => {}
                 Some(found) => return Err(CatalogError::Schema { found }),
             }
             if meta_u64(&meta, META_PROVISIONED)?.is_none() {
@@ -343,7 +431,7 @@ impl Catalog {
                 let mut sum = 0u64;
                 for entry in volumes.iter().map_err(store)? {
                     let (k, v) = entry.map_err(store)?;
-                    let rec: VolumeRecord = decode(k.value(), v.value())?;
+                    let rec = decode_volume(k.value(), v.value())?;
                     sum = sum.saturating_add(rec.size_bytes);
                 }
                 meta.insert(META_PROVISIONED, sum.to_le_bytes().as_slice()).map_err(store)?;
@@ -395,7 +483,7 @@ impl Catalog {
         let r = self.db.begin_read().map_err(store)?;
         let t = r.open_table(VOLUMES).map_err(store)?;
         let v = t.get(name).map_err(store)?;
-        v.map(|v| decode(name, v.value())).transpose()
+        v.map(|v| decode_volume(name, v.value())).transpose()
     }
 
     /// The snapshot `volume@snapshot`.
@@ -431,7 +519,7 @@ impl Catalog {
                 }
                 continue;
             }
-            out.push(decode(k.value(), v.value())?);
+            out.push(decode_volume(k.value(), v.value())?);
             if out.len() >= limit {
                 break;
             }
@@ -546,7 +634,7 @@ impl CatalogTxn {
     pub fn volume(&self, name: &str) -> Result<Option<VolumeRecord>, CatalogError> {
         let t = self.txn.open_table(VOLUMES).map_err(store)?;
         let v = t.get(name).map_err(store)?;
-        v.map(|v| decode(name, v.value())).transpose()
+        v.map(|v| decode_volume(name, v.value())).transpose()
     }
 
     /// Reads a snapshot inside the transaction.
@@ -604,7 +692,7 @@ impl CatalogTxn {
             }
         }
         let mut t = self.txn.open_table(VOLUMES).map_err(store)?;
-        t.insert(rec.name.as_str(), encode(rec).as_slice()).map_err(store)?;
+        t.insert(rec.name.as_str(), encode_volume(rec).as_slice()).map_err(store)?;
         Ok(())
     }
 
@@ -744,6 +832,8 @@ mod tests {
             allowed_hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             state: VolumeState::Ready,
             created_unix_s: 0,
+            require_auth: false,
+            dhchap_hosts: Vec::new(),
         }
     }
 
@@ -796,6 +886,114 @@ mod tests {
         let names: Vec<String> =
             cat.volumes("", Some("b"), 10).unwrap().into_iter().map(|r| r.name).collect();
         assert_eq!(names, ["c"]);
+    }
+
+    /// The first record layout, as the previous build wrote it.
+    #[derive(Serialize)]
+    struct V1 {
+        name: String,
+        size_bytes: u64,
+        block_size: u32,
+        compression: Option<String>,
+        origin: Option<(String, String)>,
+        nqn: String,
+        nguid: [u8; 16],
+        uuid: [u8; 16],
+        serial: String,
+        allow_any_host: bool,
+        allowed_hosts: Vec<String>,
+        state: VolumeState,
+        created_unix_s: u64,
+    }
+
+    fn v1(name: &str, hosts: &[&str]) -> V1 {
+        V1 {
+            name: name.to_owned(),
+            size_bytes: 1 << 30,
+            block_size: 512,
+            compression: Some("lz4".into()),
+            origin: None,
+            nqn: format!("nqn.x:{name}"),
+            nguid: [1; 16],
+            uuid: [2; 16],
+            serial: "S".into(),
+            allow_any_host: false,
+            allowed_hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            state: VolumeState::Ready,
+            created_unix_s: 7,
+        }
+    }
+
+    /// Writes a catalog as a schema-1 build left it: schema 1 in meta, first-layout records, no
+    /// provisioned-bytes counter.
+    fn write_v1_catalog(path: &Path, records: &[V1]) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert("schema", 1u32.to_le_bytes().as_slice()).unwrap();
+            let mut vols = txn.open_table(VOLUMES).unwrap();
+            let mut idx = txn.open_multimap_table(HOST_VOLUMES).unwrap();
+            for r in records {
+                vols.insert(r.name.as_str(), postcard::to_stdvec(r).unwrap().as_slice()).unwrap();
+                for h in &r.allowed_hosts {
+                    idx.insert(h.as_str(), r.name.as_str()).unwrap();
+                }
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn schema_1_catalog_opens_and_its_records_read_without_authentication() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.redb");
+        write_v1_catalog(&path, &[v1("a", &["h1"]), v1("b", &[])]);
+        let cat = Catalog::open(&path).unwrap();
+        // Marked the new version (an older build refuses it from now on).
+        assert_eq!(cat.meta("schema").unwrap().unwrap(), SCHEMA_VERSION.to_le_bytes());
+        let a = cat.volume("a").unwrap().unwrap();
+        assert_eq!(a.name, "a");
+        assert_eq!(a.compression.as_deref(), Some("lz4"));
+        assert_eq!(a.allowed_hosts, ["h1"]);
+        assert_eq!(a.created_unix_s, 7);
+        assert!(!a.require_auth);
+        assert!(a.dhchap_hosts.is_empty());
+        assert_eq!(cat.volumes("", None, 10).unwrap().len(), 2);
+        assert_eq!(cat.provisioned_bytes().unwrap(), 2 << 30, "counted from old records");
+        assert_eq!(cat.volumes_for_host("h1").unwrap(), ["a"]);
+        // A changed record is written in the new layout; the untouched one stays readable.
+        let mut t = cat.begin().unwrap();
+        t.put_volume(&VolumeRecord { require_auth: true, dhchap_hosts: vec!["h1".into()], ..a.clone() })
+            .unwrap();
+        t.commit().unwrap();
+        drop(cat);
+        let cat = Catalog::open(&path).unwrap();
+        let a2 = cat.volume("a").unwrap().unwrap();
+        assert!(a2.require_auth);
+        assert_eq!(a2.dhchap_hosts, ["h1"]);
+        assert_eq!(VolumeRecord { require_auth: false, dhchap_hosts: Vec::new(), ..a2 }, a);
+        assert!(!cat.volume("b").unwrap().unwrap().require_auth);
+        let r = cat.db.begin_read().unwrap();
+        let raw = r.open_table(VOLUMES).unwrap().get("a").unwrap().unwrap().value().to_vec();
+        assert_eq!(raw[..2], [RECORD_TAG, RECORD_VERSION]);
+    }
+
+    #[test]
+    fn newer_schema_and_unknown_record_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("schema", 3u32.to_le_bytes().as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(matches!(Catalog::open(&path), Err(CatalogError::Schema { found: 3 })));
+        let e = decode_volume("x", &[RECORD_TAG, 9, 1, 2, 3]).unwrap_err();
+        assert!(e.to_string().contains("version 9"), "{e}");
+        assert!(decode_volume("x", &[RECORD_TAG]).is_err());
+        assert!(decode_volume("x", &[]).is_err());
     }
 
     #[test]

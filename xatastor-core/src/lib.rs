@@ -20,6 +20,9 @@
 //!   lifecycle (intent → backend operation → commit, reconciled after a crash), the shrink rule,
 //!   editable host access, capacity and the overcommit limit, lazy activation on Connect, idle
 //!   unload, discovery from the host index;
+//! - [`secrets`]: DH-HMAC-CHAP host authentication — per-volume requirement, secrets per (volume,
+//!   host) in a private directory (0700, files 0600), read when a volume is loaded, rotated without
+//!   dropping connected hosts, never logged;
 //! - [`provision`] and [`provisioners`]: the provisioner trait, memory and file implementations;
 //! - [`ratelimit`]: warnings a host can trigger over and over, logged once per interval;
 //! - [`admin`]: the admin API (requests, typed responses, one handler) that the local socket, the
@@ -51,11 +54,17 @@ pub mod node;
 pub mod provision;
 pub mod provisioners;
 pub mod ratelimit;
+pub mod secrets;
 pub mod server;
 
-pub use node::{CreateVolume, IoTotals, Node, NodeCapacity, NodeConfig, NodeError, NodeStats, VolumeInfo};
+pub use node::{
+    CreateVolume, IoTotals, Node, NodeCapacity, NodeConfig, NodeError, NodeStats, VolumeAuthOptions,
+    VolumeInfo,
+};
+pub use nvmeof_target::auth::{DhchapHash, DhchapSecret, HostSecrets};
 pub use provision::{
     Capacity, ListedVolume, ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner,
     VolumeSpec,
 };
+pub use secrets::{HostAuth, SecretParams, SecretsError, VolumeAuth};
 pub use server::{Server, ServerConfig, WorkerStats};

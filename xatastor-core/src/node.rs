@@ -39,6 +39,29 @@
 //! [`nvmeof_target::Target::detach_namespaces`]), so a Linux host drops its block device at once
 //! instead of retrying for its `ctrl_loss_tmo`.
 //!
+//! **Host authentication** (DH-HMAC-CHAP, see [`crate::secrets`]). A volume may require every host
+//! to authenticate ([`Node::set_require_auth`]; recorded in the catalog, applied to the loaded
+//! subsystem at once). A host may have a secret for a volume, and a controller secret for
+//! bidirectional authentication ([`Node::set_host_secrets`], [`Node::allow_host_with_secrets`],
+//! [`Node::generate_host_secrets`]): a host with a secret must authenticate even where the volume
+//! does not require it of everyone. Secrets live in the secrets directory (0700, files 0600), never
+//! in the catalog or a log line; the catalog lists which hosts have one, so that a lost secrets
+//! file keeps the volume from being exported instead of letting its hosts in without. Changing a
+//! secret never drops a connected host: the new secret is checked at the host's next
+//! (re)authentication — a Linux host re-authenticates its queues when its
+//! `/sys/class/nvme/nvmeX/dhchap_secret` (or `dhchap_ctrl_secret`) is written, and on reconnect.
+//!
+//! Every change is ordered so that a crash never leaves a host able to skip an authentication that
+//! was set up, and needs nothing reconciled at start: a secret is written (file, fsync, rename,
+//! directory fsync) *before* the catalog lists its host or the host is allowed, and the catalog
+//! stops listing a host (or denies it) *before* its secret is removed. After a crash between the two
+//! steps the secret still applies (the call failed; repeating it finishes it). A new volume's
+//! secrets are written before its create is recorded (after removing any file a deleted volume of
+//! the same name left); a delete removes them with the backend volume and is carried through at the
+//! next start like the rest of it; a create or clone that is undone removes them. Clones get no
+//! secret of their origin unless asked ([`VolumeAuthOptions::inherit_secrets`]), but they require
+//! authentication whenever their origin does (their data is the origin's).
+//!
 //! Start-up reads nothing per volume (the catalog is opened, pending intents — usually none — are
 //! reconciled). A volume costs nothing while no host uses it: its subsystem is built on the first
 //! Connect (an index lookup and opening its device) and dropped again `idle_unload` after its last
@@ -64,6 +87,8 @@ use nvmeof_target::{
 };
 use parking_lot::Mutex;
 
+use nvmeof_target::auth::{DhchapSecret, HostSecrets, OsEntropy};
+
 use crate::catalog::{
     unix_now, BackendRecord, Catalog, CatalogError, CatalogTxn, Intent, SnapshotRecord, VolumeRecord,
     VolumeState,
@@ -72,6 +97,9 @@ use crate::provision::{
     ProvisionError, SnapshotName, SnapshotRef, Usage, VolumeName, VolumeProvisioner, VolumeSpec,
 };
 use crate::ratelimit::RateLimit;
+use crate::secrets::{
+    LoadedSecrets, NodeHostKeys, SecretParams, SecretsDir, SecretsError, VolumeAuth, VolumeSecrets,
+};
 
 /// Longest wait for hosts to see that a volume's namespace was taken away from them before their
 /// connections are cut (forced delete, deny with disconnect); a live Linux host answers in
@@ -91,6 +119,9 @@ pub enum NodeError {
     /// The catalog failed.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// The secrets directory or a secrets file is unusable (permissions, owner, contents, I/O).
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
     /// No such volume or snapshot.
     #[error("{0} does not exist")]
     NotFound(String),
@@ -116,6 +147,9 @@ pub enum NodeError {
     /// A bad argument (size, block size, host NQN, …).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// No random bytes for a new secret.
+    #[error("cannot make a secret: {0}")]
+    Entropy(String),
     /// The volume is being created or deleted.
     #[error("{0} is being created or deleted")]
     NotReady(String),
@@ -200,10 +234,17 @@ pub enum Step {
     BackendDone,
     /// The operation is committed.
     Committed,
+    /// A volume's secrets file is written or removed (durably); for `set-secrets` the catalog does
+    /// not list the host yet, for `remove-secrets` and `deny-host` it already stopped listing it.
+    SecretsFileWritten,
+    /// The catalog's list of hosts with secrets (or its allowed hosts) is committed; for
+    /// `set-secrets` and `allow-host` the secrets file was written before, for `remove-secrets`
+    /// and `deny-host` it is still to be changed.
+    SecretsCatalogWritten,
 }
 
 /// Called at each [`Step`] of each operation (named `create`, `clone`, `snapshot`, `resize`,
-/// `delete`, `delete-snapshot`).
+/// `delete`, `delete-snapshot`, `set-secrets`, `remove-secrets`, `allow-host`, `deny-host`).
 pub type CrashHook = Arc<dyn Fn(&'static str, Step) + Send + Sync>;
 
 /// How to run a node.
@@ -226,6 +267,9 @@ pub struct NodeConfig {
     pub rebind_backend: bool,
     /// Called at every step of every lifecycle operation (crash tests abort the process there).
     pub crash_hook: Option<CrashHook>,
+    /// The directory of the volumes' DH-HMAC-CHAP secrets (created 0700; refused if others may
+    /// access it). `None`: `secrets` beside the catalog file.
+    pub secrets_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -236,13 +280,14 @@ impl std::fmt::Debug for NodeConfig {
             .field("idle_unload", &self.idle_unload)
             .field("overcommit_ratio", &self.overcommit_ratio)
             .field("rebind_backend", &self.rebind_backend)
+            .field("secrets_dir", &self.secrets_dir)
             .finish_non_exhaustive()
     }
 }
 
 impl NodeConfig {
     /// Defaults: NQN prefix from the catalog, volumes unloaded 30 s after their last controller, no
-    /// overcommit limit, the recorded backend enforced.
+    /// overcommit limit, the recorded backend enforced, secrets in `secrets` beside the catalog.
     #[must_use]
     pub fn new(catalog_path: impl Into<PathBuf>) -> Self {
         Self {
@@ -252,6 +297,7 @@ impl NodeConfig {
             overcommit_ratio: None,
             rebind_backend: false,
             crash_hook: None,
+            secrets_dir: None,
         }
     }
 }
@@ -288,6 +334,31 @@ impl CreateVolume {
     }
 }
 
+/// How a new volume (or clone) authenticates its hosts from the start
+/// ([`Node::create_volumes_with_auth`], [`Node::clone_volume_with_auth`]).
+///
+/// Setting it at creation leaves no moment in which an allowed host could connect without: the
+/// secrets are written before the volume can be exported.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct VolumeAuthOptions {
+    /// Every host must authenticate. A clone requires it also when its origin does.
+    pub require_auth: bool,
+    /// Secrets of hosts, stored with the volume: `(host NQN, secrets)`.
+    pub host_secrets: Vec<(String, HostSecrets)>,
+    /// Clones only: copy every host secret of the origin volume (those in `host_secrets` take
+    /// precedence). Without it a clone starts with no secret.
+    pub inherit_secrets: bool,
+}
+
+impl VolumeAuthOptions {
+    /// Nothing asked: no secret, not required (a clone still follows its origin's requirement).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
 /// A volume with what is known about it right now.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VolumeInfo {
@@ -299,6 +370,8 @@ pub struct VolumeInfo {
     pub active: bool,
     /// Live controllers.
     pub controllers: usize,
+    /// Authentication: required or not, hosts with secrets (never the secrets).
+    pub auth: VolumeAuth,
 }
 
 /// Node-wide gauges.
@@ -311,6 +384,8 @@ pub struct NodeStats {
     pub volumes_active: usize,
     /// Live controllers (all subsystems, discovery included).
     pub controllers: usize,
+    /// Volumes whose DH-HMAC-CHAP secrets are in memory (those loaded; none while all are idle).
+    pub secrets_loaded: usize,
 }
 
 /// Space: what the volumes may grow to against what the backend's pool has.
@@ -378,9 +453,76 @@ struct Inner {
     unloaded_io: Mutex<IoTotals>,
     /// Warnings a host can trigger over and over.
     open_failures: RateLimit,
+    /// The secrets directory.
+    secrets: SecretsDir,
+    /// Secrets of the loaded volumes (the target's [`nvmeof_target::auth::HostKeys`] reads them).
+    loaded_secrets: Arc<LoadedSecrets>,
 }
 
 impl Inner {
+    /// Reads volume `rec`'s secrets into memory (when it is activated); returns the entry's
+    /// generation. A secrets file that lacks a host the catalog lists is refused
+    /// ([`SecretsError::Missing`]) after reading the record again: a removal commits the catalog
+    /// before it rewrites the file, so a record read before that may list one host too many.
+    fn load_secrets(&self, rec: &VolumeRecord) -> Result<u64, NodeError> {
+        self.loaded_secrets.load(&rec.name, || {
+            let secrets = self.secrets.read(&rec.name)?;
+            let lacking = |hosts: &[String]| -> Vec<String> {
+                hosts.iter().filter(|h| secrets.get(h).is_none()).cloned().collect()
+            };
+            if lacking(&rec.dhchap_hosts).is_empty() {
+                return Ok(secrets);
+            }
+            let listed = self.catalog.volume(&rec.name)?.map(|r| r.dhchap_hosts).unwrap_or_default();
+            let missing = lacking(&listed);
+            if missing.is_empty() {
+                Ok(secrets)
+            } else {
+                Err(SecretsError::Missing { path: self.secrets.file_of(&rec.name), hosts: missing }.into())
+            }
+        })
+    }
+
+    /// The secrets of volume `rec`, refused if its file lacks a host the catalog lists (the file was
+    /// lost or replaced: [`SecretsError::Missing`]), so that no change made on top of such a file
+    /// forgets the hosts it lacks — which could then connect without authenticating. `except` is
+    /// a host the caller is about to give a secret (or take it from).
+    fn read_secrets_checked(
+        &self,
+        rec: &VolumeRecord,
+        except: Option<&str>,
+    ) -> Result<VolumeSecrets, NodeError> {
+        let secrets = self.secrets.read(&rec.name)?;
+        let missing: Vec<String> = rec
+            .dhchap_hosts
+            .iter()
+            .filter(|h| Some(h.as_str()) != except && secrets.get(h).is_none())
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            Ok(secrets)
+        } else {
+            Err(SecretsError::Missing { path: self.secrets.file_of(&rec.name), hosts: missing }.into())
+        }
+    }
+
+    /// Gives volume `name`'s loaded subsystem (if any) the requirement the catalog records now.
+    /// Serialised with every other such call, so the last one applies the latest record.
+    fn apply_require_auth(&self, name: &str) {
+        self.loaded_secrets.with_update_lock(name, || match self.catalog.volume(name) {
+            Ok(Some(rec)) => {
+                if self.target.subsystem(&rec.nqn).is_some() {
+                    // Unloaded meanwhile: nothing to apply.
+                    let _ = self.target.set_auth_required(&rec.nqn, rec.require_auth);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(volume = name, error = %e, "catalog lookup failed applying the authentication requirement")
+            }
+        });
+    }
+
     /// Adds a dropped subsystem's counters to the unloaded total.
     fn retire(&self, subsystem: &Subsystem) {
         let mut totals = self.unloaded_io.lock();
@@ -451,6 +593,29 @@ fn check_host(h: &str) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// A host NQN that may have a secret: a host NQN without control characters (the secrets file has
+/// one host a line).
+fn check_secret_host(h: &str) -> Result<(), NodeError> {
+    check_host(h)?;
+    if h.chars().any(char::is_control) {
+        return Err(NodeError::InvalidArgument(format!("host NQN {h:?} contains control characters")));
+    }
+    Ok(())
+}
+
+/// The secrets of a new volume, checked (each host once, valid NQNs).
+fn secrets_of(hosts: &[(String, HostSecrets)]) -> Result<VolumeSecrets, NodeError> {
+    let mut secrets = VolumeSecrets::new();
+    for (h, s) in hosts {
+        check_secret_host(h)?;
+        if secrets.get(h).is_some() {
+            return Err(NodeError::InvalidArgument(format!("host {h} is given two secrets")));
+        }
+        secrets.set(h, s.clone());
+    }
+    Ok(secrets)
+}
+
 fn check_size(size_bytes: u64, block_size: u32) -> Result<(), NodeError> {
     if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
         return Err(NodeError::InvalidArgument(format!(
@@ -510,8 +675,12 @@ struct Reconciled {
 
 impl Node {
     /// Opens the catalog, checks that it belongs to `provisioner`'s backend (recording it on the
-    /// first start), reconciles pending intents with the backend, and attaches the node to `target`
-    /// as its [`SubsystemSource`] (volumes are exported on demand from now on).
+    /// first start), opens the secrets directory ([`NodeConfig::secrets_dir`]; created 0700, refused
+    /// if others may access it), reconciles pending intents with the backend, and attaches the node
+    /// to `target` as its [`SubsystemSource`] (volumes are exported on demand from now on) and as its
+    /// [`nvmeof_target::auth::HostKeys`] (replacing any the target had; subsystems that are not the
+    /// node's volumes have no host secrets through it). No secret is read here: a volume's secrets
+    /// are read when a host's Connect loads it.
     pub fn open(
         config: NodeConfig,
         provisioner: Arc<dyn VolumeProvisioner>,
@@ -539,6 +708,11 @@ impl Node {
                 p
             }
         };
+        let secrets = SecretsDir::open(config.secrets_dir.unwrap_or_else(|| catalog_dir.join("secrets")))?;
+        let loaded_secrets = Arc::new(LoadedSecrets::new().map_err(|e| {
+            NodeError::InvalidArgument(format!("cannot make the node's placeholder secret: {e}"))
+        })?);
+        target.set_host_keys(Arc::new(NodeHostKeys::new(&prefix, loaded_secrets.clone())));
         let inner = Arc::new(Inner {
             catalog,
             provisioner,
@@ -553,9 +727,12 @@ impl Node {
             fenced: Mutex::new(HashSet::new()),
             unloaded_io: Mutex::new(IoTotals::default()),
             open_failures: RateLimit::new(Duration::from_secs(10)),
+            secrets,
+            loaded_secrets,
         });
         let node = Node { _guard: Arc::new(StopGuard(Arc::downgrade(&inner))), inner };
         node.reconcile()?;
+        node.load_secrets_of_loaded_volumes();
         target.set_source(Arc::new(Source(Arc::downgrade(&node.inner))));
         let weak = Arc::downgrade(&node.inner);
         let handle = std::thread::Builder::new()
@@ -564,6 +741,25 @@ impl Node {
             .map_err(|e| ProvisionError::io("starting the reaper thread", e))?;
         *node.inner.reaper.lock() = Some(handle.thread().clone());
         Ok(node)
+    }
+
+    /// Secrets of volumes the target already has loaded (a node opened again on the same target):
+    /// without them their hosts could not authenticate.
+    fn load_secrets_of_loaded_volumes(&self) {
+        let prefix = format!("{}:", self.inner.prefix);
+        for nqn in self.inner.target.subsystem_nqns() {
+            let Some(name) = nqn.strip_prefix(&prefix) else { continue };
+            match self.inner.catalog.volume(name) {
+                Ok(Some(rec)) => {
+                    if let Err(e) = self.inner.load_secrets(&rec) {
+                        tracing::error!(volume = name, error = %e, "cannot load the secrets of a loaded volume: its hosts cannot authenticate");
+                    }
+                    let _ = self.inner.target.set_auth_required(&nqn, rec.require_auth);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(volume = name, error = %e, "catalog lookup failed"),
+            }
+        }
     }
 
     /// Records the backend on the first start; refuses another one; forgets the volumes of a
@@ -763,6 +959,14 @@ impl Node {
         Ok(rec)
     }
 
+    /// Removes the secrets of a volume whose create was undone (logged if that fails: nothing can
+    /// use them, and the next create of the name replaces them).
+    fn forget_secrets_of_undone(&self, name: &str) {
+        if let Err(e) = self.inner.secrets.remove(name) {
+            tracing::warn!(volume = name, error = %e, "cannot remove the secrets of a volume that was not created");
+        }
+    }
+
     /// Refuses a name the backend has although the catalog does not (it was made outside the node:
     /// adopt it instead), so that undoing a create never deletes a volume the node did not make.
     fn check_backend_free(&self, name: &str) -> Result<(), NodeError> {
@@ -784,6 +988,29 @@ impl Node {
     /// All or none, also across a crash: if the backend fails on one, those already made are deleted
     /// again; after a crash in the middle, [`Node::open`] does the same.
     pub fn create_volumes(&self, reqs: Vec<CreateVolume>) -> Result<Vec<VolumeRecord>, NodeError> {
+        self.create_volumes_with_auth(reqs, &VolumeAuthOptions::default())
+    }
+
+    /// Creates a volume that authenticates its hosts from the start (see [`VolumeAuthOptions`]).
+    pub fn create_volume_with_auth(
+        &self,
+        req: CreateVolume,
+        auth: &VolumeAuthOptions,
+    ) -> Result<VolumeRecord, NodeError> {
+        let mut v = self.create_volumes_with_auth(vec![req], auth)?;
+        v.pop().ok_or_else(|| NodeError::InvalidArgument("nothing created".into()))
+    }
+
+    /// [`Node::create_volumes`] with the same authentication settings for every volume of the batch:
+    /// each gets the requirement and the secrets, written before the create is recorded (a volume
+    /// of the batch is never exported without them) — for the whole batch with one data fsync (one
+    /// file, hard-linked; a later change of one volume's secrets is that volume's alone).
+    pub fn create_volumes_with_auth(
+        &self,
+        reqs: Vec<CreateVolume>,
+        auth: &VolumeAuthOptions,
+    ) -> Result<Vec<VolumeRecord>, NodeError> {
+        let secrets = secrets_of(&auth.host_secrets)?;
         let _op = self.inner.ops.lock();
         let mut recs = Vec::with_capacity(reqs.len());
         let mut seen = HashSet::new();
@@ -792,7 +1019,9 @@ impl Node {
             if !seen.insert(r.name.as_str()) {
                 return Err(NodeError::InvalidArgument(format!("{} is given twice", r.name)));
             }
-            let rec = self.new_record(r, None)?;
+            let mut rec = self.new_record(r, None)?;
+            rec.require_auth = auth.require_auth;
+            rec.dhchap_hosts = secrets.hosts().map(|(h, _)| h.to_owned()).collect();
             total = total.checked_add(rec.size_bytes).ok_or_else(|| {
                 NodeError::InvalidArgument("the sizes of the volumes add up to more than 64 bits".into())
             })?;
@@ -808,6 +1037,13 @@ impl Node {
             self.check_backend_free(&r.name)?;
         }
         self.check_capacity(total)?;
+        // Before anything is recorded: the new volumes' secrets, replacing whatever a deleted volume
+        // of the same name may have left.
+        let names: Vec<&str> = recs.iter().map(|r| r.name.as_str()).collect();
+        self.inner.secrets.write_many(&names, &secrets)?;
+        if !secrets.is_empty() {
+            self.step("create", Step::SecretsFileWritten);
+        }
         let made: Mutex<Vec<VolumeName>> = Mutex::new(Vec::new());
         let count = recs.len();
         self.journaled(
@@ -846,6 +1082,7 @@ impl Node {
                     }
                     for r in &recs {
                         t.remove_volume(&r.name)?;
+                        self.forget_secrets_of_undone(&r.name);
                     }
                     return Ok(IntentAfter::Drop);
                 }
@@ -918,13 +1155,28 @@ impl Node {
 
     /// Creates volume `req.name` as a clone of `volume@snapshot`. `req.size_bytes` 0 means the
     /// snapshot's size; a smaller size or one that is not a multiple of the volume's block size is
-    /// refused. The clone is exportable when this returns.
+    /// refused. The clone is exportable when this returns. It requires authentication if its origin
+    /// does, and has no host secret (see [`Node::clone_volume_with_auth`]).
     pub fn clone_volume(
         &self,
         volume: &str,
         snapshot: &str,
-        mut req: CreateVolume,
+        req: CreateVolume,
     ) -> Result<VolumeRecord, NodeError> {
+        self.clone_volume_with_auth(volume, snapshot, req, &VolumeAuthOptions::default())
+    }
+
+    /// [`Node::clone_volume`] with authentication settings: the clone requires authentication if
+    /// `auth` or its origin does; its secrets are `auth.host_secrets`, plus the origin's if
+    /// `auth.inherit_secrets` — written before the clone is recorded.
+    pub fn clone_volume_with_auth(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        mut req: CreateVolume,
+        auth: &VolumeAuthOptions,
+    ) -> Result<VolumeRecord, NodeError> {
+        let explicit = secrets_of(&auth.host_secrets)?;
         let _op = self.inner.ops.lock();
         let origin = SnapshotRef {
             volume: VolumeName::new(volume.to_owned())?,
@@ -949,12 +1201,24 @@ impl Node {
         if req.compression.is_none() {
             req.compression.clone_from(&parent.compression);
         }
-        let rec = self.new_record(&req, Some((volume.to_owned(), snapshot.to_owned())))?;
+        let mut rec = self.new_record(&req, Some((volume.to_owned(), snapshot.to_owned())))?;
         if self.inner.catalog.volume(&rec.name)?.is_some() {
             return Err(NodeError::AlreadyExists(format!("volume {}", rec.name)));
         }
         self.check_backend_free(&rec.name)?;
         self.check_capacity(rec.size_bytes)?;
+        let mut secrets = if auth.inherit_secrets {
+            self.inner.read_secrets_checked(&parent, None)?
+        } else {
+            VolumeSecrets::new()
+        };
+        secrets.overlay(&explicit);
+        rec.require_auth = auth.require_auth || parent.require_auth;
+        rec.dhchap_hosts = secrets.hosts().map(|(h, _)| h.to_owned()).collect();
+        self.inner.secrets.write(&rec.name, &secrets)?;
+        if !secrets.is_empty() {
+            self.step("clone", Step::SecretsFileWritten);
+        }
         let spec = VolumeSpec {
             name: VolumeName::new(rec.name.clone())?,
             size_bytes: rec.size_bytes,
@@ -976,7 +1240,10 @@ impl Node {
             |t, result| {
                 match result {
                     Ok(()) => t.put_volume(&ready)?,
-                    Err(_) => t.remove_volume(&rec.name)?,
+                    Err(_) => {
+                        t.remove_volume(&rec.name)?;
+                        self.forget_secrets_of_undone(&rec.name);
+                    }
                 }
                 Ok(IntentAfter::Drop)
             },
@@ -1017,6 +1284,7 @@ impl Node {
                     });
                 }
                 self.inner.retire(&subsystem);
+                self.inner.loaded_secrets.forget(name); // fenced: not loaded again meanwhile
             }
             Some(fence)
         } else {
@@ -1081,7 +1349,12 @@ impl Node {
                     let _ = self.inner.target.remove_subsystem(&rec.nqn, true);
                     self.inner.retire(&subsystem);
                 }
-                self.delete_in_backend(name)
+                self.delete_in_backend(name)?;
+                self.inner.loaded_secrets.forget(name);
+                if self.inner.secrets.remove(name)? {
+                    self.step("delete", Step::SecretsFileWritten);
+                }
+                Ok(())
             },
             |t, result| match result {
                 Ok(()) => {
@@ -1179,17 +1452,56 @@ impl Node {
         rec.allowed_hosts.push(hostnqn.to_owned());
         rec.allowed_hosts.sort_unstable();
         self.save(&rec)?;
+        self.host_allowed(&rec, hostnqn);
+        Ok(rec)
+    }
+
+    /// Tells the target (or, for a volume that is not loaded, discovery) that `hostnqn` was allowed.
+    fn host_allowed(&self, rec: &VolumeRecord, hostnqn: &str) {
         let target = &self.inner.target;
         // A loaded subsystem raises the event itself.
         if target.subsystem(&rec.nqn).is_none() || target.allow_host(&rec.nqn, hostnqn).is_err() {
             target.notify_discovery_changed();
         }
+    }
+
+    /// Lets `hostnqn` connect to the volume with DH-HMAC-CHAP `secrets` (`allow-host …
+    /// --dhchap-secret-file`): the secrets are stored (replacing earlier ones) *before* the host is
+    /// allowed, so that at no moment, crash included, may it connect without them. Raises a
+    /// discovery log change event if the host was not allowed yet. Connected hosts stay connected
+    /// (see [`Node::set_host_secrets`]).
+    pub fn allow_host_with_secrets(
+        &self,
+        name: &str,
+        hostnqn: &str,
+        secrets: HostSecrets,
+    ) -> Result<VolumeRecord, NodeError> {
+        check_secret_host(hostnqn)?;
+        let _op = self.inner.ops.lock();
+        let mut rec = self.ready_volume(name)?;
+        let before = rec.clone();
+        self.write_host_secrets("allow-host", &mut rec, hostnqn, secrets)?;
+        let newly_allowed = !rec.allowed_hosts.iter().any(|h| h == hostnqn);
+        if newly_allowed {
+            rec.allowed_hosts.push(hostnqn.to_owned());
+            rec.allowed_hosts.sort_unstable();
+        }
+        if rec != before {
+            self.save(&rec)?;
+            self.step("allow-host", Step::SecretsCatalogWritten);
+        }
+        if newly_allowed {
+            self.host_allowed(&rec, hostnqn);
+        }
         Ok(rec)
     }
 
-    /// Stops `hostnqn` from connecting; with `disconnect`, its controllers are torn down too. Raises
-    /// a discovery log change event. An error for a host that is not allowed, and for a volume that
-    /// lets any host connect (one host cannot be excluded from "any").
+    /// Stops `hostnqn` from connecting and removes its DH-HMAC-CHAP secrets for the volume; with
+    /// `disconnect`, its controllers are torn down too (without, a controller that authenticates
+    /// again fails, having no secret any more). Raises a discovery log change event. An error for a
+    /// host that is not allowed, and for a volume that lets any host connect (one host cannot be
+    /// excluded from "any"). The host is denied before its secrets go, so a crash in between leaves
+    /// it denied with secrets nothing uses.
     pub fn deny_host(&self, name: &str, hostnqn: &str, disconnect: bool) -> Result<VolumeRecord, NodeError> {
         let _op = self.inner.ops.lock();
         let mut rec = self.ready_volume(name)?;
@@ -1200,7 +1512,9 @@ impl Node {
             return Err(NodeError::HostNotAllowed { volume: name.to_owned(), host: hostnqn.to_owned() });
         }
         rec.allowed_hosts.retain(|h| h != hostnqn);
+        rec.dhchap_hosts.retain(|h| h != hostnqn);
         self.save(&rec)?;
+        self.step("deny-host", Step::SecretsCatalogWritten);
         if disconnect {
             self.detach_hosts(name, &rec.nqn, Some(hostnqn));
         }
@@ -1208,7 +1522,184 @@ impl Node {
         if target.subsystem(&rec.nqn).is_none() || target.deny_host(&rec.nqn, hostnqn, disconnect).is_err() {
             target.notify_discovery_changed();
         }
+        match self.remove_secrets_file_entry("deny-host", name, hostnqn) {
+            Ok(_) => {}
+            // The host is denied; its secrets are unused until it is allowed again.
+            Err(e) => {
+                tracing::warn!(volume = name, host = hostnqn, error = %e, "denied, but its secrets could not be removed")
+            }
+        }
         Ok(rec)
+    }
+
+    /// Writes `hostnqn`'s secrets into the volume's secrets file (durably) and into memory if the
+    /// volume is loaded, and brings `rec`'s list of hosts with secrets up to date (the caller saves
+    /// it, after: a listed host must have its secret on disk).
+    fn write_host_secrets(
+        &self,
+        op: &'static str,
+        rec: &mut VolumeRecord,
+        hostnqn: &str,
+        secrets: HostSecrets,
+    ) -> Result<VolumeSecrets, NodeError> {
+        let mut all = self.inner.read_secrets_checked(rec, Some(hostnqn))?;
+        let rotated = all.get(hostnqn).is_some();
+        let bidirectional = secrets.controller.is_some();
+        all.set(hostnqn, secrets);
+        self.inner.secrets.write(&rec.name, &all)?;
+        self.step(op, Step::SecretsFileWritten);
+        self.inner.loaded_secrets.update_if_loaded(&rec.name, &all);
+        rec.dhchap_hosts = all.hosts().map(|(h, _)| h.to_owned()).collect();
+        tracing::info!(
+            volume = %rec.name,
+            host = hostnqn,
+            bidirectional,
+            "{}",
+            if rotated {
+                "host secret replaced (used from the host's next authentication; connected hosts stay)"
+            } else {
+                "host secret set"
+            }
+        );
+        Ok(all)
+    }
+
+    /// Removes `hostnqn`'s line from the volume's secrets file (durably) and from memory; false if
+    /// it had none.
+    fn remove_secrets_file_entry(
+        &self,
+        op: &'static str,
+        name: &str,
+        hostnqn: &str,
+    ) -> Result<bool, NodeError> {
+        let mut all = self.inner.secrets.read(name)?;
+        if !all.remove(hostnqn) {
+            // From memory even so: the file may have lost the host behind the node's back.
+            self.inner.loaded_secrets.remove_host_if_loaded(name, hostnqn);
+            return Ok(false);
+        }
+        self.inner.secrets.write(name, &all)?;
+        self.step(op, Step::SecretsFileWritten);
+        // Only this host: other hosts a damaged file lacks keep their secrets in memory.
+        self.inner.loaded_secrets.remove_host_if_loaded(name, hostnqn);
+        tracing::info!(volume = name, host = hostnqn, "host secret removed");
+        Ok(true)
+    }
+
+    /// Sets (or replaces: rotation) the DH-HMAC-CHAP secrets of `hostnqn` for the volume: its secret
+    /// and, for bidirectional authentication, the controller's. The host must authenticate with
+    /// them from its next Connect or re-authentication on, even if the volume does not require
+    /// authentication of every host. Connected hosts are not dropped: a Linux host goes on with its
+    /// queues and re-authenticates them when its `dhchap_secret` (`dhchap_ctrl_secret`) in
+    /// `/sys/class/nvme/nvmeX/` is written, or when it reconnects. The host need not be allowed yet
+    /// (storing the secret first, then allowing the host, is the safe order; or use
+    /// [`Node::allow_host_with_secrets`]). Returns the volume's settings, without secrets.
+    pub fn set_host_secrets(
+        &self,
+        name: &str,
+        hostnqn: &str,
+        secrets: HostSecrets,
+    ) -> Result<VolumeAuth, NodeError> {
+        check_secret_host(hostnqn)?;
+        let _op = self.inner.ops.lock();
+        let mut rec = self.ready_volume(name)?;
+        let before = rec.dhchap_hosts.clone();
+        let all = self.write_host_secrets("set-secrets", &mut rec, hostnqn, secrets)?;
+        if rec.dhchap_hosts != before {
+            self.save(&rec)?;
+            self.step("set-secrets", Step::SecretsCatalogWritten);
+        }
+        Ok(VolumeAuth::from_secrets(rec.require_auth, &all))
+    }
+
+    /// Makes new secrets for `hostnqn` (a host secret, and a controller secret if `bidirectional`)
+    /// like `nvme gen-dhchap-key` does, stores them as [`Node::set_host_secrets`] does, and returns
+    /// them: the only time the node hands a secret out (give it to the host, which needs it for
+    /// `nvme connect --dhchap-secret` / `--dhchap-ctrl-secret`).
+    pub fn generate_host_secrets(
+        &self,
+        name: &str,
+        hostnqn: &str,
+        params: SecretParams,
+        bidirectional: bool,
+    ) -> Result<HostSecrets, NodeError> {
+        let mut secrets = HostSecrets::new(Self::generate_secret(params)?);
+        if bidirectional {
+            secrets = secrets.with_controller(Self::generate_secret(params)?);
+        }
+        self.set_host_secrets(name, hostnqn, secrets.clone())?;
+        Ok(secrets)
+    }
+
+    /// A new random secret from the operating system's generator, like `nvme gen-dhchap-key`.
+    pub fn generate_secret(params: SecretParams) -> Result<DhchapSecret, NodeError> {
+        DhchapSecret::generate(&OsEntropy, params.key_len_bytes, params.transform).map_err(|e| match e {
+            nvmeof_target::auth::SecretError::Length(_) => NodeError::InvalidArgument(e.to_string()),
+            e => NodeError::Entropy(e.to_string()),
+        })
+    }
+
+    /// Removes the DH-HMAC-CHAP secrets of `hostnqn` for the volume: from now on the host connects
+    /// without authenticating, unless the volume requires it of every host (then it cannot connect).
+    /// Connected hosts stay. False if the host had none. The catalog stops listing the host before
+    /// the secret goes, so a crash in between leaves the secret in force.
+    pub fn remove_host_secrets(&self, name: &str, hostnqn: &str) -> Result<bool, NodeError> {
+        let _op = self.inner.ops.lock();
+        let mut rec = self.ready_volume(name)?;
+        let listed = rec.dhchap_hosts.iter().any(|h| h == hostnqn);
+        if listed {
+            rec.dhchap_hosts.retain(|h| h != hostnqn);
+            self.save(&rec)?;
+            self.step("remove-secrets", Step::SecretsCatalogWritten);
+        }
+        let had = self.remove_secrets_file_entry("remove-secrets", name, hostnqn)?;
+        Ok(had || listed)
+    }
+
+    /// Sets whether every host must authenticate to the volume (DH-HMAC-CHAP): with it, a host
+    /// without a secret cannot connect. Applies to the loaded subsystem at once, for queues
+    /// connected from then on; connected hosts are not dropped unless `disconnect` (with `required`):
+    /// then the controllers of hosts that have no secret — which cannot have authenticated, and could
+    /// not again — are torn down.
+    pub fn set_require_auth(
+        &self,
+        name: &str,
+        required: bool,
+        disconnect: bool,
+    ) -> Result<VolumeRecord, NodeError> {
+        let _op = self.inner.ops.lock();
+        let mut rec = self.ready_volume(name)?;
+        if rec.require_auth != required {
+            rec.require_auth = required;
+            self.save(&rec)?;
+            self.inner.apply_require_auth(name);
+            tracing::info!(volume = name, required, "authentication requirement changed");
+        }
+        if required && disconnect {
+            let secrets = self.inner.secrets.read(name)?;
+            let target = &self.inner.target;
+            for c in target.controllers().into_iter().filter(|c| c.subnqn == rec.nqn) {
+                if secrets.get(&c.hostnqn).is_none() {
+                    tracing::info!(volume = name, host = %c.hostnqn, cntlid = c.cntlid, "disconnecting a host without a secret");
+                    target.disconnect_controller(c.cntlid);
+                }
+            }
+        }
+        Ok(rec)
+    }
+
+    /// The volume's authentication settings (required or not, hosts with secrets), without a
+    /// secret: for `volume show` and its `nvme connect` line ([`VolumeAuth::connect_options`]).
+    pub fn volume_auth(&self, name: &str) -> Result<VolumeAuth, NodeError> {
+        let rec =
+            self.inner.catalog.volume(name)?.ok_or_else(|| NodeError::NotFound(format!("volume {name}")))?;
+        Ok(VolumeAuth::from_secrets(rec.require_auth, &self.inner.read_secrets_checked(&rec, None)?))
+    }
+
+    /// The secrets directory.
+    #[must_use]
+    pub fn secrets_dir(&self) -> &Path {
+        self.inner.secrets.path()
     }
 
     /// Lets any host connect (`true`) or only the allowed hosts (`false`). Raises a discovery log
@@ -1278,7 +1769,9 @@ impl Node {
         };
         let active = self.inner.target.subsystem(&record.nqn).is_some();
         let controllers = if active { self.controllers_of(&record.nqn) } else { 0 };
-        Ok(VolumeInfo { record, usage, active, controllers })
+        let auth =
+            VolumeAuth::from_secrets(record.require_auth, &self.inner.read_secrets_checked(&record, None)?);
+        Ok(VolumeInfo { record, usage, active, controllers, auth })
     }
 
     /// Up to `limit` volume records in name order, names starting with `prefix`, after `after`. A
@@ -1315,6 +1808,7 @@ impl Node {
                 .filter(|n| n.starts_with(&prefix))
                 .count(),
             controllers: self.inner.target.controllers().len(),
+            secrets_loaded: self.inner.loaded_secrets.len(),
         })
     }
 
@@ -1353,6 +1847,8 @@ impl Node {
                 self.new_record(&req, v.origin.map(|o| (o.volume.to_string(), o.snapshot.to_string())))?;
             rec.size_bytes = v.size_bytes;
             rec.state = VolumeState::Ready;
+            // Nothing a volume of the same name left behind applies to the adopted one.
+            self.inner.secrets.remove(&rec.name)?;
             t.put_volume(&rec)?;
             for s in v.snapshots {
                 t.put_snapshot(&SnapshotRecord {
@@ -1430,6 +1926,7 @@ impl Node {
                     }
                     for name in names {
                         t.remove_volume(name)?;
+                        self.forget_secrets_of_undone(name);
                     }
                     done.volumes_forgotten += names.len() - present.len();
                 }
@@ -1447,6 +1944,7 @@ impl Node {
                     }
                     _ => {
                         t.remove_volume(name)?;
+                        self.forget_secrets_of_undone(name);
                         done.volumes_forgotten += 1;
                     }
                 }
@@ -1486,6 +1984,7 @@ impl Node {
             }
             Intent::DeleteVolume { name } => {
                 self.delete_in_backend(name)?;
+                self.inner.secrets.remove(name)?;
                 t.remove_volume_and_snapshots(name)?;
                 done.deletes += 1;
             }
@@ -1534,10 +2033,20 @@ impl SubsystemSource for Source {
                 return None;
             }
         };
+        // Its secrets into memory, before the subsystem exists: every lookup the target makes for
+        // it finds them. A volume whose secrets cannot be read is not exported (its hosts must not
+        // get in without them).
+        if let Err(e) = inner.load_secrets(&rec) {
+            if let Some(more) = inner.open_failures.check_now() {
+                tracing::error!(volume = name, error = %e, suppressed = more, "connect refused: the volume's secrets are unusable");
+            }
+            return None;
+        }
         let mut config = SubsystemConfig::new(rec.nqn.clone(), rec.serial.clone());
         config.model = "Xatastor volume".into();
         config.access = if rec.allow_any_host { HostAccess::AllowAny } else { HostAccess::DenyAllExcept };
         config.allowed_hosts = rec.allowed_hosts.clone();
+        config.require_auth = rec.require_auth;
         let ns = NamespaceConfig { nsid: 1, backend, nguid: rec.nguid, uuid: rec.uuid };
         Some((config, vec![ns]))
     }
@@ -1546,6 +2055,9 @@ impl SubsystemSource for Source {
         if let Some(inner) = self.0.upgrade() {
             if let Some(name) = subnqn.strip_prefix(inner.prefix.as_str()).and_then(|n| n.strip_prefix(':')) {
                 tracing::info!(volume = name, "volume loaded (a host connected)");
+                // A requirement changed between the catalog read in `activate` and now would be lost
+                // otherwise (the change found nothing loaded).
+                inner.apply_require_auth(name);
             }
             if let Some(t) = inner.reaper.lock().as_ref() {
                 t.unpark(); // something to watch now
@@ -1592,11 +2104,16 @@ fn reaper(weak: &Weak<Inner>) {
                     continue;
                 }
                 let subsystem = inner.target.subsystem(nqn);
+                let name = nqn.strip_prefix(&prefix).unwrap_or(nqn);
+                let secrets_generation = inner.loaded_secrets.generation(name);
                 if inner.target.unload_subsystem(nqn) {
                     if let Some(s) = subsystem {
                         inner.retire(&s);
                     }
-                    let name = nqn.strip_prefix(&prefix).unwrap_or(nqn);
+                    // Unless a Connect loaded the volume again meanwhile (a newer generation).
+                    if let Some(g) = secrets_generation {
+                        inner.loaded_secrets.forget_if(name, g);
+                    }
                     tracing::info!(
                         volume = name,
                         idle_s = inner.idle_unload.as_secs(),

@@ -35,14 +35,11 @@ mod sealed {
 }
 
 impl PduInput for BytesMut {
+    /// Splits the bytes off: the buffer keeps its memory, and can reuse it (without allocating) once
+    /// the PDUs taken from it are dropped. (A driver that gives every PDU a buffer of its own hands
+    /// it in as [`Bytes`] instead: the memory then moves into the PDU's data.)
     fn take_front(&mut self, n: usize) -> Bytes {
-        let n = n.min(self.len());
-        // All of it: the memory moves (no reference count to share).
-        if n == self.len() {
-            std::mem::take(self).freeze()
-        } else {
-            self.split_to(n).freeze()
-        }
+        self.split_to(n.min(self.len())).freeze()
     }
 
     fn skip_front(&mut self, n: usize) {
@@ -420,9 +417,6 @@ fn decode_body<B: PduInput>(buf: &mut B, layout: &Layout) -> Result<Pdu, DecodeE
 }
 
 /// Removes the PDU from the buffer and returns its data as a slice of the buffer's memory.
-///
-/// A PDU with data that fills a reassembly buffer takes its memory whole (no reference count to
-/// share: a driver that receives each PDU into a buffer of its own pays no allocation here).
 fn take_data<B: PduInput>(buf: &mut B, layout: &Layout) -> Payload {
     match layout.data {
         Some((start, len)) if len > 0 => {

@@ -444,7 +444,14 @@ impl Worker {
                 self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
             }
             let direct = c.rx.is_direct();
-            let taken = c.engine.handle_input_pdus(&mut c.rx.buf, now, 1);
+            let taken = if direct {
+                // The PDU's own placed buffer: its memory moves into the PDU's data (no reference
+                // count to share, no allocation).
+                let mut pdu = std::mem::take(&mut c.rx.buf).freeze();
+                c.engine.handle_input_pdus(&mut pdu, now, 1)
+            } else {
+                c.engine.handle_input_pdus(&mut c.rx.buf, now, 1)
+            };
             self.drain_events(key, now);
             if direct {
                 // Direct mode hands in exactly one PDU; set up the next.
@@ -473,7 +480,12 @@ impl Worker {
         if let Some(c) = self.conns.get(key) {
             // The batch's lookups start together (a hint to the backend).
             let skip = if c.rx.buf.is_empty() { 0 } else { missing(&c.rx.buf).min(chunk.len()) };
-            c.engine.prefetch_input(chunk.get(skip..).unwrap_or_default());
+            let batch = chunk.get(skip..).unwrap_or_default();
+            // Worth it for a batch only (one command waits for its own lookup either way).
+            let first = batch.get(4..8).and_then(|p| p.try_into().ok()).map_or(0, u32::from_le_bytes);
+            if batch.len() > first as usize {
+                c.engine.prefetch_input(batch);
+            }
         }
         loop {
             let Some(c) = self.conns.get_mut(key) else { return };

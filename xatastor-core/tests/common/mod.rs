@@ -1,13 +1,17 @@
 //! Helpers shared by the integration tests that talk to the server with the in-tree host.
 #![allow(dead_code)] // each test file uses a subset
 
+pub(crate) mod marker;
+
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
-use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
+use nvmeof_proto::nvme::fabrics::{CNTLID_DYNAMIC, CONNECT_AUTHREQ_ATR};
 use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::nvme::{Sqe, Status};
-use nvmeof_target::host::{self, BlockingHost, HostOptions};
+use nvmeof_target::auth::{DhchapSecret, OsEntropy};
+use nvmeof_target::host::{self, AuthOutcome, BlockingHost, HostAuthConfig, HostAuthenticator, HostOptions};
 
 /// The in-tree initiator over TCP.
 pub(crate) type Host = BlockingHost<TcpStream>;
@@ -71,4 +75,69 @@ pub(crate) fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("never happened: {what}");
+}
+
+/// [`tcp`] without Nagle's algorithm: a command written as header and data goes out at once
+/// instead of waiting for the delayed ACK of the header (about 40 ms per command).
+pub(crate) fn tcp_nodelay(addr: SocketAddr) -> TcpStream {
+    let s = tcp(addr);
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// The admin Connect alone: the queue, its CNTLID and whether the target asks it to authenticate
+/// (AUTHREQ.ATR), or the Connect command's status.
+pub(crate) fn connect_admin_only(
+    addr: SocketAddr,
+    subnqn: &str,
+    hostnqn: &str,
+    kato_ms: u32,
+) -> Result<(Host, u16, bool), Status> {
+    let mut a = Host::new(tcp_nodelay(addr), HostOptions::default()).unwrap();
+    let (sqe, data) = host::connect_command(0, 32, kato_ms, CNTLID_DYNAMIC, [7; 16], subnqn, hostnqn);
+    let c = a.command(sqe, Some(data), 0).unwrap();
+    if c.status() != Status::SUCCESS {
+        return Err(c.status());
+    }
+    let dw0 = c.cqe.dw0.get();
+    Ok((a, dw0 as u16, dw0 & CONNECT_AUTHREQ_ATR != 0))
+}
+
+/// I/O queue `qid` of `cntlid`, connected: the queue and whether it must authenticate.
+pub(crate) fn connect_io_only(
+    addr: SocketAddr,
+    subnqn: &str,
+    hostnqn: &str,
+    qid: u16,
+    cntlid: u16,
+) -> Result<(Host, bool), Status> {
+    let mut q = Host::new(tcp_nodelay(addr), HostOptions::default()).unwrap();
+    let (sqe, data) = host::connect_command(qid, 128, 0, cntlid, [7; 16], subnqn, hostnqn);
+    let c = q.command(sqe, Some(data), 0).unwrap();
+    if c.status() != Status::SUCCESS {
+        return Err(c.status());
+    }
+    Ok((q, c.cqe.dw0.get() & CONNECT_AUTHREQ_ATR != 0))
+}
+
+/// One DH-HMAC-CHAP transaction on `q` as `hostnqn` with the in-tree host: `secret` proves the
+/// host, `ctrl` (if given) asks the controller to prove itself. A refusal is `PermissionDenied`.
+pub(crate) fn authenticate(
+    q: &mut Host,
+    hostnqn: &str,
+    subnqn: &str,
+    secret: &DhchapSecret,
+    ctrl: Option<&DhchapSecret>,
+    t_id: u16,
+) -> std::io::Result<AuthOutcome> {
+    let mut config = HostAuthConfig::new(hostnqn, subnqn, secret.clone());
+    config.controller_secret = ctrl.cloned();
+    let mut auth = HostAuthenticator::new(Arc::new(config), t_id, Arc::new(OsEntropy));
+    q.authenticate(&mut auth)
+}
+
+/// Enables the controller of an admin queue (CC.EN).
+pub(crate) fn enable(a: &mut Host) {
+    let c = a.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001), None, 0).unwrap();
+    assert_eq!(c.status(), Status::SUCCESS, "CC.EN");
 }
