@@ -117,19 +117,20 @@ impl Connection {
                 ctrl.touch(now);
                 return Ok((ctrl, 0u16, entries, sq_flow_control, 0, false));
             }
-            let subsys = match self.target.subsystem_or_activate(subnqn) {
-                Some(s) if s.allows_host(hostnqn) => s,
+            let (subsys, tombstone) = match self.target.subsystem_or_activate(subnqn) {
+                Some(s) if s.allows_host(hostnqn) => (s, false),
                 // A host whose namespaces were taken away before its connections were cut: an
                 // empty controller answers its reconnects, so that it stops (see detach.rs).
                 found => match self.target.tombstone(subnqn, hostnqn) {
-                    Some(tombstone) => tombstone,
+                    Some(tombstone) => (tombstone, true),
                     None if found.is_some() => {
                         return Err((Status::CONNECT_INVALID_HOST.with_dnr(), 0, "host not allowed"))
                     }
                     None => return Err(invalid(InvalidParameter::SUBNQN, "no such subsystem")),
                 },
             };
-            let auth_required = self.target.auth_required(&subsys, hostnqn);
+            let auth_required =
+                if tombstone { subsys.requires_auth() } else { self.target.auth_required(&subsys, hostnqn) };
             if qid == 0 {
                 if cd.cntlid.get() != CNTLID_DYNAMIC {
                     return Err(invalid(InvalidParameter::CNTLID, "static controller ID"));

@@ -170,8 +170,9 @@ impl Target {
         }
         let mut config = SubsystemConfig::new(subsys.nqn(), subsys.serial());
         config.model = subsys.model().to_owned();
-        // A host that had to authenticate still has to.
-        config.require_auth = subsys.requires_auth();
+        // A host that had to authenticate still has to; one that did not need not. Decided now,
+        // while the subsystem is there: once it is gone, its host keys may well fail closed.
+        config.require_auth = self.auth_required(subsys, hostnqn);
         config.allowed_hosts.push(hostnqn.to_owned());
         t.order.push_back(key.clone());
         t.by_key.insert(key, Arc::new(Subsystem::new(config)));

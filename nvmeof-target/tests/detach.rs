@@ -148,3 +148,41 @@ fn a_host_that_did_not_ask_for_namespace_events_is_not_waited_for() {
     assert!(detach.is_acknowledged());
     assert!(target.detach_namespaces("nqn.2026-01.io.xatastor:none", None).is_empty());
 }
+
+/// Host keys that fail closed for a subsystem once it is "gone" (as a storage node's do for a deleted
+/// volume): every host would have to authenticate, and could not.
+struct FailClosedOnceGone {
+    gone: std::sync::atomic::AtomicBool,
+    unknown: std::sync::Arc<nvmeof_target::auth::HostSecrets>,
+}
+
+impl nvmeof_target::auth::HostKeys for FailClosedOnceGone {
+    fn host_secrets(&self, _: &str, _: &str) -> Option<std::sync::Arc<nvmeof_target::auth::HostSecrets>> {
+        self.gone.load(std::sync::atomic::Ordering::SeqCst).then(|| self.unknown.clone())
+    }
+}
+
+#[test]
+fn a_tombstone_asks_for_authentication_as_the_subsystem_did_at_the_detach() {
+    use nvmeof_target::auth::{DhchapSecret, HostSecrets};
+    let now = Clock::new().0;
+    let (target, _) = target_with_volume();
+    let secret = DhchapSecret::parse("DHHC-1:00:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:").unwrap();
+    let keys = std::sync::Arc::new(FailClosedOnceGone {
+        gone: false.into(),
+        unknown: std::sync::Arc::new(HostSecrets::new(secret)),
+    });
+    target.set_host_keys(keys.clone());
+    let (admin, _io, _) = io_setup(&target, HostOptions::default(), 5000, now);
+    let _ = target.detach_namespaces(SUBNQN, None);
+    target.remove_subsystem(SUBNQN, true).unwrap();
+    drop(admin);
+    keys.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The host did not authenticate before: its reconnect is answered without authentication.
+    let mut back = Link::new(&target, HostOptions::default(), now);
+    back.pump(now);
+    let (sqe, data) = host::connect_command(0, 32, 5000, CNTLID_DYNAMIC, HOSTID, SUBNQN, HOSTNQN);
+    let c = back.command(sqe, Some(data), 0, now);
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(c.cqe.dw0.get() >> 16 & 0x3, 0, "no authentication asked for (AUTHREQ clear)");
+}
