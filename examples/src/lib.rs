@@ -7,6 +7,10 @@
 //!   handler) over its Unix socket ([`xatastor_core::admin::socket`]) and, when enabled, over the
 //!   network ([`grpc`]: gRPC with TLS client certificates or a bearer token), with Prometheus
 //!   [`metrics`] and sizes parsed by [`units`].
+//! - `xatastor-csi` (`src/bin`, [`csi`]): the Kubernetes CSI driver — a controller plugin that
+//!   places and manages volumes on several storage nodes through their network admin API, and a
+//!   node plugin that attaches them with the kernel's NVMe/TCP initiator; manifests in
+//!   `examples/kubernetes/`.
 //! - [`blocking`]: a thread-per-connection `std::net` driver for the sans-I/O [`nvmeof_target`]
 //!   engine, and the `nvmeof-blocking-target` binary built on it, which serves memory or file volumes
 //!   on a TCP port to any NVMe/TCP host (the Linux kernel initiator included).
