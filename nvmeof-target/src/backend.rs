@@ -353,6 +353,37 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<(), IoError> {
 // MemoryBackend
 // ---------------------------------------------------------------------------------------------------
 
+/// Bytes `at..at + n` of `data` if one of its segments holds them all.
+fn contiguous(data: &Payload, mut at: usize, n: usize) -> Option<&[u8]> {
+    for seg in data.segments() {
+        if at < seg.len() {
+            return seg.get(at..at + n);
+        }
+        at -= seg.len();
+    }
+    None
+}
+
+/// Copies `dst.len()` bytes of `data` from `at` on into `dst`, across segments.
+fn copy_out(data: &Payload, mut at: usize, dst: &mut [u8]) {
+    let mut done = 0;
+    for seg in data.segments() {
+        if done == dst.len() {
+            break;
+        }
+        if at >= seg.len() {
+            at -= seg.len();
+            continue;
+        }
+        let n = (seg.len() - at).min(dst.len() - done);
+        if let (Some(d), Some(s)) = (dst.get_mut(done..done + n), seg.get(at..at + n)) {
+            d.copy_from_slice(s);
+        }
+        done += n;
+        at = 0;
+    }
+}
+
 /// 4 KiB of zeros: what unwritten chunks read as.
 static ZERO_CHUNK: [u8; CHUNK] = [0; CHUNK];
 
@@ -482,29 +513,18 @@ impl MemoryBackend {
     pub fn write(&self, offset: u64, data: &Payload) -> Result<(), IoError> {
         check_range(offset, data.len() as u64, self.size_bytes())?;
         let mut chunks = self.chunks.lock();
-        let mut flat = Vec::new();
-        let bytes: &[u8] = match data.segments() {
-            [one] => one,
-            _ => {
-                flat = data.iter_bytes().collect();
-                &flat
-            }
-        };
         self.for_each_piece(offset, data.len() as u64, |chunk_no, in_chunk, at, n| {
-            let Some(src) = bytes.get(at..at + n) else { return };
             let own = chunks.get(chunk_no).is_some_and(Chunk::is_own);
-            if n == CHUNK && !own {
-                // A whole chunk: no need to copy the old one first.
-                chunks.insert(chunk_no, Chunk::new(src));
-            } else {
-                Self::modify_chunk(&mut chunks, chunk_no, |c| {
+            match contiguous(data, at, n) {
+                // A whole chunk in one segment: no need to copy the old one first.
+                Some(src) if n == CHUNK && !own => chunks.insert(chunk_no, Chunk::new(src)),
+                _ => Self::modify_chunk(&mut chunks, chunk_no, |c| {
                     if let Some(dst) = c.get_mut(in_chunk..in_chunk + n) {
-                        dst.copy_from_slice(src);
+                        copy_out(data, at, dst);
                     }
-                });
+                }),
             }
         });
-        drop(flat);
         Ok(())
     }
 
