@@ -126,6 +126,15 @@ impl ChunkMap {
         self.leaves.get(&(no / LEAF))?.slots.get((no % LEAF) as usize)?.as_ref()
     }
 
+    /// A handle to chunk `no`'s memory for a reader that keeps it past the map's lock (the chunk
+    /// becomes shared: a write before the handle is dropped writes a new chunk), if written.
+    pub(crate) fn share_one(&mut self, no: u64) -> Option<Arc<Box<Data>>> {
+        match share(self.leaves.get_mut(&(no / LEAF))?.slots.get_mut((no % LEAF) as usize)?)? {
+            Chunk::Shared(a) => Some(a),
+            Chunk::Own(_) => None,
+        }
+    }
+
     /// The bytes of chunk `no` to change (in place, or in a private copy if it is shared), if
     /// written.
     pub(crate) fn make_mut(&mut self, no: u64) -> Option<&mut Data> {
