@@ -543,11 +543,10 @@ impl MemoryBackend {
         check_range(offset, data.len() as u64, self.size_bytes())?;
         let mut chunks = self.chunks.lock();
         self.for_each_piece(offset, data.len() as u64, |chunk_no, in_chunk, at, n| {
-            let own = chunks.get(chunk_no).is_some_and(Chunk::is_own);
-            match contiguous(data, at, n) {
-                // A whole chunk in one segment: no need to copy the old one first.
-                Some(src) if n == CHUNK && !own => chunks.insert(chunk_no, Chunk::new(src)),
-                _ => Self::modify_chunk(&mut chunks, chunk_no, |c| {
+            match contiguous(data, at, n).and_then(|src| <&[u8; CHUNK]>::try_from(src).ok()) {
+                // A whole chunk in one segment: no need to keep the old bytes.
+                Some(src) => chunks.overwrite(chunk_no, src),
+                None => Self::modify_chunk(&mut chunks, chunk_no, |c| {
                     if let Some(dst) = c.get_mut(in_chunk..in_chunk + n) {
                         copy_out(data, at, dst);
                     }

@@ -305,7 +305,7 @@ impl Tx {
         if self.sending.is_empty() {
             let mut iovecs = 0;
             while let Some(p) = self.queued.front() {
-                let n = p.chunks().count();
+                let n = p.chunk_count();
                 if self.sending.len() >= MAX_PDUS_PER_SEND
                     || (iovecs + n > MAX_IOVECS && !self.sending.is_empty())
                 {
