@@ -295,11 +295,16 @@ fn slow_writes_holding_receive_buffers_do_not_stall_the_worker() {
 /// the few buffers run out and the server falls back to copying; every byte lands where it belongs.
 #[test]
 fn long_pdus_over_many_small_receive_buffers() {
-    for digests in [Digests::NONE, Digests::BOTH] {
+    for (digests, buffers, size) in [
+        (Digests::NONE, 16, 4096),
+        (Digests::BOTH, 16, 4096),
+        (Digests::NONE, 256, 65536),
+        (Digests::BOTH, 256, 65536),
+    ] {
         let target = target_with(Arc::new(MemoryBackend::new(16 << 20, 512)));
         let srv = server(&target, 1, |c| {
-            c.recv_buffers = 16;
-            c.recv_buffer_bytes = 4096;
+            c.recv_buffers = buffers;
+            c.recv_buffer_bytes = size;
         });
         let (_adm, cntlid) = admin(srv.local_addr(), 0);
         let opts = HostOptions { digests, ..HostOptions::default() };
