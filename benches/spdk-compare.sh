@@ -89,7 +89,7 @@ one_run() {
   setsid taskset -c 0 "$SPDK/bin/nvmf_tgt" -m 0x1 -i 72 --no-huge -s 2048 -r "$W/spdk.sock" >"$W/spdk.log" 2>&1 </dev/null &
   SPID=$!
   for _ in $(seq 1 100); do [ -S "$W/spdk.sock" ] && break; sleep 0.1; done; sleep 1
-  $RPC nvmf_create_transport -t TCP -u 131072 -c 4096 -i 131072 -q 128 >/dev/null
+  $RPC nvmf_create_transport -t TCP -u 8192 -c 4096 -i 131072 -q 128 >/dev/null
   $RPC bdev_malloc_create 1024 4096 -b M0 >/dev/null
   $RPC nvmf_create_subsystem nqn.2016-06.io.spdk:compare -a -s SPDKCMP >/dev/null
   $RPC nvmf_subsystem_add_ns nqn.2016-06.io.spdk:compare M0 >/dev/null

@@ -71,6 +71,6 @@ pub use error::{DecodeError, FatalErrorStatus, HeaderField};
 pub use payload::Payload;
 pub use pdu::encode::EncodeError;
 pub use pdu::{
-    C2hData, CapsuleCmd, CapsuleResp, DecoderConfig, Digests, Direction, EncodeOptions, EncodedPdu, H2cData,
-    IcReq, IcResp, Pdu, PduDecoder, PduInput, PduType, R2t, TermReq,
+    BytesChain, C2hData, CapsuleCmd, CapsuleResp, DecoderConfig, Digests, Direction, EncodeOptions,
+    EncodedPdu, H2cData, IcReq, IcResp, Pdu, PduDecoder, PduInput, PduType, R2t, TermReq,
 };

@@ -4,8 +4,8 @@
 use bytes::{Bytes, BytesMut};
 use nvmeof_proto::nvme::{Cqe, Sqe};
 use nvmeof_proto::{
-    C2hData, CapsuleCmd, CapsuleResp, DecodeError, DecoderConfig, Digests, Direction, EncodeOptions,
-    FatalErrorStatus, H2cData, IcReq, IcResp, Payload, Pdu, PduDecoder, R2t, TermReq,
+    BytesChain, C2hData, CapsuleCmd, CapsuleResp, DecodeError, DecoderConfig, Digests, Direction,
+    EncodeOptions, FatalErrorStatus, H2cData, IcReq, IcResp, Payload, Pdu, PduDecoder, R2t, TermReq,
 };
 use proptest::prelude::*;
 use zerocopy::FromBytes;
@@ -125,8 +125,55 @@ fn decode_stream(cfg: DecoderConfig, stream: &[u8], cuts: &[usize]) -> Vec<Resul
     out
 }
 
+/// Like [`decode_stream`], with the pieces pushed into a [`BytesChain`] (no reassembly copy).
+fn decode_chained(cfg: DecoderConfig, stream: &[u8], cuts: &[usize]) -> Vec<Result<Pdu, DecodeError>> {
+    let mut dec = PduDecoder::new(cfg);
+    let mut chain = BytesChain::new();
+    let mut out = Vec::new();
+    let mut bounds: Vec<usize> = cuts.iter().map(|&c| c.min(stream.len())).collect();
+    bounds.sort_unstable();
+    bounds.push(stream.len());
+    let mut from = 0;
+    for to in bounds {
+        chain.push(bytes::Bytes::copy_from_slice(&stream[from..to]));
+        from = to;
+        loop {
+            match dec.decode(&mut chain) {
+                Ok(Some(pdu)) => out.push(Ok(pdu)),
+                Ok(None) => break,
+                Err(e) if e.is_fatal() => {
+                    out.push(Err(e));
+                    return out;
+                }
+                Err(e) => out.push(Err(e)),
+            }
+        }
+    }
+    out
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_chain_of_pieces_decodes_like_one_buffer(
+        pdus in proptest::collection::vec(prop_oneof![host_pdu(), controller_pdu()], 1..8),
+        opts in options(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..2),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..24),
+    ) {
+        let mut stream = Vec::new();
+        for p in &pdus {
+            stream.extend_from_slice(&p.clone().encode(&opts).unwrap().to_vec());
+        }
+        for (at, x) in flips {
+            let i = at.index(stream.len());
+            stream[i] ^= x;
+        }
+        let cfg = config(None, opts);
+        let cut_points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+        prop_assert_eq!(decode_stream(cfg, &stream, &[]), decode_chained(cfg, &stream, &cut_points));
+    }
 
     #[test]
     fn host_pdus_round_trip(pdu in host_pdu(), opts in options()) {

@@ -64,6 +64,7 @@ impl Chunk {
     }
 
     /// True if no other volume holds the chunk (a write may change it in place).
+    #[cfg(test)]
     pub(crate) fn is_own(&self) -> bool {
         matches!(self, Chunk::Own(_))
     }
@@ -124,6 +125,37 @@ impl ChunkMap {
     /// The chunk `no`, if written.
     pub(crate) fn get(&self, no: u64) -> Option<&Chunk> {
         self.leaves.get(&(no / LEAF))?.slots.get((no % LEAF) as usize)?.as_ref()
+    }
+
+    /// A handle to chunk `no`'s memory for a reader that keeps it past the map's lock (the chunk
+    /// becomes shared: a write before the handle is dropped writes a new chunk), if written.
+    #[allow(clippy::redundant_allocation)] // see `Chunk::Shared`
+    pub(crate) fn share_one(&mut self, no: u64) -> Option<Arc<Box<Data>>> {
+        match share(self.leaves.get_mut(&(no / LEAF))?.slots.get_mut((no % LEAF) as usize)?)? {
+            Chunk::Shared(a) => Some(a),
+            Chunk::Own(_) => None,
+        }
+    }
+
+    /// Replaces all of chunk `no` with `src` (`CHUNK` bytes): in its memory if no other volume holds
+    /// it, else (or if it was never written) in new memory, without copying the old bytes first.
+    pub(crate) fn overwrite(&mut self, no: u64, src: &Data) {
+        let slot = self.leaves.get_mut(&(no / LEAF)).and_then(|l| l.slots.get_mut((no % LEAF) as usize));
+        if let Some(slot) = slot {
+            let own = match slot.take() {
+                Some(Chunk::Own(d)) => Some(d),
+                Some(Chunk::Shared(arc)) => Arc::try_unwrap(arc).ok(),
+                None => None,
+            };
+            if let Some(mut d) = own {
+                d.copy_from_slice(src);
+                *slot = Some(Chunk::Own(d));
+                return;
+            }
+        }
+        // Allocated and copied in one go (no zeroing, no copy through the stack).
+        let fresh: Box<[u8]> = Box::from(&src[..]);
+        self.insert(no, Chunk::Own(fresh.try_into().unwrap_or_else(|_| Box::new(*src))));
     }
 
     /// The bytes of chunk `no` to change (in place, or in a private copy if it is shared), if

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvmeof_proto::nvme::{Sqe, Status};
-use nvmeof_proto::Payload;
-use nvmeof_target::host::HostOptions;
+use nvmeof_proto::{Digests, Payload};
+use nvmeof_target::host::{self, HostOptions};
 use nvmeof_target::{
     BackendInfo, BlockBackend, Completer, FileBackend, HostAccess, IoOp, MemoryBackend, NamespaceConfig,
     RawDevice, Submitted, SubsystemConfig, Target, TargetConfig,
@@ -288,6 +288,46 @@ fn slow_writes_holding_receive_buffers_do_not_stall_the_worker() {
     }
     drop(queues);
     srv.shutdown().unwrap();
+}
+
+/// PDUs longer than a receive buffer (128 KiB of H2CData arriving in 4 KiB buffers) are assembled
+/// from slices of several buffers, with and without data digests (computed over the slices), while
+/// the few buffers run out and the server falls back to copying; every byte lands where it belongs.
+#[test]
+fn long_pdus_over_many_small_receive_buffers() {
+    for (digests, buffers, size) in [
+        (Digests::NONE, 16, 4096),
+        (Digests::BOTH, 16, 4096),
+        (Digests::NONE, 256, 65536),
+        (Digests::BOTH, 256, 65536),
+    ] {
+        let target = target_with(Arc::new(MemoryBackend::new(16 << 20, 512)));
+        let srv = server(&target, 1, |c| {
+            c.recv_buffers = buffers;
+            c.recv_buffer_bytes = size;
+        });
+        let (_adm, cntlid) = admin(srv.local_addr(), 0);
+        let opts = HostOptions { digests, ..HostOptions::default() };
+        let mut q = Host::new(common::tcp(srv.local_addr()), opts).unwrap();
+        let (sqe, data) = host::connect_command(1, 128, 0, cntlid, [7; 16], NQN, HOSTNQN);
+        assert_eq!(q.command(sqe, Some(data), 0).unwrap().status(), Status::SUCCESS);
+        for i in 0..8u64 {
+            let lba = i * 256;
+            q.submit(rw(0x01, lba, 256), Some(Payload::from(pattern(128 * 1024, i as u8))), 0).unwrap();
+        }
+        for _ in 0..8 {
+            assert_eq!(q.next_completion().unwrap().status(), Status::SUCCESS);
+        }
+        for i in 0..8u64 {
+            assert_eq!(
+                read(&mut q, i * 256, 128 * 1024),
+                pattern(128 * 1024, i as u8),
+                "digests {digests:?}"
+            );
+        }
+        drop(q);
+        srv.shutdown().unwrap();
+    }
 }
 
 #[test]

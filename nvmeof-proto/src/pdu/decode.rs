@@ -3,6 +3,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use zerocopy::FromBytes;
 
+use super::encode::MAX_HEADER_LEN;
 use super::wire::{
     CapsuleCmdHeader, CapsuleRespHeader, CommonHeader, DataHeader, IcReqHeader, IcRespHeader, R2tHeader,
     TermReqHeader,
@@ -15,13 +16,39 @@ use crate::digest::{crc32c, DIGEST_LEN};
 use crate::error::{DecodeError, FatalErrorStatus, HeaderField};
 use crate::payload::Payload;
 
-/// Received bytes a [`PduDecoder`] takes PDUs from: a reassembly buffer ([`BytesMut`]), or a
+/// Received bytes a [`PduDecoder`] takes PDUs from: a reassembly buffer ([`BytesMut`]), a
 /// [`Bytes`] a driver received into and decodes in place (a receive buffer shared with the kernel,
-/// say, that goes back to it when the last PDU taken from it is dropped). A PDU's data is a slice of
-/// the input's memory either way.
+/// say, that goes back to it when the last PDU taken from it is dropped), or a [`BytesChain`] of
+/// several such buffers (a PDU longer than one receive buffer, assembled without copying). A PDU's
+/// data is a slice of the input's memory either way (several slices for a chain).
+///
+/// The decoder reads a PDU's header through `Deref`: the first contiguous part of the input, which
+/// must hold the header (a chain keeps [`MAX_HEADER_LEN`] + 8 bytes contiguous at its front).
 pub trait PduInput: std::ops::Deref<Target = [u8]> + sealed::Sealed {
+    /// All the bytes the input holds (for a chain: more than `Deref` shows).
+    fn total_len(&self) -> usize {
+        self.len()
+    }
+    /// Copies the bytes at `pos..pos + out.len()` into `out` (zeros where the input ends).
+    fn peek_at(&self, pos: usize, out: &mut [u8]) {
+        let src = self.get(pos..).unwrap_or_default();
+        let n = src.len().min(out.len());
+        if let (Some(d), Some(s)) = (out.get_mut(..n), src.get(..n)) {
+            d.copy_from_slice(s);
+        }
+        out.iter_mut().skip(n).for_each(|b| *b = 0);
+    }
     /// Removes the first `n` bytes (at most the length) and returns them.
     fn take_front(&mut self, n: usize) -> Bytes;
+    /// Removes the first `plen` bytes and returns bytes `start..start + len` of them as a payload.
+    fn take_payload(&mut self, plen: usize, start: usize, len: usize) -> Payload {
+        let mut data = self.take_front(plen);
+        data.advance(start.min(data.len()));
+        if data.len() > len {
+            data.truncate(len);
+        }
+        data.into()
+    }
     /// Drops the first `n` bytes (at most the length).
     fn skip_front(&mut self, n: usize);
     /// Drops everything.
@@ -32,6 +59,7 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for bytes::BytesMut {}
     impl Sealed for bytes::Bytes {}
+    impl Sealed for super::BytesChain {}
 }
 
 impl PduInput for BytesMut {
@@ -67,6 +95,144 @@ impl PduInput for Bytes {
 
     fn clear_input(&mut self) {
         self.clear();
+    }
+}
+
+/// Bytes front part that [`BytesChain`] keeps contiguous (a PDU header and its digest, padded).
+const CHAIN_HEAD: usize = MAX_HEADER_LEN + 8;
+
+/// Received buffers in order, decoded as one stream without copying them together: a PDU longer
+/// than a receive buffer has its data as several slices (a multi-segment [`Payload`]). Only the
+/// front [`MAX_HEADER_LEN`] + 8 bytes are kept contiguous (copied, if a header straddles buffers).
+#[derive(Clone, Debug, Default)]
+pub struct BytesChain {
+    parts: std::collections::VecDeque<Bytes>,
+    len: usize,
+}
+
+impl BytesChain {
+    /// An empty chain.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.len += bytes.len();
+        self.parts.push_back(bytes);
+        self.normalize();
+    }
+
+    /// Bytes held in all.
+    #[must_use]
+    pub fn total(&self) -> usize {
+        self.len
+    }
+
+    /// True if the chain holds nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Makes the front part hold at least [`CHAIN_HEAD`] bytes (or everything) contiguously.
+    fn normalize(&mut self) {
+        let want = CHAIN_HEAD.min(self.len);
+        if self.parts.front().is_none_or(|f| f.len() >= want) || self.parts.len() < 2 {
+            return;
+        }
+        let mut head = BytesMut::with_capacity(want);
+        while head.len() < want {
+            let Some(mut part) = self.parts.pop_front() else { break };
+            let n = (want - head.len()).min(part.len());
+            head.extend_from_slice(part.get(..n).unwrap_or_default());
+            part.advance(n);
+            if !part.is_empty() {
+                self.parts.push_front(part);
+            }
+        }
+        self.parts.push_front(head.freeze());
+    }
+
+    /// Removes the first `n` bytes as parts (no copy).
+    fn take_parts(&mut self, mut n: usize, out: &mut Payload) {
+        n = n.min(self.len);
+        self.len -= n;
+        while n > 0 {
+            let Some(mut part) = self.parts.pop_front() else { break };
+            if part.len() > n {
+                out.push(part.split_to(n));
+                self.parts.push_front(part);
+                break;
+            }
+            n -= part.len();
+            out.push(part);
+        }
+        self.normalize();
+    }
+}
+
+impl std::ops::Deref for BytesChain {
+    type Target = [u8];
+    /// The front part (at least the first [`MAX_HEADER_LEN`] + 8 bytes, or all of them).
+    fn deref(&self) -> &[u8] {
+        self.parts.front().map_or(&[], |b| &b[..])
+    }
+}
+
+impl PduInput for BytesChain {
+    fn total_len(&self) -> usize {
+        self.len
+    }
+
+    fn peek_at(&self, mut pos: usize, out: &mut [u8]) {
+        let mut done = 0;
+        for part in &self.parts {
+            if done == out.len() {
+                break;
+            }
+            if pos >= part.len() {
+                pos -= part.len();
+                continue;
+            }
+            let n = (part.len() - pos).min(out.len() - done);
+            if let (Some(d), Some(s)) = (out.get_mut(done..done + n), part.get(pos..pos + n)) {
+                d.copy_from_slice(s);
+            }
+            done += n;
+            pos = 0;
+        }
+        out.iter_mut().skip(done).for_each(|b| *b = 0);
+    }
+
+    fn take_front(&mut self, n: usize) -> Bytes {
+        let mut p = Payload::new();
+        self.take_parts(n, &mut p);
+        p.to_bytes()
+    }
+
+    fn take_payload(&mut self, plen: usize, start: usize, len: usize) -> Payload {
+        let plen = plen.min(self.len);
+        let mut skipped = Payload::new();
+        self.take_parts(start.min(plen), &mut skipped);
+        let mut data = Payload::new();
+        self.take_parts(len.min(plen.saturating_sub(start)), &mut data);
+        self.skip_front(plen.saturating_sub(start + len));
+        data
+    }
+
+    fn skip_front(&mut self, n: usize) {
+        let mut dropped = Payload::new();
+        self.take_parts(n, &mut dropped);
+    }
+
+    fn clear_input(&mut self) {
+        self.parts.clear();
+        self.len = 0;
     }
 }
 
@@ -204,21 +370,21 @@ impl PduDecoder {
     /// Decodes the PDU at the front of `buf`, removing it from the buffer.
     pub fn decode<B: PduInput>(&mut self, buf: &mut B) -> Result<Option<Pdu>, DecodeError> {
         let Ok((ch, _)) = CommonHeader::read_from_prefix(buf) else {
-            return Ok(self.wait(COMMON_HEADER_LEN, buf.len()));
+            return Ok(self.wait(COMMON_HEADER_LEN, buf.total_len()));
         };
         let pdu_type = self.check_type_and_hlen(&ch)?;
         let hlen = usize::from(pdu_type.header_len());
         let header_digest = pdu_type.has_digests() && self.config.digests.header;
         let header_end = hlen + if header_digest { DIGEST_LEN } else { 0 };
-        if buf.len() < header_end {
-            return Ok(self.wait(header_end, buf.len()));
+        if buf.total_len() < header_end || buf.len() < header_end.min(buf.total_len()) {
+            return Ok(self.wait(header_end, buf.total_len()));
         }
         if header_digest {
             check_header_digest(buf, hlen)?;
         }
         let layout = self.layout(pdu_type, &ch, header_end)?;
-        if buf.len() < layout.plen {
-            return Ok(self.wait(layout.plen, buf.len()));
+        if buf.total_len() < layout.plen {
+            return Ok(self.wait(layout.plen, buf.total_len()));
         }
         self.needed = COMMON_HEADER_LEN;
         decode_body(buf, &layout).map(Some)
@@ -419,14 +585,7 @@ fn decode_body<B: PduInput>(buf: &mut B, layout: &Layout) -> Result<Pdu, DecodeE
 /// Removes the PDU from the buffer and returns its data as a slice of the buffer's memory.
 fn take_data<B: PduInput>(buf: &mut B, layout: &Layout) -> Payload {
     match layout.data {
-        Some((start, len)) if len > 0 => {
-            let mut data = buf.take_front(layout.plen);
-            data.advance(start);
-            if data.len() > len {
-                data.truncate(len);
-            }
-            data.into()
-        }
+        Some((start, len)) if len > 0 => buf.take_payload(layout.plen, start, len),
         _ => {
             buf.skip_front(layout.plen);
             Payload::new()
@@ -460,9 +619,9 @@ impl DigestContext {
 
 /// CRC32C of `data` followed by zeros up to a multiple of four bytes: what SPDK sends as the data
 /// digest when the data length is not a multiple of four.
-fn crc32c_zero_padded(data: &[u8]) -> u32 {
+fn crc32c_zero_padded(data: &Payload) -> u32 {
     let pad = (4 - data.len() % 4) % 4;
-    crc32c::crc32c_append(crc32c(data), [0u8; 3].get(..pad).unwrap_or_default())
+    crc32c::crc32c_append(data.crc32c(), [0u8; 3].get(..pad).unwrap_or_default())
 }
 
 /// Like [`take_data`], verifying the data digest if there is one. A mismatch still consumes the PDU.
@@ -475,16 +634,21 @@ fn take_checked_data<B: PduInput>(
     layout: &Layout,
     ctx: DigestContext,
 ) -> Result<Payload, DecodeError> {
-    let mut mismatch = None;
+    let mut received = None;
     if let Some((start, len)) = layout.data.filter(|_| layout.data_digest) {
-        let data = buf.get(start..start + len).unwrap_or_default();
-        let received = read_le32(buf, start + len);
-        let computed = crc32c(data);
-        if computed != received && (len % 4 == 0 || crc32c_zero_padded(data) != received) {
+        let mut digest = [0u8; DIGEST_LEN];
+        buf.peek_at(start + len, &mut digest);
+        received = Some(u32::from_le_bytes(digest));
+    }
+    let data = take_data(buf, layout);
+    let mut mismatch = None;
+    if let Some(received) = received {
+        let computed = data.crc32c();
+        let len = data.len();
+        if computed != received && (len % 4 == 0 || crc32c_zero_padded(&data) != received) {
             mismatch = Some((received, computed, len));
         }
     }
-    let data = take_data(buf, layout);
     match mismatch {
         None => Ok(data),
         Some((received, computed, len)) => Err(DecodeError::DataDigest {

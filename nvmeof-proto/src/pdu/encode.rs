@@ -50,24 +50,25 @@ pub const MAX_HEADER_LEN: usize = 144;
 /// on a live queue: response capsules, C2HData and R2T, 24 bytes plus a digest).
 const INLINE_HEADER_LEN: usize = 32;
 
-/// A header being built, on the stack.
-struct HeaderBuf {
-    bytes: [u8; MAX_HEADER_LEN],
+/// A header being built, on the stack: `N` is [`INLINE_HEADER_LEN`] for the short headers a
+/// controller sends on a live queue (built where they stay), [`MAX_HEADER_LEN`] otherwise.
+struct HeaderBuf<const N: usize> {
+    bytes: [u8; N],
     len: usize,
 }
 
-impl HeaderBuf {
+impl<const N: usize> HeaderBuf<N> {
     const fn new() -> Self {
-        Self { bytes: [0; MAX_HEADER_LEN], len: 0 }
+        Self { bytes: [0; N], len: 0 }
     }
 
     fn as_slice(&self) -> &[u8] {
         self.bytes.get(..self.len).unwrap_or_default()
     }
 
-    /// Appends `b` (as much as fits; headers are at most [`MAX_HEADER_LEN`] by construction).
+    /// Appends `b` (as much as fits; the caller picked `N` to fit the header).
     fn put_slice(&mut self, b: &[u8]) {
-        let n = b.len().min(MAX_HEADER_LEN - self.len);
+        let n = b.len().min(N - self.len);
         if let (Some(dst), Some(src)) = (self.bytes.get_mut(self.len..self.len + n), b.get(..n)) {
             dst.copy_from_slice(src);
         }
@@ -76,19 +77,26 @@ impl HeaderBuf {
 
     /// Zero padding up to `len` bytes in all (the array is zeroed).
     fn pad_to(&mut self, len: usize) {
-        self.len = self.len.max(len.min(MAX_HEADER_LEN));
+        self.len = self.len.max(len.min(N));
     }
+}
 
-    fn finish(self) -> Header {
-        match self.bytes.get(..INLINE_HEADER_LEN) {
-            Some(head) if self.len <= INLINE_HEADER_LEN => {
-                let mut bytes = [0u8; INLINE_HEADER_LEN];
-                bytes.copy_from_slice(head);
-                Header::Inline { bytes, len: self.len as u8 }
-            }
-            _ => Header::Heap(Bytes::copy_from_slice(self.as_slice())),
-        }
+/// Builds a header of `data_start` bytes into a `HeaderBuf<N>`.
+fn build_header<const N: usize>(
+    pdu: &Pdu,
+    ch: CommonHeader,
+    datal: u32,
+    header_digest: bool,
+    data_start: usize,
+) -> HeaderBuf<N> {
+    let mut header = HeaderBuf::<N>::new();
+    write_header(pdu, ch, datal, &mut header);
+    if header_digest {
+        let crc = crc32c(header.as_slice());
+        header.put_slice(&crc.to_le_bytes());
     }
+    header.pad_to(data_start);
+    header
 }
 
 /// The header bytes of an encoded PDU: short ones inline (no allocation; a vectored write points at
@@ -157,6 +165,12 @@ impl EncodedPdu {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many chunks [`EncodedPdu::chunks`] yields (iovecs of a vectored write).
+    #[must_use]
+    pub fn chunk_count(&self) -> usize {
+        1 + self.data.segments().len() + usize::from(self.data_digest.is_some())
     }
 
     /// The PDU's byte chunks in wire order.
@@ -249,21 +263,20 @@ impl Pdu {
         if data_start > MAX_HEADER_LEN {
             return Err(EncodeError::TooLarge { len: data.len() });
         }
-        let mut header = HeaderBuf::new();
-        write_header(&self, ch, datal, &mut header);
-        if header_digest {
-            let crc = crc32c(header.as_slice());
-            header.put_slice(&crc.to_le_bytes());
-        }
-        header.pad_to(data_start);
-        let header = header.finish();
+        let header = if data_start <= INLINE_HEADER_LEN {
+            let h = build_header::<INLINE_HEADER_LEN>(&self, ch, datal, header_digest, data_start);
+            Header::Inline { bytes: h.bytes, len: h.len as u8 }
+        } else {
+            let h = build_header::<MAX_HEADER_LEN>(&self, ch, datal, header_digest, data_start);
+            Header::Heap(Bytes::copy_from_slice(h.as_slice()))
+        };
 
         let data_digest = data_digest.then(|| data.crc32c().to_le_bytes());
         Ok(EncodedPdu { header, data, data_digest })
     }
 }
 
-fn write_header(pdu: &Pdu, mut ch: CommonHeader, datal: u32, out: &mut HeaderBuf) {
+fn write_header<const N: usize>(pdu: &Pdu, mut ch: CommonHeader, datal: u32, out: &mut HeaderBuf<N>) {
     match pdu {
         Pdu::IcReq(r) => out.put_slice(
             IcReqHeader {

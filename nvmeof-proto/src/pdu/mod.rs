@@ -17,7 +17,7 @@ mod decode;
 pub mod encode;
 pub mod wire;
 
-pub use decode::{DecoderConfig, PduDecoder, PduInput};
+pub use decode::{BytesChain, DecoderConfig, PduDecoder, PduInput};
 pub use encode::{EncodeOptions, EncodedPdu, MAX_HEADER_LEN};
 
 use bytes::Bytes;

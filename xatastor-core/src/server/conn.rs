@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
-use nvmeof_proto::EncodedPdu;
+use nvmeof_proto::{BytesChain, EncodedPdu};
 use nvmeof_target::Connection;
 
 /// Send at most this many PDUs in one `writev`.
@@ -125,6 +125,9 @@ pub(super) enum DirectStep {
 pub(super) struct Rx {
     /// Undecoded input (ring mode) or the PDU being assembled (direct mode).
     pub(super) buf: BytesMut,
+    /// Ring mode: a long PDU arriving over several receive buffers, kept as slices of them (and,
+    /// once started, everything received after it, in order). Decoded before `buf`.
+    pub(super) chain: BytesChain,
     pub(super) mode: RxMode,
     /// A receive is in flight (the multishot one, or a direct one).
     pub(super) armed: bool,
@@ -302,7 +305,7 @@ impl Tx {
         if self.sending.is_empty() {
             let mut iovecs = 0;
             while let Some(p) = self.queued.front() {
-                let n = p.chunks().count();
+                let n = p.chunk_count();
                 if self.sending.len() >= MAX_PDUS_PER_SEND
                     || (iovecs + n > MAX_IOVECS && !self.sending.is_empty())
                 {

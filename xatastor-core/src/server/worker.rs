@@ -59,15 +59,24 @@ const RX_HOLD_BYTES: usize = 256 * 1024;
 /// Bytes the PDU at the front of `buf` still lacks (its common header first, then the rest up to its
 /// PLEN); all the bytes there are if PLEN is not one a PDU can have (the decoder reports that).
 fn missing(buf: &[u8]) -> usize {
+    missing_of(buf, buf.len())
+}
+
+/// A PDU at least this long that arrives over several receive buffers is assembled as a chain of
+/// slices of them (no copy); shorter ones are copied into the reassembly buffer.
+const CHAIN_MIN_PDU: usize = 16 * 1024;
+
+/// [`missing`] for input of `total` bytes whose first part is `front`.
+fn missing_of(front: &[u8], total: usize) -> usize {
     const CH: usize = 8;
-    match buf.get(4..8) {
-        None => CH - buf.len().min(CH),
+    match front.get(4..8) {
+        None => CH.saturating_sub(total),
         Some(p) => {
             let plen = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
             if plen < CH {
                 usize::MAX
             } else {
-                plen.saturating_sub(buf.len())
+                plen.saturating_sub(total)
             }
         }
     }
@@ -429,7 +438,8 @@ impl Worker {
         let limit = self.config.max_send_queue_bytes;
         loop {
             let Some(c) = self.conns.get_mut(key) else { return };
-            if c.closing || c.rx.buf.is_empty() {
+            let from_chain = !c.rx.chain.is_empty();
+            if c.closing || (c.rx.buf.is_empty() && !from_chain) {
                 break;
             }
             if c.tx.queued_bytes > limit {
@@ -444,7 +454,9 @@ impl Worker {
                 self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
             }
             let direct = c.rx.is_direct();
-            let taken = if direct {
+            let taken = if from_chain {
+                c.engine.handle_input_pdus(&mut c.rx.chain, now, 1)
+            } else if direct {
                 // The PDU's own placed buffer: its memory moves into the PDU's data (no reference
                 // count to share, no allocation).
                 let mut pdu = std::mem::take(&mut c.rx.buf).freeze();
@@ -492,6 +504,18 @@ impl Worker {
             if c.closing || chunk.is_empty() {
                 break;
             }
+            if !c.rx.chain.is_empty() {
+                // A long PDU being assembled from receive buffers (no copy): add what it lacks (or,
+                // held back, everything: the chain is the queue then).
+                let take = if c.rx.held {
+                    chunk.len()
+                } else {
+                    missing_of(&c.rx.chain, c.rx.chain.total()).min(chunk.len())
+                };
+                c.rx.chain.push(chunk.split_to(take));
+                self.feed(key, now);
+                continue;
+            }
             if !c.rx.buf.is_empty() {
                 // Complete the waiting PDU (or, held back, just queue everything behind it).
                 let take = if c.rx.held { chunk.len() } else { missing(&c.rx.buf).min(chunk.len()) };
@@ -512,10 +536,16 @@ impl Worker {
             let taken = c.engine.handle_input_pdus(chunk, now, 1);
             self.drain_events(key, now);
             if taken == 0 {
-                // A partial PDU: wait for the rest in the reassembly buffer.
+                // A partial PDU: a long one waits for the rest as slices of the receive buffers
+                // (a chain: no copy), a short one in the reassembly buffer.
                 if let Some(c) = self.conns.get_mut(key) {
-                    c.rx.buf.extend_from_slice(chunk);
-                    self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    let plen = chunk.get(4..8).and_then(|p| p.try_into().ok()).map_or(0, u32::from_le_bytes);
+                    if plen as usize >= CHAIN_MIN_PDU {
+                        c.rx.chain.push(std::mem::take(chunk));
+                    } else {
+                        c.rx.buf.extend_from_slice(chunk);
+                        self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
                 }
                 chunk.clear();
                 break;
@@ -531,7 +561,12 @@ impl Worker {
     /// A live I/O queue of an `O_DIRECT` volume leaves ring mode (once), so its data lands aligned.
     fn maybe_go_direct(&mut self, key: Key, now: Instant) {
         let Some(c) = self.conns.get_mut(key) else { return };
-        if c.alignment_checked || c.closing || c.dead || !matches!(c.rx.mode, RxMode::Ring) {
+        if c.alignment_checked
+            || c.closing
+            || c.dead
+            || !matches!(c.rx.mode, RxMode::Ring)
+            || !c.rx.chain.is_empty()
+        {
             return;
         }
         if c.engine.qid().is_none_or(|q| q == 0) {
@@ -608,13 +643,23 @@ impl Worker {
                 let mut chunk = self.bufs.take(bid, res as usize);
                 self.feed_in_place(key, &mut chunk, now);
             } else {
-                c.rx.buf.extend_from_slice(self.bufs.get(bid, res as usize));
+                let bytes = self.bufs.get(bid, res as usize);
+                if c.rx.chain.is_empty() {
+                    c.rx.buf.extend_from_slice(bytes);
+                } else {
+                    // Behind a PDU being assembled in the chain: keep the order.
+                    c.rx.chain.push(Bytes::copy_from_slice(bytes));
+                }
                 self.mailbox.stats.rx_copied.fetch_add(res as u64, Ordering::Relaxed);
                 self.bufs.recycle(bid);
                 self.feed(key, now);
             }
             if let Some(c) = self.conns.get_mut(key) {
-                if c.rx.held && c.rx.buf.len() > RX_HOLD_BYTES && c.rx.armed && !c.rx.paused {
+                if c.rx.held
+                    && c.rx.buf.len() + c.rx.chain.total() > RX_HOLD_BYTES
+                    && c.rx.armed
+                    && !c.rx.paused
+                {
                     // Input keeps piling up while the peer does not read: stop receiving.
                     c.rx.paused = true;
                     self.cancel(key.user_data(KIND_RECV));

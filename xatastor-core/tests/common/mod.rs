@@ -16,10 +16,12 @@ use nvmeof_target::host::{self, AuthOutcome, BlockingHost, HostAuthConfig, HostA
 /// The in-tree initiator over TCP.
 pub(crate) type Host = BlockingHost<TcpStream>;
 
-/// A TCP connection with a read timeout (a hung server fails the test instead of hanging it).
+/// A TCP connection with a read timeout (a hung server fails the test instead of hanging it) and
+/// no Nagle delay (a host sends each PDU at once, as the Linux initiator does).
 pub(crate) fn tcp(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_nodelay(true).unwrap();
     s
 }
 
