@@ -395,3 +395,53 @@ fn control_command(target: &Target, nqn: &str, keys: &MemoryHostKeys, line: &str
             .into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_names() {
+        for (s, h) in [
+            ("sha256", DhchapHash::Sha256),
+            ("SHA-384", DhchapHash::Sha384),
+            ("hmac(sha512)", DhchapHash::Sha512),
+            (" Sha512 ", DhchapHash::Sha512),
+        ] {
+            assert_eq!(parse_hash(s), Ok(h), "{s}");
+        }
+        for s in ["", "sha1", "md5", "hmac(sha256", "sha-2"] {
+            assert!(parse_hash(s).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn dhgroup_names() {
+        for g in DhGroup::ALL {
+            assert_eq!(parse_dhgroup(g.name()), Ok(*g));
+            assert_eq!(parse_dhgroup(&g.name().to_ascii_uppercase()), Ok(*g));
+        }
+        for s in ["", "ffdhe1024", "modp2048", "none"] {
+            assert!(parse_dhgroup(s).unwrap_err().contains("ffdhe8192"), "{s}");
+        }
+    }
+
+    #[test]
+    fn preference_lists_parse() {
+        let args = Args::try_parse_from([
+            "nvmeof-blocking-target",
+            "--memory",
+            "1MiB",
+            "--dhchap-hashes",
+            "sha384,sha256",
+            "--dhchap-dhgroups",
+            "ffdhe4096,null",
+        ])
+        .unwrap();
+        assert_eq!(args.dhchap_hashes, [DhchapHash::Sha384, DhchapHash::Sha256]);
+        assert_eq!(args.dhchap_dhgroups, [DhGroup::Ffdhe4096, DhGroup::Null]);
+        assert!(
+            Args::try_parse_from(["nvmeof-blocking-target", "--dhchap-dhgroups", "ffdhe4096,bogus"]).is_err()
+        );
+    }
+}
