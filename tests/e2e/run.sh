@@ -236,18 +236,32 @@ proc_alive() {
 }
 # Secrets in what run.sh itself writes: only their first characters.
 mask_secrets() { sed -E 's/(DHHC-1:0[0-3]:[A-Za-z0-9+\/]{4})[A-Za-z0-9+\/=]*:/\1...:/g' <<<"$*"; }
+# port_listening PORT: a socket listens on 127.0.0.1:PORT (/proc/net/tcp, state 0A).
+port_listening() {
+    awk -v p="$(printf '0100007F:%04X' "$1")" '$2 == p && $4 == "0A" {f = 1} END {exit !f}' /proc/net/tcp
+}
 auth_target_stop() {
-    local pid
+    local pid i
     pid=$(cat "$AUTH_PIDFILE" 2>/dev/null) || return 0
     rm -f "$AUTH_PIDFILE"
     if ! proc_alive "$pid"; then
         echo "run.sh: auth target pid $pid had exited by itself" >> "$AUTH_LOGFILE"
-        return 0
+    else
+        kill "$pid" 2>/dev/null
+        for i in $(seq 1 100); do
+            proc_alive "$pid" || break
+            (( i != 50 )) || kill -KILL "$pid" 2>/dev/null
+            sleep 0.1
+        done
     fi
-    kill "$pid" 2>/dev/null
-    for _ in $(seq 1 50); do proc_alive "$pid" || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-    for _ in $(seq 1 50); do proc_alive "$pid" || return 0; sleep 0.1; done
+    # The io_uring driver's listening sockets can outlive its process for a moment (the kernel
+    # tears the ring down asynchronously): wait for them, so that the next run can bind the port.
+    for i in $(seq 1 50); do
+        [[ $AUTH_PORT != 0 ]] && port_listening "$AUTH_PORT" || break
+        sleep 0.1
+    done
+    (( i == 1 )) || echo "run.sh: 127.0.0.1:$AUTH_PORT still listened on $(( i - 1 ))00 ms after pid $pid was gone" >> "$AUTH_LOGFILE"
+    return 0
 }
 # auth_target_start [OPTIONS...]: stop the second instance if it runs, drop unread control
 # commands, start it with the fixed options and these on AUTH_PORT (0: a free port) and wait for
@@ -256,7 +270,7 @@ auth_target_start() {
     local n pid port="" line
     auth_target_stop
     while read -r -t 0.05 -u "$AUTH_CONTROL_FD" line; do :; done
-    n=$(grep -c '^serving ' "$AUTH_LOGFILE")
+    n=$(grep -c '^serving ' "$AUTH_LOGFILE" || true)
     echo "run.sh: starting the auth target with: $(mask_secrets "$*")" >> "$AUTH_LOGFILE"
     ( NO_COLOR=1 "$BIN" --driver "$DRIVER" --listen "127.0.0.1:$AUTH_PORT" --memory "$AUTH_SIZE_BYTES" \
         --block-size "$BLOCK_SIZE" --nqn "$AUTH_NQN" --serial "$AUTH_SERIAL" --control "$AUTH_CONTROL" \
