@@ -25,6 +25,11 @@
 # the host: `resize BYTES` (sent to the target's --control FIFO), `keepalive-mark CNTLID KATO`
 # and `keepalive-check CNTLID KATO` (the keepalive-expiry scenario; its verdict is decided here,
 # from target.log). A scenario fails if the guest or the host-side check says so.
+# Commands that take a TOKEN are answered on the guest's third serial port (ttyS2, fed from the
+# FIFO OUT/reply.in) with a line "REPLY TOKEN TEXT": `auth-target TOKEN OPTIONS...` (re)starts the
+# second target instance (below) with these extra options, `auth-ctl TOKEN COMMAND...` sends a
+# command to its control FIFO, `auth-log TOKEN REGEX` counts the matching lines of its log since
+# its last start.
 # A scenario file may ask for more, with header lines "# e2e-needs: WORD...":
 #   scratch-disk=SIZE   a blank sparse raw disk of SIZE (truncate syntax, e.g. 4G), created in the
 #                       out dir for this run, attached as a virtio disk with serial xe2e-scratch
@@ -35,6 +40,9 @@
 #                       in its PATH (under their base names); without --no-cargo, run.sh builds them
 #   guest-cmdline=A[,B] extra guest kernel command line arguments (e.g. hardened_usercopy=off)
 #   guest-cmdline@K=A[,B]  the same, only when the guest kernel is K (--kernel K)
+#   auth-target         a second target instance for the DH-HMAC-CHAP scenarios (64 MiB in memory,
+#                       its own port, NQN and --control FIFO OUT/auth-control.fifo, log
+#                       OUT/auth-target.log), which the guest restarts with the options it needs
 # Prints "PASS <name>" / "FAIL <name>: <reason>" per scenario and "N passed, M failed";
 # exits 1 if anything failed (or the guest did not finish), 2 on a harness error.
 set -euo pipefail
@@ -83,6 +91,11 @@ BAD_HOSTID="6a0f3e5c-2b1d-4c8e-9f70-0e2e000000ff"
 # down at most KATO + KATO_MARGIN seconds after the guest's NIC went down.
 KATO=5
 KATO_MARGIN=2
+# The second target instance (auth-target): what run.sh always gives it; the guest adds the rest
+# (--host, --require-auth, --dhchap-*).
+AUTH_NQN="nqn.2026-01.io.xatastor:e2e-auth"
+AUTH_SERIAL="XSE2EAUTH01"
+AUTH_SIZE_BYTES=$(( 64 << 20 ))
 GUEST_MEM="${XATASTOR_E2E_GUEST_MEM:-2048}"
 GUEST_CPUS="${XATASTOR_E2E_GUEST_CPUS:-2}"
 
@@ -100,6 +113,7 @@ die() { printf '[e2e] ERROR: %s\n' "$*" >&2; exit 2; }
 NEED_SCRATCH=""   # size of the blank scratch disk, if any
 NEED_BINS=()      # binaries to ship into the guest
 NEED_CMDLINE=()   # extra guest kernel command line arguments
+NEED_AUTH_TARGET=0 # a second target instance for the DH-HMAC-CHAP scenarios
 for word in $(sed -n 's/^# e2e-needs://p' "$SCENARIO"); do
     case $word in
         scratch-disk=*) NEED_SCRATCH=${word#*=} ;;
@@ -107,11 +121,12 @@ for word in $(sed -n 's/^# e2e-needs://p' "$SCENARIO"); do
         guest-bin) NEED_BINS+=(nvmeof-blocking-target) ;;
         guest-bin=*) IFS=, read -r -a _bins <<<"${word#*=}"; NEED_BINS+=("${_bins[@]}") ;;
         guest-cmdline=*) IFS=, read -r -a _args <<<"${word#*=}"; NEED_CMDLINE+=("${_args[@]}") ;;
+        auth-target) NEED_AUTH_TARGET=1 ;;
         guest-cmdline@*=*)
             _k=${word#guest-cmdline@}; _k=${_k%%=*}
             case $_k in 6.1|6.12) ;; *) die "$SCENARIO: '# e2e-needs: $word': unknown kernel '$_k' (known: 6.1, 6.12)" ;; esac
             if [[ $_k == "$KERNEL" ]]; then IFS=, read -r -a _args <<<"${word#*=}"; NEED_CMDLINE+=("${_args[@]}"); fi ;;
-        *) die "$SCENARIO: unknown '# e2e-needs:' word: $word (known: scratch-disk[=SIZE], guest-bin[=A,B], guest-cmdline[@KERNEL]=ARG[,ARG])" ;;
+        *) die "$SCENARIO: unknown '# e2e-needs:' word: $word (known: scratch-disk[=SIZE], guest-bin[=A,B], guest-cmdline[@KERNEL]=ARG[,ARG], auth-target)" ;;
     esac
 done
 for tool in qemu-system-x86_64 timeout; do
@@ -125,9 +140,16 @@ RESULTS="$OUT/results.log"   # guest ttyS1: PLAN/PASS/FAIL/TIME/ACTION lines onl
 TARGET_LOGFILE="$OUT/target.log"
 ACTIONS="$OUT/actions.log"   # what run.sh did for the guest's ACTION lines (host clock)
 CONTROL="$OUT/control.fifo"  # the target's --control FIFO
-: > "$CONSOLE"; : > "$RESULTS"; : > "$TARGET_LOGFILE"; : > "$ACTIONS"
-rm -f "$CONTROL"
-mkfifo "$CONTROL" || die "mkfifo $CONTROL failed"
+REPLY_IN="$OUT/reply.in"     # run.sh -> guest ttyS2 (replies to ACTIONs with a token)
+AUTH_LOGFILE="$OUT/auth-target.log"     # the second instance's stderr, all its runs
+AUTH_CONTROL="$OUT/auth-control.fifo"   # its --control FIFO
+AUTH_PIDFILE="$OUT/auth-target.pid"     # the pid of its current run
+: > "$CONSOLE"; : > "$RESULTS"; : > "$TARGET_LOGFILE"; : > "$ACTIONS"; : > "$AUTH_LOGFILE"
+rm -f "$CONTROL" "$REPLY_IN" "$AUTH_CONTROL" "$AUTH_PIDFILE"
+mkfifo "$CONTROL" "$REPLY_IN" "$AUTH_CONTROL" || die "mkfifo in $OUT failed"
+# QEMU's pipe chardev opens REPLY_IN for reading and reply.out for writing (the guest never
+# writes to ttyS2; a regular file cannot fill up).
+: > "$OUT/reply.out"
 
 TARGET_PID=""
 QEMU_PID=""
@@ -138,6 +160,7 @@ cleanup() {
     set +e
     [[ -n $QEMU_PID ]] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
     [[ -n $TARGET_PID ]] && kill "$TARGET_PID" 2>/dev/null && wait "$TARGET_PID" 2>/dev/null
+    [[ -s $AUTH_PIDFILE ]] && kill "$(cat "$AUTH_PIDFILE")" 2>/dev/null
     local p
     for p in "${TAIL_PIDS[@]}" $READER_PID; do kill "$p" 2>/dev/null; done
     # The extra disks are per run and reproducible; do not keep gigabytes of them in /tmp.
@@ -203,6 +226,86 @@ done
 [[ -n $PORT ]] || { cat "$TARGET_LOGFILE" >&2; die "target did not report its listening address"; }
 log "target pid $TARGET_PID listening on 127.0.0.1:$PORT (guest: 10.0.2.2:$PORT)"
 
+# The second instance (auth-target). It is (re)started from the ACTION reader too, so it is not
+# a child of this shell: its pid is kept in AUTH_PIDFILE, and it is watched through /proc.
+# proc_alive PID: the process exists and is not a zombie.
+proc_alive() {
+    local st
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+    [[ -n $st && $st != Z ]]
+}
+# Secrets in what run.sh itself writes: only their first characters.
+mask_secrets() { sed -E 's/(DHHC-1:0[0-3]:[A-Za-z0-9+\/]{4})[A-Za-z0-9+\/=]*:/\1...:/g' <<<"$*"; }
+# port_listening PORT: a socket listens on 127.0.0.1:PORT (/proc/net/tcp, state 0A).
+port_listening() {
+    awk -v p="$(printf '0100007F:%04X' "$1")" '$2 == p && $4 == "0A" {f = 1} END {exit !f}' /proc/net/tcp
+}
+auth_target_stop() {
+    local pid i
+    pid=$(cat "$AUTH_PIDFILE" 2>/dev/null) || return 0
+    rm -f "$AUTH_PIDFILE"
+    if ! proc_alive "$pid"; then
+        echo "run.sh: auth target pid $pid had exited by itself" >> "$AUTH_LOGFILE"
+    else
+        kill "$pid" 2>/dev/null
+        for i in $(seq 1 100); do
+            proc_alive "$pid" || break
+            (( i != 50 )) || kill -KILL "$pid" 2>/dev/null
+            sleep 0.1
+        done
+    fi
+    # The io_uring driver's listening sockets can outlive its process for a moment (the kernel
+    # tears the ring down asynchronously): wait for them, so that the next run can bind the port.
+    for i in $(seq 1 50); do
+        [[ $AUTH_PORT != 0 ]] && port_listening "$AUTH_PORT" || break
+        sleep 0.1
+    done
+    (( i == 1 )) || echo "run.sh: 127.0.0.1:$AUTH_PORT still listened on $(( i - 1 ))00 ms after pid $pid was gone" >> "$AUTH_LOGFILE"
+    return 0
+}
+# auth_target_start [OPTIONS...]: stop the second instance if it runs, drop unread control
+# commands, start it with the fixed options and these on AUTH_PORT (0: a free port) and wait for
+# its "serving" line. Prints "ok serving on 127.0.0.1:PORT" or "error ...".
+auth_target_start() {
+    local n pid port="" line
+    auth_target_stop
+    while read -r -t 0.05 -u "$AUTH_CONTROL_FD" line; do :; done
+    n=$(grep -c '^serving ' "$AUTH_LOGFILE" || true)
+    echo "run.sh: starting the auth target with: $(mask_secrets "$*")" >> "$AUTH_LOGFILE"
+    ( NO_COLOR=1 "$BIN" --driver "$DRIVER" --listen "127.0.0.1:$AUTH_PORT" --memory "$AUTH_SIZE_BYTES" \
+        --block-size "$BLOCK_SIZE" --nqn "$AUTH_NQN" --serial "$AUTH_SERIAL" --control "$AUTH_CONTROL" \
+        --log "$TARGET_LOG,nvmeof_target::auth=debug" "$@" < /dev/null >> "$AUTH_LOGFILE" 2>&1 &
+      echo $! > "$AUTH_PIDFILE" )
+    pid=$(cat "$AUTH_PIDFILE")
+    for _ in $(seq 1 100); do
+        port=$(grep '^serving ' "$AUTH_LOGFILE" | tail -n +$(( n + 1 )) | sed -n 's/.* on 127\.0\.0\.1:\([0-9]\+\)$/\1/p' | head -n1)
+        [[ -n $port ]] && break
+        proc_alive "$pid" || { echo "error: the auth target exited at startup: $(tail -n1 "$AUTH_LOGFILE")"; return; }
+        sleep 0.1
+    done
+    [[ -n $port ]] || { echo "error: the auth target did not report its address within 10s"; return; }
+    echo "ok serving on 127.0.0.1:$port"
+}
+# auth_log REGEX: how many lines of the second instance's log since its last start match REGEX
+# (grep -E), and the last of them: "N | LINE".
+auth_log() {
+    local lines
+    lines=$(awk '/^run\.sh: starting the auth target/ {n = NR} END {print n + 0}' "$AUTH_LOGFILE")
+    tail -n +"$(( lines + 1 ))" "$AUTH_LOGFILE" | grep -E -- "$1" > "$OUT/auth-log.match"
+    echo "$(wc -l < "$OUT/auth-log.match") | $(tail -n1 "$OUT/auth-log.match" | cut -c1-400)"
+}
+AUTH_PORT=0
+AUTH_CONTROL_FD=""
+if [[ $NEED_AUTH_TARGET == 1 ]]; then
+    exec {AUTH_CONTROL_FD}<>"$AUTH_CONTROL"
+    reply=$(auth_target_start)
+    [[ $reply == "ok "* ]] || { cat "$AUTH_LOGFILE" >&2; die "auth target: $reply"; }
+    AUTH_PORT=${reply##*:}
+    log "auth target pid $(cat "$AUTH_PIDFILE") listening on 127.0.0.1:$AUTH_PORT (guest: 10.0.2.2:$AUTH_PORT)"
+fi
+# Replies to the guest (read-write, like the control FIFO: never blocks, never fails).
+exec {REPLY_FD}<>"$REPLY_IN"
+
 # --- (d) guest -----------------------------------------------------------------------------
 cat > "$OUT/env.sh" <<EOF
 E2E_ADDR=10.0.2.2
@@ -218,6 +321,12 @@ E2E_BAD_HOSTID=$BAD_HOSTID
 E2E_ONLY="$ONLY"
 E2E_KATO=$KATO
 E2E_KERNEL=$KERNEL
+EOF
+[[ $NEED_AUTH_TARGET == 0 ]] || cat >> "$OUT/env.sh" <<EOF
+E2E_AUTH_PORT=$AUTH_PORT
+E2E_AUTH_NQN=$AUTH_NQN
+E2E_AUTH_SERIAL=$AUTH_SERIAL
+E2E_AUTH_SIZE_BYTES=$AUTH_SIZE_BYTES
 EOF
 [[ $DRIVER_SET == 0 ]] || echo "E2E_DRIVER=$DRIVER" >> "$OUT/env.sh"
 # Scenario files pull shared helpers in with '# e2e-include: FILE...' lines (paths relative to
@@ -281,7 +390,7 @@ QEMU=(
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0
     -fw_cfg "name=opt/xatastor/scenario,file=$OUT/scenario.sh"
     -fw_cfg "name=opt/xatastor/env,file=$OUT/env.sh"
-    -serial "file:$CONSOLE" -serial "file:$RESULTS"
+    -serial "file:$CONSOLE" -serial "file:$RESULTS" -serial "pipe:$OUT/reply"
 )
 printf '%q ' "${QEMU[@]}" > "$OUT/qemu.cmdline"
 log "booting guest (TCG, ${GUEST_CPUS} cpus, ${GUEST_MEM} MiB, hard timeout ${TIMEOUT}s)"
@@ -291,34 +400,48 @@ QEMU_PID=$!
 
 # --- guest requests ("ACTION <scenario> <command> [args]" on ttyS1), served while it runs --
 now_s() { date +%s.%N; }
-# control CMD...: send one command to the target, wait (5 s at most) for its "control:" reply.
-control() {
-    local n i reply=""
-    n=$(grep -c '^control: ' "$TARGET_LOGFILE")
-    echo "$*" >&"$CONTROL_FD"
+# control_to FD LOGFILE CMD...: send one command to a target's control FIFO, wait (5 s at most)
+# for its "control:" reply in its log.
+control_to() {
+    local fd=$1 logfile=$2 n i reply=""
+    shift 2
+    n=$(grep -c '^control: ' "$logfile")
+    echo "$*" >&"$fd"
     for i in $(seq 1 50); do
-        reply=$(grep '^control: ' "$TARGET_LOGFILE" | tail -n +$(( n + 1 )) | head -n1)
+        reply=$(grep '^control: ' "$logfile" | tail -n +$(( n + 1 )) | head -n1)
         [[ -n $reply ]] && break
         sleep 0.1
     done
     echo "${reply:-control: no reply within 5s}"
 }
+# control CMD...: the same for the main target.
+control() { control_to "$CONTROL_FD" "$TARGET_LOGFILE" "$@"; }
 # One line per ACTION in actions.log: "<host time> <scenario> <command> <args> | <outcome>".
 serve_actions() {
     set +e
-    local line name cmd args t reply
+    local line name cmd args t reply token
     while IFS= read -r line; do
         line=${line%$'\r'}
         [[ $line == "ACTION "* ]] || continue
         t=$(now_s)
         read -r name cmd args <<<"${line#ACTION }"
+        token=""
         case $cmd in
             resize) reply=$(control resize "$args") ;;
             keepalive-mark|keepalive-check) reply=$(control controllers) ;;
+            auth-target|auth-ctl|auth-log)
+                read -r token args <<<"$args"
+                if [[ -z $AUTH_CONTROL_FD ]]; then reply="error: no auth target (the scenario file lacks '# e2e-needs: auth-target')"
+                elif [[ $cmd == auth-target ]]; then
+                    # shellcheck disable=SC2086 # the options are words
+                    reply=$(auth_target_start $args)
+                elif [[ $cmd == auth-ctl ]]; then reply=$(control_to "$AUTH_CONTROL_FD" "$AUTH_LOGFILE" "$args")
+                else reply=$(auth_log "$args"); fi ;;
             *) reply="unknown action" ;;
         esac
-        echo "$t $name $cmd $args | $reply" >> "$ACTIONS"
-        echo "[e2e] guest action: $name $cmd $args -> $reply" >&2
+        [[ -z $token ]] || echo "REPLY $token $reply" >&"$REPLY_FD"
+        echo "$t $name $cmd $(mask_secrets "$args") | $reply" >> "$ACTIONS"
+        echo "[e2e] guest action: $name $cmd $(mask_secrets "$args") -> $reply" >&2
     done
 }
 tail --pid="$QEMU_PID" -n +1 -F "$RESULTS" 2>/dev/null | serve_actions &
@@ -356,6 +479,17 @@ else
     set +e; wait "$TARGET_PID"; TARGET_RC="exited with status $?"; set -e
 fi
 TARGET_PID=""
+# The second instance: still running (then stopped here), or it died by itself.
+AUTH_DIED=""
+if [[ $NEED_AUTH_TARGET == 1 ]]; then
+    if [[ -s $AUTH_PIDFILE ]] && proc_alive "$(cat "$AUTH_PIDFILE")"; then
+        auth_target_stop
+    else
+        AUTH_DIED="it was not running when the guest ended"
+    fi
+    grep -q '^run\.sh: auth target pid .* had exited by itself' "$AUTH_LOGFILE" \
+        && AUTH_DIED="${AUTH_DIED:+$AUTH_DIED; }$(grep -m1 '^run\.sh: auth target pid .* had exited by itself' "$AUTH_LOGFILE" | sed 's/^run\.sh: //')"
+fi
 
 # --- (e) results ---------------------------------------------------------------------------
 tr -d '\r' < "$RESULTS" > "$OUT/results.txt"
@@ -399,12 +533,30 @@ keepalive_verdict() {
     fi
     echo "${reason%; }"
 }
+# secret_leaks NAME: the secrets the guest gave the auth target for scenario NAME (in its ACTION
+# lines) that appear in the auth target's log, as base64 (the DHHC-1 form) or as hex; empty if none.
+secret_leaks() {
+    local s b64 hex out=""
+    for s in $(grep -E "^ACTION $1 auth-(target|ctl) " "$OUT/results.txt" | grep -oE 'DHHC-1:0[0-3]:[A-Za-z0-9+/=]+:' | sort -u); do
+        b64=${s#DHHC-1:???}; b64=${b64%:}
+        hex=$(base64 -d <<<"$b64" 2>/dev/null | od -An -tx1 -v | tr -d ' \n' | cut -c1-64)
+        if grep -qF -- "$b64" "$AUTH_LOGFILE" || { [[ -n $hex ]] && grep -qiF -- "$hex" "$AUTH_LOGFILE"; }; then
+            out+="$(mask_secrets "$s") "
+        fi
+    done
+    echo "${out% }"
+}
 # host_verdict NAME: why the host side fails scenario NAME; empty if it has nothing against it.
 host_verdict() {
     local name=$1 r="" bad k
     # Every control command the scenario needed must have succeeded.
     bad=$(grep -E "^[0-9.]+ $name resize " "$ACTIONS" | grep -v '| control: ok' | head -n1 || true)
     [[ -z $bad ]] || r="target control command failed: ${bad#* $name }"
+    # No secret in the target's log.
+    if [[ $NEED_AUTH_TARGET == 1 ]]; then
+        k=$(secret_leaks "$name")
+        [[ -z $k ]] || r+="${r:+; }the target's log shows a secret it was given: $k"
+    fi
     if [[ $name == keepalive-expiry ]]; then
         k=$(keepalive_verdict "$name")
         [[ -z $k ]] || r+="${r:+; }$k"
@@ -445,6 +597,11 @@ if [[ $TARGET_ALIVE == 0 ]]; then
     report FAIL target-process "the target died during the run ($TARGET_RC); see $TARGET_LOGFILE"
 elif grep -q 'panicked at' "$TARGET_LOGFILE"; then
     report FAIL target-process "a target thread panicked: $(grep -m1 'panicked at' "$TARGET_LOGFILE")"
+fi
+if [[ -n $AUTH_DIED ]]; then
+    report FAIL auth-target-process "the auth target died during the run: $AUTH_DIED; see $AUTH_LOGFILE"
+elif [[ $NEED_AUTH_TARGET == 1 ]] && grep -q 'panicked at' "$AUTH_LOGFILE"; then
+    report FAIL auth-target-process "an auth target thread panicked: $(grep -m1 'panicked at' "$AUTH_LOGFILE")"
 fi
 
 T_TOTAL=$(( $(date +%s) - T_START ))

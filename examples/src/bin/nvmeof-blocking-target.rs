@@ -37,7 +37,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
-use nvmeof_target::auth::{DhchapSecret, HostSecrets, MemoryHostKeys};
+use nvmeof_target::auth::{AuthConfig, DhGroup, DhchapHash, DhchapSecret, HostSecrets, MemoryHostKeys};
 use nvmeof_target::{
     BlockBackend, FileBackend, HostAccess, MemoryBackend, NamespaceConfig, SubsystemConfig, Target,
     TargetConfig,
@@ -102,6 +102,17 @@ struct Args {
     /// DHHC-1 string or a file holding one.
     #[arg(long, value_name = "SECRET|FILE", requires = "dhchap_secret")]
     dhchap_ctrl_secret: Option<String>,
+    /// Hash functions the target accepts for DH-HMAC-CHAP, most preferred first (comma-separated:
+    /// `sha256`, `sha384`, `sha512`); the first one the host offers is used. Default:
+    /// `sha512,sha384,sha256`.
+    #[arg(long, value_name = "HASH,...", value_delimiter = ',', value_parser = parse_hash)]
+    dhchap_hashes: Vec<DhchapHash>,
+    /// Diffie-Hellman groups the target accepts for DH-HMAC-CHAP, most preferred first
+    /// (comma-separated: `null`, `ffdhe2048`, `ffdhe3072`, `ffdhe4096`, `ffdhe6144`, `ffdhe8192`);
+    /// the first one the host offers is used. Leave `null` out to refuse authentication without a
+    /// DH exchange. Default: `ffdhe3072,ffdhe4096,ffdhe6144,ffdhe8192,ffdhe2048,null`.
+    #[arg(long, value_name = "GROUP,...", value_delimiter = ',', value_parser = parse_dhgroup)]
+    dhchap_dhgroups: Vec<DhGroup>,
     /// Log filter (tracing-subscriber syntax), e.g. `info`, `nvmeof_target=debug`.
     #[arg(long, default_value = "info")]
     log: String,
@@ -154,7 +165,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if backend.size_bytes() == 0 {
         return Err("the volume is empty (size 0)".into());
     }
-    let target = Target::new(TargetConfig::default());
+    let mut auth = AuthConfig::default();
+    if !args.dhchap_hashes.is_empty() {
+        auth.hashes = args.dhchap_hashes.clone();
+    }
+    if !args.dhchap_dhgroups.is_empty() {
+        auth.dh_groups = args.dhchap_dhgroups.clone();
+    }
+    let target = Target::new(TargetConfig { auth, ..TargetConfig::default() });
     let mut sc = SubsystemConfig::new(args.nqn.clone(), args.serial.clone());
     sc.allowed_hosts = args.hosts.clone();
     if args.allow_any_host {
@@ -223,11 +241,41 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             if args.dhchap_ctrl_secret.is_some() { " --dhchap-ctrl-secret <controller secret>" } else { "" }
         );
     }
+    if args.dhchap_secret.is_some() || args.require_auth || args.control.is_some() {
+        let auth = &target.config().auth;
+        let hashes: Vec<&str> = auth.hashes.iter().map(|h| h.name()).collect();
+        let groups: Vec<&str> = auth.dh_groups.iter().map(|g| g.name()).collect();
+        eprintln!(
+            "  DH-HMAC-CHAP (most preferred first): hashes {}; DH groups {}",
+            hashes.join(","),
+            groups.join(",")
+        );
+    }
     if let Some(path) = &args.control {
         eprintln!("  control: reading commands from {}", path.display());
     }
     serve()?;
     Ok(())
+}
+
+/// A DH-HMAC-CHAP hash function by name: `sha256` (also `SHA-256`, `hmac(sha256)`), `sha384`, `sha512`.
+fn parse_hash(s: &str) -> Result<DhchapHash, String> {
+    let name = s.trim().to_ascii_lowercase().replace('-', "");
+    let name = name.strip_prefix("hmac(").and_then(|n| n.strip_suffix(')')).unwrap_or(&name);
+    DhchapHash::ALL
+        .iter()
+        .copied()
+        .find(|h| h.name().to_ascii_lowercase().replace('-', "") == name)
+        .ok_or_else(|| format!("unknown hash '{s}' (sha256, sha384, sha512)"))
+}
+
+/// A DH group by name: `null`, `ffdhe2048` ... `ffdhe8192`.
+fn parse_dhgroup(s: &str) -> Result<DhGroup, String> {
+    let name = s.trim().to_ascii_lowercase();
+    DhGroup::ALL.iter().copied().find(|g| g.name() == name).ok_or_else(|| {
+        let known: Vec<&str> = DhGroup::ALL.iter().map(|g| g.name()).collect();
+        format!("unknown DH group '{s}' ({})", known.join(", "))
+    })
 }
 
 /// A DH-HMAC-CHAP secret given as a DHHC-1 string or as a file holding one. A file others may read
@@ -345,5 +393,55 @@ fn control_command(target: &Target, nqn: &str, keys: &MemoryHostKeys, line: &str
         _ => Err("unknown command (commands: resize SIZE, controllers, dhchap-secret HOSTNQN SECRET|FILE \
                   [CTRL_SECRET|FILE], dhchap-remove HOSTNQN, require-auth on|off)"
             .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_names() {
+        for (s, h) in [
+            ("sha256", DhchapHash::Sha256),
+            ("SHA-384", DhchapHash::Sha384),
+            ("hmac(sha512)", DhchapHash::Sha512),
+            (" Sha512 ", DhchapHash::Sha512),
+        ] {
+            assert_eq!(parse_hash(s), Ok(h), "{s}");
+        }
+        for s in ["", "sha1", "md5", "hmac(sha256", "sha-2"] {
+            assert!(parse_hash(s).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn dhgroup_names() {
+        for g in DhGroup::ALL {
+            assert_eq!(parse_dhgroup(g.name()), Ok(*g));
+            assert_eq!(parse_dhgroup(&g.name().to_ascii_uppercase()), Ok(*g));
+        }
+        for s in ["", "ffdhe1024", "modp2048", "none"] {
+            assert!(parse_dhgroup(s).unwrap_err().contains("ffdhe8192"), "{s}");
+        }
+    }
+
+    #[test]
+    fn preference_lists_parse() {
+        let args = Args::try_parse_from([
+            "nvmeof-blocking-target",
+            "--memory",
+            "1MiB",
+            "--dhchap-hashes",
+            "sha384,sha256",
+            "--dhchap-dhgroups",
+            "ffdhe4096,null",
+        ])
+        .unwrap();
+        assert_eq!(args.dhchap_hashes, [DhchapHash::Sha384, DhchapHash::Sha256]);
+        assert_eq!(args.dhchap_dhgroups, [DhGroup::Ffdhe4096, DhGroup::Null]);
+        assert!(
+            Args::try_parse_from(["nvmeof-blocking-target", "--dhchap-dhgroups", "ffdhe4096,bogus"]).is_err()
+        );
     }
 }

@@ -86,12 +86,12 @@ ctrls_of_host() {
 # its name. (The kernel keeps host NQN and host ID one-to-one, so a second host identity needs
 # its own ID.)
 auth_connect() {
-    local addr=$1 port=$2 nqn=$3 hostnqn=$4 hostid=$5 d
+    local addr=$1 port=$2 nqn=$3 hostnqn=$4 hostid=$5 d rc
     shift 5
     need_nvme_tcp
     x timeout 60 nvme connect -t tcp -a "$addr" -s "$port" -n "$nqn" --hostnqn "$hostnqn" --hostid "$hostid" \
         --ctrl-loss-tmo=20 --reconnect-delay=2 "$@" >&2 \
-        || fail "nvme connect to $nqn as $hostnqn $(auth_opts_shown "$@") failed (rc=$?): $(dmesg | grep -i nvme | tail -n 2 | tr '\n' ' ')"
+        || { rc=$?; fail "nvme connect to $nqn as $hostnqn $(auth_opts_shown "$@") failed (rc=$rc): $(dmesg | grep -i nvme | grep -v 'nvme_auth\|shared secret' | tail -n 2 | tr '\n' ' ')"; }
     for _ in $(seq 1 150); do
         if d=$(ns_dev_of "$nqn"); then echo "$d"; return 0; fi
         sleep 0.2
@@ -134,6 +134,10 @@ auth_opts_shown() {
     [[ -n $out ]] || out="(no secret)"
     echo "${out% }"
 }
+
+# dmesg_since MARK: the kernel messages after dmesg line MARK (for grep -q on a here-string: in a
+# pipeline, grep -q ending early would fail it under pipefail).
+dmesg_since() { dmesg | tail -n +"$(( $1 + 1 ))"; }
 
 # auth_dmesg_result MARK: the host's "authenticated with hash H dhgroup G" line for the admin
 # queue since dmesg line MARK (empty if there is none).
