@@ -388,6 +388,10 @@ fn copy_out(data: &Payload, mut at: usize, dst: &mut [u8]) {
 const ZERO_COPY_READ: usize = 32 * 1024;
 
 /// A chunk's memory owned by a `Bytes` handed to a reader.
+///
+/// The box inside the `Arc` is the chunk's own allocation: sharing moves it in without a copy, and
+/// `Arc::try_unwrap` gives it back for an in-place overwrite once the readers are done.
+#[allow(clippy::redundant_allocation)]
 struct SharedChunk(Arc<Box<[u8; CHUNK]>>);
 
 impl AsRef<[u8]> for SharedChunk {

@@ -245,30 +245,54 @@ fn probe() -> io::Result<()> {
     Ok(())
 }
 
-/// Fails if another socket listens on `addr` (or on the wildcard address of its port).
+/// Fails if another socket listens on `addr` (or on the wildcard address of its port) for longer
+/// than [`PORT_WAIT`].
 ///
 /// The workers share their port through `SO_REUSEPORT`, which the kernel extends to any process of
 /// the same user: without this check a second server on the same address would silently receive a
 /// share of the first one's connections. A plain bind (no `SO_REUSEPORT`) conflicts with every
 /// listener on the port, ours included, so it is made before ours and dropped again. (Two servers
 /// started within the same instant could both pass; a server started later fails here.)
+///
+/// A process that has just exited may still hold its listener for a moment (an io_uring instance
+/// is torn down asynchronously, and a killed server's multishot accepts keep their sockets until
+/// then): a restart waits for the port instead of failing at once.
 fn check_port_free(addr: SocketAddr) -> io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into()).map_err(|e| {
-        if e.kind() == io::ErrorKind::AddrInUse {
-            io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{addr} is already in use by another process (another node serving this port?)"),
-            )
-        } else {
-            e
+    #[allow(clippy::disallowed_methods)] // start-up, not the data path
+    let deadline = std::time::Instant::now() + PORT_WAIT;
+    let mut logged = false;
+    loop {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        match socket.bind(&addr.into()) {
+            Ok(()) => return Ok(()),
+            #[allow(clippy::disallowed_methods)] // start-up, not the data path
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                if !logged {
+                    tracing::info!(%addr, "the port is in use; waiting up to {} s for it (a server that just exited?)", PORT_WAIT.as_secs());
+                    logged = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{addr} is already in use by another process (another node serving this port?); waited {} s for it",
+                        PORT_WAIT.as_secs()
+                    ),
+                ))
+            }
+            Err(e) => return Err(e),
         }
-    })
+    }
 }
+
+/// How long a starting server waits for its port to be released by a process that just exited.
+const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;

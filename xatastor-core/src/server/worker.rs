@@ -107,6 +107,9 @@ pub(super) struct Worker {
     disk: Slab<DiskOp>,
     pending: Slab<PendingIo>,
     accepting: bool,
+    /// The multishot accept is in the kernel (it holds a reference to the listening socket until
+    /// its last completion arrives).
+    accept_armed: bool,
     /// Engine deadlines: (when, connection). Entries whose connection has since moved its deadline
     /// are skipped when they come up.
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
@@ -159,6 +162,7 @@ impl Worker {
             disk: Slab::default(),
             pending: Slab::default(),
             accepting: true,
+            accept_armed: false,
             timers: BinaryHeap::new(),
             backlog: VecDeque::new(),
             cqes: Vec::new(),
@@ -198,6 +202,7 @@ impl Worker {
             .user_data(u64::from(KIND_ACCEPT) << 56);
         // SAFETY: accept writes no buffer of ours; the listener lives as long as the worker.
         unsafe { self.push(e) };
+        self.accept_armed = true;
     }
 
     fn arm_wake(&mut self) {
@@ -225,7 +230,15 @@ impl Worker {
             if self.stop.load(Ordering::Acquire) && self.accepting {
                 self.begin_shutdown();
             }
-            if !self.accepting && self.conns.is_empty() && self.pending.is_empty() && self.disk.is_empty() {
+            // The worker also waits for the cancelled accept's last completion: until then the
+            // kernel holds the listening socket, and a server started right after this one exits
+            // would find the port still taken.
+            if !self.accepting
+                && !self.accept_armed
+                && self.conns.is_empty()
+                && self.pending.is_empty()
+                && self.disk.is_empty()
+            {
                 return Ok(());
             }
             self.wait()?;
@@ -340,8 +353,11 @@ impl Worker {
     }
 
     fn on_accept(&mut self, res: i32, flags: u32, now: Instant) {
-        if !cqueue::more(flags) && self.accepting {
-            self.arm_accept();
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+            if self.accepting {
+                self.arm_accept();
+            }
         }
         if res < 0 {
             if res != -libc::ECANCELED || self.accepting {
