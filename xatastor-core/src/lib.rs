@@ -67,4 +67,4 @@ pub use provision::{
     VolumeSpec,
 };
 pub use secrets::{HostAuth, SecretParams, SecretsError, VolumeAuth};
-pub use server::{Server, ServerConfig, WorkerStats};
+pub use server::{raise_open_file_limit, Server, ServerConfig, WorkerStats};

@@ -176,6 +176,7 @@ impl Server {
                 poll_time: Duration::from_nanos(m.stats.spin_ns.load(Ordering::Relaxed)),
                 received_bytes_copied: m.stats.rx_copied.load(Ordering::Relaxed),
                 bounced_writes: m.stats.bounced.load(Ordering::Relaxed),
+                accept_failures: m.stats.accept_failures.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -291,6 +292,30 @@ fn check_port_free(addr: SocketAddr) -> io::Result<()> {
     }
 }
 
+/// Raises the process's soft limit of open files to its hard limit, and returns the (old, new)
+/// soft limits.
+///
+/// Every connection is a file descriptor; services often start with a soft limit of 1024
+/// (systemd's default for units), which caps a node at about a thousand connections although
+/// the hard limit (524288 under systemd) allows far more. A server meant to hold many connections
+/// calls this once at start (`xatastor-target serve` does); it never lowers a limit.
+///
+/// # Errors
+/// The limit could not be read or set.
+pub fn raise_open_file_limit() -> io::Result<(u64, u64)> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let old = limit.current.unwrap_or(u64::MAX);
+    let Some(hard) = limit.maximum else {
+        return Ok((old, old));
+    };
+    if old >= hard {
+        return Ok((old, old));
+    }
+    setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) })?;
+    Ok((old, hard))
+}
+
 /// How long a starting server waits for its port to be released by a process that just exited.
 const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -328,6 +353,7 @@ struct Counters {
     spin_ns: AtomicU64,
     rx_copied: AtomicU64,
     bounced: AtomicU64,
+    accept_failures: AtomicU64,
 }
 
 /// A snapshot of one worker's counters ([`Server::worker_stats`]).
@@ -354,6 +380,9 @@ pub struct WorkerStats {
     /// Writes to `O_DIRECT` devices whose data was not aligned and was copied into an aligned
     /// buffer first.
     pub bounced_writes: u64,
+    /// Accepts that failed for lack of file descriptors or memory (each pauses accepting for
+    /// 100 ms; the connections wait in the listen backlog meanwhile).
+    pub accept_failures: u64,
 }
 
 impl Mailbox {

@@ -45,6 +45,11 @@ use super::slab::{Key, Slab};
 use super::{Mailbox, ServerConfig};
 
 const KIND_ACCEPT: u8 = 1;
+
+/// How long accepting pauses after the process or the system ran out of file descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// At most one warning line per this long about accepts that fail for lack of resources.
+const ACCEPT_REPORT_EVERY: Duration = Duration::from_secs(10);
 const KIND_RECV: u8 = 2;
 const KIND_SEND: u8 = 3;
 const KIND_WAKE: u8 = 4;
@@ -110,6 +115,13 @@ pub(super) struct Worker {
     /// The multishot accept is in the kernel (it holds a reference to the listening socket until
     /// its last completion arrives).
     accept_armed: bool,
+    /// Accepting is paused until then: the process or the system ran out of file descriptors or
+    /// memory, and retrying at once would spin (each retry fails the same way).
+    accept_paused_until: Option<Instant>,
+    /// Failed accepts not yet reported, and when the last report was made (one line per
+    /// [`ACCEPT_REPORT_EVERY`] at most).
+    accept_failures: u64,
+    accept_reported_at: Option<Instant>,
     /// Engine deadlines: (when, connection). Entries whose connection has since moved its deadline
     /// are skipped when they come up.
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
@@ -163,6 +175,9 @@ impl Worker {
             pending: Slab::default(),
             accepting: true,
             accept_armed: false,
+            accept_paused_until: None,
+            accept_failures: 0,
+            accept_reported_at: None,
             timers: BinaryHeap::new(),
             backlog: VecDeque::new(),
             cqes: Vec::new(),
@@ -260,6 +275,7 @@ impl Worker {
             self.cqes = cqes;
             self.flush_sends();
             self.run_timers(now);
+            self.resume_accept(now);
             self.reclaim_buffers();
         }
     }
@@ -294,7 +310,10 @@ impl Worker {
             self.note_spin(start, false);
             self.spin_until = None;
         }
-        let deadline = self.timers.peek().map(|Reverse((t, _))| *t);
+        let deadline = match (self.timers.peek().map(|Reverse((t, _))| *t), self.accept_paused_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
             Some(d) => {
                 let ts = timespec(d);
@@ -353,9 +372,14 @@ impl Worker {
     }
 
     fn on_accept(&mut self, res: i32, flags: u32, now: Instant) {
+        let exhausted = matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM);
+        if exhausted && self.accepting {
+            self.accept_exhausted(-res, flags, now);
+            return;
+        }
         if !cqueue::more(flags) {
             self.accept_armed = false;
-            if self.accepting {
+            if self.accepting && self.accept_paused_until.is_none() {
                 self.arm_accept();
             }
         }
@@ -941,6 +965,51 @@ impl Worker {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     peers.remove(&c.peer_ip);
+                }
+            }
+        }
+    }
+
+    /// An accept failed for lack of file descriptors or memory: new connections wait in the
+    /// listen backlog while accepting pauses for [`ACCEPT_PAUSE`] (retrying at once would fail the
+    /// same way, in a loop), and the failures are reported at most once per [`ACCEPT_REPORT_EVERY`].
+    fn accept_exhausted(&mut self, errno: i32, flags: u32, now: Instant) {
+        if cqueue::more(flags) {
+            // The multishot accept is still armed: stop it; its last completion comes back as
+            // cancelled and is not re-armed while paused.
+            self.cancel(u64::from(KIND_ACCEPT) << 56);
+        } else {
+            self.accept_armed = false;
+        }
+        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+        self.accept_failures += 1;
+        self.mailbox.stats.accept_failures.fetch_add(1, Ordering::Relaxed);
+        let due = self.accept_reported_at.is_none_or(|at| now.duration_since(at) >= ACCEPT_REPORT_EVERY);
+        if due {
+            let hint = if errno == libc::EMFILE {
+                " (the process's open-file limit: raise it, e.g. LimitNOFILE= in a systemd unit or ulimit -n)"
+            } else {
+                ""
+            };
+            tracing::warn!(
+                error = %io::Error::from_raw_os_error(errno),
+                failures = self.accept_failures,
+                connections = self.conns.len(),
+                "cannot accept new connections{hint}; pausing accepts for {} ms at a time",
+                ACCEPT_PAUSE.as_millis()
+            );
+            self.accept_failures = 0;
+            self.accept_reported_at = Some(now);
+        }
+    }
+
+    /// Accepting again once a pause is over.
+    fn resume_accept(&mut self, now: Instant) {
+        if let Some(until) = self.accept_paused_until {
+            if now >= until {
+                self.accept_paused_until = None;
+                if self.accepting && !self.accept_armed {
+                    self.arm_accept();
                 }
             }
         }
