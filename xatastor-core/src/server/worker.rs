@@ -74,10 +74,10 @@ const CHAIN_MIN_PDU: usize = 16 * 1024;
 /// [`missing`] for input of `total` bytes whose first part is `front`.
 fn missing_of(front: &[u8], total: usize) -> usize {
     const CH: usize = 8;
-    match front.get(4..8) {
+    match front.get(4..8).and_then(|p| <[u8; 4]>::try_from(p).ok()) {
         None => CH.saturating_sub(total),
         Some(p) => {
-            let plen = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+            let plen = u32::from_le_bytes(p) as usize;
             if plen < CH {
                 usize::MAX
             } else {
@@ -797,6 +797,12 @@ impl Worker {
                     Event::Io(req) => ios.push(req),
                     Event::Close(reason) => {
                         tracing::debug!(?reason, "connection closed");
+                        c.closing = true;
+                    }
+                    // An event of a newer engine this driver does not know: the connection's
+                    // state can no longer be kept right, so it ends.
+                    other => {
+                        tracing::warn!(event = ?other, "unknown engine event: closing the connection");
                         c.closing = true;
                     }
                 }
