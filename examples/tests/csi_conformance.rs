@@ -462,6 +462,28 @@ async fn delete_volume() {
     c.stop().await;
 }
 
+/// A volume with snapshots is not deleted (they would go with it): FAILED_PRECONDITION until the
+/// snapshots are gone, then the delete goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_volume_with_snapshots_fails_until_they_are_gone() {
+    let mut c = Cluster::start().await;
+    let v = c.create("has-snapshots", GIB).await;
+    let s = c.snapshot(&v.volume_id, "snapshot-kept").await.unwrap();
+    let del = pb::DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() };
+    let e = c.ctl.delete_volume(del.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("snapshot-kept"), "{e:?}");
+    let node = v.volume_id[..1].to_owned();
+    assert_eq!(c.storage(&node).snapshots("has-snapshots").unwrap().len(), 1, "the snapshot is still there");
+    c.ctl
+        .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: s.snapshot_id, ..Default::default() })
+        .await
+        .unwrap();
+    c.ctl.delete_volume(del).await.unwrap();
+    assert!(c.all_volumes(0).await.is_empty());
+    c.stop().await;
+}
+
 // ---- ValidateVolumeCapabilities ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -460,6 +460,31 @@ impl pb::controller_server::Controller for Controller {
         let _busy = self.lock(format!("volume {}", id.volume))?;
         let Some(v) = self.volume(&id).await? else { return Ok(Response::new(pb::DeleteVolumeResponse {})) };
         let origin = v.volume.and_then(|v| v.origin_volume.zip(v.origin_snapshot));
+        // A storage node deletes a volume's snapshots with it; CSI snapshots outlive their source
+        // volume's claim, so a volume that has any is not deleted (the CO retries once they are
+        // gone). Snapshots taken only to clone from are the driver's own and do not count.
+        let req = admin::ListSnapshotsRequest { volume: Some(id.volume.clone()), ..Default::default() };
+        match node.client().list_snapshots(req).await {
+            Ok(l) => {
+                let kept: Vec<String> = l
+                    .into_inner()
+                    .snapshots
+                    .into_iter()
+                    .filter(|s| !s.name.starts_with(CLONE_SNAPSHOT_PREFIX))
+                    .map(|s| s.name)
+                    .collect();
+                if !kept.is_empty() {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {id} has snapshots ({}): delete them first (its snapshots would be deleted with it)",
+                        kept.join(", ")
+                    )));
+                }
+            }
+            Err(s) if node.err(&s).code() == Code::NotFound => {
+                return Ok(Response::new(pb::DeleteVolumeResponse {}))
+            }
+            Err(s) => return Err(node.err(&s)),
+        }
         let req = admin::DeleteVolumeRequest { name: id.volume.clone(), force: false };
         match node.client().delete_volume(req).await {
             Ok(_) => {}
