@@ -237,17 +237,41 @@ fn controllers_of(config: &NodeConfig, nqn: &str) -> Vec<String> {
         .collect()
 }
 
+/// The block device (`nvme0n1`) that `path` is: a raw block volume is published as a bind mount
+/// of the device node, whose mount source in mountinfo is the devtmpfs, not the device; the
+/// device number of the node is what names it (`/sys/dev/block/MAJ:MIN`).
+fn block_device_at(config: &NodeConfig, path: &Path) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let (major, minor) = (rustix::fs::major(meta.rdev()), rustix::fs::minor(meta.rdev()));
+    block_device_by_number(config, major, minor)
+}
+
+/// The name of block device `major:minor` from sysfs.
+fn block_device_by_number(config: &NodeConfig, major: u32, minor: u32) -> Option<String> {
+    let link = std::fs::read_link(config.sysfs.join("dev/block").join(format!("{major}:{minor}"))).ok()?;
+    link.file_name()?.to_str().map(str::to_owned)
+}
+
 fn device_size(config: &NodeConfig, dev: &str) -> Option<u64> {
     let sectors = std::fs::read_to_string(config.sysfs.join("block").join(dev).join("size")).ok()?;
     sectors.trim().parse::<u64>().ok().map(|s| s * 512)
 }
 
-/// One line of /proc/self/mountinfo: mount point, source, file system type.
+/// How long a stage waits for the namespace of a controller that is already connected before it
+/// takes it for a stale one.
+const STALE_CONTROLLER_WAIT: Duration = Duration::from_secs(5);
+
+/// One line of /proc/self/mountinfo: mount point, source, file system type, read-only.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Mount {
     point: PathBuf,
     source: String,
     fs_type: String,
+    read_only: bool,
 }
 
 fn unescape(s: &str) -> String {
@@ -272,7 +296,9 @@ fn parse_mountinfo(text: &str) -> Vec<Mount> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            let point = left.split(' ').nth(4)?;
+            let mut l = left.split(' ').skip(4);
+            let point = l.next()?;
+            let read_only = l.next()?.split(',').any(|o| o == "ro");
             let mut r = right.split(' ');
             let fs_type = r.next()?;
             let source = r.next()?;
@@ -280,6 +306,7 @@ fn parse_mountinfo(text: &str) -> Vec<Mount> {
                 point: PathBuf::from(unescape(point)),
                 source: unescape(source),
                 fs_type: fs_type.to_owned(),
+                read_only,
             })
         })
         .collect()
@@ -329,8 +356,22 @@ fn stage(
         &Staged { nqn: nqn.clone(), staging_target_path: staging.clone(), block },
     )?;
 
-    // Connect unless a controller for the subsystem is there (a retried stage).
-    if device_of(config, nqn).is_none() && controllers_of(config, nqn).is_empty() {
+    // Connect unless a controller for the subsystem is there (a retried stage). A controller
+    // that shows no namespace for a while is one left connected to a volume it no longer sees
+    // (the volume was detached from this host and published again): start over with it.
+    let mut connect = device_of(config, nqn).is_none() && controllers_of(config, nqn).is_empty();
+    if device_of(config, nqn).is_none() && !connect {
+        let start = Instant::now();
+        while device_of(config, nqn).is_none() && start.elapsed() < STALE_CONTROLLER_WAIT {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if device_of(config, nqn).is_none() {
+            tracing::info!(volume = volume_id, %nqn, "a controller of the volume shows no namespace: disconnecting it to connect again");
+            run(config, "nvme", &["disconnect", "-n", nqn])?;
+            connect = true;
+        }
+    }
+    if connect {
         let get = |k: &str| settings.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v).to_string();
         let args = [
             "connect".to_owned(),
@@ -456,8 +497,32 @@ fn publish(
     access: &Access,
 ) -> Result<(), Status> {
     let target = PathBuf::from(&r.target_path);
-    if mount_at(&target).is_some() {
-        return Ok(()); // published already
+    if let Some(m) = mount_at(&target) {
+        // Published already (a retry) — or something else is there: ALREADY_EXISTS, as the spec
+        // says for a target path published with an incompatible source or read-only flag.
+        let same_source = match access {
+            Access::Block => {
+                let nqn = r
+                    .publish_context
+                    .get(CTX_NQN)
+                    .cloned()
+                    .or_else(|| read_state(config, volume_id).map(|s| s.nqn));
+                let want = nqn.and_then(|n| device_of(config, &n));
+                want.is_some() && block_device_at(config, &target) == want
+            }
+            Access::Mount { .. } => {
+                mount_at(Path::new(&r.staging_target_path)).is_some_and(|staged| staged.source == m.source)
+            }
+        };
+        if same_source && m.read_only == r.readonly {
+            return Ok(());
+        }
+        return Err(Status::already_exists(format!(
+            "{} is already a mount of {}{}: not the volume {volume_id} as asked",
+            target.display(),
+            m.source,
+            if m.read_only { " (read-only)" } else { "" }
+        )));
     }
     let mut opts = vec!["bind".to_owned()];
     if r.readonly {
@@ -528,7 +593,19 @@ fn stats(config: &NodeConfig, path: &Path) -> Result<pb::NodeGetVolumeStatsRespo
         }
     };
     if !meta.is_dir() {
-        let dev = m.source.trim_start_matches("/dev/").to_owned();
+        let Some(dev) = block_device_at(config, path) else {
+            let condition = pb::VolumeCondition {
+                abnormal: true,
+                message: format!(
+                    "{} is not a block device any more (the volume was detached)",
+                    path.display()
+                ),
+            };
+            return Ok(pb::NodeGetVolumeStatsResponse {
+                usage: Vec::new(),
+                volume_condition: Some(condition),
+            });
+        };
         let total = device_size(config, &dev).unwrap_or(0);
         let usage = vec![pb::VolumeUsage {
             available: 0,
@@ -536,7 +613,10 @@ fn stats(config: &NodeConfig, path: &Path) -> Result<pb::NodeGetVolumeStatsRespo
             used: total as i64,
             unit: Unit::Bytes as i32,
         }];
-        return Ok(pb::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition(&m.source)) });
+        return Ok(pb::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(condition(&format!("/dev/{dev}"))),
+        });
     }
     let st = rustix::fs::statvfs(path)
         .map_err(|e| Status::internal(format!("statvfs {}: {e}", path.display())))?;
@@ -565,7 +645,10 @@ fn expand(config: &NodeConfig, path: &Path, required: u64) -> Result<u64, Status
     }
     let m = mount_at(path)
         .ok_or_else(|| Status::not_found(format!("no volume is published at {}", path.display())))?;
-    let dev = m.source.strip_prefix("/dev/").unwrap_or(&m.source).to_owned();
+    let dev = match block_device_at(config, path) {
+        Some(dev) => dev,
+        None => m.source.strip_prefix("/dev/").unwrap_or(&m.source).to_owned(),
+    };
     // The target announces the new size (Namespace Attribute Changed): wait for the host to see it.
     let start = Instant::now();
     let size = loop {
@@ -736,10 +819,13 @@ mod tests {
             Mount {
                 point: PathBuf::from("/mnt/with space"),
                 source: "/dev/nvme0n1".into(),
-                fs_type: "xfs".into()
+                fs_type: "xfs".into(),
+                read_only: false,
             }
         );
         assert_eq!(m[1].fs_type, "proc");
+        let ro = parse_mountinfo("40 35 98:0 /x /pub ro,relatime - xfs /dev/nvme0n1 rw\n");
+        assert!(ro[0].read_only, "the mount point's own options decide");
     }
 
     #[test]
@@ -765,6 +851,22 @@ mod tests {
                 && !is_nvme_head("nvme0")
                 && !is_nvme_head("nvmen1")
         );
+    }
+
+    #[test]
+    fn block_devices_are_named_by_their_number() {
+        let sys = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(sys.path().join("dev/block")).unwrap();
+        std::os::unix::fs::symlink(
+            "../../devices/virtual/nvme-subsystem/nvme-subsys0/nvme0n1",
+            sys.path().join("dev/block/259:0"),
+        )
+        .unwrap();
+        let c = NodeConfig { sysfs: sys.path().to_owned(), ..NodeConfig::default() };
+        assert_eq!(block_device_by_number(&c, 259, 0).as_deref(), Some("nvme0n1"));
+        assert_eq!(block_device_by_number(&c, 259, 1), None);
+        // A path that is not a block device names none.
+        assert_eq!(block_device_at(&c, sys.path()), None);
     }
 
     #[test]

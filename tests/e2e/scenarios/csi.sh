@@ -304,6 +304,14 @@ sc_csi_block() {
     x dd if="$STATE/raw.pat" of="$TARGET" bs=1M seek=16 oflag=direct conv=fsync status=none || fail "writing the raw volume failed"
     [[ $(dd if="$TARGET" bs=1M skip=16 count=4 iflag=direct status=none | sha256sum | cut -d' ' -f1) == $(file_sum "$STATE/raw.pat") ]] \
         || fail "the raw volume reads back differently"
+    # Stats of a raw block volume: the device's size (the device is found by its number, not by
+    # the bind mount's source), the condition normal.
+    local stats total abnormal
+    stats=$(nod stats "$VID" "$TARGET") || fail "NodeGetVolumeStats (block) failed"
+    total=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["usage"][0]["total"])' <<< "$stats")
+    [[ $total == $(( 256 << 20 )) ]] || fail "NodeGetVolumeStats (block): total $total bytes: $stats"
+    abnormal=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["abnormal"])' <<< "$stats")
+    [[ $abnormal == False ]] || fail "NodeGetVolumeStats (block): abnormal: $stats"
     unpublish_unstage
     [[ -e $TARGET ]] && fail "NodeUnpublishVolume left $TARGET"
     ctl unpublish "$VID" "$HOSTNQN" > /dev/null
