@@ -21,14 +21,14 @@
 //!   measures it. It does not include the network, the host's stack or the time the command waited
 //!   in a socket buffer, so it is lower than what a host measures (on the memory backend a read
 //!   takes well under a microsecond here while a host sees tens of microseconds). Buckets are
-//!   powers of two from 1 µs (everything faster is in the first) to 4.2 s.
+//!   powers of two from 128 ns (everything faster is in the first) to 8.6 s.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nvmeof_target::{StatsSnapshot, LATENCY_BUCKETS};
+use nvmeof_target::{StatsSnapshot, LATENCY_BUCKETS, LATENCY_BUCKET_BASE_NS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -100,11 +100,11 @@ fn family<'a, T: 'a>(
     Ok(())
 }
 
-/// Upper bounds of the engine's latency buckets, in seconds: 2^i µs (the last is +Inf).
+/// Upper bounds of the engine's latency buckets, in seconds: 128 ns × 2^i (the last is +Inf).
 fn bucket_bounds() -> [f64; LATENCY_BUCKETS] {
     let mut b = [f64::INFINITY; LATENCY_BUCKETS];
     for (i, bound) in b.iter_mut().enumerate().take(LATENCY_BUCKETS - 1) {
-        *bound = (1u64 << i) as f64 / 1e6;
+        *bound = (LATENCY_BUCKET_BASE_NS << i) as f64 / 1e9;
     }
     b
 }
@@ -389,11 +389,11 @@ mod tests {
     }
 
     #[test]
-    fn buckets_are_powers_of_two_microseconds() {
+    fn buckets_are_powers_of_two_from_128_ns() {
         let b = bucket_bounds();
-        assert_eq!(b[0], 1e-6);
-        assert_eq!(b[1], 2e-6);
-        assert!((b[22] - 4.194_304).abs() < 1e-9);
-        assert_eq!(b[23], f64::INFINITY);
+        assert_eq!(b[0], 128e-9);
+        assert_eq!(b[1], 256e-9);
+        assert!((b[26] - 8.589_934_592).abs() < 1e-9);
+        assert_eq!(b[27], f64::INFINITY);
     }
 }

@@ -278,7 +278,7 @@ fn operator_workflow() {
         .unwrap();
     assert!((0.0..60.0).contains(&sum), "{sum}");
     assert!(body.contains("# HELP xatastor_volume_latency_seconds The target's time per command"), "{body}");
-    assert!(body.contains("le=\"1e-6\"") || body.contains("le=\"0.000001\""), "sub-µs first bucket: {body}");
+    assert!(body.contains("le=\"1.28e-7\""), "a 128 ns first bucket (finer than a microsecond): {body}");
     for path in ["/", "/favicon.ico", "/metricsx"] {
         let r = http_get(&served.metrics, path);
         assert!(r.starts_with("HTTP/1.1 404"), "{path}: {r}");

@@ -92,7 +92,7 @@ pub use controller::{ControllerInfo, Notifier};
 pub use detach::{Detach, MAX_TOMBSTONES};
 pub use subsystem::{
     HostAccess, Namespace, NamespaceConfig, NamespaceStats, StatsSnapshot, Subsystem, SubsystemConfig,
-    LATENCY_BUCKETS,
+    LATENCY_BUCKETS, LATENCY_BUCKET_BASE_NS,
 };
 pub use target::{SubsystemSource, Target, TargetError};
 

@@ -202,17 +202,22 @@ impl NamespaceStats {
     }
 }
 
-/// Number of latency buckets: bucket `i` counts operations that took less than `2^i` microseconds
-/// (the last bucket counts everything slower).
-pub const LATENCY_BUCKETS: usize = 24;
+/// Number of latency buckets: bucket `i` counts operations that took less than
+/// `LATENCY_BUCKET_BASE_NS × 2^i` nanoseconds (128 ns, 256 ns, … 8.6 s; the last bucket counts
+/// everything slower). The target's own time for a command is often well under a microsecond (a
+/// memory volume's 4 KiB read), so the buckets start below it.
+pub const LATENCY_BUCKETS: usize = 28;
+
+/// Upper bound of latency bucket 0, in nanoseconds (see [`LATENCY_BUCKETS`]).
+pub const LATENCY_BUCKET_BASE_NS: u64 = 128;
 
 #[derive(Debug, Default)]
 struct LatencyHistogram([AtomicU64; LATENCY_BUCKETS]);
 
 impl LatencyHistogram {
     fn record(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let bucket = (64 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        let units = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX) / LATENCY_BUCKET_BASE_NS;
+        let bucket = (64 - units.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
         if let Some(b) = self.0.get(bucket) {
             b.fetch_add(1, Ordering::Relaxed);
         }
@@ -396,5 +401,25 @@ impl fmt::Debug for Subsystem {
             .field("nqn", &self.nqn)
             .field("namespaces", &self.namespaces.load().len())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_start_below_a_microsecond() {
+        let h = LatencyHistogram::default();
+        for ns in [0, 127, 128, 255, 256, 999, 1_000, 1_000_000, 60_000_000_000] {
+            h.record(Duration::from_nanos(ns));
+        }
+        let b = h.snapshot();
+        assert_eq!(b[0], 2, "0 and 127 ns");
+        assert_eq!(b[1], 2, "128 and 255 ns");
+        assert_eq!(b[2], 1, "256 ns");
+        assert_eq!(b[3], 2, "999 and 1000 ns: under 1024");
+        assert_eq!(b[13], 1, "1 ms: under 128 ns × 2^13 = 1.05 ms");
+        assert_eq!(b[LATENCY_BUCKETS - 1], 1, "a minute: the last bucket");
     }
 }
