@@ -1036,12 +1036,14 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
                 1 => Some(DhchapHash::Sha256),
                 2 => Some(DhchapHash::Sha384),
                 3 => Some(DhchapHash::Sha512),
-                other => return Err(AdminError::new(
-                    ErrorKind::Invalid,
-                    format!(
+                other => {
+                    return Err(AdminError::new(
+                        ErrorKind::Invalid,
+                        format!(
                         "invalid argument: hmac {other}: 0 (none), 1 (SHA-256), 2 (SHA-384) or 3 (SHA-512)"
                     ),
-                )),
+                    ))
+                }
             };
             if !matches!(key_length_bytes, 32 | 48 | 64) {
                 return Err(AdminError::new(
