@@ -13,6 +13,9 @@
 //! client CA (only clients with a certificate it signed get through), a bearer token read from a
 //! file only its owner may read (mode 0600), or both. A call without valid credentials ends with
 //! `UNAUTHENTICATED` before it reaches the node.
+//!
+//! DH-HMAC-CHAP secrets travel in `AllowHostRequest` and `GenerateHostSecretResponse`; their
+//! `Debug` (written here, not generated) prints `<redacted>` instead. Send them only over TLS.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

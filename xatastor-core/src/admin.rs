@@ -19,6 +19,15 @@
 //! idempotent here (a missing volume is [`ErrorKind::NotFound`]): callers that need it (CSI) treat
 //! that kind as done.
 //!
+//! **Host authentication** (DH-HMAC-CHAP): `volume_create`/`volume_clone` take `require_auth`,
+//! [`Request::VolumeSetRequireAuth`] turns it on and off, [`Request::VolumeAllowHost`] with
+//! `dhchap_secret` (and `dhchap_ctrl_secret`) allows a host with secrets — again with new ones
+//! rotates them without dropping connected controllers —, [`Request::VolumeGenerateHostSecret`]
+//! does the same with secrets the node makes and returns them (the only answer that carries a
+//! secret), and [`Request::VolumeRemoveHostSecret`] removes them. Secrets travel as [`SecretText`],
+//! whose `Debug` shows `<redacted>`: transports log requests with `Debug`. `volume_show` tells which
+//! hosts have secrets and prints connect lines with placeholders, never a secret.
+//!
 //! Calling it in-process:
 //!
 //! ```

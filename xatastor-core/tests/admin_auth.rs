@@ -196,7 +196,8 @@ fn allow_host_with_secrets_rotation_and_removal() {
         "{}",
         d.volume.connect
     );
-    assert_eq!(d.connect_lines, [d.volume.connect.clone()]);
+    assert_eq!(d.connect_lines.len(), 1);
+    assert_eq!(d.connect_lines[0], d.volume.connect);
 
     // A second host without secret: its connect line has none (the volume does not require it).
     f.volume(allow("v", OTHER, None, None));
