@@ -40,6 +40,7 @@ fn pump(conn: &mut Connection, host: &mut HostQueue, now: Instant) {
                     conn.complete_io(r.token, res, now);
                 }
                 Event::Close(r) => panic!("closed: {r:?}"),
+                other => panic!("unexpected event: {other:?}"),
             }
         }
         host.handle_input(&mut to_host).unwrap();
@@ -112,6 +113,7 @@ fn run_one(io: &mut Connection, buf: &mut BytesMut, now: Instant) -> usize {
                 io.complete_io(r.token, res, now);
             }
             Event::Close(r) => panic!("closed: {r:?}"),
+            other => panic!("unexpected event: {other:?}"),
         }
     }
     sent

@@ -123,7 +123,8 @@ fn queue_depth_beyond_the_targets_queues_is_refused_up_front() {
 
 #[test]
 fn queue_depth_limit_comes_from_the_target() {
-    let config = TargetConfig { max_queue_entries: 64, ..TargetConfig::default() };
+    let mut config = TargetConfig::default();
+    config.max_queue_entries = 64;
     let t = serve(config, Arc::new(MemoryBackend::new(64 << 20, 512)), HostAccess::AllowAny);
     let o = perf(t.addr, &["--qd", "64", "--time-secs", "0.2", "--warmup-secs", "0"]);
     let line = one_line_failure(&o);

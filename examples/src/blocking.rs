@@ -93,6 +93,11 @@ fn drive(conn: &mut Connection, stream: &mut TcpStream) -> io::Result<bool> {
                 stream.flush()?;
                 return Ok(true);
             }
+            // A newer engine's event this driver does not know: end the connection.
+            other => {
+                tracing::warn!(event = ?other, "unknown engine event: closing the connection");
+                return Ok(true);
+            }
         }
     }
     Ok(false)

@@ -75,6 +75,11 @@ pub async fn serve_connection(stream: TcpStream, target: Target, params: Transpo
                     tracing::debug!(?reason, "closing connection");
                     let _ = wr.shutdown().await;
                 }
+                // A newer engine's event this driver does not know: end the connection.
+                other => {
+                    tracing::warn!(event = ?other, "unknown engine event: closing the connection");
+                    let _ = wr.shutdown().await;
+                }
             }
         }
         if conn.is_drained() {

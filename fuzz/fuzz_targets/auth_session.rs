@@ -218,6 +218,7 @@ impl Side {
                         self.conn.complete_io(req.token, r, now);
                     }
                     Event::Close(_) => self.closed = true,
+                    other => panic!("unknown engine event {other:?}"),
                 }
             }
             if !self.to_host.is_empty() && self.host.handle_input(&mut self.to_host).is_err() {
@@ -249,11 +250,10 @@ impl Side {
 }
 
 fn run_engine(scenario: u8, mut input: Input<'_>, start: Instant) {
-    let target = Target::new(TargetConfig {
-        max_data_in_flight_per_connection: 64 * 1024,
-        auth: auth_config(scenario),
-        ..TargetConfig::default()
-    });
+    let mut config = TargetConfig::default();
+    config.max_data_in_flight_per_connection = 64 * 1024;
+    config.auth = auth_config(scenario);
+    let target = Target::new(config);
     target
         .add_subsystem(SubsystemConfig {
             access: HostAccess::AllowAny,

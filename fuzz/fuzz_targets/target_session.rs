@@ -19,8 +19,8 @@ use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::{DecoderConfig, Digests, PduDecoder};
 use nvmeof_target::host::{self, HostOptions, HostQueue};
 use nvmeof_target::{
-    BackendInfo, BlockBackend, Completer, Connection, Event, HostAccess, IoError, IoOp, IoOutput, MemoryBackend,
-    NamespaceConfig, Submitted, SubsystemConfig, Target, TargetConfig, TransportParams,
+    BackendInfo, BlockBackend, Completer, Connection, Event, HostAccess, IoError, IoOp, IoOutput,
+    MemoryBackend, NamespaceConfig, Submitted, SubsystemConfig, Target, TargetConfig, TransportParams,
 };
 
 const NQN: &str = "nqn.2026-01.io.xatastor:fuzz";
@@ -101,6 +101,7 @@ impl Side {
                     self.conn.complete_io(req.token, r, now);
                 }
                 Event::Close(_) => self.closed = true,
+                other => panic!("unknown engine event {other:?}"),
             }
         }
         progress
@@ -117,7 +118,8 @@ fn connect(target: &Target, digests: Digests, qid: u16, cntlid: u16, now: Instan
         parked: Vec::new(),
     };
     s.pump(now);
-    let (sqe, data) = host::connect_command(qid, if qid == 0 { 32 } else { 128 }, 5000, cntlid, [1; 16], NQN, HOST);
+    let (sqe, data) =
+        host::connect_command(qid, if qid == 0 { 32 } else { 128 }, 5000, cntlid, [1; 16], NQN, HOST);
     s.host.submit(sqe, Some(data), 0);
     s.pump(now);
     if qid == 0 {
@@ -139,8 +141,13 @@ fuzz_target!(|data: &[u8]| {
     let Some((&[scenario, faults, chunk], stream)) = data.split_first_chunk::<3>() else { return };
     #[allow(clippy::disallowed_methods)]
     let start = Instant::now();
-    let target = Target::new(TargetConfig { maxh2cdata: 4096, max_data_in_flight_per_connection: 64 * 1024, ..TargetConfig::default() });
-    target.add_subsystem(SubsystemConfig { access: HostAccess::AllowAny, ..SubsystemConfig::new(NQN, "FUZZ") }).unwrap();
+    let mut config = TargetConfig::default();
+    config.maxh2cdata = 4096;
+    config.max_data_in_flight_per_connection = 64 * 1024;
+    let target = Target::new(config);
+    target
+        .add_subsystem(SubsystemConfig { access: HostAccess::AllowAny, ..SubsystemConfig::new(NQN, "FUZZ") })
+        .unwrap();
     let backend: Arc<dyn BlockBackend> = if scenario & 0x4 != 0 {
         Arc::new(Faulty { inner: MemoryBackend::new(1 << 20, 512), pattern: faults, n: AtomicU32::new(0) })
     } else {

@@ -90,6 +90,7 @@ impl IoOp {
 
 /// What a successful operation returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IoOutput {
     /// Nothing (writes, flushes, …).
     Done,
@@ -293,7 +294,10 @@ impl<'a> RawDevice<'a> {
 }
 
 /// Static facts about a backend that the engine turns into Identify data.
+///
+/// Made with [`BackendInfo::new`] and its `with_*` methods outside this crate (fields may be added).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BackendInfo {
     /// Logical block size exposed to the host (512 or 4096).
     pub block_size: u32,
@@ -304,6 +308,36 @@ pub struct BackendInfo {
     /// Write Zeroes is supported natively (the engine always offers it; a backend without it would be
     /// emulated by writing zeros).
     pub write_zeroes: bool,
+}
+
+impl BackendInfo {
+    /// A backend with `block_size`-byte blocks, no volatile write cache, no deallocate, and
+    /// native Write Zeroes.
+    #[must_use]
+    pub const fn new(block_size: u32) -> Self {
+        Self { block_size, volatile_write_cache: false, discard: false, write_zeroes: true }
+    }
+
+    /// Sets [`BackendInfo::volatile_write_cache`].
+    #[must_use]
+    pub const fn with_volatile_write_cache(mut self, volatile: bool) -> Self {
+        self.volatile_write_cache = volatile;
+        self
+    }
+
+    /// Sets [`BackendInfo::discard`].
+    #[must_use]
+    pub const fn with_discard(mut self, discard: bool) -> Self {
+        self.discard = discard;
+        self
+    }
+
+    /// Sets [`BackendInfo::write_zeroes`].
+    #[must_use]
+    pub const fn with_write_zeroes(mut self, write_zeroes: bool) -> Self {
+        self.write_zeroes = write_zeroes;
+        self
+    }
 }
 
 /// A volume behind a namespace.
@@ -388,6 +422,10 @@ fn copy_out(data: &Payload, mut at: usize, dst: &mut [u8]) {
 const ZERO_COPY_READ: usize = 32 * 1024;
 
 /// A chunk's memory owned by a `Bytes` handed to a reader.
+///
+/// The box inside the `Arc` is the chunk's own allocation: sharing moves it in without a copy, and
+/// `Arc::try_unwrap` gives it back for an in-place overwrite once the readers are done.
+#[allow(clippy::redundant_allocation)]
 struct SharedChunk(Arc<Box<[u8; CHUNK]>>);
 
 impl AsRef<[u8]> for SharedChunk {

@@ -8,7 +8,10 @@ use nvmeof_proto::Digests;
 use crate::auth::AuthConfig;
 
 /// Limits and identity of a target. The defaults suit a Linux host.
+///
+/// Outside this crate, start from [`TargetConfig::default`] and set fields (fields may be added).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TargetConfig {
     /// Largest queue a host may create, in entries (CAP.MQES + 1); 2..=65536. Bounds the commands in
     /// flight per connection.

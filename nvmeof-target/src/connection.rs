@@ -26,6 +26,7 @@ use crate::target::Target;
 /// What a connection asks its driver to do. See [`Connection`] for the order in which to poll.
 #[derive(Debug)]
 #[must_use]
+#[non_exhaustive]
 pub enum Event {
     /// Write these bytes to the socket, after everything transmitted before (vectored: header, then
     /// the payload segments, then the data digest).

@@ -711,13 +711,11 @@ fn many_connects_share_the_sequence_counter() {
 #[test]
 fn target_config_limits_what_is_accepted() {
     let now = Clock::new().0;
-    let config = TargetConfig {
-        auth: AuthConfig {
-            dh_groups: vec![DhGroup::Ffdhe2048],
-            hashes: vec![DhchapHash::Sha256],
-            ..AuthConfig::default()
-        },
-        ..TargetConfig::default()
+    let mut config = TargetConfig::default();
+    config.auth = AuthConfig {
+        dh_groups: vec![DhGroup::Ffdhe2048],
+        hashes: vec![DhchapHash::Sha256],
+        ..AuthConfig::default()
     };
     let (target, _) = target_with_config(config);
     let keys = Arc::new(nvmeof_target::auth::MemoryHostKeys::new());

@@ -57,7 +57,9 @@ proptest! {
         data_digest in any::<bool>(),
     ) {
         let now = Clock::new().0;
-        let target = Target::new(TargetConfig { maxh2cdata, ..TargetConfig::default() });
+        let mut config = TargetConfig::default();
+        config.maxh2cdata = maxh2cdata;
+        let target = Target::new(config);
         let mut sc = SubsystemConfig::new(SUBNQN, "XS0001");
         sc.allowed_hosts.push(HOSTNQN.into());
         target.add_subsystem(sc).unwrap();

@@ -605,8 +605,9 @@ fn sq_head_and_the_success_flag() {
 fn data_in_flight_per_connection_is_bounded() {
     let now = Clock::new().0;
     // The smallest budget: one maximal transfer (512 KiB) at a time.
-    let (target, _) =
-        target_with_config(TargetConfig { max_data_in_flight_per_connection: 0, ..TargetConfig::default() });
+    let mut config = TargetConfig::default();
+    config.max_data_in_flight_per_connection = 0;
+    let (target, _) = target_with_config(config);
     let (_admin, mut io, _) = io_setup(&target, HostOptions::default(), 5000, now);
     io.defer_io = true;
     let cids: Vec<u16> = (0..4u64)

@@ -47,6 +47,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)
+)]
+
 pub mod admin;
 pub mod aligned;
 pub mod catalog;
@@ -67,4 +72,4 @@ pub use provision::{
     VolumeSpec,
 };
 pub use secrets::{HostAuth, SecretParams, SecretsError, VolumeAuth};
-pub use server::{Server, ServerConfig, WorkerStats};
+pub use server::{raise_open_file_limit, Server, ServerConfig, WorkerStats};

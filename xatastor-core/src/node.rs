@@ -445,7 +445,7 @@ struct Inner {
     hook: Option<CrashHook>,
     idle_unload: Duration,
     overcommit_ratio: Option<f64>,
-    reaper: Mutex<Option<std::thread::Thread>>,
+    reaper: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop: AtomicBool,
     /// Volumes that must not be activated right now (being shrunk).
     fenced: Mutex<HashSet<String>>,
@@ -548,15 +548,24 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// Stops the reaper when the last `Node` clone goes away.
+/// Stops the reaper when the last `Node` clone goes away, and waits for it: the reaper may hold
+/// the node's state for a moment during a tick, and the catalog's file lock goes with that state —
+/// once the last clone is dropped, the same catalog can be opened again at once.
 struct StopGuard(Weak<Inner>);
 
 impl Drop for StopGuard {
     fn drop(&mut self) {
-        if let Some(inner) = self.0.upgrade() {
+        let handle = self.0.upgrade().and_then(|inner| {
             inner.stop.store(true, Ordering::Release);
-            if let Some(t) = inner.reaper.lock().as_ref() {
-                t.unpark();
+            let handle = inner.reaper.lock().take();
+            if let Some(h) = &handle {
+                h.thread().unpark();
+            }
+            handle
+        });
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
             }
         }
     }
@@ -739,7 +748,7 @@ impl Node {
             .name("xatastor-reaper".into())
             .spawn(move || reaper(&weak))
             .map_err(|e| ProvisionError::io("starting the reaper thread", e))?;
-        *node.inner.reaper.lock() = Some(handle.thread().clone());
+        *node.inner.reaper.lock() = Some(handle);
         Ok(node)
     }
 
@@ -2060,7 +2069,7 @@ impl SubsystemSource for Source {
                 inner.apply_require_auth(name);
             }
             if let Some(t) = inner.reaper.lock().as_ref() {
-                t.unpark(); // something to watch now
+                t.thread().unpark(); // something to watch now
             }
         }
     }

@@ -133,3 +133,52 @@ fn a_port_held_by_another_listener_is_an_error_at_start() {
     config.workers = 2;
     Server::start(Target::new(TargetConfig::default()), config).unwrap().shutdown().unwrap();
 }
+
+/// Once `shutdown` has returned, the port is free: nothing of the stopped server (its listeners,
+/// the accepts its rings had armed) keeps it, so a restart on the same port is immediate — and so is
+/// a plain, non-`SO_REUSEPORT` bind by anyone else.
+#[test]
+fn the_port_is_free_when_shutdown_returns() {
+    let (first, _target) = start(2);
+    let addr = first.local_addr();
+    first.shutdown().unwrap();
+    for round in 0..20 {
+        if round > 0 {
+            let mut config = ServerConfig::new(addr);
+            config.workers = 2;
+            let s = Server::start(Target::new(TargetConfig::default()), config).unwrap();
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(&icreq()).unwrap();
+            read_icresp(&mut c);
+            s.shutdown().unwrap();
+        }
+        let plain = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        plain.set_reuse_address(true).unwrap();
+        plain
+            .bind(&addr.into())
+            .unwrap_or_else(|e| panic!("round {round}: port still taken after shutdown: {e}"));
+    }
+}
+
+/// A listener that goes away while a server starts (a process that has just exited) is waited for:
+/// the start succeeds once the port is released, instead of failing at once.
+#[test]
+fn a_start_waits_for_a_port_that_is_being_released() {
+    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    holder.set_reuse_address(true).unwrap();
+    holder.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    holder.listen(16).unwrap();
+    let addr = holder.local_addr().unwrap().as_socket().unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(holder);
+    });
+    let mut config = ServerConfig::new(addr);
+    config.workers = 1;
+    let server = Server::start(Target::new(TargetConfig::default()), config).unwrap();
+    release.join().unwrap();
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(&icreq()).unwrap();
+    read_icresp(&mut c);
+    server.shutdown().unwrap();
+}

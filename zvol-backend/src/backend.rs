@@ -546,13 +546,11 @@ impl BlockBackend for ZvolBackend {
     }
 
     fn info(&self) -> BackendInfo {
-        BackendInfo {
-            block_size: self.block_size,
-            // zvol writes are durable only after a flush (ZIL commit) or with FUA.
-            volatile_write_cache: true,
-            discard: true,
-            write_zeroes: true,
-        }
+        // zvol writes are durable only after a flush (ZIL commit) or with FUA.
+        BackendInfo::new(self.block_size)
+            .with_volatile_write_cache(true)
+            .with_discard(true)
+            .with_write_zeroes(true)
     }
 
     fn submit(&self, op: IoOp, completer: Completer) -> Submitted {

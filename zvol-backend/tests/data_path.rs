@@ -99,7 +99,7 @@ fn read(b: &dyn BlockBackend, offset: u64, len: u32) -> Vec<u8> {
             assert_eq!(d.len(), len as usize);
             d.to_bytes().to_vec()
         }
-        IoOutput::Done => panic!("a read returns data"),
+        other => panic!("a read returns data, not {other:?}"),
     }
 }
 

@@ -172,7 +172,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if !args.dhchap_dhgroups.is_empty() {
         auth.dh_groups = args.dhchap_dhgroups.clone();
     }
-    let target = Target::new(TargetConfig { auth, ..TargetConfig::default() });
+    let mut config = TargetConfig::default();
+    config.auth = auth;
+    let target = Target::new(config);
     let mut sc = SubsystemConfig::new(args.nqn.clone(), args.serial.clone());
     sc.allowed_hosts = args.hosts.clone();
     if args.allow_any_host {

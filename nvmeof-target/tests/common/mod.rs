@@ -114,6 +114,7 @@ impl Link {
                     self.conn.complete_io(req.token, r, now);
                 }
                 Event::Close(reason) => self.closed = Some(reason),
+                other => panic!("unexpected engine event: {other:?}"),
             }
         }
         progress

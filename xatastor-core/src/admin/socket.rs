@@ -122,9 +122,9 @@ pub fn call(path: &Path, req: &Request) -> Result<Value, String> {
     let mut resp = String::new();
     BufReader::new(&stream).read_line(&mut resp).map_err(|e| format!("reading the server's answer: {e}"))?;
     let v: Value = serde_json::from_str(&resp).map_err(|e| format!("bad answer from the server: {e}"))?;
-    if v["ok"].as_bool() == Some(true) {
-        Ok(v["result"].clone())
+    if v.get("ok").and_then(Value::as_bool) == Some(true) {
+        Ok(v.get("result").cloned().unwrap_or(Value::Null))
     } else {
-        Err(v["error"].as_str().unwrap_or("the server reported an error").to_owned())
+        Err(v.get("error").and_then(Value::as_str).unwrap_or("the server reported an error").to_owned())
     }
 }

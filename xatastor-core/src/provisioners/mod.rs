@@ -93,7 +93,7 @@ mod tests {
     pub(super) fn read(b: &dyn BlockBackend, offset: u64, len: u32) -> Vec<u8> {
         match execute_blocking(b, IoOp::Read { offset, len }).unwrap() {
             IoOutput::Data(d) => d.to_bytes().to_vec(),
-            IoOutput::Done => panic!("a read returns data"),
+            other => panic!("a read returns data, not {other:?}"),
         }
     }
 

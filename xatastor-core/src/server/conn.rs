@@ -145,7 +145,11 @@ impl Rx {
     /// once into the placed buffer. If a whole PDU is waiting (or the header is not one to place), the
     /// connection stays in ring mode ([`DirectStep::Fallback`]).
     pub(super) fn start_direct(&mut self, align: usize, max_pdu: usize) -> DirectStep {
-        let plen = self.buf.get(4..8).map(|p| u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize);
+        let plen = self
+            .buf
+            .get(4..8)
+            .and_then(|p| <[u8; 4]>::try_from(p).ok())
+            .map(|p| u32::from_le_bytes(p) as usize);
         if plen.is_some_and(|plen| self.buf.len() >= plen || !(CH_LEN..=max_pdu).contains(&plen)) {
             self.mode = RxMode::Ring;
             return DirectStep::Fallback;

@@ -176,6 +176,7 @@ impl Server {
                 poll_time: Duration::from_nanos(m.stats.spin_ns.load(Ordering::Relaxed)),
                 received_bytes_copied: m.stats.rx_copied.load(Ordering::Relaxed),
                 bounced_writes: m.stats.bounced.load(Ordering::Relaxed),
+                accept_failures: m.stats.accept_failures.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -245,30 +246,78 @@ fn probe() -> io::Result<()> {
     Ok(())
 }
 
-/// Fails if another socket listens on `addr` (or on the wildcard address of its port).
+/// Fails if another socket listens on `addr` (or on the wildcard address of its port) for longer
+/// than [`PORT_WAIT`].
 ///
 /// The workers share their port through `SO_REUSEPORT`, which the kernel extends to any process of
 /// the same user: without this check a second server on the same address would silently receive a
 /// share of the first one's connections. A plain bind (no `SO_REUSEPORT`) conflicts with every
 /// listener on the port, ours included, so it is made before ours and dropped again. (Two servers
 /// started within the same instant could both pass; a server started later fails here.)
+///
+/// A process that has just exited may still hold its listener for a moment (an io_uring instance
+/// is torn down asynchronously, and a killed server's multishot accepts keep their sockets until
+/// then): a restart waits for the port instead of failing at once.
 fn check_port_free(addr: SocketAddr) -> io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into()).map_err(|e| {
-        if e.kind() == io::ErrorKind::AddrInUse {
-            io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{addr} is already in use by another process (another node serving this port?)"),
-            )
-        } else {
-            e
+    #[allow(clippy::disallowed_methods)] // start-up, not the data path
+    let deadline = std::time::Instant::now() + PORT_WAIT;
+    let mut logged = false;
+    loop {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        match socket.bind(&addr.into()) {
+            Ok(()) => return Ok(()),
+            #[allow(clippy::disallowed_methods)] // start-up, not the data path
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                if !logged {
+                    tracing::info!(%addr, "the port is in use; waiting up to {} s for it (a server that just exited?)", PORT_WAIT.as_secs());
+                    logged = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{addr} is already in use by another process (another node serving this port?); waited {} s for it",
+                        PORT_WAIT.as_secs()
+                    ),
+                ))
+            }
+            Err(e) => return Err(e),
         }
-    })
+    }
 }
+
+/// Raises the process's soft limit of open files to its hard limit, and returns the (old, new)
+/// soft limits.
+///
+/// Every connection is a file descriptor; services often start with a soft limit of 1024
+/// (systemd's default for units), which caps a node at about a thousand connections although
+/// the hard limit (524288 under systemd) allows far more. A server meant to hold many connections
+/// calls this once at start (`xatastor-target serve` does); it never lowers a limit.
+///
+/// # Errors
+/// The limit could not be read or set.
+pub fn raise_open_file_limit() -> io::Result<(u64, u64)> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let old = limit.current.unwrap_or(u64::MAX);
+    let Some(hard) = limit.maximum else {
+        return Ok((old, old));
+    };
+    if old >= hard {
+        return Ok((old, old));
+    }
+    setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) })?;
+    Ok((old, hard))
+}
+
+/// How long a starting server waits for its port to be released by a process that just exited.
+const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
@@ -304,6 +353,7 @@ struct Counters {
     spin_ns: AtomicU64,
     rx_copied: AtomicU64,
     bounced: AtomicU64,
+    accept_failures: AtomicU64,
 }
 
 /// A snapshot of one worker's counters ([`Server::worker_stats`]).
@@ -330,6 +380,9 @@ pub struct WorkerStats {
     /// Writes to `O_DIRECT` devices whose data was not aligned and was copied into an aligned
     /// buffer first.
     pub bounced_writes: u64,
+    /// Accepts that failed for lack of file descriptors or memory (each pauses accepting for
+    /// 100 ms; the connections wait in the listen backlog meanwhile).
+    pub accept_failures: u64,
 }
 
 impl Mailbox {

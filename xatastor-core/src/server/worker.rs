@@ -45,6 +45,11 @@ use super::slab::{Key, Slab};
 use super::{Mailbox, ServerConfig};
 
 const KIND_ACCEPT: u8 = 1;
+
+/// How long accepting pauses after the process or the system ran out of file descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// At most one warning line per this long about accepts that fail for lack of resources.
+const ACCEPT_REPORT_EVERY: Duration = Duration::from_secs(10);
 const KIND_RECV: u8 = 2;
 const KIND_SEND: u8 = 3;
 const KIND_WAKE: u8 = 4;
@@ -69,10 +74,10 @@ const CHAIN_MIN_PDU: usize = 16 * 1024;
 /// [`missing`] for input of `total` bytes whose first part is `front`.
 fn missing_of(front: &[u8], total: usize) -> usize {
     const CH: usize = 8;
-    match front.get(4..8) {
+    match front.get(4..8).and_then(|p| <[u8; 4]>::try_from(p).ok()) {
         None => CH.saturating_sub(total),
         Some(p) => {
-            let plen = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+            let plen = u32::from_le_bytes(p) as usize;
             if plen < CH {
                 usize::MAX
             } else {
@@ -107,6 +112,16 @@ pub(super) struct Worker {
     disk: Slab<DiskOp>,
     pending: Slab<PendingIo>,
     accepting: bool,
+    /// The multishot accept is in the kernel (it holds a reference to the listening socket until
+    /// its last completion arrives).
+    accept_armed: bool,
+    /// Accepting is paused until then: the process or the system ran out of file descriptors or
+    /// memory, and retrying at once would spin (each retry fails the same way).
+    accept_paused_until: Option<Instant>,
+    /// Failed accepts not yet reported, and when the last report was made (one line per
+    /// [`ACCEPT_REPORT_EVERY`] at most).
+    accept_failures: u64,
+    accept_reported_at: Option<Instant>,
     /// Engine deadlines: (when, connection). Entries whose connection has since moved its deadline
     /// are skipped when they come up.
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
@@ -159,6 +174,10 @@ impl Worker {
             disk: Slab::default(),
             pending: Slab::default(),
             accepting: true,
+            accept_armed: false,
+            accept_paused_until: None,
+            accept_failures: 0,
+            accept_reported_at: None,
             timers: BinaryHeap::new(),
             backlog: VecDeque::new(),
             cqes: Vec::new(),
@@ -198,6 +217,7 @@ impl Worker {
             .user_data(u64::from(KIND_ACCEPT) << 56);
         // SAFETY: accept writes no buffer of ours; the listener lives as long as the worker.
         unsafe { self.push(e) };
+        self.accept_armed = true;
     }
 
     fn arm_wake(&mut self) {
@@ -225,7 +245,15 @@ impl Worker {
             if self.stop.load(Ordering::Acquire) && self.accepting {
                 self.begin_shutdown();
             }
-            if !self.accepting && self.conns.is_empty() && self.pending.is_empty() && self.disk.is_empty() {
+            // The worker also waits for the cancelled accept's last completion: until then the
+            // kernel holds the listening socket, and a server started right after this one exits
+            // would find the port still taken.
+            if !self.accepting
+                && !self.accept_armed
+                && self.conns.is_empty()
+                && self.pending.is_empty()
+                && self.disk.is_empty()
+            {
                 return Ok(());
             }
             self.wait()?;
@@ -247,6 +275,7 @@ impl Worker {
             self.cqes = cqes;
             self.flush_sends();
             self.run_timers(now);
+            self.resume_accept(now);
             self.reclaim_buffers();
         }
     }
@@ -281,7 +310,10 @@ impl Worker {
             self.note_spin(start, false);
             self.spin_until = None;
         }
-        let deadline = self.timers.peek().map(|Reverse((t, _))| *t);
+        let deadline = match (self.timers.peek().map(|Reverse((t, _))| *t), self.accept_paused_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
             Some(d) => {
                 let ts = timespec(d);
@@ -340,8 +372,16 @@ impl Worker {
     }
 
     fn on_accept(&mut self, res: i32, flags: u32, now: Instant) {
-        if !cqueue::more(flags) && self.accepting {
-            self.arm_accept();
+        let exhausted = matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM);
+        if exhausted && self.accepting {
+            self.accept_exhausted(-res, flags, now);
+            return;
+        }
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+            if self.accepting && self.accept_paused_until.is_none() {
+                self.arm_accept();
+            }
         }
         if res < 0 {
             if res != -libc::ECANCELED || self.accepting {
@@ -759,6 +799,12 @@ impl Worker {
                         tracing::debug!(?reason, "connection closed");
                         c.closing = true;
                     }
+                    // An event of a newer engine this driver does not know: the connection's
+                    // state can no longer be kept right, so it ends.
+                    other => {
+                        tracing::warn!(event = ?other, "unknown engine event: closing the connection");
+                        c.closing = true;
+                    }
                 }
             }
             if ios.is_empty() {
@@ -925,6 +971,51 @@ impl Worker {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     peers.remove(&c.peer_ip);
+                }
+            }
+        }
+    }
+
+    /// An accept failed for lack of file descriptors or memory: new connections wait in the
+    /// listen backlog while accepting pauses for [`ACCEPT_PAUSE`] (retrying at once would fail the
+    /// same way, in a loop), and the failures are reported at most once per [`ACCEPT_REPORT_EVERY`].
+    fn accept_exhausted(&mut self, errno: i32, flags: u32, now: Instant) {
+        if cqueue::more(flags) {
+            // The multishot accept is still armed: stop it; its last completion comes back as
+            // cancelled and is not re-armed while paused.
+            self.cancel(u64::from(KIND_ACCEPT) << 56);
+        } else {
+            self.accept_armed = false;
+        }
+        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+        self.accept_failures += 1;
+        self.mailbox.stats.accept_failures.fetch_add(1, Ordering::Relaxed);
+        let due = self.accept_reported_at.is_none_or(|at| now.duration_since(at) >= ACCEPT_REPORT_EVERY);
+        if due {
+            let hint = if errno == libc::EMFILE {
+                " (the process's open-file limit: raise it, e.g. LimitNOFILE= in a systemd unit or ulimit -n)"
+            } else {
+                ""
+            };
+            tracing::warn!(
+                error = %io::Error::from_raw_os_error(errno),
+                failures = self.accept_failures,
+                connections = self.conns.len(),
+                "cannot accept new connections{hint}; pausing accepts for {} ms at a time",
+                ACCEPT_PAUSE.as_millis()
+            );
+            self.accept_failures = 0;
+            self.accept_reported_at = Some(now);
+        }
+    }
+
+    /// Accepting again once a pause is over.
+    fn resume_accept(&mut self, now: Instant) {
+        if let Some(until) = self.accept_paused_until {
+            if now >= until {
+                self.accept_paused_until = None;
+                if self.accepting && !self.accept_armed {
+                    self.arm_accept();
                 }
             }
         }
