@@ -259,7 +259,8 @@ enum VolumeCmd {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Show a volume: identity, state, size and usage, hosts, and the `nvme connect` line.
+    /// Show a volume: identity, state, size and usage, hosts, authentication (which hosts have a
+    /// secret, never the secret), and the `nvme connect` line of each allowed host.
     Show {
         /// Volume name.
         name: String,
