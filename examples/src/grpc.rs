@@ -58,6 +58,7 @@ impl std::fmt::Debug for pb::GenerateHostSecretResponse {
             .field("dhchap_secret", &"<redacted>")
             .field("dhchap_ctrl_secret", &self.dhchap_ctrl_secret.as_ref().map(|_| "<redacted>"))
             .field("volume", &self.volume)
+            .field("connect", &self.connect)
             .finish()
     }
 }
@@ -484,6 +485,7 @@ impl pb::admin_server::Admin for AdminService {
                     dhchap_secret: g.dhchap_secret.expose().to_owned(),
                     dhchap_ctrl_secret: g.dhchap_ctrl_secret.map(|c| c.expose().to_owned()),
                     volume: Some(g.volume.into()),
+                    connect: g.connect,
                 })
             }
             _ => None,

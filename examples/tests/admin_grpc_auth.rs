@@ -102,6 +102,7 @@ async fn host_authentication_operations() {
     let h = DhchapSecret::parse(&g.dhchap_secret).unwrap();
     assert_eq!((h.key_len(), h.transform()), (64, Some(DhchapHash::Sha512)));
     let ctrl = g.dhchap_ctrl_secret.clone().unwrap();
+    assert!(g.connect.ends_with("--dhchap-ctrl-secret=<controller secret>"), "{}", g.connect);
     DhchapSecret::parse(&ctrl).unwrap();
     let debug = format!("{g:?}");
     assert!(!debug.contains(&g.dhchap_secret) && !debug.contains(&ctrl), "{debug}");

@@ -313,11 +313,13 @@ fn host_authentication_with_the_cli() {
     let generated = DhchapSecret::parse(line).unwrap();
     assert_eq!((generated.key_len(), generated.transform()), (48, Some(DhchapHash::Sha384)));
     assert!(!stdout.contains("dhchap-ctrl-secret"), "{stdout}");
+    assert!(stdout.contains(&format!("--hostnqn={OTHER} --dhchap-secret=<host secret>\n")), "{stdout}");
     shown_secrets.push(generated.clone());
     let (mut q, _, _) = connect(&addr, &nqn, OTHER, 0, CNTLID_DYNAMIC);
     authenticate(&mut q, &nqn, OTHER, &generated, None, 1).unwrap();
     let g = json(d, &["volume", "allow-host", "sec", OTHER, "--generate-dhchap-secret", "--bidirectional"]);
     let (gh, gc) = (g["dhchap_secret"].as_str().unwrap(), g["dhchap_ctrl_secret"].as_str().unwrap());
+    assert!(g["connect"].as_str().unwrap().ends_with("--dhchap-ctrl-secret=<controller secret>"), "{g}");
     shown_secrets.extend([DhchapSecret::parse(gh).unwrap(), DhchapSecret::parse(gc).unwrap()]);
 
     // Not required any more: a host without a secret connects without authenticating; removing

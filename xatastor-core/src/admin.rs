@@ -649,6 +649,8 @@ pub struct GeneratedSecrets {
     pub dhchap_secret: SecretText,
     /// The controller's secret (its `--dhchap-ctrl-secret`), if bidirectional.
     pub dhchap_ctrl_secret: Option<SecretText>,
+    /// The `nvme connect` line of this host, with placeholders where the secrets go.
+    pub connect: String,
     /// The volume, now with the host allowed.
     pub volume: VolumeView,
 }
@@ -1066,7 +1068,12 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
                 secrets = secrets.with_controller(Node::generate_secret(params)?);
             }
             let rec = node.allow_host_with_secrets(&name, &host, secrets.clone())?;
+            let mut auth = String::from(" --dhchap-secret=<host secret>");
+            if bidirectional {
+                auth.push_str(" --dhchap-ctrl-secret=<controller secret>");
+            }
             Response::GeneratedSecrets(Box::new(GeneratedSecrets {
+                connect: connect_line(&rec, ep, Some(&host), &auth),
                 host,
                 dhchap_secret: secrets.host.to_dhhc1().into(),
                 dhchap_ctrl_secret: secrets.controller.as_ref().map(|c| c.to_dhhc1().into()),

@@ -271,8 +271,14 @@ fn generated_secrets_are_returned_once_and_work_as_given() {
     let Response::GeneratedSecrets(g) = f.call(generate("g", HOST, 2, 48, true)).unwrap() else {
         panic!("not generated secrets")
     };
-    let GeneratedSecrets { host, dhchap_secret, dhchap_ctrl_secret, volume } = *g;
+    let GeneratedSecrets { host, dhchap_secret, dhchap_ctrl_secret, connect, volume } = *g;
     assert_eq!(host, HOST);
+    assert!(
+        connect.ends_with(&format!(
+            "--hostnqn={HOST} --dhchap-secret=<host secret> --dhchap-ctrl-secret=<controller secret>"
+        )),
+        "{connect}"
+    );
     let h = DhchapSecret::parse(dhchap_secret.expose()).unwrap();
     assert_eq!((h.key_len(), h.transform()), (48, Some(DhchapHash::Sha384)));
     assert!(dhchap_secret.expose().starts_with("DHHC-1:02:"));
@@ -291,6 +297,8 @@ fn generated_secrets_are_returned_once_and_work_as_given() {
     assert!(s.starts_with("DHHC-1:00:"));
     assert_eq!(DhchapSecret::parse(&s).unwrap().key_len(), 32);
     assert!(wire["result"]["dhchap_ctrl_secret"].is_null());
+    let connect = wire["result"]["connect"].as_str().unwrap();
+    assert!(connect.ends_with(&format!("--hostnqn={OTHER} --dhchap-secret=<host secret>")), "{connect}");
     let debug = format!("{r:?}");
     assert!(!debug.contains(&s) && !debug.contains(&s[10..40]), "{debug}");
     assert!(debug.contains("<redacted>"));

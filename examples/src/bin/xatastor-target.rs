@@ -824,7 +824,7 @@ fn human(req: &Request, r: &Value) -> String {
             if !r["dhchap_ctrl_secret"].is_null() {
                 let _ = writeln!(o, "dhchap-ctrl-secret {}", s(&r["dhchap_ctrl_secret"]));
             }
-            let _ = writeln!(o, "connect            {}", s(&r["volume"]["connect"]));
+            let _ = writeln!(o, "connect            {}", s(&r["connect"]));
         }
         Request::Adopt => {
             let names: Vec<String> =

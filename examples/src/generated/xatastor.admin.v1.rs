@@ -289,6 +289,9 @@ pub struct GenerateHostSecretResponse {
     pub dhchap_ctrl_secret: ::core::option::Option<::prost::alloc::string::String>,
     #[prost(message, optional, tag = "4")]
     pub volume: ::core::option::Option<Volume>,
+    /// The nvme connect line of this host, with placeholders where the secrets go.
+    #[prost(string, tag = "5")]
+    pub connect: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RemoveHostSecretRequest {
