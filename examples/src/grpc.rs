@@ -13,6 +13,9 @@
 //! client CA (only clients with a certificate it signed get through), a bearer token read from a
 //! file only its owner may read (mode 0600), or both. A call without valid credentials ends with
 //! `UNAUTHENTICATED` before it reaches the node.
+//!
+//! DH-HMAC-CHAP secrets travel in `AllowHostRequest` and `GenerateHostSecretResponse`; their
+//! `Debug` (written here, not generated) prints `<redacted>` instead. Send them only over TLS.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -23,8 +26,8 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Code, Status};
 use xatastor_core::admin::{
-    self, AdminError, CapacityView, Endpoint, ErrorKind, Request, Response, SnapshotView, StatusView,
-    VolumeDetail, VolumeView,
+    self, AdminError, CapacityView, Endpoint, ErrorKind, Request, Response, SecretText, SnapshotView,
+    StatusView, VolumeDetail, VolumeView,
 };
 use xatastor_core::Node;
 
@@ -32,6 +35,32 @@ use xatastor_core::Node;
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic, rustdoc::all)]
 pub mod pb {
     include!("generated/xatastor.admin.v1.rs");
+}
+
+// The messages that carry DH-HMAC-CHAP secrets are generated without `Debug`: theirs leaves the
+// secrets out (a request or response printed in a log line shows no secret).
+
+impl std::fmt::Debug for pb::AllowHostRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AllowHostRequest")
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("dhchap_secret", &self.dhchap_secret.as_ref().map(|_| "<redacted>"))
+            .field("dhchap_ctrl_secret", &self.dhchap_ctrl_secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for pb::GenerateHostSecretResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateHostSecretResponse")
+            .field("host", &self.host)
+            .field("dhchap_secret", &"<redacted>")
+            .field("dhchap_ctrl_secret", &self.dhchap_ctrl_secret.as_ref().map(|_| "<redacted>"))
+            .field("volume", &self.volume)
+            .field("connect", &self.connect)
+            .finish()
+    }
 }
 
 /// The response metadata key that carries the error kind of the socket protocol.
@@ -187,6 +216,8 @@ impl From<VolumeView> for pb::Volume {
             state: v.state,
             created_unix_s: v.created_unix_s,
             connect: v.connect,
+            require_auth: v.require_auth,
+            dhchap_hosts: v.dhchap_hosts,
         }
     }
 }
@@ -204,6 +235,12 @@ impl From<VolumeDetail> for pb::VolumeDetail {
             compress_ratio: d.compress_ratio,
             free_bytes: d.free_bytes,
             pool_share: d.pool_share,
+            auth_hosts: d
+                .auth_hosts
+                .into_iter()
+                .map(|h| pb::HostAuth { host: h.host, bidirectional: h.bidirectional })
+                .collect(),
+            connect_lines: d.connect_lines,
         }
     }
 }
@@ -336,6 +373,7 @@ impl pb::admin_server::Admin for AdminService {
             compression: r.compression,
             allowed_hosts: r.allowed_hosts,
             allow_any_host: r.allow_any_host,
+            require_auth: r.require_auth,
         };
         self.run(req, volume).await
     }
@@ -352,6 +390,7 @@ impl pb::admin_server::Admin for AdminService {
             size_bytes: r.size_bytes,
             block_size: block_size_or_default(r.block_size),
             allowed_hosts: r.allowed_hosts,
+            require_auth: r.require_auth,
         };
         self.run(req, |r| match r {
             Response::Created { created } => Some(pb::CreateVolumeBatchResponse { created: created as u64 }),
@@ -409,13 +448,64 @@ impl pb::admin_server::Admin for AdminService {
             name: r.name,
             size_bytes: r.size_bytes,
             allowed_hosts: r.allowed_hosts,
+            require_auth: r.require_auth,
         };
         self.run(req, volume).await
     }
 
     async fn allow_host(&self, r: tonic::Request<pb::AllowHostRequest>) -> Reply<pb::Volume> {
         let r = r.into_inner();
-        self.run(Request::VolumeAllowHost { name: r.name, host: r.host }, volume).await
+        let req = Request::VolumeAllowHost {
+            name: r.name,
+            host: r.host,
+            dhchap_secret: r.dhchap_secret.map(SecretText::new),
+            dhchap_ctrl_secret: r.dhchap_ctrl_secret.map(SecretText::new),
+        };
+        self.run(req, volume).await
+    }
+
+    async fn generate_host_secret(
+        &self,
+        r: tonic::Request<pb::GenerateHostSecretRequest>,
+    ) -> Reply<pb::GenerateHostSecretResponse> {
+        let r = r.into_inner();
+        let req = Request::VolumeGenerateHostSecret {
+            name: r.name,
+            host: r.host,
+            // Out of range stays out of range (refused as invalid), never wraps to a valid value.
+            hmac: u8::try_from(r.hmac).unwrap_or(u8::MAX),
+            key_length_bytes: if r.key_length_bytes == 0 { 32 } else { limit(u64::from(r.key_length_bytes)) },
+            bidirectional: r.bidirectional,
+        };
+        self.run(req, |r| match r {
+            Response::GeneratedSecrets(g) => {
+                let g = *g;
+                Some(pb::GenerateHostSecretResponse {
+                    host: g.host,
+                    dhchap_secret: g.dhchap_secret.expose().to_owned(),
+                    dhchap_ctrl_secret: g.dhchap_ctrl_secret.map(|c| c.expose().to_owned()),
+                    volume: Some(g.volume.into()),
+                    connect: g.connect,
+                })
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    async fn remove_host_secret(&self, r: tonic::Request<pb::RemoveHostSecretRequest>) -> Reply<pb::Volume> {
+        let r = r.into_inner();
+        self.run(Request::VolumeRemoveHostSecret { name: r.name, host: r.host }, volume).await
+    }
+
+    async fn set_require_auth(&self, r: tonic::Request<pb::SetRequireAuthRequest>) -> Reply<pb::Volume> {
+        let r = r.into_inner();
+        let req = Request::VolumeSetRequireAuth {
+            name: r.name,
+            require_auth: r.require_auth,
+            disconnect: r.disconnect,
+        };
+        self.run(req, volume).await
     }
 
     async fn deny_host(&self, r: tonic::Request<pb::DenyHostRequest>) -> Reply<pb::Volume> {

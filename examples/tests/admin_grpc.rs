@@ -114,6 +114,7 @@ async fn operations_idempotency_and_error_codes() {
         name: "branch".into(),
         size_bytes: 0,
         allowed_hosts: vec![host.into()],
+        require_auth: false,
     };
     let b = c.clone_volume(clone_req.clone()).await.unwrap().into_inner();
     assert_eq!((b.origin_volume.as_deref(), b.origin_snapshot.as_deref()), (Some("pg"), Some("s1")));

@@ -19,6 +19,15 @@
 //! idempotent here (a missing volume is [`ErrorKind::NotFound`]): callers that need it (CSI) treat
 //! that kind as done.
 //!
+//! **Host authentication** (DH-HMAC-CHAP): `volume_create`/`volume_clone` take `require_auth`,
+//! [`Request::VolumeSetRequireAuth`] turns it on and off, [`Request::VolumeAllowHost`] with
+//! `dhchap_secret` (and `dhchap_ctrl_secret`) allows a host with secrets — again with new ones
+//! rotates them without dropping connected controllers —, [`Request::VolumeGenerateHostSecret`]
+//! does the same with secrets the node makes and returns them (the only answer that carries a
+//! secret), and [`Request::VolumeRemoveHostSecret`] removes them. Secrets travel as [`SecretText`],
+//! whose `Debug` shows `<redacted>`: transports log requests with `Debug`. `volume_show` tells which
+//! hosts have secrets and prints connect lines with placeholders, never a secret.
+//!
 //! Calling it in-process:
 //!
 //! ```
@@ -40,6 +49,7 @@
 //!     compression: None,
 //!     allowed_hosts: vec![],
 //!     allow_any_host: false,
+//!     require_auth: false,
 //! };
 //! let Response::Volume(v) = admin::handle(&node, &ep, create.clone())? else { unreachable!() };
 //! // Asking again with the same parameters returns the same volume.
@@ -55,8 +65,12 @@ pub mod socket;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use nvmeof_target::auth::{DhchapHash, DhchapSecret, HostSecrets};
+use zeroize::Zeroizing;
+
 use crate::catalog::{SnapshotRecord, VolumeRecord, VolumeState};
-use crate::{CreateVolume, Node, NodeError, ProvisionError};
+use crate::secrets::{SecretParams, VolumeAuth};
+use crate::{CreateVolume, Node, NodeError, ProvisionError, SecretsError, VolumeAuthOptions};
 
 /// A request to the admin endpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -82,6 +96,9 @@ pub enum Request {
         /// Any host may connect.
         #[serde(default)]
         allow_any_host: bool,
+        /// Every host must authenticate (DH-HMAC-CHAP) from the start.
+        #[serde(default)]
+        require_auth: bool,
     },
     /// Create `count` volumes named `<prefix><n>` (n from `start`) in one catalog transaction.
     VolumeCreateBatch {
@@ -99,6 +116,9 @@ pub enum Request {
         /// Hosts allowed to connect to each.
         #[serde(default)]
         allowed_hosts: Vec<String>,
+        /// Every host must authenticate (DH-HMAC-CHAP) to each from the start.
+        #[serde(default)]
+        require_auth: bool,
     },
     /// List volumes.
     VolumeList {
@@ -150,13 +170,64 @@ pub enum Request {
         /// Hosts allowed to connect to the clone.
         #[serde(default)]
         allowed_hosts: Vec<String>,
+        /// Every host must authenticate (DH-HMAC-CHAP) from the start; a clone requires it anyway
+        /// when its origin does.
+        #[serde(default)]
+        require_auth: bool,
     },
-    /// Allow a host.
+    /// Allow a host; with `dhchap_secret`, the host must authenticate with it (DH-HMAC-CHAP).
+    ///
+    /// Asking again with new secrets for a host that has some replaces them (rotation): its
+    /// connected controllers stay, and its next authentication must use the new secret.
     VolumeAllowHost {
         /// Volume.
         name: String,
         /// Host NQN.
         host: String,
+        /// The host's secret in the DHHC-1 representation (`nvme gen-dhchap-key` prints one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dhchap_secret: Option<SecretText>,
+        /// The controller's secret for bidirectional authentication (needs `dhchap_secret`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dhchap_ctrl_secret: Option<SecretText>,
+    },
+    /// Allow a host with a secret the node makes (like `nvme gen-dhchap-key`), and a controller
+    /// secret too if `bidirectional`: the answer carries them, the only time the node hands them
+    /// out. A host that had secrets gets the new ones (rotation, as with `volume_allow_host`).
+    VolumeGenerateHostSecret {
+        /// Volume.
+        name: String,
+        /// Host NQN.
+        host: String,
+        /// The key transformation, as `nvme gen-dhchap-key --hmac`: 0 none, 1 SHA-256,
+        /// 2 SHA-384, 3 SHA-512.
+        #[serde(default)]
+        hmac: u8,
+        /// Key length: 32, 48 or 64 (default 32).
+        #[serde(default = "default_key_length")]
+        key_length_bytes: usize,
+        /// Make a controller secret too (bidirectional authentication).
+        #[serde(default)]
+        bidirectional: bool,
+    },
+    /// Remove a host's DH-HMAC-CHAP secrets: the host stays allowed and connects without
+    /// authenticating (unless the volume requires authentication; then it cannot connect).
+    /// Connected controllers stay.
+    VolumeRemoveHostSecret {
+        /// Volume.
+        name: String,
+        /// Host NQN.
+        host: String,
+    },
+    /// Require every host to authenticate, or not.
+    VolumeSetRequireAuth {
+        /// Volume.
+        name: String,
+        /// Every host must authenticate; a host without a secret cannot connect.
+        require_auth: bool,
+        /// Turning it on: also disconnect the hosts that have no secret now.
+        #[serde(default)]
+        disconnect: bool,
     },
     /// Let any host connect, or only the allowed ones.
     VolumeSetAnyHost {
@@ -222,6 +293,62 @@ fn default_block_size() -> u32 {
     512
 }
 
+fn default_key_length() -> usize {
+    32
+}
+
+/// A secret in a request or a response (a DHHC-1 string). On the wire it is the plain string;
+/// `Debug` never shows it (requests are logged with `Debug`), and it is wiped from memory when
+/// dropped.
+#[derive(Clone, Default)]
+pub struct SecretText(Zeroizing<String>);
+
+impl SecretText {
+    /// Wraps `s`.
+    #[must_use]
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(Zeroizing::new(s.into()))
+    }
+
+    /// The secret itself.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl PartialEq for SecretText {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_bytes() == other.0.as_bytes()
+    }
+}
+
+impl Eq for SecretText {}
+
+impl Serialize for SecretText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::new)
+    }
+}
+
+impl From<Zeroizing<String>> for SecretText {
+    fn from(s: Zeroizing<String>) -> Self {
+        Self(s)
+    }
+}
+
 impl Request {
     /// The request's `op` name (for logs).
     #[must_use]
@@ -235,6 +362,9 @@ impl Request {
             Self::VolumeDelete { .. } => "volume_delete",
             Self::VolumeClone { .. } => "volume_clone",
             Self::VolumeAllowHost { .. } => "volume_allow_host",
+            Self::VolumeGenerateHostSecret { .. } => "volume_generate_host_secret",
+            Self::VolumeRemoveHostSecret { .. } => "volume_remove_host_secret",
+            Self::VolumeSetRequireAuth { .. } => "volume_set_require_auth",
             Self::VolumeSetAnyHost { .. } => "volume_set_any_host",
             Self::VolumeDenyHost { .. } => "volume_deny_host",
             Self::SnapshotCreate { .. } => "snapshot_create",
@@ -293,7 +423,8 @@ pub enum ErrorKind {
     Unsupported,
     /// The backend is full, or the overcommit limit would be passed.
     NoSpace,
-    /// Being created or deleted, or missing in the backend.
+    /// Being created or deleted, missing in the backend, or its secrets file lacks hosts the
+    /// catalog says have a secret (set or remove their secrets).
     NotReady,
     /// The node's catalog belongs to another backend.
     BackendMismatch,
@@ -402,6 +533,13 @@ fn kind_of(e: &NodeError) -> ErrorKind {
         NodeError::Provision(ProvisionError::Unsupported(_)) => ErrorKind::Unsupported,
         NodeError::Provision(ProvisionError::NoSpace(_)) => ErrorKind::NoSpace,
         NodeError::NotReady(_) => ErrorKind::NotReady,
+        // The volume's secrets file lacks hosts the catalog lists: it is not exported until their
+        // secrets are set again or removed (the message says so).
+        NodeError::Secrets(SecretsError::Missing { .. }) => ErrorKind::NotReady,
+        // The secrets directory or a file of the node is unusable (permissions, owner, damaged,
+        // I/O), or no random bytes: the node's problem, not the request's (secrets given in a
+        // request are parsed before they reach the node: a malformed one is `invalid`).
+        NodeError::Secrets(_) | NodeError::Entropy(_) => ErrorKind::Internal,
         _ => ErrorKind::Internal,
     }
 }
@@ -435,19 +573,41 @@ pub struct VolumeView {
     pub state: String,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix_s: u64,
-    /// The `nvme connect` line for it.
+    /// Every host must authenticate (DH-HMAC-CHAP).
+    #[serde(default)]
+    pub require_auth: bool,
+    /// Hosts with a DH-HMAC-CHAP secret for this volume (never the secrets): they must
+    /// authenticate even where the volume does not require it of every host.
+    #[serde(default)]
+    pub dhchap_hosts: Vec<String>,
+    /// The `nvme connect` line for it (for the first allowed host), with `<host secret>`
+    /// placeholders where a secret goes.
     pub connect: String,
+}
+
+/// The `nvme connect` line of volume `r` for `host` (none: the host's own NQN), with the
+/// authentication options `auth` (see [`VolumeAuth::connect_options`]).
+fn connect_line(r: &VolumeRecord, ep: &Endpoint, host: Option<&str>, auth: &str) -> String {
+    let host = match (host, r.allow_any_host) {
+        (Some(h), _) => format!(" --hostnqn={h}"),
+        // nvme-cli uses the host's own /etc/nvme/hostnqn.
+        (None, true) => String::new(),
+        (None, false) => " --hostnqn=<an allowed host NQN>".into(),
+    };
+    format!("nvme connect -t tcp -a {} -s {} -n {}{host}{auth}", ep.advertise, ep.listen.port(), r.nqn)
 }
 
 impl VolumeView {
     /// The view of a catalog record served at `ep`.
     #[must_use]
     pub fn new(r: &VolumeRecord, ep: &Endpoint) -> Self {
-        let host = match (r.allowed_hosts.first(), r.allow_any_host) {
-            (Some(h), _) => format!(" --hostnqn={h}"),
-            // nvme-cli uses the host's own /etc/nvme/hostnqn.
-            (None, true) => String::new(),
-            (None, false) => " --hostnqn=<an allowed host NQN>".into(),
+        let first = r.allowed_hosts.first().map(String::as_str);
+        // The record knows which hosts have a secret, not whether one has a controller secret
+        // (`volume_show` reads that and adds `--dhchap-ctrl-secret`).
+        let auth = if r.require_auth || first.is_some_and(|h| r.dhchap_hosts.iter().any(|d| d == h)) {
+            " --dhchap-secret=<host secret>"
+        } else {
+            ""
         };
         Self {
             name: r.name.clone(),
@@ -463,14 +623,36 @@ impl VolumeView {
             allowed_hosts: r.allowed_hosts.clone(),
             state: r.state.as_str().to_owned(),
             created_unix_s: r.created_unix_s,
-            connect: format!(
-                "nvme connect -t tcp -a {} -s {} -n {}{host}",
-                ep.advertise,
-                ep.listen.port(),
-                r.nqn
-            ),
+            require_auth: r.require_auth,
+            dhchap_hosts: r.dhchap_hosts.clone(),
+            connect: connect_line(r, ep, first, auth),
         }
     }
+}
+
+/// A host with a DH-HMAC-CHAP secret for a volume (never the secret itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostAuthView {
+    /// Host NQN.
+    pub host: String,
+    /// A controller secret is set too: the host should authenticate the controller
+    /// (`--dhchap-ctrl-secret`).
+    pub bidirectional: bool,
+}
+
+/// Secrets the node made for a host (`volume_generate_host_secret`): shown this once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GeneratedSecrets {
+    /// Host NQN.
+    pub host: String,
+    /// The host's secret (its `nvme connect --dhchap-secret`).
+    pub dhchap_secret: SecretText,
+    /// The controller's secret (its `--dhchap-ctrl-secret`), if bidirectional.
+    pub dhchap_ctrl_secret: Option<SecretText>,
+    /// The `nvme connect` line of this host, with placeholders where the secrets go.
+    pub connect: String,
+    /// The volume, now with the host allowed.
+    pub volume: VolumeView,
 }
 
 /// A volume with what is known about it right now (`volume_show`).
@@ -502,6 +684,15 @@ pub struct VolumeDetail {
     pub free_bytes: Option<u64>,
     /// The volume's size over the pool's size.
     pub pool_share: Option<f64>,
+    /// Hosts with a DH-HMAC-CHAP secret, and whether each has a controller secret (never a
+    /// secret).
+    #[serde(default)]
+    pub auth_hosts: Vec<HostAuthView>,
+    /// The `nvme connect` line of each allowed host (one without `--hostnqn` when any host may
+    /// connect and none is listed), with `<host secret>` / `<controller secret>` placeholders
+    /// where that host needs them.
+    #[serde(default)]
+    pub connect_lines: Vec<String>,
 }
 
 /// A snapshot.
@@ -603,8 +794,10 @@ pub struct StatusView {
 #[non_exhaustive]
 pub enum Response {
     /// `volume_create`, `volume_resize`, `volume_clone`, `volume_allow_host`, `volume_deny_host`,
-    /// `volume_set_any_host`.
+    /// `volume_set_any_host`, `volume_set_require_auth`, `volume_remove_host_secret`.
     Volume(VolumeView),
+    /// `volume_generate_host_secret`.
+    GeneratedSecrets(Box<GeneratedSecrets>),
     /// `volume_show`.
     VolumeDetail(Box<VolumeDetail>),
     /// `volume_list`.
@@ -665,6 +858,7 @@ fn same_volume(
     block_size: u32,
     compression: Option<&str>,
     origin: Option<(&str, &str)>,
+    require_auth: bool,
 ) -> Result<Option<VolumeRecord>, AdminError> {
     let Some(rec) = node.catalog().volume(name).map_err(NodeError::from)? else { return Ok(None) };
     let differs = |what: String| {
@@ -690,6 +884,11 @@ fn same_volume(
             |o: Option<(&str, &str)>| o.map_or("no origin".to_owned(), |(v, s)| format!("origin {v}@{s}"));
         return differs(format!("{}, not {}", show(rec_origin), show(origin)));
     }
+    // Asked to require authentication of a volume that does not: different. The other way round
+    // is the same volume (it may have been turned on since).
+    if require_auth && !rec.require_auth {
+        return differs("no authentication requirement".to_owned());
+    }
     Ok(Some(rec))
 }
 
@@ -703,10 +902,11 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
             compression,
             allowed_hosts,
             allow_any_host,
+            require_auth,
         } => {
             let req =
                 CreateVolume { name, size_bytes, block_size, compression, allowed_hosts, allow_any_host };
-            match node.create_volume(req.clone()) {
+            match node.create_volume_with_auth(req.clone(), &auth_options(require_auth)) {
                 Ok(r) => Response::Volume(view(&r)),
                 Err(NodeError::AlreadyExists(e)) => {
                     match same_volume(
@@ -716,6 +916,7 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
                         block_size,
                         req.compression.as_deref(),
                         None,
+                        require_auth,
                     )? {
                         Some(r) => Response::Volume(view(&r)),
                         None => return Err(NodeError::AlreadyExists(e).into()),
@@ -724,7 +925,15 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
                 Err(e) => return Err(e.into()),
             }
         }
-        Request::VolumeCreateBatch { prefix, start, count, size_bytes, block_size, allowed_hosts } => {
+        Request::VolumeCreateBatch {
+            prefix,
+            start,
+            count,
+            size_bytes,
+            block_size,
+            allowed_hosts,
+            require_auth,
+        } => {
             if count > MAX_BATCH {
                 return Err(AdminError::new(
                     ErrorKind::Invalid,
@@ -741,7 +950,7 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
                     allow_any_host: false,
                 })
                 .collect();
-            let made = node.create_volumes(reqs)?;
+            let made = node.create_volumes_with_auth(reqs, &auth_options(require_auth))?;
             Response::Created { created: made.len() }
         }
         Request::VolumeList { prefix, after, limit } => {
@@ -754,8 +963,25 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
             let pool = node.capacity().ok().and_then(|c| c.pool_bytes);
             let snapshots = node.snapshots(&name)?.iter().map(|s| s.name.clone()).collect();
             let u = info.usage;
+            let mut volume = view(&info.record);
+            let first = info.record.allowed_hosts.first().map(String::as_str);
+            volume.connect = connect_line(
+                &info.record,
+                ep,
+                first,
+                &first.map_or_else(|| info.auth.connect_options(""), |h| info.auth.connect_options(h)),
+            );
+            let mut connect_lines: Vec<String> = info
+                .record
+                .allowed_hosts
+                .iter()
+                .map(|h| connect_line(&info.record, ep, Some(h), &info.auth.connect_options(h)))
+                .collect();
+            if connect_lines.is_empty() && info.record.allow_any_host {
+                connect_lines.push(volume.connect.clone());
+            }
             Response::VolumeDetail(Box::new(VolumeDetail {
-                volume: view(&info.record),
+                volume,
                 active: info.active,
                 controllers: info.controllers,
                 snapshots,
@@ -767,6 +993,8 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
                 free_bytes: u.map(|u| info.record.size_bytes.saturating_sub(u.used_bytes)),
                 // The volume's size against the pool: its share of a full pool.
                 pool_share: pool.filter(|&p| p > 0).map(|p| info.record.size_bytes as f64 / p as f64),
+                auth_hosts: auth_hosts(&info.auth),
+                connect_lines,
             }))
         }
         Request::VolumeResize { name, size_bytes, force } => {
@@ -779,10 +1007,10 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
             node.delete_volume(&name, force)?;
             Response::Deleted { deleted: name }
         }
-        Request::VolumeClone { volume, snapshot, name, size_bytes, allowed_hosts } => {
+        Request::VolumeClone { volume, snapshot, name, size_bytes, allowed_hosts, require_auth } => {
             let mut req = CreateVolume::new(name, size_bytes);
             req.allowed_hosts = allowed_hosts;
-            match node.clone_volume(&volume, &snapshot, req.clone()) {
+            match node.clone_volume_with_auth(&volume, &snapshot, req.clone(), &auth_options(require_auth)) {
                 Ok(r) => Response::Volume(view(&r)),
                 Err(NodeError::AlreadyExists(e)) => {
                     let Some(existing) = node.catalog().volume(&req.name).map_err(NodeError::from)? else {
@@ -797,7 +1025,8 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
                         size_bytes
                     };
                     let origin = Some((volume.as_str(), snapshot.as_str()));
-                    match same_volume(node, &req.name, size, existing.block_size, None, origin)? {
+                    match same_volume(node, &req.name, size, existing.block_size, None, origin, require_auth)?
+                    {
                         Some(r) => Response::Volume(view(&r)),
                         None => return Err(NodeError::AlreadyExists(e).into()),
                     }
@@ -805,7 +1034,69 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
                 Err(e) => return Err(e.into()),
             }
         }
-        Request::VolumeAllowHost { name, host } => Response::Volume(view(&node.allow_host(&name, &host)?)),
+        Request::VolumeAllowHost { name, host, dhchap_secret, dhchap_ctrl_secret } => {
+            let rec = match host_secrets(dhchap_secret.as_ref(), dhchap_ctrl_secret.as_ref())? {
+                Some(secrets) => node.allow_host_with_secrets(&name, &host, secrets)?,
+                None => node.allow_host(&name, &host)?,
+            };
+            Response::Volume(view(&rec))
+        }
+        Request::VolumeGenerateHostSecret { name, host, hmac, key_length_bytes, bidirectional } => {
+            let transform = match hmac {
+                0 => None,
+                1 => Some(DhchapHash::Sha256),
+                2 => Some(DhchapHash::Sha384),
+                3 => Some(DhchapHash::Sha512),
+                other => {
+                    return Err(AdminError::new(
+                        ErrorKind::Invalid,
+                        format!(
+                        "invalid argument: hmac {other}: 0 (none), 1 (SHA-256), 2 (SHA-384) or 3 (SHA-512)"
+                    ),
+                    ))
+                }
+            };
+            if !matches!(key_length_bytes, 32 | 48 | 64) {
+                return Err(AdminError::new(
+                    ErrorKind::Invalid,
+                    format!("invalid argument: key length {key_length_bytes}: 32, 48 or 64 bytes"),
+                ));
+            }
+            let params = SecretParams { key_len_bytes: key_length_bytes, transform };
+            let mut secrets = HostSecrets::new(Node::generate_secret(params)?);
+            if bidirectional {
+                secrets = secrets.with_controller(Node::generate_secret(params)?);
+            }
+            let rec = node.allow_host_with_secrets(&name, &host, secrets.clone())?;
+            let mut auth = String::from(" --dhchap-secret=<host secret>");
+            if bidirectional {
+                auth.push_str(" --dhchap-ctrl-secret=<controller secret>");
+            }
+            Response::GeneratedSecrets(Box::new(GeneratedSecrets {
+                connect: connect_line(&rec, ep, Some(&host), &auth),
+                host,
+                dhchap_secret: secrets.host.to_dhhc1().into(),
+                dhchap_ctrl_secret: secrets.controller.as_ref().map(|c| c.to_dhhc1().into()),
+                volume: view(&rec),
+            }))
+        }
+        Request::VolumeRemoveHostSecret { name, host } => {
+            if !node.remove_host_secrets(&name, &host)? {
+                return Err(AdminError::new(
+                    ErrorKind::NotFound,
+                    format!("host {host} has no secret for volume {name}"),
+                ));
+            }
+            let rec = node
+                .catalog()
+                .volume(&name)
+                .map_err(NodeError::from)?
+                .ok_or_else(|| NodeError::NotFound(format!("volume {name}")))?;
+            Response::Volume(view(&rec))
+        }
+        Request::VolumeSetRequireAuth { name, require_auth, disconnect } => {
+            Response::Volume(view(&node.set_require_auth(&name, require_auth, disconnect)?))
+        }
         Request::VolumeDenyHost { name, host, disconnect } => {
             Response::Volume(view(&node.deny_host(&name, &host, disconnect)?))
         }
@@ -838,6 +1129,56 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
             }))
         }
     })
+}
+
+fn auth_options(require_auth: bool) -> VolumeAuthOptions {
+    let mut o = VolumeAuthOptions::new();
+    o.require_auth = require_auth;
+    o
+}
+
+fn auth_hosts(auth: &VolumeAuth) -> Vec<HostAuthView> {
+    auth.hosts
+        .iter()
+        .map(|h| HostAuthView { host: h.hostnqn.clone(), bidirectional: h.controller_secret })
+        .collect()
+}
+
+/// Parses one DHHC-1 secret of a request (`what` names the field); the message never holds it.
+fn parse_secret(what: &str, s: &SecretText) -> Result<DhchapSecret, AdminError> {
+    DhchapSecret::parse(s.expose())
+        .map_err(|e| AdminError::new(ErrorKind::Invalid, format!("invalid argument: {what}: {e}")))
+}
+
+/// The host (and controller) secrets of a request, checked: `None` without a host secret.
+fn host_secrets(
+    host: Option<&SecretText>,
+    ctrl: Option<&SecretText>,
+) -> Result<Option<HostSecrets>, AdminError> {
+    let Some(host) = host else {
+        if ctrl.is_some() {
+            return Err(AdminError::new(
+                ErrorKind::Invalid,
+                "invalid argument: a controller secret (dhchap_ctrl_secret) needs a host secret \
+                 (dhchap_secret)",
+            ));
+        }
+        return Ok(None);
+    };
+    let mut secrets = HostSecrets::new(parse_secret("dhchap_secret", host)?);
+    if let Some(c) = ctrl {
+        let c = parse_secret("dhchap_ctrl_secret", c)?;
+        // One key for both directions would let a controller's challenge be answered with the
+        // host's own response (a reflection).
+        if *c.to_dhhc1() == *secrets.host.to_dhhc1() {
+            return Err(AdminError::new(
+                ErrorKind::Invalid,
+                "invalid argument: the controller secret must differ from the host secret",
+            ));
+        }
+        secrets = secrets.with_controller(c);
+    }
+    Ok(Some(secrets))
 }
 
 /// Takes the snapshots that do not exist yet (in one step) and returns all of them.

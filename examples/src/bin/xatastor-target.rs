@@ -6,6 +6,9 @@
 //! xatastor-target volume show pg           # prints the `nvme connect` line
 //! xatastor-target snapshot create pg@s1
 //! xatastor-target volume clone pg@s1 pg-branch --allow-host …
+//! # host authentication (DH-HMAC-CHAP): the host proves a secret
+//! xatastor-target volume allow-host pg "$HOSTNQN" --dhchap-secret-file host.key
+//! xatastor-target volume require-auth pg on
 //! ```
 //!
 //! `serve` (the default: `xatastor-target --config f.toml` is `xatastor-target serve --config
@@ -24,7 +27,7 @@ use clap::{Args, Parser, Subcommand};
 use nvmeof_target::{Target, TargetConfig};
 use serde::Deserialize;
 use serde_json::Value;
-use xatastor_core::admin::{self, socket, Request};
+use xatastor_core::admin::{self, socket, Request, SecretText};
 use xatastor_core::catalog::{Catalog, CatalogError};
 use xatastor_core::provisioners::{FileProvisioner, MemoryProvisioner};
 use xatastor_core::{Node, NodeConfig, NodeError, ProvisionError, Server, ServerConfig, VolumeProvisioner};
@@ -34,6 +37,35 @@ use xatastor_examples::units::{format_size, parse_size};
 /// Volume and snapshot names, for --help.
 const NAME_RULES: &str =
     "1-128 bytes of ASCII letters, digits, '_', '.', ':', '-'; not starting with '.' or '-'";
+
+/// `volume allow-host --help`: host authentication.
+const ALLOW_HOST_HELP: &str = "\
+Host authentication (DH-HMAC-CHAP): with a secret, the host must prove it at every connect (nvme
+connect --dhchap-secret); with a controller secret too, the node proves itself to the host
+(--dhchap-ctrl-secret). A secret file holds one DHHC-1 line as `nvme gen-dhchap-key` prints it and
+must be readable by its owner only (mode 0600), like an ssh key. The node keeps the secrets in
+<data dir>/secrets (0700, files 0600), never in the catalog or a log, and `volume show` never
+prints them.
+
+Rotation: run allow-host again with new secret files (or --generate-dhchap-secret). Connected
+hosts stay connected; their next authentication must use the new secret (a Linux host
+re-authenticates when the new one is written to /sys/class/nvme/nvmeX/dhchap_secret, and when it
+reconnects). Remove a host's secrets with `volume remove-host-secret`; `volume deny-host` removes
+them with the host.
+
+Examples:
+  # a secret made on the host, in a file only its owner can read
+  (umask 077; nvme gen-dhchap-key --nqn \"$HOSTNQN\" > host.key)
+  xatastor-target volume allow-host pg \"$HOSTNQN\" --dhchap-secret-file host.key
+  # bidirectional: a controller secret too
+  xatastor-target volume allow-host pg \"$HOSTNQN\" --dhchap-secret-file host.key --dhchap-ctrl-secret-file ctrl.key
+  # the node makes them and prints them once (store them 0600)
+  xatastor-target volume allow-host pg \"$HOSTNQN\" --generate-dhchap-secret --bidirectional --hmac 1
+  # then, on the host (volume show prints the line with placeholders)
+  nvme connect -t tcp -a ADDR -s 4420 -n NQN --hostnqn=\"$HOSTNQN\" --dhchap-secret=\"$(cat host.key)\"";
+
+/// Longest secret file read (one DHHC-1 line is under 100 bytes).
+const MAX_SECRET_FILE_BYTES: u64 = 4096;
 
 /// The default overcommit limit.
 const DEFAULT_OVERCOMMIT: f64 = 20.0;
@@ -184,6 +216,10 @@ enum VolumeCmd {
         /// Let any host connect (can be turned off later with `volume any-host NAME off`).
         #[arg(long)]
         allow_any_host: bool,
+        /// Every host must authenticate (DH-HMAC-CHAP) from the start: give hosts secrets with
+        /// `volume allow-host … --dhchap-secret-file` (see `volume require-auth`).
+        #[arg(long)]
+        require_auth: bool,
     },
     /// Create many volumes `<prefix><n>` in one catalog transaction (fleet provisioning): all or
     /// none, also if the node crashes meanwhile.
@@ -207,6 +243,9 @@ enum VolumeCmd {
         /// Host NQN allowed to connect to each.
         #[arg(long = "allow-host")]
         allow_host: Vec<String>,
+        /// Every host must authenticate (DH-HMAC-CHAP) to each from the start.
+        #[arg(long)]
+        require_auth: bool,
     },
     /// List volumes in name order, a page at a time (the next page: --after the last name shown).
     List {
@@ -220,7 +259,8 @@ enum VolumeCmd {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Show a volume: identity, state, size and usage, hosts, and the `nvme connect` line.
+    /// Show a volume: identity, state, size and usage, hosts, authentication (which hosts have a
+    /// secret, never the secret), and the `nvme connect` line of each allowed host.
     Show {
         /// Volume name.
         name: String,
@@ -261,13 +301,65 @@ enum VolumeCmd {
         /// Host NQN allowed to connect to the clone.
         #[arg(long = "allow-host")]
         allow_host: Vec<String>,
+        /// Every host must authenticate (DH-HMAC-CHAP); a clone requires it anyway when its
+        /// origin does. Host secrets are not copied from the origin: give them with `volume
+        /// allow-host … --dhchap-secret-file`.
+        #[arg(long)]
+        require_auth: bool,
     },
-    /// Allow a host to connect.
+    /// Allow a host to connect, optionally with DH-HMAC-CHAP secrets it must prove (again with new
+    /// secrets: rotation, connected hosts stay).
+    #[command(after_help = ALLOW_HOST_HELP)]
     AllowHost {
         /// Volume name.
         name: String,
         /// Host NQN.
         host: String,
+        /// File with the host's secret: one DHHC-1 line (`nvme gen-dhchap-key` output), mode 0600.
+        #[arg(long, value_name = "FILE", conflicts_with = "generate_dhchap_secret")]
+        dhchap_secret_file: Option<PathBuf>,
+        /// File with the controller's secret for bidirectional authentication (mode 0600).
+        #[arg(long, value_name = "FILE", requires = "dhchap_secret_file")]
+        dhchap_ctrl_secret_file: Option<PathBuf>,
+        /// Let the node make the host's secret (like `nvme gen-dhchap-key`) and print it once.
+        #[arg(long)]
+        generate_dhchap_secret: bool,
+        /// With --generate-dhchap-secret: make a controller secret too (bidirectional).
+        #[arg(long, requires = "generate_dhchap_secret")]
+        bidirectional: bool,
+        /// With --generate-dhchap-secret: the key transformation, as `nvme gen-dhchap-key --hmac`:
+        /// 0 none, 1 SHA-256, 2 SHA-384, 3 SHA-512.
+        #[arg(long, default_value_t = 0, requires = "generate_dhchap_secret",
+              value_parser = clap::value_parser!(u8).range(0..=3))]
+        hmac: u8,
+        /// With --generate-dhchap-secret: key length in bytes, 32, 48 or 64.
+        #[arg(long, default_value = "32", requires = "generate_dhchap_secret",
+              value_parser = ["32", "48", "64"])]
+        key_length: String,
+    },
+    /// Remove a host's DH-HMAC-CHAP secrets: it stays allowed and connects without authenticating
+    /// (unless the volume requires authentication: then it cannot connect). Connected hosts stay.
+    RemoveHostSecret {
+        /// Volume name.
+        name: String,
+        /// Host NQN.
+        host: String,
+    },
+    /// Require every host to authenticate (DH-HMAC-CHAP) to the volume (on), or only the hosts
+    /// that have a secret (off).
+    ///
+    /// With it on, a host without a secret cannot connect; hosts already connected stay unless
+    /// --disconnect. Give hosts secrets first (`volume allow-host … --dhchap-secret-file`).
+    #[command(after_help = "Example:\n  xatastor-target volume require-auth pg on --disconnect")]
+    RequireAuth {
+        /// Volume name.
+        name: String,
+        /// on or off.
+        #[arg(value_enum)]
+        state: OnOff,
+        /// Turning it on: also disconnect the hosts that have no secret now.
+        #[arg(long)]
+        disconnect: bool,
     },
     /// Stop an allowed host from connecting (an error for a host that is not allowed, or for a
     /// volume that lets any host connect: turn that off with `volume any-host NAME off`).
@@ -415,17 +507,24 @@ fn data_dir_or_default(d: Option<PathBuf>) -> PathBuf {
 
 fn volume_request(c: VolumeCmd) -> Result<Request, String> {
     Ok(match c {
-        VolumeCmd::Create { name, size, block_size, compression, allow_host, allow_any_host } => {
-            Request::VolumeCreate {
-                name,
-                size_bytes: size,
-                block_size,
-                compression,
-                allowed_hosts: allow_host,
-                allow_any_host,
-            }
-        }
-        VolumeCmd::CreateBatch { prefix, count, start, size, block_size, allow_host } => {
+        VolumeCmd::Create {
+            name,
+            size,
+            block_size,
+            compression,
+            allow_host,
+            allow_any_host,
+            require_auth,
+        } => Request::VolumeCreate {
+            name,
+            size_bytes: size,
+            block_size,
+            compression,
+            allowed_hosts: allow_host,
+            allow_any_host,
+            require_auth,
+        },
+        VolumeCmd::CreateBatch { prefix, count, start, size, block_size, allow_host, require_auth } => {
             Request::VolumeCreateBatch {
                 prefix,
                 start,
@@ -433,13 +532,14 @@ fn volume_request(c: VolumeCmd) -> Result<Request, String> {
                 size_bytes: size,
                 block_size,
                 allowed_hosts: allow_host,
+                require_auth,
             }
         }
         VolumeCmd::List { prefix, after, limit } => Request::VolumeList { prefix, after, limit },
         VolumeCmd::Show { name } => Request::VolumeShow { name },
         VolumeCmd::Resize { name, size, force } => Request::VolumeResize { name, size_bytes: size, force },
         VolumeCmd::Delete { name, force } => Request::VolumeDelete { name, force },
-        VolumeCmd::Clone { source, name, size, allow_host } => {
+        VolumeCmd::Clone { source, name, size, allow_host, require_auth } => {
             let (volume, snapshot) = split_snapshot(&source)?;
             if size == Some(0) {
                 return Err(
@@ -452,15 +552,84 @@ fn volume_request(c: VolumeCmd) -> Result<Request, String> {
                 name,
                 size_bytes: size.unwrap_or(0),
                 allowed_hosts: allow_host,
+                require_auth,
             }
         }
-        VolumeCmd::AllowHost { name, host } => Request::VolumeAllowHost { name, host },
+        VolumeCmd::AllowHost {
+            name,
+            host,
+            dhchap_secret_file,
+            dhchap_ctrl_secret_file,
+            generate_dhchap_secret,
+            bidirectional,
+            hmac,
+            key_length,
+        } => {
+            if generate_dhchap_secret {
+                Request::VolumeGenerateHostSecret {
+                    name,
+                    host,
+                    hmac,
+                    key_length_bytes: key_length.parse().map_err(|_| format!("--key-length {key_length}"))?,
+                    bidirectional,
+                }
+            } else {
+                Request::VolumeAllowHost {
+                    name,
+                    host,
+                    dhchap_secret: dhchap_secret_file.as_deref().map(read_secret_file).transpose()?,
+                    dhchap_ctrl_secret: dhchap_ctrl_secret_file
+                        .as_deref()
+                        .map(read_secret_file)
+                        .transpose()?,
+                }
+            }
+        }
+        VolumeCmd::RemoveHostSecret { name, host } => Request::VolumeRemoveHostSecret { name, host },
+        VolumeCmd::RequireAuth { name, state, disconnect } => {
+            Request::VolumeSetRequireAuth { name, require_auth: state == OnOff::On, disconnect }
+        }
         VolumeCmd::DenyHost { name, host, disconnect } => Request::VolumeDenyHost { name, host, disconnect },
         VolumeCmd::AnyHost { name, state, disconnect } => {
             Request::VolumeSetAnyHost { name, allow_any_host: state == OnOff::On, disconnect }
         }
         VolumeCmd::Adopt => Request::Adopt,
     })
+}
+
+/// Reads a DH-HMAC-CHAP secret file: one DHHC-1 line (blank lines and `#` comments are skipped).
+/// Like ssh with a private key, a file that others may read or write is refused. Messages name the
+/// file, never its contents.
+fn read_secret_file(path: &Path) -> Result<SecretText, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let mut file = std::fs::File::open(path).map_err(|e| format!("secret file {shown}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("secret file {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("secret file {shown} is not a regular file"));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "secret file {shown} has mode {mode:04o}: it is accessible by others; a secret file must be \
+             readable by its owner only (chmod 600 {shown})"
+        ));
+    }
+    let mut text = zeroize::Zeroizing::new(String::new());
+    (&mut file)
+        .take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("secret file {shown}: {e}"))?;
+    if text.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(format!("secret file {shown} is larger than {MAX_SECRET_FILE_BYTES} bytes"));
+    }
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let (Some(line), None) = (lines.next(), lines.next()) else {
+        return Err(format!("secret file {shown}: expected one DHHC-1 line (as nvme gen-dhchap-key prints)"));
+    };
+    nvmeof_target::auth::DhchapSecret::parse(line).map_err(|e| format!("secret file {shown}: {e}"))?;
+    Ok(SecretText::new(line))
 }
 
 fn snapshot_request(c: SnapshotCmd) -> Result<Request, String> {
@@ -495,6 +664,13 @@ fn client(data_dir: Option<PathBuf>, json: bool, req: Result<Request, String>) -
         human(&req, &result)
     };
     emit(&text)?;
+    if let Request::VolumeGenerateHostSecret { .. } = &req {
+        eprintln!(
+            "xatastor-target: these secrets are shown only now: store them where only the host's \
+             administrator can read them (a file of mode 0600), and give them to nvme connect \
+             --dhchap-secret (and --dhchap-ctrl-secret)"
+        );
+    }
     if let Request::VolumeList { limit, .. } = &req {
         let shown = result.as_array().map_or(0, Vec::len);
         if *limit > 0 && shown >= *limit {
@@ -553,6 +729,25 @@ fn volume_text(v: &Value) -> String {
         (false, false) => hosts.join(", "),
     };
     let _ = writeln!(o, "hosts      {hosts}");
+    let auth = if v["require_auth"].as_bool() == Some(true) {
+        "required (DH-HMAC-CHAP: a host without a secret cannot connect)"
+    } else {
+        "not required (hosts with a secret must authenticate)"
+    };
+    let _ = writeln!(o, "auth       {auth}");
+    let secrets: Vec<String> = match v["auth_hosts"].as_array() {
+        Some(a) => a
+            .iter()
+            .map(|h| {
+                let bidi = if h["bidirectional"].as_bool() == Some(true) { " (bidirectional)" } else { "" };
+                format!("{}{bidi}", s(&h["host"]))
+            })
+            .collect(),
+        None => v["dhchap_hosts"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default(),
+    };
+    if !secrets.is_empty() {
+        let _ = writeln!(o, "secrets    {} (never shown)", secrets.join(", "));
+    }
     if let Some(used) = v["used_bytes"].as_u64() {
         let _ = writeln!(
             o,
@@ -571,7 +766,16 @@ fn volume_text(v: &Value) -> String {
     if let Some(snaps) = v["snapshots"].as_array().filter(|a| !a.is_empty()) {
         let _ = writeln!(o, "snapshots  {}", snaps.iter().map(s).collect::<Vec<_>>().join(", "));
     }
-    let _ = writeln!(o, "connect    {}", s(&v["connect"]));
+    match v["connect_lines"].as_array().filter(|a| !a.is_empty()) {
+        Some(lines) => {
+            for (i, l) in lines.iter().enumerate() {
+                let _ = writeln!(o, "{}{}", if i == 0 { "connect    " } else { "           " }, s(l));
+            }
+        }
+        None => {
+            let _ = writeln!(o, "connect    {}", s(&v["connect"]));
+        }
+    }
     o
 }
 
@@ -613,6 +817,14 @@ fn human(req: &Request, r: &Value) -> String {
         }
         Request::VolumeCreateBatch { .. } => {
             let _ = writeln!(o, "created {} volume(s)", s(&r["created"]));
+        }
+        Request::VolumeGenerateHostSecret { .. } => {
+            let _ = writeln!(o, "host               {}", s(&r["host"]));
+            let _ = writeln!(o, "dhchap-secret      {}", s(&r["dhchap_secret"]));
+            if !r["dhchap_ctrl_secret"].is_null() {
+                let _ = writeln!(o, "dhchap-ctrl-secret {}", s(&r["dhchap_ctrl_secret"]));
+            }
+            let _ = writeln!(o, "connect            {}", s(&r["connect"]));
         }
         Request::Adopt => {
             let names: Vec<String> =

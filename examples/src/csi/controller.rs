@@ -412,6 +412,7 @@ impl pb::controller_server::Controller for Controller {
                     compression: p.compression.clone(),
                     allowed_hosts: Vec::new(),
                     allow_any_host: false,
+                    ..Default::default()
                 };
                 let v = node.client().create_volume(req).await.map_err(|s| node.err(&s))?.into_inner();
                 (VolumeId { node: node.name.clone(), volume: name.clone() }, v)
@@ -436,6 +437,7 @@ impl pb::controller_server::Controller for Controller {
                     name: name.clone(),
                     size_bytes: size,
                     allowed_hosts: Vec::new(),
+                    ..Default::default()
                 };
                 let v = node.client().clone_volume(req).await.map_err(|s| node.err(&s))?.into_inner();
                 (VolumeId { node: node.name.clone(), volume: name.clone() }, v)
@@ -549,7 +551,11 @@ impl pb::controller_server::Controller for Controller {
                 v.allowed_hosts.join(", ")
             )));
         }
-        let req = admin::AllowHostRequest { name: id.volume.clone(), host: r.node_id.clone() };
+        let req = admin::AllowHostRequest {
+            name: id.volume.clone(),
+            host: r.node_id.clone(),
+            ..Default::default()
+        };
         let v = node.client().allow_host(req).await.map_err(|s| node.err(&s))?.into_inner();
         let st = node
             .client()

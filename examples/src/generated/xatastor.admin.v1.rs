@@ -35,9 +35,25 @@ pub struct Volume {
     pub state: ::prost::alloc::string::String,
     #[prost(uint64, tag = "14")]
     pub created_unix_s: u64,
-    /// The nvme connect line (the node's advertised address).
+    /// The nvme connect line (the node's advertised address), with <host secret> placeholders where
+    /// a DH-HMAC-CHAP secret goes.
     #[prost(string, tag = "15")]
     pub connect: ::prost::alloc::string::String,
+    /// Every host must authenticate (DH-HMAC-CHAP).
+    #[prost(bool, tag = "16")]
+    pub require_auth: bool,
+    /// Hosts with a DH-HMAC-CHAP secret for this volume (never the secrets).
+    #[prost(string, repeated, tag = "17")]
+    pub dhchap_hosts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// A host with a DH-HMAC-CHAP secret for a volume (never the secret).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HostAuth {
+    #[prost(string, tag = "1")]
+    pub host: ::prost::alloc::string::String,
+    /// A controller secret is set too (bidirectional authentication).
+    #[prost(bool, tag = "2")]
+    pub bidirectional: bool,
 }
 /// A volume with what is known about it right now.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -66,6 +82,13 @@ pub struct VolumeDetail {
     pub free_bytes: ::core::option::Option<u64>,
     #[prost(double, optional, tag = "10")]
     pub pool_share: ::core::option::Option<f64>,
+    /// Hosts with a DH-HMAC-CHAP secret.
+    #[prost(message, repeated, tag = "11")]
+    pub auth_hosts: ::prost::alloc::vec::Vec<HostAuth>,
+    /// The nvme connect line of each allowed host, with <host secret> / <controller secret>
+    /// placeholders where that host needs them.
+    #[prost(string, repeated, tag = "12")]
+    pub connect_lines: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// A snapshot.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -137,6 +160,9 @@ pub struct CreateVolumeRequest {
     pub allowed_hosts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(bool, tag = "6")]
     pub allow_any_host: bool,
+    /// Every host must authenticate (DH-HMAC-CHAP) from the start.
+    #[prost(bool, tag = "7")]
+    pub require_auth: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CreateVolumeBatchRequest {
@@ -153,6 +179,9 @@ pub struct CreateVolumeBatchRequest {
     pub block_size: u32,
     #[prost(string, repeated, tag = "6")]
     pub allowed_hosts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Every host must authenticate (DH-HMAC-CHAP) to each from the start.
+    #[prost(bool, tag = "7")]
+    pub require_auth: bool,
 }
 #[derive(Clone, Copy, PartialEq, ::prost::Message)]
 pub struct CreateVolumeBatchResponse {
@@ -213,13 +242,73 @@ pub struct CloneVolumeRequest {
     pub size_bytes: u64,
     #[prost(string, repeated, tag = "5")]
     pub allowed_hosts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Every host must authenticate (DH-HMAC-CHAP); a clone requires it anyway when its origin does.
+    #[prost(bool, tag = "6")]
+    pub require_auth: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
+#[prost(skip_debug)]
 pub struct AllowHostRequest {
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub host: ::prost::alloc::string::String,
+    /// The host's DH-HMAC-CHAP secret, DHHC-1 (as nvme gen-dhchap-key prints it).
+    #[prost(string, optional, tag = "3")]
+    pub dhchap_secret: ::core::option::Option<::prost::alloc::string::String>,
+    /// The controller's secret for bidirectional authentication (needs dhchap_secret).
+    #[prost(string, optional, tag = "4")]
+    pub dhchap_ctrl_secret: ::core::option::Option<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GenerateHostSecretRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub host: ::prost::alloc::string::String,
+    /// Key transformation as nvme gen-dhchap-key --hmac: 0 none, 1 SHA-256, 2 SHA-384, 3 SHA-512.
+    #[prost(uint32, tag = "3")]
+    pub hmac: u32,
+    /// 32, 48 or 64; 0 means 32.
+    #[prost(uint32, tag = "4")]
+    pub key_length_bytes: u32,
+    /// Make a controller secret too.
+    #[prost(bool, tag = "5")]
+    pub bidirectional: bool,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct GenerateHostSecretResponse {
+    #[prost(string, tag = "1")]
+    pub host: ::prost::alloc::string::String,
+    /// The host's secret (nvme connect --dhchap-secret).
+    #[prost(string, tag = "2")]
+    pub dhchap_secret: ::prost::alloc::string::String,
+    /// The controller's secret (--dhchap-ctrl-secret), if bidirectional.
+    #[prost(string, optional, tag = "3")]
+    pub dhchap_ctrl_secret: ::core::option::Option<::prost::alloc::string::String>,
+    #[prost(message, optional, tag = "4")]
+    pub volume: ::core::option::Option<Volume>,
+    /// The nvme connect line of this host, with placeholders where the secrets go.
+    #[prost(string, tag = "5")]
+    pub connect: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RemoveHostSecretRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub host: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SetRequireAuthRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub require_auth: bool,
+    /// Turning it on: also disconnect the hosts that have no secret now.
+    #[prost(bool, tag = "3")]
+    pub disconnect: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DenyHostRequest {
@@ -536,7 +625,8 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("xatastor.admin.v1.Admin", "CloneVolume"));
             self.inner.unary(req, path, codec).await
         }
-        /// Lets a host connect.
+        /// Lets a host connect; with dhchap_secret it must authenticate (DH-HMAC-CHAP). Calling it again
+        /// with new secrets rotates them: connected controllers stay, the next authentication uses them.
         pub async fn allow_host(
             &mut self,
             request: impl tonic::IntoRequest<super::AllowHostRequest>,
@@ -556,6 +646,79 @@ pub mod admin_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("xatastor.admin.v1.Admin", "AllowHost"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Lets a host connect with secrets the node makes (like nvme gen-dhchap-key); the response
+        /// carries them, the only time the node hands them out.
+        pub async fn generate_host_secret(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GenerateHostSecretRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GenerateHostSecretResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/xatastor.admin.v1.Admin/GenerateHostSecret",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("xatastor.admin.v1.Admin", "GenerateHostSecret"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Removes a host's secrets (it stays allowed; it connects without authenticating unless the
+        /// volume requires authentication).
+        pub async fn remove_host_secret(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RemoveHostSecretRequest>,
+        ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/xatastor.admin.v1.Admin/RemoveHostSecret",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("xatastor.admin.v1.Admin", "RemoveHostSecret"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Requires every host to authenticate, or not.
+        pub async fn set_require_auth(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetRequireAuthRequest>,
+        ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic::codec::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/xatastor.admin.v1.Admin/SetRequireAuth",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("xatastor.admin.v1.Admin", "SetRequireAuth"));
             self.inner.unary(req, path, codec).await
         }
         /// Stops an allowed host from connecting.
@@ -796,10 +959,31 @@ pub mod admin_server {
             &self,
             request: tonic::Request<super::CloneVolumeRequest>,
         ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status>;
-        /// Lets a host connect.
+        /// Lets a host connect; with dhchap_secret it must authenticate (DH-HMAC-CHAP). Calling it again
+        /// with new secrets rotates them: connected controllers stay, the next authentication uses them.
         async fn allow_host(
             &self,
             request: tonic::Request<super::AllowHostRequest>,
+        ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status>;
+        /// Lets a host connect with secrets the node makes (like nvme gen-dhchap-key); the response
+        /// carries them, the only time the node hands them out.
+        async fn generate_host_secret(
+            &self,
+            request: tonic::Request<super::GenerateHostSecretRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GenerateHostSecretResponse>,
+            tonic::Status,
+        >;
+        /// Removes a host's secrets (it stays allowed; it connects without authenticating unless the
+        /// volume requires authentication).
+        async fn remove_host_secret(
+            &self,
+            request: tonic::Request<super::RemoveHostSecretRequest>,
+        ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status>;
+        /// Requires every host to authenticate, or not.
+        async fn set_require_auth(
+            &self,
+            request: tonic::Request<super::SetRequireAuthRequest>,
         ) -> std::result::Result<tonic::Response<super::Volume>, tonic::Status>;
         /// Stops an allowed host from connecting.
         async fn deny_host(
@@ -1258,6 +1442,141 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = AllowHostSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/xatastor.admin.v1.Admin/GenerateHostSecret" => {
+                    #[allow(non_camel_case_types)]
+                    struct GenerateHostSecretSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::GenerateHostSecretRequest>
+                    for GenerateHostSecretSvc<T> {
+                        type Response = super::GenerateHostSecretResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GenerateHostSecretRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::generate_host_secret(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GenerateHostSecretSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/xatastor.admin.v1.Admin/RemoveHostSecret" => {
+                    #[allow(non_camel_case_types)]
+                    struct RemoveHostSecretSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::RemoveHostSecretRequest>
+                    for RemoveHostSecretSvc<T> {
+                        type Response = super::Volume;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RemoveHostSecretRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::remove_host_secret(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RemoveHostSecretSvc(inner);
+                        let codec = tonic::codec::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/xatastor.admin.v1.Admin/SetRequireAuth" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetRequireAuthSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::SetRequireAuthRequest>
+                    for SetRequireAuthSvc<T> {
+                        type Response = super::Volume;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetRequireAuthRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::set_require_auth(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetRequireAuthSvc(inner);
                         let codec = tonic::codec::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
