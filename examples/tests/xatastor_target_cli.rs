@@ -479,3 +479,38 @@ fn file_backend_without_reflink_warns_at_start() {
     assert!(e.contains("reflink") && e.contains("ext2/ext3/ext4"), "{e}");
     stop(served);
 }
+
+/// Started with a soft open-file limit of 1024 (systemd's default for services), the node takes
+/// the hard limit and says so: each connection is a file descriptor.
+#[test]
+fn a_low_open_file_limit_is_raised_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(1 << 20);
+    assert!(hard > 1024, "this test needs a hard open-file limit above 1024, not {hard}");
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile=1024:{hard}"))
+        .arg(BIN)
+        .args(["--data-dir", &dir.path().display().to_string()])
+        .args(["--backend", "memory", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let (mut log, mut line) = (String::new(), String::new());
+    while err.read_line(&mut line).unwrap() > 0 {
+        log.push_str(&line);
+        if line.trim().starts_with("nvme connect") {
+            break;
+        }
+        line.clear();
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(
+        log.contains("raised the open-file limit")
+            && log.contains("from=1024")
+            && log.contains(&format!("to={hard}")),
+        "{log}"
+    );
+}

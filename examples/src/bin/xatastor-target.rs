@@ -1014,6 +1014,17 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         return Err("--admin-token-file and --admin-tls-* are for --admin-listen, which is off".into());
     }
     init_logging(&log)?;
+    // Every connection is a file descriptor: take the hard limit (services often start with a soft
+    // limit of 1024, which would cap the node at about a thousand connections).
+    match xatastor_core::raise_open_file_limit() {
+        Ok((old, new)) if new > old => tracing::info!(from = old, to = new, "raised the open-file limit"),
+        Ok((limit, _)) if limit < 65_536 => tracing::warn!(
+            limit,
+            "the open-file limit is low (each connection takes one): raise it, e.g. LimitNOFILE= in the systemd unit"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let signals =
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
             .map_err(|e| format!("installing the signal handlers: {e}"))?;
