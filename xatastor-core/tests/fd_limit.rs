@@ -49,31 +49,26 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn out_of_file_descriptors_pauses_accepting_then_recovers() {
+    // The clients' sockets exist before the limit is lowered (connecting needs no new descriptor).
+    let clients: Vec<socket2::Socket> = (0..60)
+        .map(|_| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap())
+        .collect();
+    // The limit is lowered before the server starts: io_uring takes the limit an accept obeys
+    // when the accept is armed.
+    let saved = getrlimit(Resource::Nofile);
+    setrlimit(Resource::Nofile, Rlimit { current: Some(highest_fd() + 64), maximum: saved.maximum }).unwrap();
     let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     config.workers = 1;
     config.recv_buffers = 16;
     config.recv_buffer_bytes = 4096;
     let server = Server::start(Target::new(TargetConfig::default()), config).unwrap();
     let addr: SocketAddr = server.local_addr();
-
-    // The clients' sockets exist before the limit is lowered (connecting needs no new descriptor).
-    let clients: Vec<socket2::Socket> = (0..60)
-        .map(|_| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap())
-        .collect();
-    // Descriptors are handed out lowest first: fill the gaps below the highest open one, then
-    // leave room for 20 accepted connections above it.
-    let highest = highest_fd();
+    // Every descriptor left is taken, then 20 are given back: room for 20 connections.
     let mut fillers = Vec::new();
-    loop {
-        let f = std::fs::File::open("/dev/null").unwrap();
-        let fd = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&f)).unwrap();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
         fillers.push(f);
-        if fd >= highest {
-            break;
-        }
     }
-    let saved = getrlimit(Resource::Nofile);
-    setrlimit(Resource::Nofile, Rlimit { current: Some(highest_fd() + 21), maximum: saved.maximum }).unwrap();
+    fillers.truncate(fillers.len().saturating_sub(20));
 
     let mut streams: Vec<TcpStream> = clients
         .into_iter()

@@ -298,7 +298,8 @@ fn check_port_free(addr: SocketAddr) -> io::Result<()> {
 /// Every connection is a file descriptor; services often start with a soft limit of 1024
 /// (systemd's default for units), which caps a node at about a thousand connections although
 /// the hard limit (524288 under systemd) allows far more. A server meant to hold many connections
-/// calls this once at start (`xatastor-target serve` does); it never lowers a limit.
+/// calls this once at start (`xatastor-target serve` does), before [`Server::start`]: an io_uring
+/// accept obeys the limit of the moment it was armed. It never lowers a limit.
 ///
 /// # Errors
 /// The limit could not be read or set.
