@@ -3,6 +3,8 @@
 //!
 //! Its own test binary: it lowers the process's open-file limit.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -37,16 +39,6 @@ fn highest_fd() -> u64 {
         .unwrap()
 }
 
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("never happened: {what}");
-}
-
 #[test]
 fn out_of_file_descriptors_pauses_accepting_then_recovers() {
     // The clients' sockets exist before the limit is lowered (connecting needs no new descriptor).
@@ -77,7 +69,9 @@ fn out_of_file_descriptors_pauses_accepting_then_recovers() {
             s.into()
         })
         .collect();
-    eventually("accepts fail for lack of descriptors", || server.worker_stats()[0].accept_failures > 0);
+    common::eventually("accepts fail for lack of descriptors", || {
+        server.worker_stats()[0].accept_failures > 0
+    });
     let accepted = server.worker_stats()[0].connections;
     assert!(
         (1..=20).contains(&accepted),
@@ -91,7 +85,7 @@ fn out_of_file_descriptors_pauses_accepting_then_recovers() {
     setrlimit(Resource::Nofile, saved).unwrap();
     let ok = streams.iter_mut().map(handshake).filter(|&ok| ok).count();
     assert_eq!(ok, 60, "every connection is served once descriptors are available");
-    eventually("all connections accepted", || server.worker_stats()[0].connections == 60);
+    common::eventually("all connections accepted", || server.worker_stats()[0].connections == 60);
     drop(streams);
     drop(fillers);
     server.shutdown().unwrap();

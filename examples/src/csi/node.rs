@@ -335,6 +335,22 @@ fn require(s: &str, what: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// A controller of `nqn` is connected but shows no namespace: waits [`STALE_CONTROLLER_WAIT`] for
+/// it (a retried stage whose connect is still coming up), then disconnects it as one left behind
+/// after a detach. True when it was disconnected.
+fn drop_stale_controller(config: &NodeConfig, volume_id: &str, nqn: &str) -> Result<bool, Status> {
+    let start = Instant::now();
+    while device_of(config, nqn).is_none() && start.elapsed() < STALE_CONTROLLER_WAIT {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if device_of(config, nqn).is_some() {
+        return Ok(false);
+    }
+    tracing::info!(volume = volume_id, %nqn, "a controller of the volume shows no namespace: disconnecting it to connect again");
+    run(config, "nvme", &["disconnect", "-n", nqn])?;
+    Ok(true)
+}
+
 fn stage(
     config: &NodeConfig,
     volume_id: &str,
@@ -359,18 +375,8 @@ fn stage(
     // Connect unless a controller for the subsystem is there (a retried stage). A controller
     // that shows no namespace for a while is one left connected to a volume it no longer sees
     // (the volume was detached from this host and published again): start over with it.
-    let mut connect = device_of(config, nqn).is_none() && controllers_of(config, nqn).is_empty();
-    if device_of(config, nqn).is_none() && !connect {
-        let start = Instant::now();
-        while device_of(config, nqn).is_none() && start.elapsed() < STALE_CONTROLLER_WAIT {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if device_of(config, nqn).is_none() {
-            tracing::info!(volume = volume_id, %nqn, "a controller of the volume shows no namespace: disconnecting it to connect again");
-            run(config, "nvme", &["disconnect", "-n", nqn])?;
-            connect = true;
-        }
-    }
+    let connect = device_of(config, nqn).is_none()
+        && (controllers_of(config, nqn).is_empty() || drop_stale_controller(config, volume_id, nqn)?);
     if connect {
         let get = |k: &str| settings.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v).to_string();
         let args = [
@@ -490,6 +496,11 @@ fn unstage(config: &NodeConfig, volume_id: &str, staging: &Path) -> Result<(), S
     Ok(())
 }
 
+/// The subsystem of a volume being published: from the publish context, else from the stage record.
+fn published_nqn(config: &NodeConfig, volume_id: &str, r: &pb::NodePublishVolumeRequest) -> Option<String> {
+    r.publish_context.get(CTX_NQN).cloned().or_else(|| read_state(config, volume_id).map(|s| s.nqn))
+}
+
 fn publish(
     config: &NodeConfig,
     volume_id: &str,
@@ -502,12 +513,7 @@ fn publish(
         // says for a target path published with an incompatible source or read-only flag.
         let same_source = match access {
             Access::Block => {
-                let nqn = r
-                    .publish_context
-                    .get(CTX_NQN)
-                    .cloned()
-                    .or_else(|| read_state(config, volume_id).map(|s| s.nqn));
-                let want = nqn.and_then(|n| device_of(config, &n));
+                let want = published_nqn(config, volume_id, r).and_then(|n| device_of(config, &n));
                 want.is_some() && block_device_at(config, &target) == want
             }
             Access::Mount { .. } => {
@@ -530,11 +536,7 @@ fn publish(
     }
     let source = match access {
         Access::Block => {
-            let nqn = r
-                .publish_context
-                .get(CTX_NQN)
-                .cloned()
-                .or_else(|| read_state(config, volume_id).map(|s| s.nqn))
+            let nqn = published_nqn(config, volume_id, r)
                 .ok_or_else(|| Status::failed_precondition(format!("volume {volume_id} is not staged")))?;
             let dev = device_of(config, &nqn).ok_or_else(|| {
                 Status::failed_precondition(format!("volume {volume_id} has no block device (not staged?)"))
