@@ -438,3 +438,40 @@ fn help_describes_every_option() {
     }
     assert!(help.contains("allow-host"), "says how a target allows the host NQN:\n{help}");
 }
+
+#[test]
+fn write_zeroes_workload_zeroes_in_commands_larger_than_a_transfer() {
+    let backend = Arc::new(MemoryBackend::new(64 << 20, 512));
+    let t = serve(TargetConfig::default(), backend.clone(), HostAccess::AllowAny);
+    let o = perf(
+        t.addr,
+        &["--workload", "write", "--bs-bytes", "131072", "--time-secs", "0.3", "--warmup-secs", "0"],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(backend.allocated_bytes() > 0, "the writes landed");
+    // 8 MiB per command: more than the target's 512 KiB maximum transfer, fine for Write Zeroes.
+    let o = perf(
+        t.addr,
+        &[
+            "--workload",
+            "writezeroes",
+            "--bs-bytes",
+            "8388608",
+            "--qd",
+            "1",
+            "--time-secs",
+            "1",
+            "--warmup-secs",
+            "0",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let j = json(&o);
+    assert_eq!(j["errors"], 0);
+    assert!(j["iops"].as_f64().unwrap() > 0.0);
+    assert_eq!(backend.allocated_bytes(), 0, "8 sequential commands of 8 MiB zeroed all 64 MiB");
+    let o =
+        perf(t.addr, &["--workload", "writezeroes", "--verify", "--time-secs", "0.2", "--warmup-secs", "0"]);
+    assert!(one_line_failure(&o).contains("--verify"));
+}

@@ -428,3 +428,84 @@ fn connections_per_peer_are_limited() {
     drop(again);
     srv.shutdown().unwrap();
 }
+
+/// A file volume whose device refuses `fallocate` (the ring cannot zero it) and whose own zeroing is
+/// slow: each Write Zeroes waits at a gate (at most 60 s) before zeroing, like a zero-writing loop over
+/// a large range or a zvol's `BLKDISCARD`. Reads and writes run on the ring.
+#[derive(Debug)]
+struct SlowZeroing {
+    file: FileBackend,
+    gate: Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
+    zeroed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl BlockBackend for SlowZeroing {
+    fn size_bytes(&self) -> u64 {
+        self.file.size_bytes()
+    }
+    fn info(&self) -> BackendInfo {
+        self.file.info()
+    }
+    fn submit(&self, op: IoOp, completer: Completer) -> Submitted {
+        if matches!(op, IoOp::WriteZeroes { .. }) {
+            let (open, cv) = &*self.gate;
+            let mut open = open.lock();
+            if !*open {
+                let _ = cv.wait_for(&mut open, Duration::from_secs(60));
+            }
+        }
+        let result = self.file.submit(op, completer);
+        self.zeroed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        result
+    }
+    fn raw_device(&self) -> Option<RawDevice<'_>> {
+        // Declares no fallocate mode: Write Zeroes cannot go on the ring.
+        self.file.raw_device().map(|d| d.punch_hole(false).zero_range(false))
+    }
+}
+
+/// A request the ring cannot run (here: Write Zeroes on a device without `fallocate`, whose zeroing
+/// takes long) runs on the blocking pool: the worker keeps serving another connection's reads and
+/// writes while it is in progress, and the request completes afterwards with its data zeroed.
+#[test]
+fn a_slow_backend_operation_does_not_block_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("slow.img");
+    std::fs::File::create(&path).unwrap().set_len(8 << 20).unwrap();
+    let gate = Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
+    let zeroed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = SlowZeroing {
+        file: FileBackend::open(&path, 512).unwrap(),
+        gate: gate.clone(),
+        zeroed: zeroed.clone(),
+    };
+    let target = target_with(Arc::new(backend));
+    let srv = server(&target, 1, |_| {});
+    let (_adm, cntlid) = admin(srv.local_addr(), 0);
+    let mut slow = io_queue(srv.local_addr(), 1, cntlid);
+    let mut other = io_queue(srv.local_addr(), 2, cntlid);
+    let data = pattern(64 * 1024, 7);
+    assert_eq!(write(&mut slow, 0, &data), Status::SUCCESS);
+    // Write Zeroes over the first 32 KiB: held at the gate.
+    let wz = slow.submit(rw(0x08, 0, 64), None, 0).unwrap();
+    // The other connection on the same worker is served meanwhile (reads and writes on the ring).
+    for i in 0..16u64 {
+        let d = pattern(4096, i as u8);
+        assert_eq!(write(&mut other, 1024 + i * 8, &d), Status::SUCCESS);
+        assert_eq!(read(&mut other, 1024 + i * 8, 4096), d);
+    }
+    assert_eq!(
+        zeroed.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the other connection was served while the Write Zeroes was still held"
+    );
+    *gate.0.lock() = true;
+    gate.1.notify_all();
+    let c = slow.next_completion().unwrap();
+    assert_eq!((c.cqe.cid.get(), c.status()), (wz, Status::SUCCESS));
+    assert_eq!(zeroed.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(read(&mut slow, 0, 32 * 1024).iter().all(|&b| b == 0));
+    assert_eq!(read(&mut slow, 64, 32 * 1024), data[32 * 1024..]);
+    drop((slow, other));
+    srv.shutdown().unwrap();
+}

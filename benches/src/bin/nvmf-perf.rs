@@ -86,6 +86,9 @@ enum Workload {
     Randwrite,
     /// Random reads and writes, --rwmix-read-percent of them reads.
     Randrw,
+    /// Sequential Write Zeroes of --bs-bytes each (no data moves, so --bs may exceed the target's
+    /// maximum transfer: up to 65536 blocks per command); not with --verify.
+    Writezeroes,
 }
 
 /// NVMe/TCP load generator: N queues with Q commands outstanding each, reporting IOPS, MiB/s and
@@ -535,12 +538,12 @@ impl Workgen<'_> {
         let args = self.args;
         let read = match args.workload {
             Workload::Read | Workload::Randread => true,
-            Workload::Write | Workload::Randwrite => false,
+            Workload::Write | Workload::Randwrite | Workload::Writezeroes => false,
             Workload::Randrw => self.rng.u32(0..100) < args.rwmix_read_percent,
         };
         let block = loop {
             let b = match args.workload {
-                Workload::Read | Workload::Write => {
+                Workload::Read | Workload::Write | Workload::Writezeroes => {
                     self.seq = (self.seq + 1) % self.job.blocks;
                     self.seq
                 }
@@ -558,7 +561,10 @@ impl Workgen<'_> {
         RwCommand::new(self.slba(block), self.job.lba_per_io as u32).apply(&mut sqe);
         let abs = self.job.first_block + block;
         let slot = usize::try_from(block).ok().and_then(|b| self.generation.get_mut(b));
-        let (cid, generation) = if read {
+        let (cid, generation) = if args.workload == Workload::Writezeroes {
+            sqe.opcode = 0x08;
+            (c.queue.submit(sqe, None, 0), 0)
+        } else if read {
             let g = slot.map_or(0, |g| *g);
             let g = if g & GENERATION_UNKNOWN != 0 { 0 } else { g };
             (c.queue.submit(sqe, None, args.bs), g)
@@ -719,6 +725,9 @@ fn call_off(shared: &Shared, go: Vec<Sender<()>>, handles: Vec<JoinHandle<()>>, 
 }
 
 fn run(args: &Args) -> Result<bool, String> {
+    if args.verify && args.workload == Workload::Writezeroes {
+        return Err("--verify checks reads against writes: it does not go with --workload writezeroes".into());
+    }
     let digests = if args.digests { Digests::BOTH } else { Digests::NONE };
     let opts = HostOptions { digests, ..HostOptions::default() };
     let s = setup(args, opts)?;
@@ -728,7 +737,7 @@ fn run(args: &Args) -> Result<bool, String> {
             args.bs, s.block_size
         ));
     }
-    if u64::from(args.bs) > s.mdts_bytes {
+    if u64::from(args.bs) > s.mdts_bytes && args.workload != Workload::Writezeroes {
         return Err(format!("--bs {} exceeds the target's maximum transfer {}", args.bs, s.mdts_bytes));
     }
     let lba_per_io = u64::from(args.bs / s.block_size);

@@ -149,6 +149,10 @@ struct ServeArgs {
     /// 0: never poll) [default: 50].
     #[arg(long)]
     poll_window_us: Option<u64>,
+    /// Threads that run the volume operations a worker must not wait for (zeroing a range on a file
+    /// system without fallocate, a zvol's discard, misaligned O_DIRECT requests) [default: 4].
+    #[arg(long)]
+    blocking_threads: Option<usize>,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter) [default: info].
     #[arg(long)]
     log: Option<String>,
@@ -186,6 +190,7 @@ struct FileConfig {
     idle_unload_secs: Option<u64>,
     max_connections_per_peer: Option<usize>,
     poll_window_us: Option<u64>,
+    blocking_threads: Option<usize>,
     log: Option<String>,
     admin_listen: Option<String>,
     admin_token_file: Option<PathBuf>,
@@ -440,6 +445,7 @@ impl ServeArgs {
             idle_unload_secs,
             max_connections_per_peer,
             poll_window_us,
+            blocking_threads,
             log,
             admin_listen,
             admin_token_file,
@@ -458,6 +464,7 @@ impl ServeArgs {
             || idle_unload_secs.is_some()
             || max_connections_per_peer.is_some()
             || poll_window_us.is_some()
+            || blocking_threads.is_some()
             || log.is_some()
             || admin_listen.is_some()
             || admin_token_file.is_some()
@@ -984,6 +991,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let idle = Duration::from_secs(args.idle_unload_secs.or(file.idle_unload_secs).unwrap_or(30));
     let per_peer = args.max_connections_per_peer.or(file.max_connections_per_peer).unwrap_or(16384);
     let poll_window = Duration::from_micros(args.poll_window_us.or(file.poll_window_us).unwrap_or(50));
+    let blocking_threads = args.blocking_threads.or(file.blocking_threads).unwrap_or(4).max(1);
     let ratio = args.overcommit_ratio.or(file.overcommit_ratio.map(|v| match v {
         toml::Value::String(s) => s,
         other => other.to_string(),
@@ -1055,6 +1063,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     config.workers = workers;
     config.max_connections_per_peer = per_peer;
     config.poll_window = poll_window;
+    config.blocking_threads = blocking_threads;
     let server = Arc::new(Server::start(target, config).map_err(|e| format!("listening on {listen}: {e}"))?);
     let addr = server.local_addr();
     let advertise = match args.advertise.or(file.advertise) {

@@ -23,8 +23,10 @@
 //!   write reaches the device with no copy in user space.
 //! - **Backend I/O.** File-descriptor backends ([`nvmeof_target::BlockBackend::raw_device`]) run on the
 //!   ring: reads, writes (FUA as `RWF_DSYNC`), flushes (`fdatasync`), write zeroes and deallocate
-//!   (`fallocate`, where the device declares the mode; otherwise the backend's own implementation).
-//!   Other backends are called through [`nvmeof_target::BlockBackend::submit`]; those that complete
+//!   (`fallocate`, where the device declares the mode). What the ring cannot do — zeroing on a device
+//!   that refuses `fallocate`, a zvol's `BLKDISCARD`, requests an `O_DIRECT` device cannot take as
+//!   they are — runs on the blocking pool ([`ServerConfig::blocking_threads`]) and completes through
+//!   the worker's mailbox: no request of one volume makes a worker wait. Other backends are called through [`nvmeof_target::BlockBackend::submit`]; those that complete
 //!   later do so from any thread through a completion queue and the worker's eventfd.
 //! - **Operations in flight** live in slabs keyed by the full 64-bit `user_data` of their ring
 //!   entries (kind, generation, slot), never freed before their last completion.
@@ -38,6 +40,7 @@
 //! - **Shutdown.** Stop accepting, close every connection once its responses are sent, wait for
 //!   backend I/O in flight, then flush every namespace's backend.
 
+mod blocking;
 mod bufring;
 mod conn;
 mod disk;
@@ -58,6 +61,7 @@ use io_uring::{opcode, IoUring, Probe};
 use nvmeof_target::{execute_blocking, CompletionSink, IoOp, IoResult, IoToken, Target};
 use parking_lot::Mutex;
 
+use blocking::BlockingPool;
 use worker::Worker;
 
 /// How to run the server.
@@ -91,12 +95,16 @@ pub struct ServerConfig {
     /// without a wake-up. Zero turns polling off. Idle workers and sparse traffic (keep-alives)
     /// never poll.
     pub poll_window: Duration,
+    /// Threads that run the backend requests the ring cannot (zeroing on devices without
+    /// `fallocate`, `BLKDISCARD`, misaligned `O_DIRECT` requests), shared by all workers, so that
+    /// those never block a worker (at least 1).
+    pub blocking_threads: usize,
 }
 
 impl ServerConfig {
     /// Defaults: one worker per core, 1024-entry rings, 65536 connections per worker, 16384 per peer
     /// address, 4 MiB of queued responses per connection, 256 receive buffers of 64 KiB per worker,
-    /// a 50 µs poll window.
+    /// a 50 µs poll window, 4 blocking-pool threads.
     #[must_use]
     pub fn new(listen: SocketAddr) -> Self {
         Self {
@@ -110,6 +118,7 @@ impl ServerConfig {
             recv_buffer_bytes: 64 * 1024,
             recv_buffers: 256,
             poll_window: Duration::from_micros(50),
+            blocking_threads: 4,
         }
     }
 }
@@ -122,6 +131,8 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     mailboxes: Vec<Arc<Mailbox>>,
     workers: Vec<JoinHandle<io::Result<()>>>,
+    blocking: BlockingPool,
+    blocking_threads: Vec<JoinHandle<()>>,
 }
 
 impl Server {
@@ -145,20 +156,38 @@ impl Server {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(HashMap::new()));
+        let (blocking, blocking_threads) = BlockingPool::start(config.blocking_threads)?;
         let mut mailboxes = Vec::new();
         let mut handles = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let mailbox = Arc::new(Mailbox::new()?);
             mailboxes.push(mailbox.clone());
-            let (target, config, stop, peers) = (target.clone(), config.clone(), stop.clone(), peers.clone());
-            let handle = std::thread::Builder::new().name(format!("xatastor-w{i}")).spawn(move || {
-                let mut w = Worker::new(target, config, listener, mailbox, stop, peers)?;
+            let (t, c, s, p) = (target.clone(), config.clone(), stop.clone(), peers.clone());
+            let pool = blocking.clone();
+            let spawned = std::thread::Builder::new().name(format!("xatastor-w{i}")).spawn(move || {
+                let mut w = Worker::new(t, c, listener, mailbox, s, p, pool)?;
                 w.run()
-            })?;
-            handles.push(handle);
+            });
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    // Stop what did start before reporting the error.
+                    let server = Server {
+                        local_addr: addr,
+                        target,
+                        stop,
+                        mailboxes,
+                        workers: handles,
+                        blocking,
+                        blocking_threads,
+                    };
+                    let _ = server.shutdown();
+                    return Err(e);
+                }
+            }
         }
         tracing::info!(%addr, workers, "NVMe/TCP server listening");
-        Ok(Server { local_addr: addr, target, stop, mailboxes, workers: handles })
+        Ok(Server { local_addr: addr, target, stop, mailboxes, workers: handles, blocking, blocking_threads })
     }
 
     /// Counters of each worker, in worker order.
@@ -201,6 +230,13 @@ impl Server {
             let r = w.join().map_err(|_| io::Error::other("a worker thread panicked")).and_then(|r| r);
             if first.is_ok() {
                 first = r;
+            }
+        }
+        // The workers waited for their requests on the pool; nothing is queued there any more.
+        self.blocking.close();
+        for t in self.blocking_threads {
+            if t.join().is_err() && first.is_ok() {
+                first = Err(io::Error::other("a blocking-pool thread panicked"));
             }
         }
         for nqn in self.target.subsystem_nqns() {

@@ -37,6 +37,7 @@ use nvmeof_target::{
 };
 use parking_lot::Mutex;
 
+use super::blocking::BlockingPool;
 use super::bufring::{BufRing, BUF_GROUP};
 use super::conn::{Conn, DirectStep, RxMode};
 use super::disk::{self, DiskOp, Outcome, Plan};
@@ -142,6 +143,8 @@ pub(super) struct Worker {
     read_pool: Arc<ReadPool>,
     /// Connections whose receive ended for want of buffers.
     starved: Vec<Key>,
+    /// Where requests of file-descriptor backends that the ring cannot run go.
+    blocking: BlockingPool,
 }
 
 impl Worker {
@@ -152,6 +155,7 @@ impl Worker {
         mailbox: Arc<Mailbox>,
         stop: Arc<AtomicBool>,
         peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+        blocking: BlockingPool,
     ) -> io::Result<Self> {
         let ring = new_ring(config.ring_entries.max(64))?;
         let bufs = BufRing::new(config.recv_buffers, config.recv_buffer_bytes.max(4096))?;
@@ -187,6 +191,7 @@ impl Worker {
             spin_until: None,
             read_pool: Arc::new(ReadPool::default()),
             starved: Vec::new(),
+            blocking,
         })
     }
 
@@ -831,6 +836,9 @@ impl Worker {
             Some(dev) => disk::plan(op, &dev, &self.read_pool),
         };
         match plan {
+            Plan::Backend(op) if namespace.backend().raw_device().is_some() => {
+                self.submit_to_pool(conn, token, namespace, op, now);
+            }
             Plan::Backend(op) => self.submit_to_backend(conn, token, &namespace, op, now),
             Plan::Fail(why) => {
                 if let Some(c) = self.conns.get_mut(conn) {
@@ -890,6 +898,42 @@ impl Worker {
         }
     }
 
+    /// Runs a request of a file-descriptor backend that the ring cannot do (its synchronous path may
+    /// take long: zero writes over a range, `BLKDISCARD`) on the blocking pool; the result comes back
+    /// through the mailbox like an asynchronous backend's.
+    fn submit_to_pool(
+        &mut self,
+        conn: Key,
+        token: IoToken,
+        namespace: Arc<Namespace>,
+        op: IoOp,
+        now: Instant,
+    ) {
+        let Some(slot) = self.pending.insert(PendingIo { conn, token }) else {
+            if let Some(c) = self.conns.get_mut(conn) {
+                let e = io::Error::other("too many operations in flight");
+                c.engine.complete_io(token, Err(IoError::Io(e)), now);
+            }
+            return;
+        };
+        let mailbox = self.mailbox.clone();
+        let key = IoToken::from_raw(slot.to_u64());
+        let job = Box::new(move || {
+            let completer = Completer::new(key, mailbox.clone());
+            if let Submitted::Done(result) = namespace.backend().submit(op, completer) {
+                nvmeof_target::CompletionSink::complete(mailbox.as_ref(), key, result);
+            }
+        });
+        if self.blocking.run(job).is_err() {
+            // The pool is closed only after the workers ended: not reached while serving.
+            let Some(PendingIo { conn, token }) = self.pending.remove(slot) else { return };
+            if let Some(c) = self.conns.get_mut(conn) {
+                let e = io::Error::other("the server is shutting down");
+                c.engine.complete_io(token, Err(IoError::Io(e)), now);
+            }
+        }
+    }
+
     fn on_disk(&mut self, key: Key, res: i32, now: Instant) {
         let Some(op) = self.disk.get_mut(key) else { return };
         let outcome = disk::on_completion(&mut op.kind, res);
@@ -912,7 +956,7 @@ impl Worker {
                         "the device refused fallocate although it declared it; using the backend's path"
                     );
                 }
-                self.submit_to_backend(conn, token, &namespace, op, now);
+                self.submit_to_pool(conn, token, namespace, op, now);
                 self.after_engine(conn, now);
                 return;
             }
