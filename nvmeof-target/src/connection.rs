@@ -396,6 +396,27 @@ impl Connection {
         self.queue.as_ref().map_or(0, |q| q.inflight.len())
     }
 
+    /// Gives back the memory a burst left in the connection's tables (commands in flight, events,
+    /// waiting lists) if it is idle now: no command in flight and no event waiting. A driver calls
+    /// this when the connection has gone quiet, so that an idle queue holds only its fixed state.
+    /// Returns whether the connection was idle.
+    pub fn release_idle_memory(&mut self) -> bool {
+        if !self.events.is_empty() || !self.draining.is_empty() {
+            return false;
+        }
+        if let Some(q) = self.queue.as_mut() {
+            if !q.inflight.is_empty() || !q.waiting.is_empty() || !q.shutdown.is_empty() {
+                return false;
+            }
+            q.inflight = IntMap::default();
+            q.waiting = VecDeque::new();
+            q.shutdown = Vec::new();
+        }
+        self.events = VecDeque::new();
+        self.draining = IntSet::default();
+        true
+    }
+
     /// The memory alignment the data of this queue's commands should have so that a driver can hand
     /// it to the backend without a copy: for a live I/O queue, the largest alignment any namespace of
     /// its subsystem needs for direct I/O ([`crate::RawDevice::direct`]); 1 otherwise (admin and

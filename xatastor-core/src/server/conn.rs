@@ -51,6 +51,8 @@ pub(super) struct Conn {
     pub(super) last_input: Option<Instant>,
     /// Listed in the worker's list of connections with something to send.
     pub(super) dirty: bool,
+    /// Listed in the worker's list of connections to trim when it next goes idle.
+    pub(super) active: bool,
     /// The data alignment of the queue was looked at (once it is a live I/O queue).
     pub(super) alignment_checked: bool,
     /// The engine closed the connection: flush, then close the socket.
@@ -76,6 +78,7 @@ impl Conn {
             timer: None,
             last_input: None,
             dirty: false,
+            active: false,
             alignment_checked: false,
             closing: false,
             dead: false,
@@ -141,6 +144,14 @@ pub(super) struct Rx {
 }
 
 impl Rx {
+    /// Gives back the reassembly buffer if no partial PDU is in it (an idle connection holds no
+    /// receive memory: receive buffers come from the worker's ring).
+    pub(super) fn release_idle(&mut self) {
+        if self.buf.is_empty() && self.chain.is_empty() && matches!(self.mode, RxMode::Ring) {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// Starts direct mode with whatever ring mode left in [`Rx::buf`]: at most one partial PDU, copied
     /// once into the placed buffer. If a whole PDU is waiting (or the header is not one to place), the
     /// connection stays in ring mode ([`DirectStep::Fallback`]).
@@ -285,6 +296,16 @@ pub(super) struct Tx {
 }
 
 impl Tx {
+    /// Gives back the queue's vectors if nothing is queued or being sent (an idle connection holds
+    /// no send memory).
+    pub(super) fn release_idle(&mut self) {
+        if self.is_empty() {
+            self.queued = VecDeque::new();
+            self.sending = Vec::new();
+            self.iov = Vec::new();
+        }
+    }
+
     pub(super) fn push(&mut self, pdu: EncodedPdu) {
         self.queued_bytes += pdu.len();
         self.queued.push_back(pdu);

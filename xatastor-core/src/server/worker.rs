@@ -145,6 +145,9 @@ pub(super) struct Worker {
     starved: Vec<Key>,
     /// Where requests of file-descriptor backends that the ring cannot run go.
     blocking: BlockingPool,
+    /// Connections that received input since the worker was last idle: when it goes idle, those that
+    /// are quiet give back what a burst made them hold.
+    active: Vec<Key>,
 }
 
 impl Worker {
@@ -192,6 +195,7 @@ impl Worker {
             read_pool: Arc::new(ReadPool::default()),
             starved: Vec::new(),
             blocking,
+            active: Vec::new(),
         })
     }
 
@@ -315,6 +319,8 @@ impl Worker {
             self.note_spin(start, false);
             self.spin_until = None;
         }
+        // About to sleep: nothing is waiting, a good time to tidy up.
+        self.release_idle_memory();
         let deadline = match (self.timers.peek().map(|Reverse((t, _))| *t), self.accept_paused_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -327,6 +333,28 @@ impl Worker {
             }
             None => self.enter(|ring| ring.submit_and_wait(1).map(drop)),
         }
+    }
+
+    /// Connections that were active and are quiet now give back their burst memory (receive and send
+    /// vectors, the engine's tables): an idle connected queue holds only its fixed state. Runs when
+    /// the worker is about to sleep, over the connections that had input since it last did.
+    fn release_idle_memory(&mut self) {
+        let mut active = std::mem::take(&mut self.active);
+        for key in active.drain(..) {
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            c.active = false;
+            c.rx.release_idle();
+            c.tx.release_idle();
+            c.engine.release_idle_memory();
+        }
+        self.active = active;
+        if self.active.capacity() > 1024 {
+            self.active = Vec::new();
+        }
+        // The worker's own scratch vectors, sized by the last burst (a few are kept).
+        self.cqes.shrink_to(64);
+        self.io_scratch.shrink_to(16);
+        self.dirty.shrink_to(16);
     }
 
     fn note_spin(&self, start: Instant, found: bool) {
@@ -653,6 +681,10 @@ impl Worker {
         };
         if !more {
             c.rx.armed = false;
+        }
+        if !c.active {
+            c.active = true;
+            self.active.push(key);
         }
         let previous = c.last_input.replace(now);
         if res > 0
