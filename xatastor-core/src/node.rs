@@ -2075,29 +2075,41 @@ impl SubsystemSource for Source {
     }
 
     fn discovery_len(&self, hostnqn: &str) -> u64 {
-        self.discovery_nqns(hostnqn).len() as u64
+        let Some(inner) = self.0.upgrade() else { return 0 };
+        inner.catalog.discovery_len(hostnqn).unwrap_or_else(|e| {
+            discovery_failed(&inner, &e);
+            0
+        })
     }
 
     fn discovery_range(&self, hostnqn: &str, first: u64, count: usize) -> Vec<String> {
-        let first = usize::try_from(first).unwrap_or(usize::MAX);
-        self.discovery_nqns(hostnqn).into_iter().skip(first).take(count).collect()
-    }
-
-    fn discovery_lists(&self, hostnqn: &str, subnqn: &str) -> bool {
-        self.discovery_nqns(hostnqn).iter().any(|n| n == subnqn)
-    }
-}
-
-impl Source {
-    fn discovery_nqns(&self, hostnqn: &str) -> Vec<String> {
         let Some(inner) = self.0.upgrade() else { return Vec::new() };
-        match inner.catalog.volumes_for_host(hostnqn) {
+        match inner.catalog.discovery_range(hostnqn, first, count) {
             Ok(names) => names.into_iter().map(|n| format!("{}:{n}", inner.prefix)).collect(),
             Err(e) => {
-                tracing::error!(error = %e, "catalog lookup failed for discovery");
+                discovery_failed(&inner, &e);
                 Vec::new()
             }
         }
+    }
+
+    fn discovery_lists(&self, hostnqn: &str, subnqn: &str) -> bool {
+        let Some(inner) = self.0.upgrade() else { return false };
+        let Some(name) = subnqn.strip_prefix(inner.prefix.as_str()).and_then(|n| n.strip_prefix(':')) else {
+            return false;
+        };
+        inner.catalog.discovery_lists(hostnqn, name).unwrap_or_else(|e| {
+            discovery_failed(&inner, &e);
+            false
+        })
+    }
+}
+
+/// A catalog read for a discovery log page failed (logged at most once per interval: any host can
+/// ask for discovery log pages).
+fn discovery_failed(inner: &Inner, e: &CatalogError) {
+    if let Some(more) = inner.open_failures.check_now() {
+        tracing::error!(error = %e, suppressed = more, "catalog lookup failed for discovery");
     }
 }
 
