@@ -322,7 +322,9 @@ impl Connection {
                 && (ctrl.is_discovery() || (cc.iosqes() == IOSQES && cc.iocqes() == IOCQES));
             csts = if valid { csts.with_rdy(true) } else { csts.with_cfs(true) };
             if !valid {
-                tracing::warn!(parent: &self.span, ?cc, "invalid CC: controller fatal status");
+                if let Some(suppressed) = self.target.shared.warnings.invalid_cc.hit(now) {
+                    tracing::warn!(parent: &self.span, ?cc, suppressed, "invalid CC: controller fatal status");
+                }
             }
         } else if !cc.en() && old.en() {
             tracing::debug!(parent: &self.span, "controller disabled: I/O queues deleted");

@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     entropy: RwLock<Arc<dyn Entropy>>,
     /// DH-HMAC-CHAP sequence number S1 of the last challenge (0: none sent yet).
     pub(crate) auth_seqnum: AtomicU32,
+    /// Target-wide limits of per-command warnings.
+    pub(crate) warnings: crate::ratelimit::WarningLimits,
 }
 
 /// Where subsystems that are not loaded come from: lets a storage node keep a million volumes on
@@ -257,6 +259,7 @@ impl Target {
                 host_keys: RwLock::new(None),
                 entropy: RwLock::new(Arc::new(OsEntropy)),
                 auth_seqnum: AtomicU32::new(0),
+                warnings: Default::default(),
             }),
         }
     }
