@@ -135,12 +135,14 @@ impl PositionIndex {
         list: &str,
     ) -> Result<&Buckets, CatalogError> {
         let mut b = Buckets { lower: Vec::new(), count: Vec::new(), total: 0 };
-        for name in names(t, list, None)? {
-            let name = name?;
+        let (start, end) = (format!("{list}\0"), format!("{list}\u{1}"));
+        // One pass over the list; only the names that start a bucket are copied.
+        for entry in t.range::<&str>(start.as_str()..end.as_str()).map_err(store)? {
+            let (k, _) = entry.map_err(store)?;
             match b.count.last_mut() {
                 Some(n) if *n < BUCKET => *n += 1,
                 _ => {
-                    b.lower.push(name);
+                    b.lower.push(k.value().strip_prefix(start.as_str()).unwrap_or_default().to_owned());
                     b.count.push(1);
                 }
             }
