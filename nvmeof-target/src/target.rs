@@ -217,6 +217,12 @@ fn controller_info(c: &Controller) -> ControllerInfo {
 /// [`Target::accept`]. Management calls may be made from any thread while hosts are connected:
 /// namespace changes raise *Namespace Attribute Changed* events to connected controllers, and changes
 /// to what a host may see raise *Discovery Log Page Change* events to discovery controllers.
+///
+/// Controllers are indexed per subsystem: each subsystem (the discovery subsystem too) allocates its
+/// own controller IDs (`1..=0xffef`), so a target holds any number of controllers across
+/// subsystems, and a controller is named by its subsystem NQN and CNTLID. Counting or listing the
+/// controllers of a subsystem costs what that subsystem has ([`Target::controller_count_of`],
+/// [`Target::controllers_of_subsystem`]); the total is a counter ([`Target::controller_count`]).
 #[derive(Clone)]
 pub struct Target {
     pub(crate) shared: Arc<Shared>,
