@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use nvmeof_proto::nvme::discovery::{
-    DiscoveryLogEntry, DiscoverySubtype, DISCOVERY_NQN, TREQ_DISABLE_SQ_FLOW_CONTROL,
+    discovery_log_len, DiscoveryLogEntry, DiscoveryLogHeader, DiscoverySubtype, DISCOVERY_LOG_ENTRY_LEN,
+    DISCOVERY_LOG_HEADER_LEN, DISCOVERY_NQN, TREQ_DISABLE_SQ_FLOW_CONTROL,
 };
 use nvmeof_proto::nvme::fabrics::{
     connect_success_dw0, connect_success_dw0_auth_required, ConnectCommand, ConnectData, InvalidParameter,
@@ -158,9 +159,10 @@ impl Connection {
                 ctrl.touch(now);
                 return Ok((ctrl, 0, entries, sq_flow_control, 0, auth_required));
             }
+            // CNTLIDs are unique per subsystem: the controller is named by (SUBNQN, CNTLID).
             let ctrl = self
                 .target
-                .find_controller(cd.cntlid.get())
+                .find_controller(subnqn, cd.cntlid.get())
                 .filter(|ctrl| !ctrl.is_dead())
                 .filter(|ctrl| ctrl.subsystem.as_ref().is_some_and(|s| Arc::ptr_eq(s, &subsys)))
                 .ok_or_else(|| invalid(InvalidParameter::CNTLID, "no such controller"))?;
@@ -320,7 +322,9 @@ impl Connection {
                 && (ctrl.is_discovery() || (cc.iosqes() == IOSQES && cc.iocqes() == IOCQES));
             csts = if valid { csts.with_rdy(true) } else { csts.with_cfs(true) };
             if !valid {
-                tracing::warn!(parent: &self.span, ?cc, "invalid CC: controller fatal status");
+                if let Some(suppressed) = self.target.shared.warnings.invalid_cc.hit(now) {
+                    tracing::warn!(parent: &self.span, ?cc, suppressed, "invalid CC: controller fatal status");
+                }
             }
         } else if !cc.en() && old.en() {
             tracing::debug!(parent: &self.span, "controller disabled: I/O queues deleted");
@@ -499,64 +503,101 @@ impl Connection {
             self.respond(cid, Status::INVALID_FIELD.with_dnr(), 0);
             return;
         };
-        let mut out = vec![0u8; len];
-        let page: Option<Vec<u8>> = match (g.log_page(), ctrl.is_discovery()) {
+        let page: Vec<u8> = match (g.log_page(), ctrl.is_discovery()) {
             (Some(LogPageId::Discovery), true) => {
-                let entries = self.discovery_entries(&ctrl.hostnqn);
-                let genctr = self.target.shared.discovery_genctr.load(std::sync::atomic::Ordering::Acquire);
-                nvmeof_proto::nvme::discovery::read_discovery_log(genctr, &entries, g.offset, &mut out);
-                None
+                let data = self.discovery_log_window(&ctrl.hostnqn, g.offset, len);
+                self.send_data(cid, data, Status::SUCCESS, 0);
+                return;
             }
-            (Some(LogPageId::ErrorInformation), _) => Some(Vec::new()),
-            (Some(LogPageId::SmartHealth), false) => Some(self.smart_log(ctrl)),
-            (Some(LogPageId::FirmwareSlot), false) => Some(
+            (Some(LogPageId::ErrorInformation), _) => Vec::new(),
+            (Some(LogPageId::SmartHealth), false) => self.smart_log(ctrl),
+            (Some(LogPageId::FirmwareSlot), false) => {
                 FirmwareSlotLog::single(&self.target.shared.config.firmware_revision)
                     .map(|l| l.as_bytes().to_vec())
-                    .unwrap_or_default(),
-            ),
+                    .unwrap_or_default()
+            }
             (Some(LogPageId::ChangedNamespaceList), false) => {
                 let list = match ctrl.changed_namespaces(g.rae) {
                     Some(nsids) => log::changed_namespace_list(nsids),
                     None => log::changed_namespace_list([log::CHANGED_NS_LIST_OVERFLOW]),
                 };
-                Some(list.as_bytes().to_vec())
+                list.as_bytes().to_vec()
             }
-            (Some(LogPageId::CommandsSupportedEffects), false) => {
-                Some(commands_supported().as_bytes().to_vec())
-            }
+            (Some(LogPageId::CommandsSupportedEffects), false) => commands_supported().as_bytes().to_vec(),
             _ => {
                 self.respond(cid, Status::INVALID_LOG_PAGE.with_dnr(), 0);
                 return;
             }
         };
-        if let Some(page) = page {
-            log::copy_window(&page, g.offset, &mut out);
-        }
-        self.send_data(cid, Payload::from(out), Status::SUCCESS, 0);
+        let start = usize::try_from(g.offset).ok().filter(|&o| o < page.len());
+        let mut data = match start {
+            Some(o) => {
+                let end = o + (page.len() - o).min(len);
+                Payload::from(Bytes::from(page).slice(o..end))
+            }
+            None => Payload::new(),
+        };
+        pad_with_zeros(&mut data, len);
+        self.send_data(cid, data, Status::SUCCESS, 0);
     }
 
-    fn discovery_entries(&self, hostnqn: &str) -> Vec<DiscoveryLogEntry> {
+    /// Bytes `offset .. offset + len` of `hostnqn`'s discovery log page, built for that window only:
+    /// the header (when the window covers it) and the entries the window overlaps, asked of the target
+    /// by position; zeros past the end of the page. What is allocated is what the window holds of the
+    /// page, whatever the number of entries and whatever `len` (which MDTS bounds).
+    fn discovery_log_window(&self, hostnqn: &str, offset: u64, len: usize) -> Payload {
+        const HEADER: u64 = DISCOVERY_LOG_HEADER_LEN as u64;
+        const ENTRY: u64 = DISCOVERY_LOG_ENTRY_LEN as u64;
+        let genctr = self.target.shared.discovery_genctr.load(std::sync::atomic::Ordering::Acquire);
+        let end = offset.saturating_add(len as u64);
+        // Entries whose bytes overlap the window: positions first .. last.
+        let first = offset.saturating_sub(HEADER) / ENTRY;
+        let last = end.saturating_sub(HEADER).div_ceil(ENTRY);
+        let count = usize::try_from(last - first.min(last)).unwrap_or(0);
+        let window = self.target.discovery_window(hostnqn, first, count);
+        let page_len = discovery_log_len(window.total);
+        let real = usize::try_from(page_len.saturating_sub(offset)).unwrap_or(usize::MAX).min(len);
+        let mut out = vec![0u8; real];
+        let header = DiscoveryLogHeader::new(genctr, window.total);
+        log::copy_window(header.as_bytes(), offset, &mut out);
         let addr = self.params.local_addr;
         // A dual-stack listener sees IPv4 hosts as ::ffff:a.b.c.d: report the IPv4 address.
         let traddr = addr.ip().to_canonical().to_string();
         let trsvcid = addr.port().to_string();
-        self.target
-            .discovery_nqns(hostnqn)
-            .iter()
-            .filter_map(|nqn| {
-                let mut e = DiscoveryLogEntry::tcp(
-                    nqn,
-                    &traddr,
-                    &trsvcid,
-                    self.params.port_id,
-                    DiscoverySubtype::NvmSubsystem,
-                )
+        for (i, nqn) in window.nqns.iter().enumerate() {
+            let Some(entry) = self.discovery_entry(nqn, &traddr, &trsvcid) else { continue };
+            // Where this entry's bytes start relative to the window (negative: before it).
+            let at = HEADER + (first + i as u64) * ENTRY;
+            if at >= offset {
+                let skip = usize::try_from(at - offset).unwrap_or(usize::MAX);
+                if let Some(dst) = out.get_mut(skip..) {
+                    let n = dst.len().min(DISCOVERY_LOG_ENTRY_LEN);
+                    if let (Some(d), Some(src)) = (dst.get_mut(..n), entry.as_bytes().get(..n)) {
+                        d.copy_from_slice(src);
+                    }
+                }
+            } else {
+                let from = usize::try_from(offset - at).unwrap_or(usize::MAX);
+                if let Some(src) = entry.as_bytes().get(from..) {
+                    let n = src.len().min(out.len());
+                    if let (Some(d), Some(src)) = (out.get_mut(..n), src.get(..n)) {
+                        d.copy_from_slice(src);
+                    }
+                }
+            }
+        }
+        let mut data = Payload::from(out);
+        pad_with_zeros(&mut data, len);
+        data
+    }
+
+    fn discovery_entry(&self, nqn: &str, traddr: &str, trsvcid: &str) -> Option<DiscoveryLogEntry> {
+        let mut e =
+            DiscoveryLogEntry::tcp(nqn, traddr, trsvcid, self.params.port_id, DiscoverySubtype::NvmSubsystem)
                 .ok()?;
-                e.treq |= TREQ_DISABLE_SQ_FLOW_CONTROL;
-                e.asqsz.set(32);
-                Some(e)
-            })
-            .collect()
+        e.treq |= TREQ_DISABLE_SQ_FLOW_CONTROL;
+        e.asqsz.set(32);
+        Some(e)
     }
 
     fn smart_log(&self, ctrl: &Controller) -> Vec<u8> {
@@ -731,6 +772,20 @@ fn nqn_for_log(field: &[u8; NQN_FIELD_LEN]) -> String {
     let end = field.iter().position(|&b| b == 0).unwrap_or(NQN_FIELD_LEN).min(223);
     let text = String::from_utf8_lossy(field.get(..end).unwrap_or_default());
     text.escape_debug().to_string()
+}
+
+/// Zeros sent after a log page's end (a read past the end of a log page returns zeros), shared
+/// instead of allocated per command.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Appends zeros to `data` until it is `len` bytes long.
+fn pad_with_zeros(data: &mut Payload, len: usize) {
+    let mut missing = len.saturating_sub(data.len());
+    while missing > 0 {
+        let n = missing.min(ZEROS.len());
+        data.push(Bytes::from_static(ZEROS.get(..n).unwrap_or_default()));
+        missing -= n;
+    }
 }
 
 fn zeros() -> Bytes {

@@ -575,7 +575,9 @@ impl Connection {
                 q.shutdown.swap_remove(pos);
                 q.ctrl.io_finished();
                 if let Err(e) = &result {
-                    tracing::warn!(error = %e, "flush during shutdown failed");
+                    if let Some(suppressed) = self.target.shared.warnings.shutdown_flush.hit(now) {
+                        tracing::warn!(error = %e, suppressed, "flush during shutdown failed");
+                    }
                 }
                 if q.shutdown.is_empty() {
                     self.finish_shutdown();
@@ -587,7 +589,9 @@ impl Connection {
         let read_len = match q.inflight.get(&cid).filter(|c| c.token == token.0).map(|c| &c.state) {
             Some(CmdState::Io { read_len }) => *read_len,
             _ => {
-                tracing::warn!(parent: &self.span, ?token, "completion for an unknown request");
+                if let Some(suppressed) = self.target.shared.warnings.unknown_completion.hit(now) {
+                    tracing::warn!(parent: &self.span, ?token, suppressed, "completion for an unknown request");
+                }
                 return;
             }
         };
@@ -615,7 +619,9 @@ impl Connection {
 
     fn handle_decode_error<B: PduInput>(&mut self, err: DecodeError, buf: &mut B, now: Instant) {
         if let DecodeError::DataDigest { pdu_type, cccid, ttag, datao, datal, last, .. } = err {
-            if let Some(suppressed) = self.digest_log.hit(now) {
+            if let Some(suppressed) =
+                self.digest_log.hit_shared(&self.target.shared.warnings.data_digest, now)
+            {
                 tracing::warn!(parent: &self.span, ?pdu_type, cccid, suppressed, "data digest error");
             }
             match pdu_type {
@@ -1052,13 +1058,17 @@ impl Connection {
                 (Status::SUCCESS, Some(data))
             }
             (Ok(_), Some(_)) => {
-                tracing::error!(parent: &self.span, cid, "backend returned the wrong read length");
+                if let Some(suppressed) = self.target.shared.warnings.read_length.hit(now) {
+                    tracing::error!(parent: &self.span, cid, suppressed, "backend returned the wrong read length");
+                }
                 (Status::INTERNAL_ERROR, None)
             }
             (Ok(_), None) => (Status::SUCCESS, None),
             (Err(e), read) => {
-                // A full or failing disk fails every command: one line, then a count per second.
-                if let Some(suppressed) = self.io_error_log.hit(now) {
+                // A full or failing disk fails every command: one line, then a count per second, on
+                // this connection and on the whole target.
+                let limit = &self.target.shared.warnings.backend_failed;
+                if let Some(suppressed) = self.io_error_log.hit_shared(limit, now) {
                     tracing::warn!(parent: &self.span, cid, error = %e, suppressed, "backend I/O failed");
                 }
                 (e.status(read.is_some()), None)

@@ -1,7 +1,7 @@
 //! Controllers: the state one host's admin queue and I/O queues share across connections.
 //!
 //! A controller is created by the admin queue's Fabrics Connect and found again by each I/O queue's
-//! Connect (through its CNTLID). The I/O path touches only atomics here; the mutex guards what the
+//! Connect (through its subsystem NQN and CNTLID: CNTLIDs are allocated per subsystem). The I/O path touches only atomics here; the mutex guards what the
 //! admin path and the target's management calls change (queue bookkeeping, asynchronous events).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -329,10 +329,12 @@ impl fmt::Debug for Controller {
     }
 }
 
-/// A description of a live controller, for management tools.
+/// A description of a live controller, for management tools. A controller is identified by
+/// (`subnqn`, `cntlid`): each subsystem allocates its own CNTLIDs, so two subsystems may both have a
+/// controller 1.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ControllerInfo {
-    /// Controller ID.
+    /// Controller ID, unique within `subnqn`.
     pub cntlid: u16,
     /// Subsystem NQN (the discovery NQN for discovery controllers).
     pub subnqn: String,

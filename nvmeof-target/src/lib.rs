@@ -23,11 +23,13 @@
 //! ## What it implements
 //!
 //! - ICReq/ICResp (digest negotiation, HPDA, MAXR2T, MAXH2CDATA), connect timeout.
-//! - Fabrics Connect (admin and I/O queues, dynamic controller model, host access checks), Property
+//! - Fabrics Connect (admin and I/O queues, dynamic controller model with CNTLIDs allocated per
+//!   subsystem — no node-wide limit of 65,519 controllers — host access checks), Property
 //!   Get/Set with the CC.EN → CSTS.RDY and CC.SHN → CSTS.SHST sequences, Disconnect.
 //! - Identify (controller, namespace, active namespace list, namespace identification descriptors, NVM
 //!   command-set specific structures), Get Log Page (error information, SMART/health, firmware slot,
-//!   changed namespace list, commands supported and effects, discovery log), Get/Set Features (number of
+//!   changed namespace list, commands supported and effects, discovery log — built for the requested
+//!   window only, from a [`SubsystemSource`] read by position), Get/Set Features (number of
 //!   queues, asynchronous event configuration, keep alive timer, volatile write cache), Keep Alive with
 //!   KATO enforcement, Asynchronous Event Requests, Abort.
 //! - Read, Write (FUA), Flush, Write Zeroes, Dataset Management (deallocate), with in-capsule data or

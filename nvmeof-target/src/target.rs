@@ -1,7 +1,7 @@
 //! The target: the shared registry of subsystems and controllers, and its management API.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -67,8 +67,10 @@ pub enum TargetError {
 
 pub(crate) struct Shared {
     pub(crate) config: TargetConfig,
-    subsystems: RwLock<BTreeMap<String, Arc<Subsystem>>>,
-    controllers: Mutex<ControllerTable>,
+    subsystems: RwLock<Subsystems>,
+    controllers: Mutex<ControllerRegistry>,
+    /// Live controllers in `controllers` (all subsystems, discovery included): read without the lock.
+    controller_count: AtomicUsize,
     /// Torn-down controllers whose backend requests have not all completed yet.
     draining: Mutex<Vec<Arc<Controller>>>,
     pub(crate) discovery_genctr: AtomicU64,
@@ -80,22 +82,45 @@ pub(crate) struct Shared {
     entropy: RwLock<Arc<dyn Entropy>>,
     /// DH-HMAC-CHAP sequence number S1 of the last challenge (0: none sent yet).
     pub(crate) auth_seqnum: AtomicU32,
+    /// Target-wide limits of per-command warnings.
+    pub(crate) warnings: crate::ratelimit::WarningLimits,
 }
 
 /// Where subsystems that are not loaded come from: lets a storage node keep a million volumes on
 /// disk and build a volume's subsystem only when a host connects to it (lazy activation).
 ///
 /// The target asks the source on an admin-queue Connect to an NQN it does not have loaded, and when
-/// it builds a host's discovery log. Loading and unloading through the source is silent: what a host
+/// it serves a host's discovery log. Loading and unloading through the source is silent: what a host
 /// may see does not change, so no discovery change event is raised (call
 /// [`Target::notify_discovery_changed`] when the source's own contents change).
+///
+/// # Discovery
+///
+/// The source is asked for a host's discovery list by position, a window at a time, so that a Get
+/// Log Page costs what its window holds whatever the number of subsystems: the number of entries
+/// ([`SubsystemSource::discovery_len`]), the entries in a range of positions
+/// ([`SubsystemSource::discovery_range`]) and whether it lists a given subsystem
+/// ([`SubsystemSource::discovery_lists`]). Positions follow an order of the source's choosing that
+/// must stay the same while its contents do not change (a host reads the log page in several
+/// windows, and compares the generation counter to know whether to read again). The source lists the
+/// subsystems it builds, loaded or not: a subsystem the source activated is listed by the source
+/// only. Subsystems added with [`Target::add_subsystem`] are listed after the source's entries,
+/// unless the source lists them too.
 pub trait SubsystemSource: Send + Sync {
     /// Builds the subsystem `subnqn` (with its namespaces) if the source has it, or `None`. Called on
     /// the connection's thread: keep it short (an index lookup and opening a device).
     fn activate(&self, subnqn: &str) -> Option<(SubsystemConfig, Vec<NamespaceConfig>)>;
 
-    /// NQNs of the subsystems `hostnqn` may connect to, loaded or not (for its discovery log).
-    fn discovery_nqns(&self, hostnqn: &str) -> Vec<String>;
+    /// Number of entries in `hostnqn`'s discovery list: the subsystems it may connect to.
+    fn discovery_len(&self, hostnqn: &str) -> u64;
+
+    /// NQNs of the entries at positions `first .. first + count` of `hostnqn`'s discovery list (fewer
+    /// where the list ends). Called on the connection's thread for each discovery Get Log Page:
+    /// the work should follow `count`, not the length of the list.
+    fn discovery_range(&self, hostnqn: &str, first: u64, count: usize) -> Vec<String>;
+
+    /// True if `subnqn` is in `hostnqn`'s discovery list.
+    fn discovery_lists(&self, hostnqn: &str, subnqn: &str) -> bool;
 
     /// Called once the subsystem built by [`SubsystemSource::activate`] is loaded (visible through
     /// [`Target::subsystem`]). The default does nothing.
@@ -104,10 +129,86 @@ pub trait SubsystemSource: Send + Sync {
     }
 }
 
+/// Loaded subsystems.
 #[derive(Default)]
-struct ControllerTable {
+struct Subsystems {
+    /// Every loaded subsystem by NQN.
+    all: BTreeMap<String, Arc<Subsystem>>,
+    /// Those added through [`Target::add_subsystem`] (not built by the source): the ones the target
+    /// lists in discovery logs itself.
+    added: BTreeMap<String, Arc<Subsystem>>,
+}
+
+/// A host's discovery list, or a window of it: how many entries there are, and the NQNs of those in
+/// the window.
+pub(crate) struct DiscoveryWindow {
+    /// Entries in the whole list (NUMREC).
+    pub(crate) total: u64,
+    /// NQNs of the entries at the window's positions.
+    pub(crate) nqns: Vec<String>,
+}
+
+/// The controllers of one subsystem, by CNTLID. CNTLIDs are unique per subsystem (NVMe), so each
+/// subsystem allocates its own from `CNTLID_MIN..=CNTLID_MAX`.
+struct ControllerSet {
     by_id: HashMap<u16, Arc<Controller>>,
+    /// Where the search for a free CNTLID starts (the one after the last handed out).
     next: u16,
+}
+
+impl ControllerSet {
+    fn new() -> Self {
+        Self { by_id: HashMap::new(), next: CNTLID_MIN }
+    }
+
+    /// A free CNTLID, or `None` when all `CNTLID_MIN..=CNTLID_MAX` are taken.
+    fn allocate(&mut self) -> Option<u16> {
+        let span = usize::from(CNTLID_MAX - CNTLID_MIN) + 1;
+        if self.by_id.len() >= span {
+            return None;
+        }
+        let mut id = self.next.clamp(CNTLID_MIN, CNTLID_MAX);
+        while self.by_id.contains_key(&id) {
+            id = if id >= CNTLID_MAX { CNTLID_MIN } else { id + 1 };
+        }
+        self.next = if id >= CNTLID_MAX { CNTLID_MIN } else { id + 1 };
+        Some(id)
+    }
+}
+
+/// Every live controller, indexed per subsystem: what a question about one subsystem costs depends
+/// on that subsystem's controllers only. A subsystem without controllers has no entry (an idle
+/// volume costs nothing here).
+struct ControllerRegistry {
+    /// Subsystem NQN → its controllers (controllers on a detach tombstone share their subsystem's NQN,
+    /// and so its CNTLID space: a host names a controller by subsystem NQN and CNTLID).
+    by_subsystem: HashMap<Box<str>, ControllerSet>,
+    /// Controllers of the discovery subsystem.
+    discovery: ControllerSet,
+}
+
+impl ControllerRegistry {
+    fn set(&self, subnqn: &str) -> Option<&ControllerSet> {
+        if subnqn == DISCOVERY_NQN {
+            Some(&self.discovery)
+        } else {
+            self.by_subsystem.get(subnqn)
+        }
+    }
+}
+
+fn controller_nqn(c: &Controller) -> &str {
+    c.subsystem.as_ref().map_or(DISCOVERY_NQN, |s| s.nqn())
+}
+
+fn controller_info(c: &Controller) -> ControllerInfo {
+    ControllerInfo {
+        cntlid: c.cntlid,
+        subnqn: controller_nqn(c).to_owned(),
+        hostnqn: c.hostnqn.clone(),
+        io_queues: c.io_queue_count(),
+        kato_ms: c.kato_ms(),
+    }
 }
 
 /// An NVMe over Fabrics target: subsystems, their namespaces, and the controllers hosts create.
@@ -116,6 +217,12 @@ struct ControllerTable {
 /// [`Target::accept`]. Management calls may be made from any thread while hosts are connected:
 /// namespace changes raise *Namespace Attribute Changed* events to connected controllers, and changes
 /// to what a host may see raise *Discovery Log Page Change* events to discovery controllers.
+///
+/// Controllers are indexed per subsystem: each subsystem (the discovery subsystem too) allocates its
+/// own controller IDs (`1..=0xffef`), so a target holds any number of controllers across
+/// subsystems, and a controller is named by its subsystem NQN and CNTLID. Counting or listing the
+/// controllers of a subsystem costs what that subsystem has ([`Target::controller_count_of`],
+/// [`Target::controllers_of_subsystem`]); the total is a counter ([`Target::controller_count`]).
 #[derive(Clone)]
 pub struct Target {
     pub(crate) shared: Arc<Shared>,
@@ -124,8 +231,8 @@ pub struct Target {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Target")
-            .field("subsystems", &self.shared.subsystems.read().len())
-            .field("controllers", &self.shared.controllers.lock().by_id.len())
+            .field("subsystems", &self.shared.subsystems.read().all.len())
+            .field("controllers", &self.controller_count())
             .finish_non_exhaustive()
     }
 }
@@ -144,8 +251,12 @@ impl Target {
         Self {
             shared: Arc::new(Shared {
                 config: config.sanitized(),
-                subsystems: RwLock::new(BTreeMap::new()),
-                controllers: Mutex::new(ControllerTable { by_id: HashMap::new(), next: CNTLID_MIN }),
+                subsystems: RwLock::new(Subsystems::default()),
+                controllers: Mutex::new(ControllerRegistry {
+                    by_subsystem: HashMap::new(),
+                    discovery: ControllerSet::new(),
+                }),
+                controller_count: AtomicUsize::new(0),
                 draining: Mutex::new(Vec::new()),
                 discovery_genctr: AtomicU64::new(1),
                 next_connection_id: AtomicU64::new(1),
@@ -154,6 +265,7 @@ impl Target {
                 host_keys: RwLock::new(None),
                 entropy: RwLock::new(Arc::new(OsEntropy)),
                 auth_seqnum: AtomicU32::new(0),
+                warnings: Default::default(),
             }),
         }
     }
@@ -185,11 +297,12 @@ impl Target {
         self.bump_genctr();
         let subsys = {
             let mut map = self.shared.subsystems.write();
-            if map.contains_key(&config.nqn) {
+            if map.all.contains_key(&config.nqn) {
                 return Err(TargetError::SubsystemExists(config.nqn));
             }
             let subsys = Arc::new(Subsystem::new(config));
-            map.insert(subsys.nqn().to_owned(), subsys.clone());
+            map.all.insert(subsys.nqn().to_owned(), subsys.clone());
+            map.added.insert(subsys.nqn().to_owned(), subsys.clone());
             subsys
         };
         self.discovery_changed();
@@ -198,13 +311,17 @@ impl Target {
 
     /// Removes a subsystem. With live controllers this fails unless `force`, which disconnects them.
     pub fn remove_subsystem(&self, nqn: &str, force: bool) -> Result<(), TargetError> {
-        let live = self.controllers_of(nqn);
-        if !live.is_empty() && !force {
-            return Err(TargetError::Busy(nqn.to_owned(), live.len()));
+        let live = self.controller_count_of(nqn);
+        if live > 0 && !force {
+            return Err(TargetError::Busy(nqn.to_owned(), live));
         }
         self.bump_genctr();
-        if self.shared.subsystems.write().remove(nqn).is_none() {
-            return Err(TargetError::NoSuchSubsystem(nqn.to_owned()));
+        {
+            let mut map = self.shared.subsystems.write();
+            map.added.remove(nqn);
+            if map.all.remove(nqn).is_none() {
+                return Err(TargetError::NoSuchSubsystem(nqn.to_owned()));
+            }
         }
         // Collected after unpublishing, so a Connect racing with the removal is caught too (Connect
         // re-checks that its subsystem is still published after creating its controller).
@@ -232,7 +349,7 @@ impl Target {
         }
         let subsys = {
             let mut map = self.shared.subsystems.write();
-            if let Some(s) = map.get(nqn) {
+            if let Some(s) = map.all.get(nqn) {
                 return Some(s.clone()); // another connection activated it meanwhile
             }
             let subsys = Arc::new(Subsystem::new(config));
@@ -244,7 +361,7 @@ impl Target {
                     m.insert(ns.nsid(), ns);
                 }
             });
-            map.insert(nqn.to_owned(), subsys.clone());
+            map.all.insert(nqn.to_owned(), subsys.clone());
             subsys
         };
         tracing::debug!(subnqn = nqn, "subsystem activated");
@@ -255,10 +372,14 @@ impl Target {
     /// Unloads a subsystem that came from the [`SubsystemSource`] if no controller uses it; it is
     /// built again on the next Connect. Returns whether it was unloaded. Raises no discovery event.
     pub fn unload_subsystem(&self, nqn: &str) -> bool {
-        if !self.controllers_of(nqn).is_empty() {
+        if self.controller_count_of(nqn) > 0 {
             return false;
         }
-        let removed = self.shared.subsystems.write().remove(nqn).is_some();
+        let removed = {
+            let mut map = self.shared.subsystems.write();
+            map.added.remove(nqn);
+            map.all.remove(nqn).is_some()
+        };
         // A Connect that raced with the removal re-checks its subsystem and retries.
         for c in self.controllers_of(nqn) {
             self.remove_controller(&c, "subsystem unloaded");
@@ -266,16 +387,43 @@ impl Target {
         removed
     }
 
-    /// NQNs of the subsystems `hostnqn` may see, loaded or known to the source.
-    pub(crate) fn discovery_nqns(&self, hostnqn: &str) -> Vec<String> {
-        let mut nqns: Vec<String> =
-            self.subsystems_for_host(hostnqn).iter().map(|s| s.nqn().to_owned()).collect();
-        if let Some(source) = self.shared.source.read().clone() {
-            nqns.extend(source.discovery_nqns(hostnqn));
+    /// The window `first .. first + count` of `hostnqn`'s discovery list, and the list's length.
+    ///
+    /// The list is the source's entries in its order (see [`SubsystemSource`]), then the subsystems
+    /// added with [`Target::add_subsystem`] that `hostnqn` may connect to and the source does not
+    /// list, in NQN order. The work is the window's plus one membership question to the source per
+    /// added subsystem the host may use (none on a node whose subsystems all come from its source).
+    pub(crate) fn discovery_window(&self, hostnqn: &str, first: u64, count: usize) -> DiscoveryWindow {
+        let source = self.shared.source.read().clone();
+        let added: Vec<String> = {
+            let map = self.shared.subsystems.read();
+            map.added.values().filter(|s| s.allows_host(hostnqn)).map(|s| s.nqn().to_owned()).collect()
+        };
+        let (listed, extra) = match &source {
+            Some(src) => {
+                let extra: Vec<String> =
+                    added.into_iter().filter(|nqn| !src.discovery_lists(hostnqn, nqn)).collect();
+                (src.discovery_len(hostnqn), extra)
+            }
+            None => (0, added),
+        };
+        let total = listed.saturating_add(extra.len() as u64);
+        let end = first.saturating_add(count as u64).min(total);
+        let mut nqns = Vec::new();
+        if first < end {
+            if let (Some(src), true) = (&source, first < listed) {
+                let n = usize::try_from(end.min(listed) - first).unwrap_or(count);
+                let mut got = src.discovery_range(hostnqn, first, n);
+                got.truncate(n);
+                nqns = got;
+            }
+            if end > listed {
+                let from = usize::try_from(first.saturating_sub(listed)).unwrap_or(usize::MAX);
+                let to = usize::try_from(end - listed).unwrap_or(usize::MAX);
+                nqns.extend(extra.into_iter().take(to).skip(from));
+            }
         }
-        nqns.sort_unstable();
-        nqns.dedup();
-        nqns
+        DiscoveryWindow { total, nqns }
     }
 
     /// Tells discovery controllers that what hosts may see has changed (for [`SubsystemSource`]s:
@@ -287,17 +435,13 @@ impl Target {
     /// The subsystem with this NQN.
     #[must_use]
     pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
-        self.shared.subsystems.read().get(nqn).cloned()
+        self.shared.subsystems.read().all.get(nqn).cloned()
     }
 
     /// NQNs of all subsystems.
     #[must_use]
     pub fn subsystem_nqns(&self) -> Vec<String> {
-        self.shared.subsystems.read().keys().cloned().collect()
-    }
-
-    pub(crate) fn subsystems_for_host(&self, hostnqn: &str) -> Vec<Arc<Subsystem>> {
-        self.shared.subsystems.read().values().filter(|s| s.allows_host(hostnqn)).cloned().collect()
+        self.shared.subsystems.read().all.keys().cloned().collect()
     }
 
     fn subsystem_or_err(&self, nqn: &str) -> Result<Arc<Subsystem>, TargetError> {
@@ -444,7 +588,7 @@ impl Target {
     fn discovery_changed(&self) {
         self.bump_genctr();
         let discovery: Vec<Arc<Controller>> =
-            self.shared.controllers.lock().by_id.values().filter(|c| c.is_discovery()).cloned().collect();
+            self.shared.controllers.lock().discovery.by_id.values().cloned().collect();
         for c in discovery {
             c.raise_event(AsyncEvent::DISCOVERY_LOG_CHANGED, AsyncEventConfig::DISCOVERY_LOG_CHANGE, None);
         }
@@ -452,47 +596,70 @@ impl Target {
 
     // ---- controllers ----
 
-    /// Live controllers.
+    /// Live controllers of every subsystem (the discovery subsystem's too), in (subsystem NQN,
+    /// CNTLID) order. Costs O(controllers): management tools listing everything; for one subsystem
+    /// use [`Target::controllers_of_subsystem`], for counts [`Target::controller_count`].
     #[must_use]
     pub fn controllers(&self) -> Vec<ControllerInfo> {
-        let table = self.shared.controllers.lock();
-        let mut out: Vec<ControllerInfo> = table
-            .by_id
-            .values()
-            .filter(|c| !c.is_dead())
-            .map(|c| ControllerInfo {
-                cntlid: c.cntlid,
-                subnqn: c.subsystem.as_ref().map_or(DISCOVERY_NQN, |s| s.nqn()).to_owned(),
-                hostnqn: c.hostnqn.clone(),
-                io_queues: c.io_queue_count(),
-                kato_ms: c.kato_ms(),
-            })
-            .collect();
+        let all: Vec<Arc<Controller>> = {
+            let reg = self.shared.controllers.lock();
+            reg.by_subsystem
+                .values()
+                .chain(std::iter::once(&reg.discovery))
+                .flat_map(|set| set.by_id.values().cloned())
+                .collect()
+        };
+        let mut out: Vec<ControllerInfo> =
+            all.iter().filter(|c| !c.is_dead()).map(|c| controller_info(c)).collect();
+        out.sort_by(|a, b| (a.subnqn.as_str(), a.cntlid).cmp(&(b.subnqn.as_str(), b.cntlid)));
+        out
+    }
+
+    /// Live controllers of subsystem `subnqn` (the discovery NQN names the discovery controllers),
+    /// in CNTLID order. Costs O(controllers of that subsystem).
+    #[must_use]
+    pub fn controllers_of_subsystem(&self, subnqn: &str) -> Vec<ControllerInfo> {
+        let mut out: Vec<ControllerInfo> =
+            self.controllers_of(subnqn).iter().filter(|c| !c.is_dead()).map(|c| controller_info(c)).collect();
         out.sort_by_key(|c| c.cntlid);
         out
     }
 
-    /// Disconnects a controller (all its queues). Returns false if there is no such controller.
-    pub fn disconnect_controller(&self, cntlid: u16) -> bool {
-        let ctrl = self.shared.controllers.lock().by_id.get(&cntlid).cloned();
+    /// Number of live controllers, all subsystems and the discovery subsystem together. O(1).
+    #[must_use]
+    pub fn controller_count(&self) -> usize {
+        self.shared.controller_count.load(Ordering::Acquire)
+    }
+
+    /// Number of live controllers of subsystem `subnqn` (the discovery NQN counts the discovery
+    /// controllers). O(1).
+    #[must_use]
+    pub fn controller_count_of(&self, subnqn: &str) -> usize {
+        self.shared.controllers.lock().set(subnqn).map_or(0, |set| set.by_id.len())
+    }
+
+    /// Disconnects controller `cntlid` of subsystem `subnqn` (all its queues): CNTLIDs are unique
+    /// per subsystem only. Returns false if there is no such controller.
+    pub fn disconnect_controller(&self, subnqn: &str, cntlid: u16) -> bool {
+        let ctrl = self.find_controller(subnqn, cntlid);
         ctrl.is_some_and(|c| {
             self.remove_controller(&c, "disconnected by management");
             true
         })
     }
 
+    /// The controllers of subsystem `subnqn` (of its detach tombstones too, which share its NQN).
     pub(crate) fn controllers_of(&self, subnqn: &str) -> Vec<Arc<Controller>> {
         self.shared
             .controllers
             .lock()
-            .by_id
-            .values()
-            .filter(|c| c.subsystem.as_ref().is_some_and(|s| s.nqn() == subnqn))
-            .cloned()
-            .collect()
+            .set(subnqn)
+            .map(|set| set.by_id.values().cloned().collect())
+            .unwrap_or_default()
     }
 
-    /// Creates a controller with a free CNTLID; `None` when all are taken.
+    /// Creates a controller of `subsystem` (the discovery subsystem if `None`) with a CNTLID free in
+    /// that subsystem; `None` when the subsystem has all `CNTLID_MIN..=CNTLID_MAX` in use.
     pub(crate) fn create_controller(
         &self,
         subsystem: Option<Arc<Subsystem>>,
@@ -501,39 +668,57 @@ impl Target {
         kato_ms: u32,
         now: Instant,
     ) -> Option<Arc<Controller>> {
-        let mut table = self.shared.controllers.lock();
-        let span = usize::from(CNTLID_MAX - CNTLID_MIN) + 1;
-        if table.by_id.len() >= span {
-            return None;
-        }
-        let mut id = table.next;
-        while table.by_id.contains_key(&id) {
-            id = if id >= CNTLID_MAX { CNTLID_MIN } else { id + 1 };
-        }
-        table.next = if id >= CNTLID_MAX { CNTLID_MIN } else { id + 1 };
+        let mut reg = self.shared.controllers.lock();
+        let set = match &subsystem {
+            None => &mut reg.discovery,
+            Some(s) => reg.by_subsystem.entry(Box::from(s.nqn())).or_insert_with(ControllerSet::new),
+        };
+        let Some(id) = set.allocate() else {
+            return None; // a full subsystem has at least one controller: its entry stays
+        };
         let ctrl = Arc::new(Controller::new(id, subsystem, hostnqn, hostid, kato_ms, now));
-        table.by_id.insert(id, ctrl.clone());
+        set.by_id.insert(id, ctrl.clone());
+        self.shared.controller_count.fetch_add(1, Ordering::AcqRel);
         Some(ctrl)
     }
 
-    pub(crate) fn find_controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
-        self.shared.controllers.lock().by_id.get(&cntlid).cloned()
+    /// Controller `cntlid` of subsystem `subnqn` (dead or alive: callers check).
+    pub(crate) fn find_controller(&self, subnqn: &str, cntlid: u16) -> Option<Arc<Controller>> {
+        self.shared.controllers.lock().set(subnqn).and_then(|set| set.by_id.get(&cntlid).cloned())
     }
 
     /// Tears a controller down: gone from the table, every connection serving it woken to close.
     /// `why` is logged (once, by whoever removes it first).
     pub(crate) fn remove_controller(&self, ctrl: &Arc<Controller>, why: &str) {
         {
-            let mut table = self.shared.controllers.lock();
-            if table.by_id.get(&ctrl.cntlid).is_some_and(|c| Arc::ptr_eq(c, ctrl)) {
-                table.by_id.remove(&ctrl.cntlid);
+            let mut reg = self.shared.controllers.lock();
+            let nqn = controller_nqn(ctrl);
+            let (removed, now_empty) = {
+                let set = if ctrl.is_discovery() {
+                    Some(&mut reg.discovery)
+                } else {
+                    reg.by_subsystem.get_mut(nqn)
+                };
+                match set {
+                    Some(set) if set.by_id.get(&ctrl.cntlid).is_some_and(|c| Arc::ptr_eq(c, ctrl)) => {
+                        set.by_id.remove(&ctrl.cntlid);
+                        (true, set.by_id.is_empty())
+                    }
+                    _ => (false, false),
+                }
+            };
+            if removed {
+                self.shared.controller_count.fetch_sub(1, Ordering::AcqRel);
+                if now_empty && !ctrl.is_discovery() {
+                    reg.by_subsystem.remove(nqn);
+                }
             }
         }
         if ctrl.kill() {
             tracing::info!(
                 cntlid = ctrl.cntlid,
                 host = %ctrl.hostnqn,
-                subsystem = ctrl.subsystem.as_ref().map_or(DISCOVERY_NQN, |s| s.nqn()),
+                subsystem = controller_nqn(ctrl),
                 reason = why,
                 "controller removed"
             );

@@ -133,6 +133,57 @@ fn backend_failures_are_logged_once_per_second() {
     assert!(lines[2].contains("3 more not logged"), "{}", lines[2]);
 }
 
+/// A full disk under ten hosts: 10,000 failed commands log one line target-wide, and each connection
+/// says at its close how many of its failures were not logged; a host writing invalid CCs over and
+/// over logs one line.
+#[test]
+fn ten_thousand_failed_commands_log_a_bounded_number_of_lines() {
+    let now = Clock::new().0;
+    let ((), logs) = capture(|| {
+        let target = Target::new(TargetConfig::default());
+        let mut sc = SubsystemConfig::new(SUBNQN, "FULL2");
+        sc.allowed_hosts.push(HOSTNQN.into());
+        target.add_subsystem(sc).unwrap();
+        target.add_namespace(SUBNQN, NamespaceConfig::derived(SUBNQN, 1, Arc::new(Full))).unwrap();
+        let mut links = Vec::new();
+        for _ in 0..10 {
+            links.push(io_setup(&target, HostOptions::default(), 0, now));
+        }
+        for (_, io, _) in &mut links {
+            for i in 0..1000 {
+                let c = write(io, i, vec![0; 512], now);
+                assert_eq!(c.status(), Status::CAPACITY_EXCEEDED.with_dnr());
+            }
+        }
+        // Invalid CC values (I/O queue entry sizes of 2^0), enabled and disabled 2,000 times.
+        let (admin, _, _) = &mut links[0];
+        for _ in 0..2000 {
+            for cc in [0x0000_0001u64, 0] {
+                let r = admin.command(
+                    host::property_set(0x14, nvmeof_proto::nvme::registers::PropertyWidth::Four, cc),
+                    None,
+                    0,
+                    now,
+                );
+                assert_eq!(r.status(), Status::SUCCESS);
+            }
+        }
+        drop(links);
+    });
+    let failed = lines_with(&logs, "backend I/O failed");
+    assert!(failed.len() <= 11, "{} lines: {failed:#?}", failed.len());
+    assert!(failed[0].contains("suppressed=0"), "{}", failed[0]);
+    // Every failure is accounted for: the one logged, and the counts at close.
+    let counted: u64 = failed
+        .iter()
+        .filter_map(|l| l.split(" more not logged").next()?.rsplit(": ").next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(counted + 1, 10_000, "{failed:#?}");
+    assert_eq!(lines_with(&logs, "invalid CC").len(), 1);
+    let warnings = logs.lines().filter(|l| l.contains(" WARN ")).count();
+    assert!(warnings <= 12, "{warnings} warnings");
+}
+
 #[test]
 fn controller_lifecycle_is_logged() {
     let mut clock = Clock::new();

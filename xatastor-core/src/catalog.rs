@@ -5,7 +5,8 @@
 //!   volumes       name            → VolumeRecord   (size, block size, origin, NQN, NGUID/UUID,
 //!                                                   serial, allowed hosts, authentication, state)
 //!   snapshots     "volume@snap"   → SnapshotRecord
-//!   host_volumes  host NQN | "*"  →→ volume name   (multimap: the discovery index)
+//!   discovery     "<host NQN | *>\0<volume>" → ()   (the discovery index, readable by position:
+//!                                                   see `catalog/discovery.rs`)
 //!   clones        "volume@snap"   →→ clone name    (multimap: dependents of a snapshot)
 //!   intents       id              → Intent         (operations started, not yet committed)
 //!   meta          key             → value          (schema version, NQN prefix, the backend the
@@ -39,8 +40,14 @@
 //! key lookups; sled is unmaintained; RocksDB/LMDB are C/C++ and bring a build toolchain.
 //!
 //! Lookups the hot paths need are single index reads: a host's Connect maps its subsystem NQN to a
-//! volume name by stripping the node's NQN prefix, and a host's discovery log page reads the
-//! `host_volumes` multimap for that host (plus `*` for volumes any host may use).
+//! volume name by stripping the node's NQN prefix, and a host's discovery log page reads a window of
+//! that host's list in the `discovery` index ([`Catalog::discovery_range`]: the host's own volumes,
+//! then those open to any host), through a small in-memory position index, so that the work per
+//! request follows the window and not the number of volumes.
+//!
+//! **Schema 3** replaced the `host_volumes` multimap (which can only be read from the start) with the
+//! `discovery` table; a catalog of an older schema has its index rebuilt from the volume records
+//! once, when first opened.
 
 #![cfg_attr(
     not(test),
@@ -48,21 +55,28 @@
 )]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use redb::{Database, MultimapTableDefinition, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const VOLUMES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("volumes");
 const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
+/// The discovery index of schemas 1 and 2 (host → volumes); deleted when such a catalog is opened.
 const HOST_VOLUMES: MultimapTableDefinition<'_, &str, &str> = MultimapTableDefinition::new("host_volumes");
 const CLONES: MultimapTableDefinition<'_, &str, &str> = MultimapTableDefinition::new("clones");
 const INTENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("intents");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
-/// The key of volumes any host may connect to in the `host_volumes` index.
+mod discovery;
+use discovery::{entry_key, Delta, PositionIndex, DISCOVERY};
+
+/// The list of volumes any host may connect to in the discovery index.
 const ANY_HOST: &str = "*";
-/// Catalog layout version, stored in `meta`: 2 since volume records carry authentication settings.
-const SCHEMA_VERSION: u32 = 2;
+/// Catalog layout version, stored in `meta`: 2 since volume records carry authentication settings,
+/// 3 since the discovery index is the `discovery` table.
+const SCHEMA_VERSION: u32 = 3;
 /// The oldest layout this build opens (and marks [`SCHEMA_VERSION`]).
 const OLDEST_SCHEMA_VERSION: u32 = 1;
 /// First byte of a versioned volume record. A record of the first layout starts with the varint
@@ -336,11 +350,17 @@ fn decode_volume(key: &str, bytes: &[u8]) -> Result<VolumeRecord, CatalogError> 
 pub struct Catalog {
     db: Database,
     path: PathBuf,
+    /// Positions in the long discovery lists; locked while a transaction commits and while a reader
+    /// reads the `discovery` table through it, so the two always agree.
+    positions: Arc<Mutex<PositionIndex>>,
 }
 
 /// A write transaction on the catalog: everything in it commits atomically, or nothing.
 pub struct CatalogTxn {
     txn: redb::WriteTransaction,
+    positions: Arc<Mutex<PositionIndex>>,
+    /// Changes to the `discovery` table, applied to `positions` at commit.
+    deltas: Vec<Delta>,
 }
 
 impl std::fmt::Debug for CatalogTxn {
@@ -402,13 +422,13 @@ impl Catalog {
             redb::DatabaseError::DatabaseAlreadyOpen => CatalogError::Locked { path: path.clone() },
             e => store(e),
         })?;
-        let cat = Self { db, path };
+        let cat = Self { db, path, positions: Arc::default() };
         let txn = cat.db.begin_write().map_err(store)?;
         {
             // Create every table, so readers never see a missing one.
             txn.open_table(VOLUMES).map_err(store)?;
             txn.open_table(SNAPSHOTS).map_err(store)?;
-            txn.open_multimap_table(HOST_VOLUMES).map_err(store)?;
+            txn.open_table(DISCOVERY).map_err(store)?;
             txn.open_multimap_table(CLONES).map_err(store)?;
             txn.open_table(INTENTS).map_err(store)?;
             let mut meta = txn.open_table(META).map_err(store)?;
@@ -419,8 +439,24 @@ impl Catalog {
             match found {
                 Some(SCHEMA_VERSION) => {}
                 // New, or an older layout this build reads as it is: records of the old layout are
-                // decoded as such and written in the new one when they change.
+                // decoded as such and written in the new one when they change. Only the discovery
+                // index is rebuilt (once) in the `discovery` table.
                 None | Some(OLDEST_SCHEMA_VERSION..SCHEMA_VERSION) => {
+                    if found.is_some() {
+                        let volumes = txn.open_table(VOLUMES).map_err(store)?;
+                        let mut idx = txn.open_table(DISCOVERY).map_err(store)?;
+                        let mut n = 0u64;
+                        for entry in volumes.iter().map_err(store)? {
+                            let (k, v) = entry.map_err(store)?;
+                            let rec = decode_volume(k.value(), v.value())?;
+                            for list in index_keys(&rec) {
+                                idx.insert(entry_key(list, &rec.name).as_str(), ()).map_err(store)?;
+                            }
+                            n += 1;
+                        }
+                        tracing::info!(volumes = n, "catalog upgraded: discovery index rebuilt");
+                    }
+                    txn.delete_multimap_table(HOST_VOLUMES).map_err(store)?;
                     meta.insert("schema", SCHEMA_VERSION.to_le_bytes().as_slice()).map_err(store)?;
                 }
                 Some(found) => return Err(CatalogError::Schema { found }),
@@ -468,7 +504,11 @@ impl Catalog {
 
     /// Starts a write transaction.
     pub fn begin(&self) -> Result<CatalogTxn, CatalogError> {
-        Ok(CatalogTxn { txn: self.db.begin_write().map_err(store)? })
+        Ok(CatalogTxn {
+            txn: self.db.begin_write().map_err(store)?,
+            positions: self.positions.clone(),
+            deltas: Vec::new(),
+        })
     }
 
     /// A meta value.
@@ -596,19 +636,76 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Names of the volumes `hostnqn` may connect to (its own entries and those open to any host).
+    /// Names of the volumes `hostnqn` may connect to (its own entries and those open to any host), in
+    /// name order. Reads both lists whole: discovery reads windows ([`Catalog::discovery_range`]).
     pub fn volumes_for_host(&self, hostnqn: &str) -> Result<Vec<String>, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
-        let t = r.open_multimap_table(HOST_VOLUMES).map_err(store)?;
-        let mut out = Vec::new();
-        for key in [hostnqn, ANY_HOST] {
-            for v in t.get(key).map_err(store)? {
-                out.push(v.map_err(store)?.value().to_owned());
-            }
-        }
+        let len = self.discovery_len(hostnqn)?;
+        let mut out = self.discovery_range(hostnqn, 0, usize::try_from(len).unwrap_or(usize::MAX))?;
         out.sort_unstable();
         out.dedup();
         Ok(out)
+    }
+
+    /// The lists making up `hostnqn`'s discovery list, in order: its own, then the any-host one.
+    fn discovery_lists_of(hostnqn: &str) -> [Option<&str>; 2] {
+        // A host calling itself "*" has no list of its own (that name is the any-host list).
+        [(hostnqn != ANY_HOST).then_some(hostnqn), Some(ANY_HOST)]
+    }
+
+    /// Number of volumes in `hostnqn`'s discovery list: those it is allowed, and those open to any
+    /// host. Work: bounded by a few hundred index entries, whatever the number of volumes.
+    pub fn discovery_len(&self, hostnqn: &str) -> Result<u64, CatalogError> {
+        let mut positions = self.positions.lock();
+        let r = self.db.begin_read().map_err(store)?;
+        let t = r.open_table(DISCOVERY).map_err(store)?;
+        let mut n = 0u64;
+        for list in Self::discovery_lists_of(hostnqn).into_iter().flatten() {
+            n = n.saturating_add(positions.len(&t, list)?);
+        }
+        Ok(n)
+    }
+
+    /// Names of the volumes at positions `first .. first + count` of `hostnqn`'s discovery list
+    /// (fewer where it ends): the host's own volumes in name order, then those open to any host in
+    /// name order — the same order for as long as the catalog does not change. Work: the window plus
+    /// at most a few hundred index entries, whatever the number of volumes.
+    pub fn discovery_range(
+        &self,
+        hostnqn: &str,
+        first: u64,
+        count: usize,
+    ) -> Result<Vec<String>, CatalogError> {
+        let mut positions = self.positions.lock();
+        let r = self.db.begin_read().map_err(store)?;
+        let t = r.open_table(DISCOVERY).map_err(store)?;
+        let mut out = Vec::new();
+        let mut first = first;
+        for list in Self::discovery_lists_of(hostnqn).into_iter().flatten() {
+            let want = count - out.len();
+            if want == 0 {
+                break;
+            }
+            let len = positions.len(&t, list)?;
+            if first >= len {
+                first -= len;
+                continue;
+            }
+            out.extend(positions.range(&t, list, first, want)?);
+            first = 0;
+        }
+        Ok(out)
+    }
+
+    /// True if volume `name` is in `hostnqn`'s discovery list (an index lookup).
+    pub fn discovery_lists(&self, hostnqn: &str, name: &str) -> Result<bool, CatalogError> {
+        let r = self.db.begin_read().map_err(store)?;
+        let t = r.open_table(DISCOVERY).map_err(store)?;
+        for list in Self::discovery_lists_of(hostnqn).into_iter().flatten() {
+            if t.get(entry_key(list, name).as_str()).map_err(store)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Pending intents, oldest first.
@@ -680,17 +777,10 @@ impl CatalogTxn {
                 idx.insert(format!("{v}@{snap}").as_str(), rec.name.as_str()).map_err(store)?;
             }
         }
-        {
-            let mut idx = self.txn.open_multimap_table(HOST_VOLUMES).map_err(store)?;
-            if let Some(old) = &old {
-                for h in index_keys(old) {
-                    idx.remove(h, old.name.as_str()).map_err(store)?;
-                }
-            }
-            for h in index_keys(rec) {
-                idx.insert(h, rec.name.as_str()).map_err(store)?;
-            }
+        if let Some(old) = &old {
+            self.unindex(old)?;
         }
+        self.index(rec)?;
         let mut t = self.txn.open_table(VOLUMES).map_err(store)?;
         t.insert(rec.name.as_str(), encode_volume(rec).as_slice()).map_err(store)?;
         Ok(())
@@ -712,12 +802,13 @@ impl CatalogTxn {
         self.txn.delete_table(VOLUMES).map_err(store)?;
         self.txn.delete_table(SNAPSHOTS).map_err(store)?;
         self.txn.delete_table(INTENTS).map_err(store)?;
-        self.txn.delete_multimap_table(HOST_VOLUMES).map_err(store)?;
+        self.txn.delete_table(DISCOVERY).map_err(store)?;
+        self.deltas.push(Delta::Reset);
         self.txn.delete_multimap_table(CLONES).map_err(store)?;
         self.txn.open_table(VOLUMES).map_err(store)?;
         self.txn.open_table(SNAPSHOTS).map_err(store)?;
         self.txn.open_table(INTENTS).map_err(store)?;
-        self.txn.open_multimap_table(HOST_VOLUMES).map_err(store)?;
+        self.txn.open_table(DISCOVERY).map_err(store)?;
         self.txn.open_multimap_table(CLONES).map_err(store)?;
         self.set_meta(META_PROVISIONED, &0u64.to_le_bytes())?;
         Ok(count)
@@ -732,10 +823,7 @@ impl CatalogTxn {
                 let mut idx = self.txn.open_multimap_table(CLONES).map_err(store)?;
                 idx.remove(format!("{v}@{snap}").as_str(), name).map_err(store)?;
             }
-            let mut idx = self.txn.open_multimap_table(HOST_VOLUMES).map_err(store)?;
-            for h in index_keys(&old) {
-                idx.remove(h, name).map_err(store)?;
-            }
+            self.unindex(&old)?;
         }
         let mut t = self.txn.open_table(VOLUMES).map_err(store)?;
         t.remove(name).map_err(store)?;
@@ -795,22 +883,60 @@ impl CatalogTxn {
         Ok(())
     }
 
+    /// Adds a volume's discovery index entries.
+    fn index(&mut self, rec: &VolumeRecord) -> Result<(), CatalogError> {
+        let mut idx = self.txn.open_table(DISCOVERY).map_err(store)?;
+        for list in index_keys(rec) {
+            if idx.insert(entry_key(list, &rec.name).as_str(), ()).map_err(store)?.is_none() {
+                self.deltas.push(Delta::Add(list.to_owned(), rec.name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a volume's discovery index entries.
+    fn unindex(&mut self, rec: &VolumeRecord) -> Result<(), CatalogError> {
+        let mut idx = self.txn.open_table(DISCOVERY).map_err(store)?;
+        for list in index_keys(rec) {
+            if idx.remove(entry_key(list, &rec.name).as_str()).map_err(store)?.is_some() {
+                self.deltas.push(Delta::Remove(list.to_owned(), rec.name.clone()));
+            }
+        }
+        Ok(())
+    }
+
     /// Makes everything in the transaction durable (fsync) or nothing.
     pub fn commit(self) -> Result<(), CatalogError> {
-        self.txn.commit().map_err(store)
+        let Self { txn, positions, deltas } = self;
+        if deltas.is_empty() {
+            return txn.commit().map_err(store);
+        }
+        // Readers of the discovery index wait for the commit: they see the table and the positions
+        // both before it or both after it.
+        let mut positions = positions.lock();
+        match txn.open_table(DISCOVERY) {
+            Ok(t) => positions.apply(&t, &deltas),
+            Err(_) => *positions = PositionIndex::default(),
+        }
+        let r = txn.commit().map_err(store);
+        if r.is_err() {
+            // Nothing was committed: start again from the table as it is.
+            *positions = PositionIndex::default();
+        }
+        r
     }
 }
 
-/// Host index entries of a volume: only ready volumes are discoverable.
+/// Discovery lists a volume is in: only ready volumes are discoverable, and a volume any host may
+/// use is in the any-host list only (so that no host's list has it twice).
 fn index_keys(rec: &VolumeRecord) -> Vec<&str> {
     if rec.state != VolumeState::Ready {
         return Vec::new();
     }
-    let mut keys: Vec<&str> = rec.allowed_hosts.iter().map(String::as_str).collect();
     if rec.allow_any_host {
-        keys.push(ANY_HOST);
+        return vec![ANY_HOST];
     }
-    keys
+    rec.allowed_hosts.iter().map(String::as_str).filter(|h| *h != ANY_HOST).collect()
 }
 
 #[cfg(test)]
@@ -986,10 +1112,13 @@ mod tests {
         {
             let db = Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().insert("schema", 3u32.to_le_bytes().as_slice()).unwrap();
+            let newer = SCHEMA_VERSION + 1;
+            txn.open_table(META).unwrap().insert("schema", newer.to_le_bytes().as_slice()).unwrap();
             txn.commit().unwrap();
         }
-        assert!(matches!(Catalog::open(&path), Err(CatalogError::Schema { found: 3 })));
+        assert!(
+            matches!(Catalog::open(&path), Err(CatalogError::Schema { found }) if found == SCHEMA_VERSION + 1)
+        );
         let e = decode_volume("x", &[RECORD_TAG, 9, 1, 2, 3]).unwrap_err();
         assert!(e.to_string().contains("version 9"), "{e}");
         assert!(decode_volume("x", &[RECORD_TAG]).is_err());
@@ -1028,5 +1157,139 @@ mod tests {
         t.commit().unwrap();
         assert_eq!(cat.clones_of("a", "s1").unwrap(), ["c2"]);
         assert_eq!(cat.clones_of_volume("a").unwrap(), ["c2", "c3"]);
+    }
+
+    /// The discovery list `hostnqn` should see, from a model: its own volumes, then the any-host ones.
+    fn model_list(
+        own: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        any: &std::collections::BTreeSet<String>,
+        host: &str,
+    ) -> Vec<String> {
+        let mut out: Vec<String> = own.get(host).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        out.extend(any.iter().cloned());
+        out
+    }
+
+    fn check_windows(
+        cat: &Catalog,
+        own: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        any: &std::collections::BTreeSet<String>,
+    ) {
+        for host in ["h1", "h2", "h3"] {
+            let expected = model_list(own, any, host);
+            assert_eq!(cat.discovery_len(host).unwrap(), expected.len() as u64, "{host}");
+            let len = expected.len();
+            let mut pos = 0;
+            while pos <= len + 3 {
+                for count in [1, 4, 9] {
+                    let got = cat.discovery_range(host, pos as u64, count).unwrap();
+                    let want: Vec<String> = expected.iter().skip(pos).take(count).cloned().collect();
+                    assert_eq!(got, want, "{host} at {pos}, {count}");
+                }
+                pos += 61;
+            }
+            for name in expected.iter().step_by(97) {
+                assert!(cat.discovery_lists(host, name).unwrap());
+            }
+        }
+        assert!(!cat.discovery_lists("h3", "nope").unwrap());
+    }
+
+    #[test]
+    fn discovery_windows_follow_the_index_through_changes() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.redb");
+        let cat = Catalog::open(&path).unwrap();
+        let mut own: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut any: BTreeSet<String> = BTreeSet::new();
+        let any_rec = |name: &str| VolumeRecord { allow_any_host: true, ..rec(name, &[]) };
+
+        // 3,000 any-host volumes (long list: buckets), 700 of h1's own (long), 10 of h2's (short),
+        // and one open to any host that also names h1 (listed once, with the any-host ones).
+        let mut t = cat.begin().unwrap();
+        for i in 0..3000 {
+            let name = format!("v{:06}", i * 10);
+            t.put_volume(&any_rec(&name)).unwrap();
+            any.insert(name);
+        }
+        for i in 0..700 {
+            let name = format!("h1-{i:04}");
+            t.put_volume(&rec(&name, &["h1"])).unwrap();
+            own.entry("h1".into()).or_default().insert(name);
+        }
+        for i in 0..10 {
+            let name = format!("h2-{i:02}");
+            t.put_volume(&rec(&name, &["h2"])).unwrap();
+            own.entry("h2".into()).or_default().insert(name);
+        }
+        t.put_volume(&VolumeRecord { allow_any_host: true, ..rec("both", &["h1"]) }).unwrap();
+        any.insert("both".into());
+        t.commit().unwrap();
+        check_windows(&cat, &own, &any);
+        assert_eq!(cat.positions.lock().indexed_lists(), 2, "the two long lists have buckets");
+
+        // A window far into a long list reads a bucket at most, besides the window.
+        discovery::ENTRIES_READ.with(|n| n.set(0));
+        let got = cat.discovery_range("h1", 2900, 4).unwrap();
+        assert_eq!(got, model_list(&own, &any, "h1")[2900..2904]);
+        let read = discovery::ENTRIES_READ.with(|n| n.get());
+        assert!(read <= u64::from(2 * discovery::BUCKET) + 4, "{read} index entries read");
+
+        // Many names landing in one bucket (splits), in one transaction.
+        let mut t = cat.begin().unwrap();
+        for i in 0..2500 {
+            let name = format!("v{:06}", 15_000 + i * 2 + 1);
+            t.put_volume(&any_rec(&name)).unwrap();
+            any.insert(name);
+        }
+        t.commit().unwrap();
+        assert_eq!(cat.positions.lock().indexed_lists(), 2, "kept in step, not forgotten and rebuilt");
+        check_windows(&cat, &own, &any);
+        // Removals (emptying whole buckets), names before the first and after the last.
+        let mut t = cat.begin().unwrap();
+        for i in 0..1500 {
+            let name = format!("v{:06}", i * 10);
+            t.remove_volume(&name).unwrap();
+            any.remove(&name);
+        }
+        for name in ["a-first", "zz-last"] {
+            t.put_volume(&any_rec(name)).unwrap();
+            any.insert(name.into());
+        }
+        t.commit().unwrap();
+        assert_eq!(cat.positions.lock().indexed_lists(), 2, "kept in step, not forgotten and rebuilt");
+        check_windows(&cat, &own, &any);
+        // A volume leaving the any-host list for h1's, one deleted, one no longer ready.
+        let mut t = cat.begin().unwrap();
+        t.put_volume(&rec("both", &["h1"])).unwrap();
+        any.remove("both");
+        own.get_mut("h1").unwrap().insert("both".into());
+        t.remove_volume("h1-0003").unwrap();
+        own.get_mut("h1").unwrap().remove("h1-0003");
+        t.put_volume(&VolumeRecord { state: VolumeState::Deleting, ..rec("h2-05", &["h2"]) }).unwrap();
+        own.get_mut("h2").unwrap().remove("h2-05");
+        t.commit().unwrap();
+        assert_eq!(cat.positions.lock().indexed_lists(), 2, "kept in step, not forgotten and rebuilt");
+        check_windows(&cat, &own, &any);
+        // A transaction dropped without commit changes nothing.
+        let mut t = cat.begin().unwrap();
+        for i in 0..600 {
+            t.put_volume(&any_rec(&format!("x{i:04}"))).unwrap();
+        }
+        drop(t);
+        check_windows(&cat, &own, &any);
+        // Reopened: the same lists (positions rebuilt from the table when asked for).
+        drop(cat);
+        let cat = Catalog::open(&path).unwrap();
+        assert_eq!(cat.positions.lock().indexed_lists(), 0);
+        check_windows(&cat, &own, &any);
+        assert_eq!(cat.volumes_for_host("h2").unwrap().len(), 9 + any.len());
+        // Cleared: nothing left to discover.
+        let mut t = cat.begin().unwrap();
+        t.clear_volumes().unwrap();
+        t.commit().unwrap();
+        assert_eq!(cat.discovery_len("h1").unwrap(), 0);
+        assert!(cat.discovery_range("h1", 0, 10).unwrap().is_empty());
     }
 }

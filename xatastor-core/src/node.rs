@@ -856,7 +856,7 @@ impl Node {
     }
 
     fn controllers_of(&self, nqn: &str) -> usize {
-        self.inner.target.controllers().iter().filter(|c| c.subnqn == nqn).count()
+        self.inner.target.controller_count_of(nqn)
     }
 
     fn ready_volume(&self, name: &str) -> Result<VolumeRecord, NodeError> {
@@ -1687,10 +1687,10 @@ impl Node {
         if required && disconnect {
             let secrets = self.inner.secrets.read(name)?;
             let target = &self.inner.target;
-            for c in target.controllers().into_iter().filter(|c| c.subnqn == rec.nqn) {
+            for c in target.controllers_of_subsystem(&rec.nqn) {
                 if secrets.get(&c.hostnqn).is_none() {
                     tracing::info!(volume = name, host = %c.hostnqn, cntlid = c.cntlid, "disconnecting a host without a secret");
-                    target.disconnect_controller(c.cntlid);
+                    target.disconnect_controller(&c.subnqn, c.cntlid);
                 }
             }
         }
@@ -1733,10 +1733,10 @@ impl Node {
             target.notify_discovery_changed();
         }
         if disconnect && !allow_any_host {
-            for c in target.controllers().into_iter().filter(|c| c.subnqn == rec.nqn) {
+            for c in target.controllers_of_subsystem(&rec.nqn) {
                 if !rec.allowed_hosts.contains(&c.hostnqn) {
                     tracing::info!(volume = name, host = %c.hostnqn, cntlid = c.cntlid, "disconnecting a host that lost access");
-                    target.disconnect_controller(c.cntlid);
+                    target.disconnect_controller(&c.subnqn, c.cntlid);
                 }
             }
         }
@@ -1816,7 +1816,7 @@ impl Node {
                 .iter()
                 .filter(|n| n.starts_with(&prefix))
                 .count(),
-            controllers: self.inner.target.controllers().len(),
+            controllers: self.inner.target.controller_count(),
             secrets_loaded: self.inner.loaded_secrets.len(),
         })
     }
@@ -2074,15 +2074,42 @@ impl SubsystemSource for Source {
         }
     }
 
-    fn discovery_nqns(&self, hostnqn: &str) -> Vec<String> {
+    fn discovery_len(&self, hostnqn: &str) -> u64 {
+        let Some(inner) = self.0.upgrade() else { return 0 };
+        inner.catalog.discovery_len(hostnqn).unwrap_or_else(|e| {
+            discovery_failed(&inner, &e);
+            0
+        })
+    }
+
+    fn discovery_range(&self, hostnqn: &str, first: u64, count: usize) -> Vec<String> {
         let Some(inner) = self.0.upgrade() else { return Vec::new() };
-        match inner.catalog.volumes_for_host(hostnqn) {
+        match inner.catalog.discovery_range(hostnqn, first, count) {
             Ok(names) => names.into_iter().map(|n| format!("{}:{n}", inner.prefix)).collect(),
             Err(e) => {
-                tracing::error!(error = %e, "catalog lookup failed for discovery");
+                discovery_failed(&inner, &e);
                 Vec::new()
             }
         }
+    }
+
+    fn discovery_lists(&self, hostnqn: &str, subnqn: &str) -> bool {
+        let Some(inner) = self.0.upgrade() else { return false };
+        let Some(name) = subnqn.strip_prefix(inner.prefix.as_str()).and_then(|n| n.strip_prefix(':')) else {
+            return false;
+        };
+        inner.catalog.discovery_lists(hostnqn, name).unwrap_or_else(|e| {
+            discovery_failed(&inner, &e);
+            false
+        })
+    }
+}
+
+/// A catalog read for a discovery log page failed (logged at most once per interval: any host can
+/// ask for discovery log pages).
+fn discovery_failed(inner: &Inner, e: &CatalogError) {
+    if let Some(more) = inner.open_failures.check_now() {
+        tracing::error!(error = %e, suppressed = more, "catalog lookup failed for discovery");
     }
 }
 
@@ -2100,7 +2127,9 @@ fn reaper(weak: &Weak<Inner>) {
             let prefix = format!("{}:", inner.prefix);
             let loaded: HashSet<String> =
                 inner.target.subsystem_nqns().into_iter().filter(|n| n.starts_with(&prefix)).collect();
-            let busy: HashSet<String> = inner.target.controllers().into_iter().map(|c| c.subnqn).collect();
+            // O(loaded volumes): a count per loaded subsystem, not a scan of every controller.
+            let busy: HashSet<&String> =
+                loaded.iter().filter(|n| inner.target.controller_count_of(n) > 0).collect();
             let now = std::time::Instant::now();
             idle_since.retain(|n, _| loaded.contains(n) && !busy.contains(n));
             let mut unloaded = 0;
