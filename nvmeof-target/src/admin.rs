@@ -118,7 +118,13 @@ impl Connection {
                 ctrl.touch(now);
                 return Ok((ctrl, 0u16, entries, sq_flow_control, 0, false));
             }
-            let (subsys, tombstone) = match self.target.subsystem_or_activate(subnqn) {
+            // A Connect that waited for its activation on the runner does not activate again here.
+            let found = if self.activation_tried {
+                self.target.subsystem(subnqn)
+            } else {
+                self.target.subsystem_or_activate(subnqn)
+            };
+            let (subsys, tombstone) = match found {
                 Some(s) if s.allows_host(hostnqn) => (s, false),
                 // A host whose namespaces were taken away before its connections were cut: an
                 // empty controller answers its reconnects, so that it stops (see detach.rs).

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -280,6 +281,11 @@ pub struct Connection {
     /// After close: backend requests still running, and the controller whose count they hold.
     draining: IntSet<u64>,
     drain_ctrl: Option<Arc<Controller>>,
+    /// An admin Connect waiting for its subsystem to be activated on the target's activation runner,
+    /// and the flag the runner sets when it is done.
+    parked_connect: Option<Box<(CapsuleCmd, Arc<AtomicBool>)>>,
+    /// The parked Connect's activation ran: the Connect does not activate again.
+    pub(crate) activation_tried: bool,
     /// Rate limits of per-command warnings.
     io_error_log: LogLimiter,
     digest_log: LogLimiter,
@@ -340,6 +346,8 @@ impl Connection {
             next_token: 0,
             draining: IntSet::default(),
             drain_ctrl: None,
+            parked_connect: None,
+            activation_tried: false,
             io_error_log: LogLimiter::default(),
             digest_log: LogLimiter::default(),
         }
@@ -551,7 +559,16 @@ impl Connection {
     /// Something happened outside this connection (see [`Connection::set_notifier`]): delivers
     /// pending asynchronous events, or closes the connection if its controller is gone.
     pub fn handle_wakeup(&mut self, now: Instant) {
-        let _ = now;
+        if self.parked_connect.as_ref().is_some_and(|p| p.1.load(Ordering::Acquire)) {
+            if let Some(parked) = self.parked_connect.take() {
+                let (cmd, _) = *parked;
+                if self.state == State::AwaitConnect {
+                    self.activation_tried = true;
+                    self.handle_connect(&cmd, now);
+                }
+            }
+            return;
+        }
         if self.state != State::Live || self.check_controller() {
             return;
         }
@@ -749,8 +766,12 @@ impl Connection {
         if self.state == State::AwaitConnect {
             let is_connect = cmd.sqe.opcode == FABRICS_OPCODE
                 && FabricsCommandType::from_u8(cmd.sqe.fctype()) == Some(FabricsCommandType::Connect);
-            if is_connect {
-                self.handle_connect(&cmd, now);
+            if self.parked_connect.is_some() {
+                self.fatal(FatalErrorStatus::PDU_SEQUENCE_ERROR, "a command while Connect is pending");
+            } else if is_connect {
+                if !self.park_connect_for_activation(&cmd) {
+                    self.handle_connect(&cmd, now);
+                }
             } else {
                 self.respond(cid, Status::INVALID_OPCODE.with_dnr(), 0);
             }
@@ -782,6 +803,44 @@ impl Connection {
         } else {
             self.handle_io(cmd, now);
         }
+    }
+
+    /// An admin Connect to a subsystem that must be activated first, on a target with an activation
+    /// runner: hands the activation to the runner and keeps the command until it is done (see
+    /// [`Target::set_activation_runner`]). Returns false if the Connect should be handled now (no
+    /// runner or notifier, the subsystem is loaded, or the command is malformed: `handle_connect`
+    /// answers that).
+    fn park_connect_for_activation(&mut self, cmd: &CapsuleCmd) -> bool {
+        use nvmeof_proto::nvme::discovery::DISCOVERY_NQN;
+        use nvmeof_proto::nvme::fabrics::{ConnectCommand, ConnectData, CONNECT_DATA_LEN};
+        use nvmeof_proto::nvme::DataLocation;
+        if ConnectCommand::from_sqe(&cmd.sqe).qid.get() != 0 {
+            return false;
+        }
+        let Some(notifier) = self.notifier.clone() else { return false };
+        let Some(runner) = self.target.activation_runner() else { return false };
+        let data = match self.data_location(cmd) {
+            Ok(DataLocation::InCapsule { length, .. }) if length as usize >= CONNECT_DATA_LEN => {
+                cmd.data.slice(..CONNECT_DATA_LEN).to_bytes()
+            }
+            _ => return false,
+        };
+        let Some(subnqn) = ConnectData::ref_from_data(&data).and_then(|cd| cd.subnqn().ok()) else {
+            return false;
+        };
+        if subnqn == DISCOVERY_NQN || !self.target.needs_activation(subnqn) {
+            return false;
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let (target, nqn, flag) = (self.target.clone(), subnqn.to_owned(), done.clone());
+        tracing::debug!(parent: &self.span, subsystem = %nqn, "Connect waits for the subsystem's activation");
+        self.parked_connect = Some(Box::new((cmd.clone(), done)));
+        runner(Box::new(move || {
+            let _ = target.subsystem_or_activate(&nqn);
+            flag.store(true, Ordering::Release);
+            notifier();
+        }));
+        true
     }
 
     /// Where a command's data is, checked against what the capsule carried.

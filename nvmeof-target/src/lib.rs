@@ -96,7 +96,7 @@ pub use subsystem::{
     HostAccess, Namespace, NamespaceConfig, NamespaceStats, StatsSnapshot, Subsystem, SubsystemConfig,
     LATENCY_BUCKETS, LATENCY_BUCKET_BASE_NS,
 };
-pub use target::{SubsystemSource, Target, TargetError};
+pub use target::{ActivationRunner, SubsystemSource, Target, TargetError};
 
 /// Internals for the fuzz targets in `fuzz/` (compiled only with `--cfg fuzzing`, as cargo-fuzz does).
 #[cfg(fuzzing)]

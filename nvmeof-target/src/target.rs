@@ -76,6 +76,8 @@ pub(crate) struct Shared {
     pub(crate) discovery_genctr: AtomicU64,
     next_connection_id: AtomicU64,
     source: RwLock<Option<Arc<dyn SubsystemSource>>>,
+    /// Where activations run, if not on the connection's thread.
+    activation_runner: RwLock<Option<ActivationRunner>>,
     /// Empty stand-ins for subsystems hosts were detached from (see `detach.rs`).
     pub(crate) tombstones: Mutex<crate::detach::Tombstones>,
     host_keys: RwLock<Option<Arc<dyn HostKeys>>>,
@@ -85,6 +87,11 @@ pub(crate) struct Shared {
     /// Target-wide limits of per-command warnings.
     pub(crate) warnings: crate::ratelimit::WarningLimits,
 }
+
+/// Runs a job on another thread (see [`Target::set_activation_runner`]): typically a driver's pool for
+/// blocking work. A runner that cannot take the job (shutting down) drops it; the connection waiting
+/// for it then ends at its connect timeout.
+pub type ActivationRunner = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
 
 /// Where subsystems that are not loaded come from: lets a storage node keep a million volumes on
 /// disk and build a volume's subsystem only when a host connects to it (lazy activation).
@@ -108,7 +115,8 @@ pub(crate) struct Shared {
 /// unless the source lists them too.
 pub trait SubsystemSource: Send + Sync {
     /// Builds the subsystem `subnqn` (with its namespaces) if the source has it, or `None`. Called on
-    /// the connection's thread: keep it short (an index lookup and opening a device).
+    /// the target's activation runner if it has one ([`Target::set_activation_runner`]), else on the
+    /// connection's thread (then keep it short: an index lookup and opening a device).
     fn activate(&self, subnqn: &str) -> Option<(SubsystemConfig, Vec<NamespaceConfig>)>;
 
     /// Number of entries in `hostnqn`'s discovery list: the subsystems it may connect to.
@@ -261,6 +269,7 @@ impl Target {
                 discovery_genctr: AtomicU64::new(1),
                 next_connection_id: AtomicU64::new(1),
                 source: RwLock::new(None),
+                activation_runner: RwLock::new(None),
                 tombstones: Mutex::default(),
                 host_keys: RwLock::new(None),
                 entropy: RwLock::new(Arc::new(OsEntropy)),
@@ -335,6 +344,28 @@ impl Target {
     /// Sets where subsystems that are not loaded come from (see [`SubsystemSource`]).
     pub fn set_source(&self, source: Arc<dyn SubsystemSource>) {
         *self.shared.source.write() = Some(source);
+    }
+
+    /// Sets where activations by the [`SubsystemSource`] run (`None`: on the thread of the connection
+    /// that needs the subsystem, inside [`Connection::handle_input`]).
+    ///
+    /// Activating may be slow — reading a catalog, opening a device, waiting for it to appear — and
+    /// a driver serving many connections on one thread should not wait for it. With a runner, an
+    /// admin-queue Connect to a subsystem that is not loaded hands the activation to the runner and
+    /// waits, answering nothing; the runner's thread loads the subsystem and calls the connection's
+    /// notifier ([`Connection::set_notifier`]), and [`Connection::handle_wakeup`] then completes the
+    /// Connect. Connections without a notifier activate on their own thread.
+    pub fn set_activation_runner(&self, runner: Option<ActivationRunner>) {
+        *self.shared.activation_runner.write() = runner;
+    }
+
+    pub(crate) fn activation_runner(&self) -> Option<ActivationRunner> {
+        self.shared.activation_runner.read().clone()
+    }
+
+    /// True if `nqn` is not loaded and the [`SubsystemSource`] would be asked for it.
+    pub(crate) fn needs_activation(&self, nqn: &str) -> bool {
+        self.shared.source.read().is_some() && self.subsystem(nqn).is_none()
     }
 
     /// The subsystem `nqn`, loaded from the [`SubsystemSource`] if it is not loaded yet.

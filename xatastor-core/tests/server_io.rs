@@ -509,3 +509,90 @@ fn a_slow_backend_operation_does_not_block_the_worker() {
     drop((slow, other));
     srv.shutdown().unwrap();
 }
+
+/// A source of one lazily activated subsystem whose activation waits at a gate (at most 60 s), like
+/// a catalog read and a device that takes its time to appear.
+struct SlowSource {
+    gate: Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
+    waiting: Arc<std::sync::atomic::AtomicBool>,
+    activated: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const LAZY_NQN: &str = "nqn.2026-01.io.xatastor:server-io-lazy";
+
+impl nvmeof_target::SubsystemSource for SlowSource {
+    fn activate(&self, subnqn: &str) -> Option<(SubsystemConfig, Vec<NamespaceConfig>)> {
+        if subnqn != LAZY_NQN {
+            return None;
+        }
+        let (open, cv) = &*self.gate;
+        let mut open = open.lock();
+        self.waiting.store(true, std::sync::atomic::Ordering::SeqCst);
+        if !*open {
+            let _ = cv.wait_for(&mut open, Duration::from_secs(60));
+        }
+        drop(open);
+        self.activated.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut sc = SubsystemConfig::new(LAZY_NQN, "LAZY1");
+        sc.access = HostAccess::AllowAny;
+        let ns = NamespaceConfig::derived(LAZY_NQN, 1, Arc::new(MemoryBackend::new(8 << 20, 512)));
+        Some((sc, vec![ns]))
+    }
+    fn discovery_len(&self, _hostnqn: &str) -> u64 {
+        1
+    }
+    fn discovery_range(&self, _hostnqn: &str, first: u64, count: usize) -> Vec<String> {
+        if first == 0 && count > 0 {
+            vec![LAZY_NQN.to_owned()]
+        } else {
+            Vec::new()
+        }
+    }
+    fn discovery_lists(&self, _hostnqn: &str, subnqn: &str) -> bool {
+        subnqn == LAZY_NQN
+    }
+}
+
+/// A Connect to a volume that is not loaded waits for its activation on the blocking pool, not on the
+/// worker: another host on the same worker keeps doing I/O meanwhile, and the Connect succeeds once
+/// the activation is done (it runs once).
+#[test]
+fn a_slow_activation_does_not_block_the_worker() {
+    let target = target_with(Arc::new(MemoryBackend::new(8 << 20, 512)));
+    let gate = Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
+    let activated = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let waiting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    target.set_source(Arc::new(SlowSource {
+        gate: gate.clone(),
+        waiting: waiting.clone(),
+        activated: activated.clone(),
+    }));
+    let srv = server(&target, 1, |_| {});
+    let addr = srv.local_addr();
+    let (_adm, cntlid) = admin(addr, 0);
+    let mut q = io_queue(addr, 1, cntlid);
+    let lazy = std::thread::spawn(move || common::connect_admin(addr, LAZY_NQN, HOSTNQN, 0));
+    // The lazy Connect is waiting (its activation has not finished) ...
+    common::eventually("the activation started", || waiting.load(std::sync::atomic::Ordering::SeqCst));
+    for i in 0..16u64 {
+        let d = pattern(4096, i as u8);
+        assert_eq!(write(&mut q, i * 8, &d), Status::SUCCESS);
+        assert_eq!(read(&mut q, i * 8, 4096), d);
+    }
+    assert_eq!(
+        activated.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the other host was served while the activation was still waiting"
+    );
+    *gate.0.lock() = true;
+    gate.1.notify_all();
+    let (mut lazy_admin, lazy_cntlid) = lazy.join().unwrap().expect("the lazy Connect succeeds");
+    assert_eq!(activated.load(std::sync::atomic::Ordering::SeqCst), 1);
+    common::set_queue_count(&mut lazy_admin, 1);
+    let mut lq = common::connect_io(addr, LAZY_NQN, HOSTNQN, 1, lazy_cntlid);
+    let d = pattern(4096, 99);
+    assert_eq!(write(&mut lq, 0, &d), Status::SUCCESS);
+    assert_eq!(read(&mut lq, 0, 4096), d);
+    drop((q, lq, lazy_admin));
+    srv.shutdown().unwrap();
+}

@@ -26,8 +26,11 @@
 //!   (`fallocate`, where the device declares the mode). What the ring cannot do — zeroing on a device
 //!   that refuses `fallocate`, a zvol's `BLKDISCARD`, requests an `O_DIRECT` device cannot take as
 //!   they are — runs on the blocking pool ([`ServerConfig::blocking_threads`]) and completes through
-//!   the worker's mailbox: no request of one volume makes a worker wait. Other backends are called through [`nvmeof_target::BlockBackend::submit`]; those that complete
-//!   later do so from any thread through a completion queue and the worker's eventfd.
+//!   the worker's mailbox: no request of one volume makes a worker wait. Lazy activation of a volume
+//!   (catalog read, device open) runs there as well, while its Connect waits
+//!   ([`nvmeof_target::Target::set_activation_runner`]). Other backends are called through
+//!   [`nvmeof_target::BlockBackend::submit`]; those that complete later do so from any thread through
+//!   a completion queue and the worker's eventfd.
 //! - **Operations in flight** live in slabs keyed by the full 64-bit `user_data` of their ring
 //!   entries (kind, generation, slot), never freed before their last completion.
 //! - **Timers.** A heap of engine deadlines (keep-alive, connect timeouts) bounds `io_uring_enter`.
@@ -157,6 +160,12 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(HashMap::new()));
         let (blocking, blocking_threads) = BlockingPool::start(config.blocking_threads)?;
+        // Lazy activation (reading the catalog, opening a device) runs on the pool too: a Connect to a
+        // volume that is not loaded waits there, not on the worker.
+        let pool = blocking.clone();
+        target.set_activation_runner(Some(Arc::new(move |job| {
+            let _ = pool.run(job);
+        })));
         let mut mailboxes = Vec::new();
         let mut handles = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
@@ -233,6 +242,7 @@ impl Server {
             }
         }
         // The workers waited for their requests on the pool; nothing is queued there any more.
+        self.target.set_activation_runner(None);
         self.blocking.close();
         for t in self.blocking_threads {
             if t.join().is_err() && first.is_ok() {

@@ -145,8 +145,8 @@ pub(super) struct Worker {
     starved: Vec<Key>,
     /// Where requests of file-descriptor backends that the ring cannot run go.
     blocking: BlockingPool,
-    /// Connections that received input since the worker was last idle: when it goes idle, those that
-    /// are quiet give back what a burst made them hold.
+    /// Connections that had any activity since the worker was last idle: when it goes idle, those
+    /// that are quiet give back what a burst made them hold.
     active: Vec<Key>,
 }
 
@@ -682,10 +682,6 @@ impl Worker {
         if !more {
             c.rx.armed = false;
         }
-        if !c.active {
-            c.active = true;
-            self.active.push(key);
-        }
         let previous = c.last_input.replace(now);
         if res > 0
             && previous
@@ -813,6 +809,10 @@ impl Worker {
             if c.tx.ready() && !c.dirty {
                 c.dirty = true;
                 self.dirty.push(key);
+            }
+            if !c.active {
+                c.active = true;
+                self.active.push(key);
             }
         }
         self.maybe_free(key);
