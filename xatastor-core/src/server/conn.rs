@@ -53,6 +53,12 @@ pub(super) struct Conn {
     pub(super) dirty: bool,
     /// Listed in the worker's list of connections to trim when it next goes idle.
     pub(super) active: bool,
+    /// The worker's loop turn in which `turn_pdus` PDUs were decoded (fairness budget).
+    pub(super) turn: u64,
+    pub(super) turn_pdus: u32,
+    /// Decoded PDUs are waiting in the reassembly buffer for the next turn (the connection had its
+    /// share of this one); listed in the worker's list of deferred connections.
+    pub(super) deferred: bool,
     /// The data alignment of the queue was looked at (once it is a live I/O queue).
     pub(super) alignment_checked: bool,
     /// The engine closed the connection: flush, then close the socket.
@@ -79,6 +85,9 @@ impl Conn {
             last_input: None,
             dirty: false,
             active: false,
+            turn: 0,
+            turn_pdus: 0,
+            deferred: false,
             alignment_checked: false,
             closing: false,
             dead: false,

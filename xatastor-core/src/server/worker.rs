@@ -91,6 +91,11 @@ fn missing_of(front: &[u8], total: usize) -> usize {
 /// A connection whose input arrives again within this many poll windows is hot.
 const HOT_WINDOWS: u32 = 4;
 
+/// PDUs one connection decodes per loop turn. A host keeping 128 commands in flight gets them served
+/// in rounds of this many, and another connection's request waits for one round, not for all of them
+/// (the responses of each round go out at its end).
+const PDU_BUDGET: u32 = 32;
+
 /// A backend request that will complete through the mailbox.
 struct PendingIo {
     conn: Key,
@@ -148,6 +153,10 @@ pub(super) struct Worker {
     /// Connections that had any activity since the worker was last idle: when it goes idle, those
     /// that are quiet give back what a burst made them hold.
     active: Vec<Key>,
+    /// Loop turns so far (for the per-connection budget of PDUs per turn).
+    turn: u64,
+    /// Connections with decoded-later input waiting (see [`PDU_BUDGET`]).
+    deferred: Vec<Key>,
 }
 
 impl Worker {
@@ -196,6 +205,8 @@ impl Worker {
             starved: Vec::new(),
             blocking,
             active: Vec::new(),
+            turn: 0,
+            deferred: Vec::new(),
         })
     }
 
@@ -266,6 +277,7 @@ impl Worker {
                 return Ok(());
             }
             self.wait()?;
+            self.turn = self.turn.wrapping_add(1);
             let now = Instant::now();
             let mut cqes = std::mem::take(&mut self.cqes);
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
@@ -282,6 +294,7 @@ impl Worker {
             }
             cqes.clear();
             self.cqes = cqes;
+            self.run_deferred(now);
             self.flush_sends();
             self.run_timers(now);
             self.resume_accept(now);
@@ -293,7 +306,7 @@ impl Worker {
     /// blocking (bounded by the earliest timer) otherwise.
     #[allow(clippy::disallowed_methods)] // the driver owns the clock
     fn wait(&mut self) -> io::Result<()> {
-        if !self.ring.completion().is_empty() {
+        if !self.ring.completion().is_empty() || !self.deferred.is_empty() {
             return self.enter(|ring| ring.submit().map(drop));
         }
         if let Some(until) = self.spin_until {
@@ -527,6 +540,13 @@ impl Worker {
                 self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
             }
             let direct = c.rx.is_direct();
+            if !from_chain && !direct && !Self::take_budget(c, self.turn) {
+                if !c.deferred {
+                    c.deferred = true;
+                    self.deferred.push(key);
+                }
+                return;
+            }
             let taken = if from_chain {
                 c.engine.handle_input_pdus(&mut c.rx.chain, now, 1)
             } else if direct {
@@ -590,13 +610,38 @@ impl Worker {
                 continue;
             }
             if !c.rx.buf.is_empty() {
-                // Complete the waiting PDU (or, held back, just queue everything behind it).
-                let take = if c.rx.held { chunk.len() } else { missing(&c.rx.buf).min(chunk.len()) };
+                // Complete the waiting PDU (or, held back or deferred, just queue everything behind
+                // what waits).
+                let behind = c.rx.held || c.deferred;
+                let take = if behind { chunk.len() } else { missing(&c.rx.buf).min(chunk.len()) };
                 c.rx.buf.extend_from_slice(chunk.get(..take).unwrap_or_default());
                 chunk.advance(take);
                 self.mailbox.stats.rx_copied.fetch_add(take as u64, Ordering::Relaxed);
                 self.feed(key, now);
+                if behind || self.conns.get(key).is_some_and(|c| c.deferred) {
+                    // What is left of the chunk stays behind the deferred input.
+                    if let Some(c) = self.conns.get_mut(key) {
+                        if !chunk.is_empty() {
+                            c.rx.buf.extend_from_slice(chunk);
+                            self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                            chunk.clear();
+                        }
+                    }
+                    break;
+                }
                 continue;
+            }
+            if !Self::take_budget(c, self.turn) {
+                // This connection had its share of the turn: the rest waits for the next one (the
+                // receive buffer goes back to the kernel now).
+                c.rx.buf.extend_from_slice(chunk);
+                self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                chunk.clear();
+                if !c.deferred {
+                    c.deferred = true;
+                    self.deferred.push(key);
+                }
+                break;
             }
             if c.tx.queued_bytes > limit {
                 // Held back: keep the rest for later (the buffer goes back to the kernel now).
@@ -625,6 +670,36 @@ impl Worker {
             }
         }
         self.maybe_go_direct(key, now);
+    }
+
+    /// Counts one PDU against the connection's budget for this turn; false if it is used up.
+    fn take_budget(c: &mut Conn, turn: u64) -> bool {
+        if c.turn != turn {
+            c.turn = turn;
+            c.turn_pdus = 0;
+        }
+        if c.turn_pdus >= PDU_BUDGET {
+            return false;
+        }
+        c.turn_pdus += 1;
+        true
+    }
+
+    /// Deferred connections decode their next round of input (a new turn, a new budget).
+    fn run_deferred(&mut self, now: Instant) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let mut list = std::mem::take(&mut self.deferred);
+        for key in list.drain(..) {
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            c.deferred = false;
+            self.feed(key, now);
+            self.after_engine(key, now);
+        }
+        if self.deferred.is_empty() {
+            self.deferred = list;
+        }
     }
 
     fn max_pdu(&self, key: Key) -> usize {
