@@ -16,8 +16,9 @@
 #                               the device has no zero-range fallocate, so each one is a loop of
 #                               zero writes in the backend
 #   + QD128 reads               another connection keeps 128 random 4 KiB reads in flight on `noisy`
-# and prints each p99 as a multiple of the quiet p99. Loopback only; figures are comparable within
-# one run only.
+# and prints each p99 as a multiple of the quiet p99. The measured stream runs at real-time priority
+# (it shares core 1 with the background client). Loopback only; figures are comparable within one
+# run only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release/xatastor-target
@@ -49,7 +50,10 @@ perf() { taskset -c 1 "$PERF" --target 127.0.0.1:$PORT --hostnqn "$HOSTNQN" --js
 perf --nqn "$QUIET" --workload write --qd 32 --bs-bytes 131072 --time-secs 2 --warmup-secs 0 >/dev/null
 
 measure() { # label -> prints p50 p99 p99.9 of the quiet stream
-  perf --nqn "$QUIET" --workload randread --qd 1 --bs-bytes 4096 --time-secs "$SECS" --warmup-secs 1 \
+  # The measured stream shares core 1 with the background client: it runs at real-time priority so
+  # that what it measures is the target's delay, not the scheduling of the client core.
+  RT=; chrt -f 10 true 2>/dev/null && RT="chrt -f 10"
+  $RT taskset -c 1 "$PERF" --target 127.0.0.1:$PORT --hostnqn "$HOSTNQN" --json --nqn "$QUIET" --workload randread --qd 1 --bs-bytes 4096 --time-secs "$SECS" --warmup-secs 1 \
     | python3 -c 'import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); l=d["lat_us"]; print(l["p50"], l["p99"], l["p999"], d["iops"])'
 }
 declare -A P
