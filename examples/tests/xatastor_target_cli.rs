@@ -491,7 +491,7 @@ fn a_low_open_file_limit_is_raised_at_start() {
         .arg(format!("--nofile=1024:{hard}"))
         .arg(BIN)
         .args(["--data-dir", &dir.path().display().to_string()])
-        .args(["--backend", "memory", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .args(["--backend", "memory", "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--workers", "1"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -513,4 +513,13 @@ fn a_low_open_file_limit_is_raised_at_start() {
             && log.contains(&format!("to={hard}")),
         "{log}"
     );
+    // One worker allows 65,536 connections: a hard limit below that (plus the node's own
+    // descriptors) is reported in one line, with the number of connections that fit.
+    let warned = log.matches("is below what the connection limits allow").count();
+    if hard < 65_536 + 64 {
+        assert_eq!(warned, 1, "{log}");
+        assert!(log.contains(&format!("about {} connections fit", hard - 64)), "{log}");
+    } else {
+        assert_eq!(warned, 0, "{log}");
+    }
 }

@@ -474,6 +474,9 @@ impl ServeArgs {
     }
 }
 
+/// Descriptors the node needs besides its connections (catalog, listeners, rings, devices, logs).
+const RESERVED_FDS: u64 = 64;
+
 /// The allocator: mimalloc. The I/O path allocates a buffer per read (4 KiB up to the largest
 /// transfer): glibc's malloc serves those outside its per-thread cache and gives freed memory back
 /// to the kernel eagerly (a 128 KiB read page-faulted its buffer in every time). Measured with
@@ -1024,14 +1027,33 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     init_logging(&log)?;
     // Every connection is a file descriptor: take the hard limit (services often start with a soft
     // limit of 1024, which would cap the node at about a thousand connections).
-    match xatastor_core::raise_open_file_limit() {
-        Ok((old, new)) if new > old => tracing::info!(from = old, to = new, "raised the open-file limit"),
-        Ok((limit, _)) if limit < 65_536 => tracing::warn!(
-            limit,
-            "the open-file limit is low (each connection takes one): raise it, e.g. LimitNOFILE= in the systemd unit"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    let limit = match xatastor_core::raise_open_file_limit() {
+        Ok((old, new)) => {
+            if new > old {
+                tracing::info!(from = old, to = new, "raised the open-file limit");
+            }
+            Some(new)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+            None
+        }
+    };
+    // Each connection takes a descriptor: say once when even the raised limit is below what the
+    // connection limits let hosts open.
+    let effective_workers = match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let per_worker = ServerConfig::new(listen).max_connections_per_worker;
+    let allowed = (per_worker * effective_workers) as u64;
+    if let Some(limit) = limit.filter(|&l| l < allowed + RESERVED_FDS) {
+        tracing::warn!(
+            "the open-file limit ({limit}) is below what the connection limits allow ({allowed}: \
+             {per_worker} per worker x {effective_workers} workers): about {} connections fit, \
+             more wait in the listen backlog; raise the hard limit (LimitNOFILE= in the systemd unit)",
+            limit.saturating_sub(RESERVED_FDS)
+        );
     }
     let signals =
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
