@@ -16,6 +16,8 @@
 #                               the device has no zero-range fallocate, so each one is a loop of
 #                               zero writes in the backend
 #   + QD128 reads               another connection keeps 128 random 4 KiB reads in flight on `noisy`
+#   + cold activations          100 times a second a host connects to a volume that is not loaded
+#                               (short nvmf-perf runs on volumes cold0, cold1, ...)
 # and prints each p99 as a multiple of the quiet p99. The measured stream runs at real-time priority
 # (it shares core 1 with the background client). Loopback only; figures are comparable within one
 # run only.
@@ -68,10 +70,26 @@ perf --nqn "$NOISY" --workload randread --qd 128 --bs-bytes 4096 --time-secs $((
 BG=$!; sleep 1
 P[qd128]=$(measure)
 wait $BG || true
+# cold volumes: each is activated by the Connect of a short nvmf-perf run, COLD_RATE per second
+COLD_RATE=100; COLD=$(( (SECS + 3) * COLD_RATE ))
+"$BIN" --data-dir "$DIR" volume create-batch --prefix cold --count "$COLD" --size 16MiB --allow-host "$HOSTNQN" >/dev/null
+(
+  end=$(( $(date +%s) + SECS + 3 ))
+  for i in $(seq 0 $((COLD - 1))); do
+    [ "$(date +%s)" -ge "$end" ] && break
+    perf --nqn "${QUIET%:quiet}:cold$i" --workload randread --qd 1 --bs-bytes 4096 --time-secs 0.01 \
+      --warmup-secs 0 >/dev/null 2>>"$DIR/cold.err" &
+    sleep "$(echo "scale=3; 1 / $COLD_RATE" | bc)"
+  done
+  wait
+) &
+BG=$!; sleep 1
+P[cold]=$(measure)
+wait $BG || true
 
 printf '%-34s %10s %10s %10s %10s %12s\n' "QD1 4K randread on quiet" "p50 us" "p99 us" "p99.9 us" "IOPS" "p99 / alone"
 base=$(echo "${P[alone]}" | awk '{print $2}')
-for k in alone:alone wz:"+ write zeroes 32M loop" qd128:"+ QD128 reads (other conn)"; do
+for k in alone:alone wz:"+ write zeroes 32M loop" qd128:"+ QD128 reads (other conn)" cold:"+ 100 cold activations/s"; do
   t=${k%%:*}; n=${k#*:}
   set -- ${P[$t]}
   printf '%-34s %10s %10s %10s %10s %11sx\n' "$n" "$1" "$2" "$3" "$4" "$(echo "scale=2; $2 / $base" | bc)"
