@@ -51,6 +51,17 @@ const DISCOVERY_DEFAULT_KATO_MS: u32 = 120_000;
 impl Connection {
     // ---- Fabrics Connect ----
 
+    /// The Connect command's data (host and subsystem NQNs, host ID, CNTLID), or the status that
+    /// refuses it. The data travels in the capsule (the Linux host always sends it so).
+    pub(crate) fn connect_data(&self, cmd: &CapsuleCmd) -> Result<Bytes, Status> {
+        match self.data_location(cmd)? {
+            DataLocation::InCapsule { length, .. } if length as usize >= CONNECT_DATA_LEN => {
+                Ok(cmd.data.slice(..CONNECT_DATA_LEN).to_bytes())
+            }
+            _ => Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
+        }
+    }
+
     pub(crate) fn handle_connect(&mut self, cmd: &CapsuleCmd, now: Instant) {
         let cid = cmd.sqe.cid.get();
         let c = ConnectCommand::from_sqe(&cmd.sqe);
@@ -58,15 +69,8 @@ impl Connection {
             self.respond(cid, Status::CONNECT_INCOMPATIBLE_FORMAT.with_dnr(), 0);
             return;
         }
-        // Connect data travels in the capsule (the Linux host always sends it so).
-        let data = match self.data_location(cmd) {
-            Ok(DataLocation::InCapsule { length, .. }) if length as usize >= CONNECT_DATA_LEN => {
-                cmd.data.slice(..CONNECT_DATA_LEN).to_bytes()
-            }
-            Ok(_) => {
-                self.respond(cid, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
-                return;
-            }
+        let data = match self.connect_data(cmd) {
+            Ok(data) => data,
             Err(status) => {
                 self.respond(cid, status, 0);
                 return;

@@ -812,19 +812,13 @@ impl Connection {
     /// answers that).
     fn park_connect_for_activation(&mut self, cmd: &CapsuleCmd) -> bool {
         use nvmeof_proto::nvme::discovery::DISCOVERY_NQN;
-        use nvmeof_proto::nvme::fabrics::{ConnectCommand, ConnectData, CONNECT_DATA_LEN};
-        use nvmeof_proto::nvme::DataLocation;
+        use nvmeof_proto::nvme::fabrics::{ConnectCommand, ConnectData};
         if ConnectCommand::from_sqe(&cmd.sqe).qid.get() != 0 {
             return false;
         }
         let Some(notifier) = self.notifier.clone() else { return false };
         let Some(runner) = self.target.activation_runner() else { return false };
-        let data = match self.data_location(cmd) {
-            Ok(DataLocation::InCapsule { length, .. }) if length as usize >= CONNECT_DATA_LEN => {
-                cmd.data.slice(..CONNECT_DATA_LEN).to_bytes()
-            }
-            _ => return false,
-        };
+        let Ok(data) = self.connect_data(cmd) else { return false };
         let Some(subnqn) = ConnectData::ref_from_data(&data).and_then(|cd| cd.subnqn().ok()) else {
             return false;
         };

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use nvmeof_target::{
     Completer, Event, IoError, IoOp, IoRequest, IoToken, Namespace, Submitted, Target, TransportParams,
@@ -86,6 +86,22 @@ fn missing_of(front: &[u8], total: usize) -> usize {
             }
         }
     }
+}
+
+/// Lists `key` in `list` unless `listed` says it is there already.
+fn list_once(listed: &mut bool, list: &mut Vec<Key>, key: Key) {
+    if !*listed {
+        *listed = true;
+        list.push(key);
+    }
+}
+
+/// Moves what is left of a receive buffer's `chunk` into a connection's reassembly buffer `buf` (a
+/// copy, counted), so that the receive buffer can go back to the kernel.
+fn keep_rest(buf: &mut BytesMut, chunk: &mut Bytes, stats: &super::Counters) {
+    buf.extend_from_slice(chunk);
+    stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    chunk.clear();
 }
 
 /// A connection whose input arrives again within this many poll windows is hot.
@@ -350,7 +366,7 @@ impl Worker {
 
     /// Connections that were active and are quiet now give back their burst memory (receive and send
     /// vectors, the engine's tables): an idle connected queue holds only its fixed state. Runs when
-    /// the worker is about to sleep, over the connections that had input since it last did.
+    /// the worker is about to sleep, over the connections that had any activity since it last did.
     fn release_idle_memory(&mut self) {
         let mut active = std::mem::take(&mut self.active);
         for key in active.drain(..) {
@@ -361,10 +377,8 @@ impl Worker {
             c.engine.release_idle_memory();
         }
         self.active = active;
-        if self.active.capacity() > 1024 {
-            self.active = Vec::new();
-        }
-        // The worker's own scratch vectors, sized by the last burst (a few are kept).
+        // The worker's own vectors, sized by the last burst (a few entries are kept).
+        self.active.shrink_to(64);
         self.cqes.shrink_to(64);
         self.io_scratch.shrink_to(16);
         self.dirty.shrink_to(16);
@@ -541,10 +555,7 @@ impl Worker {
             }
             let direct = c.rx.is_direct();
             if !from_chain && !direct && !Self::take_budget(c, self.turn) {
-                if !c.deferred {
-                    c.deferred = true;
-                    self.deferred.push(key);
-                }
+                list_once(&mut c.deferred, &mut self.deferred, key);
                 return;
             }
             let taken = if from_chain {
@@ -618,15 +629,9 @@ impl Worker {
                 chunk.advance(take);
                 self.mailbox.stats.rx_copied.fetch_add(take as u64, Ordering::Relaxed);
                 self.feed(key, now);
-                if behind || self.conns.get(key).is_some_and(|c| c.deferred) {
-                    // What is left of the chunk stays behind the deferred input.
-                    if let Some(c) = self.conns.get_mut(key) {
-                        if !chunk.is_empty() {
-                            c.rx.buf.extend_from_slice(chunk);
-                            self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                            chunk.clear();
-                        }
-                    }
+                if let Some(c) = self.conns.get_mut(key).filter(|c| c.deferred) {
+                    // What is left of the chunk waits behind the deferred input.
+                    keep_rest(&mut c.rx.buf, chunk, &self.mailbox.stats);
                     break;
                 }
                 continue;
@@ -634,20 +639,13 @@ impl Worker {
             if !Self::take_budget(c, self.turn) {
                 // This connection had its share of the turn: the rest waits for the next one (the
                 // receive buffer goes back to the kernel now).
-                c.rx.buf.extend_from_slice(chunk);
-                self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                chunk.clear();
-                if !c.deferred {
-                    c.deferred = true;
-                    self.deferred.push(key);
-                }
+                keep_rest(&mut c.rx.buf, chunk, &self.mailbox.stats);
+                list_once(&mut c.deferred, &mut self.deferred, key);
                 break;
             }
             if c.tx.queued_bytes > limit {
                 // Held back: keep the rest for later (the buffer goes back to the kernel now).
-                c.rx.buf.extend_from_slice(chunk);
-                self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                chunk.clear();
+                keep_rest(&mut c.rx.buf, chunk, &self.mailbox.stats);
                 self.feed(key, now);
                 break;
             }
@@ -661,8 +659,7 @@ impl Worker {
                     if plen as usize >= CHAIN_MIN_PDU {
                         c.rx.chain.push(std::mem::take(chunk));
                     } else {
-                        c.rx.buf.extend_from_slice(chunk);
-                        self.mailbox.stats.rx_copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        keep_rest(&mut c.rx.buf, chunk, &self.mailbox.stats);
                     }
                 }
                 chunk.clear();
@@ -881,14 +878,10 @@ impl Worker {
                     self.timers.push(Reverse((t, key)));
                 }
             }
-            if c.tx.ready() && !c.dirty {
-                c.dirty = true;
-                self.dirty.push(key);
+            if c.tx.ready() {
+                list_once(&mut c.dirty, &mut self.dirty, key);
             }
-            if !c.active {
-                c.active = true;
-                self.active.push(key);
-            }
+            list_once(&mut c.active, &mut self.active, key);
         }
         self.maybe_free(key);
     }
@@ -948,20 +941,14 @@ impl Worker {
             }
             Plan::Backend(op) => self.submit_to_backend(conn, token, &namespace, op, now),
             Plan::Fail(why) => {
-                if let Some(c) = self.conns.get_mut(conn) {
-                    let e = io::Error::new(io::ErrorKind::OutOfMemory, why);
-                    c.engine.complete_io(token, Err(IoError::Io(e)), now);
-                }
+                self.fail_io(conn, token, io::Error::new(io::ErrorKind::OutOfMemory, why), now)
             }
             Plan::Ring(kind, sqes) => {
                 if matches!(kind, disk::DiskKind::Write { _bounce: Some(_), .. }) {
                     self.mailbox.stats.bounced.fetch_add(1, Ordering::Relaxed);
                 }
                 let Some(key) = self.disk.insert(DiskOp { conn, token, namespace, kind }) else {
-                    if let Some(c) = self.conns.get_mut(conn) {
-                        let e = io::Error::other("too many operations in flight");
-                        c.engine.complete_io(token, Err(IoError::Io(e)), now);
-                    }
+                    self.fail_io(conn, token, io::Error::other("too many operations in flight"), now);
                     return;
                 };
                 for e in sqes {
@@ -985,10 +972,7 @@ impl Worker {
         now: Instant,
     ) {
         let Some(slot) = self.pending.next_key() else {
-            if let Some(c) = self.conns.get_mut(conn) {
-                let e = io::Error::other("too many operations in flight");
-                c.engine.complete_io(token, Err(IoError::Io(e)), now);
-            }
+            self.fail_io(conn, token, io::Error::other("too many operations in flight"), now);
             return;
         };
         let completer = Completer::new(IoToken::from_raw(slot.to_u64()), self.mailbox.clone());
@@ -1017,10 +1001,7 @@ impl Worker {
         now: Instant,
     ) {
         let Some(slot) = self.pending.insert(PendingIo { conn, token }) else {
-            if let Some(c) = self.conns.get_mut(conn) {
-                let e = io::Error::other("too many operations in flight");
-                c.engine.complete_io(token, Err(IoError::Io(e)), now);
-            }
+            self.fail_io(conn, token, io::Error::other("too many operations in flight"), now);
             return;
         };
         let mailbox = self.mailbox.clone();
@@ -1034,10 +1015,14 @@ impl Worker {
         if self.blocking.run(job).is_err() {
             // The pool is closed only after the workers ended: not reached while serving.
             let Some(PendingIo { conn, token }) = self.pending.remove(slot) else { return };
-            if let Some(c) = self.conns.get_mut(conn) {
-                let e = io::Error::other("the server is shutting down");
-                c.engine.complete_io(token, Err(IoError::Io(e)), now);
-            }
+            self.fail_io(conn, token, io::Error::other("the server is shutting down"), now);
+        }
+    }
+
+    /// Completes a request that could not be started with error `e`.
+    fn fail_io(&mut self, conn: Key, token: IoToken, e: io::Error, now: Instant) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            c.engine.complete_io(token, Err(IoError::Io(e)), now);
         }
     }
 
