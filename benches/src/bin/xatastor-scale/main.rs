@@ -15,11 +15,15 @@
 //! ```sh
 //! cargo run --release -p xatastor-benches --bin xatastor-scale -- --counts 10000,100000,1000000
 //! ```
+//!
+//! With `--connected N,…` it measures connected-idle controllers instead (see `connected.rs`).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod connected;
 
 use clap::Parser;
 use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
@@ -56,6 +60,45 @@ struct Args {
     /// Internal: run the restart phase on this directory and print one line of figures.
     #[arg(long, hide = true)]
     restart: Option<PathBuf>,
+    /// Measure connected-idle controllers instead: these connection counts (admin queues plus I/O
+    /// queues), each controller on its own volume, held with keep-alives.
+    #[arg(long, value_delimiter = ',')]
+    connected: Vec<u64>,
+    /// How long the connected controllers are held, in seconds.
+    #[arg(long, default_value_t = 300)]
+    hold_secs: u64,
+    /// Keep-alive timeout the controllers connect with, in milliseconds (they send a Keep Alive
+    /// every half of it). 5000 is the Linux host's default.
+    #[arg(long, default_value_t = 5000)]
+    kato_ms: u32,
+    /// One controller in this many also connects an I/O queue.
+    #[arg(long, default_value_t = 10)]
+    io_queue_every: u64,
+    /// Worker threads of the target.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Pin the target process to this core.
+    #[arg(long)]
+    target_cpu: Option<usize>,
+    /// Pin this (client) process to this core.
+    #[arg(long)]
+    client_cpu: Option<usize>,
+    /// Open-file limit the target starts with, `SOFT:HARD` (it raises the soft limit to the hard one).
+    #[arg(long, value_parser = parse_nofile)]
+    target_nofile: Option<(u64, u64)>,
+    /// Internal: serve this many loaded volumes for `--connected`.
+    #[arg(long, hide = true)]
+    serve_connected: Option<u64>,
+}
+
+fn parse_nofile(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once(':').ok_or("expected SOFT:HARD, e.g. 1024:20000")?;
+    let soft = a.parse::<u64>().map_err(|e| format!("soft limit: {e}"))?;
+    let hard = b.parse::<u64>().map_err(|e| format!("hard limit: {e}"))?;
+    if soft > hard {
+        return Err(format!("the soft limit {soft} is above the hard limit {hard}"));
+    }
+    Ok((soft, hard))
 }
 
 fn rss_kib() -> u64 {
@@ -82,6 +125,23 @@ fn main() {
     let args = Args::parse();
     if let Some(dir) = &args.restart {
         restart_phase(dir, args.probes, args.idle_secs);
+        return;
+    }
+    if let Some(volumes) = args.serve_connected {
+        connected::serve(volumes, args.workers, args.target_cpu, args.target_nofile);
+        return;
+    }
+    if !args.connected.is_empty() {
+        connected::run(&connected::Options {
+            counts: args.connected.clone(),
+            hold_secs: args.hold_secs,
+            kato_ms: args.kato_ms,
+            io_queue_every: args.io_queue_every,
+            workers: args.workers,
+            target_cpu: args.target_cpu,
+            client_cpu: args.client_cpu,
+            target_nofile: args.target_nofile,
+        });
         return;
     }
     println!(
