@@ -279,6 +279,10 @@ fn discard_entries(ranges: &[ByteRange], dev: &RawDevice<'_>) -> Option<(SmallVe
     if !dev.direct || align > ZEROS_ALIGN || g % a != 0 || dev.base_offset % a != 0 {
         return None;
     }
+    // The partial blocks of one range alone must fit (the bound is checked after each range).
+    if g / ZEROS_LEN as u64 >= MAX_DISCARD_SQES as u64 / 2 {
+        return None;
+    }
     let fd = types::Fd(dev.fd.as_raw_fd());
     let mut sqes: SmallVec<[squeue::Entry; 1]> = SmallVec::new();
     let mut zero_bytes = 0u64;
