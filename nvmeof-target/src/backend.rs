@@ -253,13 +253,29 @@ pub struct RawDevice<'a> {
     /// `fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)` works on the descriptor: Write Zeroes
     /// can run as that. Otherwise the backend's own [`BlockBackend::submit`] does it.
     pub zero_range: bool,
+    /// The descriptor is a block device whose discard of whole blocks of this many bytes (counted
+    /// from the start of the device) makes them read as zeros, as a zvol's does (`volblocksize`);
+    /// partial blocks are left untouched by a discard and must be zeroed. A driver may then run
+    /// deallocate (and Write Zeroes with DEAC, where `punch_hole` is not declared) as a discard of the
+    /// whole blocks plus zero writes of the partial head and tail. `None`: no such promise (the
+    /// backend's own [`BlockBackend::submit`] deallocates).
+    pub discard_granularity: Option<u64>,
 }
 
 impl<'a> RawDevice<'a> {
-    /// A buffered descriptor (no `O_DIRECT`), volume at offset 0, no `fallocate` modes declared.
+    /// A buffered descriptor (no `O_DIRECT`), volume at offset 0, no `fallocate` modes and no
+    /// discard granularity declared.
     #[must_use]
     pub fn new(fd: BorrowedFd<'a>) -> Self {
-        Self { fd, base_offset: 0, direct: false, alignment: 1, punch_hole: false, zero_range: false }
+        Self {
+            fd,
+            base_offset: 0,
+            direct: false,
+            alignment: 1,
+            punch_hole: false,
+            zero_range: false,
+            discard_granularity: None,
+        }
     }
 
     /// The volume starts `offset` bytes into the file.
@@ -289,6 +305,14 @@ impl<'a> RawDevice<'a> {
     #[must_use]
     pub fn zero_range(mut self, supported: bool) -> Self {
         self.zero_range = supported;
+        self
+    }
+
+    /// Declares that discarding whole blocks of `granularity` bytes makes them read as zeros (see
+    /// the field of the same name); `None` or `Some(0)` declares nothing.
+    #[must_use]
+    pub fn discard_granularity(mut self, granularity: Option<u64>) -> Self {
+        self.discard_granularity = granularity.filter(|&g| g > 0);
         self
     }
 }

@@ -2,16 +2,19 @@
 //!
 //! The device is opened `O_DIRECT`, so reads and writes go straight to the zvol without a second copy
 //! in the page cache (ZFS caches in its ARC already). A driver with an io_uring executes reads, writes
-//! and flushes itself on the descriptor from [`BlockBackend::raw_device`]; everything else — and all
-//! operations for drivers without a ring — goes through [`ZvolBackend::execute`], which is synchronous.
+//! and flushes itself on the descriptor from [`BlockBackend::raw_device`], and on a zvol deallocation
+//! too: the descriptor declares its discard granularity (`volblocksize`), and the driver discards the
+//! whole blocks (io_uring's block-device discard command, Linux 6.12+) and writes zeros over the
+//! partial head and tail. Everything else — and all operations for drivers without a ring, or on
+//! kernels without that command — goes through [`ZvolBackend::execute`], which is synchronous.
 //!
-//! | NVMe command | how | zvol effect |
+//! | NVMe command | how (synchronous path) | zvol effect |
 //! | --- | --- | --- |
 //! | Read / Write | `pread` / `pwritev` (aligned bounce buffer for unaligned memory) | `zvol_read` / `zvol_write` |
 //! | Write with FUA | `pwritev2(RWF_DSYNC)` (fallback: write + `fdatasync`) | the write is committed to the ZIL |
 //! | Flush | `fdatasync` | `zil_commit`: every completed write is durable |
 //! | Write Zeroes | `fallocate(ZERO_RANGE \| KEEP_SIZE)` (fallback: writing zeros) | zero blocks (holes with compression on) |
-//! | Deallocate, Write Zeroes + DEAC | `fallocate(PUNCH_HOLE \| KEEP_SIZE)`; on a zvol, which refuses that, `BLKDISCARD` of the whole discard-granularity (`volblocksize`) blocks and zeroing of the partial head and tail | freed blocks return to the pool |
+//! | Deallocate, Write Zeroes + DEAC | `fallocate(PUNCH_HOLE \| KEEP_SIZE)`; on a zvol, which refuses that, `BLKDISCARD` of the whole discard-granularity (`volblocksize`) blocks and zeroing of the partial head and tail (on a driver's ring: the discard command and zero writes, see [`RawDevice::discard_granularity()`]) | freed blocks return to the pool |
 //!
 //! ZFS only frees whole `volblocksize` blocks on discard and leaves partial blocks untouched, which is
 //! why the partial head and tail of a range are zeroed explicitly: a deallocated range must read as
@@ -533,7 +536,19 @@ impl ZvolBackend {
         self.zero(last, end - last)
     }
 
-    /// Test hook: use the zvol deallocation path (discard whole blocks, zero the rest) on any device.
+    /// Whether deallocation discards the whole discard-granularity blocks and zeroes the rest: on a
+    /// zvol (which refuses `PUNCH_HOLE`) and on a device forced to it, until a discard was refused.
+    fn discards_zeroing(&self) -> bool {
+        self.is_block_device
+            && match self.dealloc.load(Ordering::Relaxed) {
+                DEALLOC_DISCARD_AND_ZERO => true,
+                DEALLOC_PUNCH_HOLE => self.dataset.is_some(),
+                _ => false,
+            }
+    }
+
+    /// Test hook: use the zvol deallocation path (discard whole blocks, zero the rest) on any device;
+    /// a block device then declares it in [`BlockBackend::raw_device`] too.
     #[doc(hidden)]
     pub fn __force_discard_and_zero(&self) {
         self.dealloc.store(DEALLOC_DISCARD_AND_ZERO, Ordering::Relaxed);
@@ -559,9 +574,11 @@ impl BlockBackend for ZvolBackend {
     }
 
     fn raw_device(&self) -> Option<RawDevice<'_>> {
-        // zvols refuse fallocate (no PUNCH_HOLE / ZERO_RANGE): deallocate and write zeroes go to
-        // `submit` (BLKDISCARD, zero writes).
-        let dev = RawDevice::new(self.file.as_fd());
+        // zvols refuse fallocate (no PUNCH_HOLE / ZERO_RANGE): write zeroes go to `submit` (zero
+        // writes); deallocation is declared as "discard whole blocks, zero the partial ones" for as
+        // long as `deallocate` would do that (until the device turns out not to discard).
+        let dev = RawDevice::new(self.file.as_fd())
+            .discard_granularity(self.discards_zeroing().then_some(self.discard_granularity));
         Some(if self.direct { dev.direct(self.alignment) } else { dev })
     }
 

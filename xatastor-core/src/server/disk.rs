@@ -1,7 +1,8 @@
 //! Backend operations of file-descriptor volumes, run on the worker's ring.
 //!
-//! A backend that exposes a [`RawDevice`] gets its reads, writes, flushes and (where the device
-//! declares them) `fallocate` modes executed by the worker with the request's own buffers:
+//! A backend that exposes a [`RawDevice`] gets its reads, writes, flushes, (where the device
+//! declares them) `fallocate` modes and (on a block device that declares its discard granularity)
+//! deallocation executed by the worker with the request's own buffers:
 //!
 //! | operation | ring opcode | buffers |
 //! |---|---|---|
@@ -9,9 +10,14 @@
 //! | write | `Write` (one segment) / `Writev` | the PDUs' own data; for `O_DIRECT`, copied into an aligned buffer only if it is not aligned already |
 //! | flush | `Fsync(DATASYNC)` | — |
 //! | write zeroes / deallocate | `Fallocate` (`ZERO_RANGE` / `PUNCH_HOLE`) | — |
+//! | deallocate, write zeroes with DEAC, on an `O_DIRECT` block device with a discard granularity and no `PUNCH_HOLE` (a zvol) | `UringCmd16` `BLOCK_URING_CMD_DISCARD` (Linux 6.12+) over the whole granularity blocks of each range, `Write`s over its partial head and tail | a static, shared zero buffer |
 //!
 //! What the ring cannot do (a mode the device does not declare, requests not aligned for an
-//! `O_DIRECT` device) goes to the backend's own [`nvmeof_target::BlockBackend::submit`].
+//! `O_DIRECT` device) goes to the backend's own [`nvmeof_target::BlockBackend::submit`]. So does
+//! an operation the device refuses on the ring although it declared it (`fallocate` failing with
+//! `EOPNOTSUPP`; the discard command failing with `EOPNOTSUPP`, `ENOTTY`, `EINVAL` or `EAGAIN`,
+//! as on kernels without it): [`Outcome::Refused`] hands the whole operation over, and the worker
+//! sends the namespace's later deallocations straight there.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -20,7 +26,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use io_uring::{opcode, squeue, types};
 use nvmeof_proto::Payload;
-use nvmeof_target::{IoError, IoOp, IoOutput, IoResult, IoToken, Namespace, RawDevice};
+use nvmeof_target::{ByteRange, IoError, IoOp, IoOutput, IoResult, IoToken, Namespace, RawDevice};
 use smallvec::SmallVec;
 
 use super::pool::{Pooled, ReadPool};
@@ -57,6 +63,51 @@ pub(super) enum DiskKind {
         error: Option<i32>,
         op: IoOp,
     },
+    /// Deallocation as discard commands over whole granularity blocks plus writes of [`ZEROS`]
+    /// (`zero_bytes` in all) over the partial blocks; `op` is handed to the backend if the kernel
+    /// refuses the command.
+    Discard {
+        remaining: usize,
+        /// Bytes the zero writes must write in all, and what they wrote so far.
+        zero_bytes: u64,
+        written: u64,
+        /// The first error that is not a refusal.
+        error: Option<i32>,
+        refused: bool,
+        op: IoOp,
+    },
+}
+
+/// `BLOCK_URING_CMD_DISCARD` (Linux 6.12+, `include/uapi/linux/blkdev.h`: `_IO(0x12, 0)`), the
+/// `cmd_op` of an `IORING_OP_URING_CMD` on a block device: discards the range starting at byte
+/// `sqe->addr`, `sqe->addr3` bytes long (both multiples of the logical block size); every other
+/// field of the entry must be zero (`blkdev_uring_cmd` in `block/ioctl.c`). Completes with 0.
+const BLOCK_URING_CMD_DISCARD: u32 = 0x12 << 8;
+
+/// Bytes of [`ZEROS`]: larger partial blocks are zeroed with several writes.
+const ZEROS_LEN: usize = 64 * 1024;
+
+/// Alignment of [`ZEROS`]: enough for `O_DIRECT` on devices with logical blocks up to 4 KiB
+/// (devices needing more have their deallocation done by the backend).
+const ZEROS_ALIGN: usize = 4096;
+
+#[repr(C, align(4096))]
+struct Zeros([u8; ZEROS_LEN]);
+
+/// The zeros written over the partial head and tail of a ring deallocation. Immutable and
+/// `'static`: the kernel only reads it, so any number of operations of any worker may point into it.
+static ZEROS: Zeros = Zeros([0; ZEROS_LEN]);
+
+/// Most ring entries one deallocation may take; one with more (many ranges with partial blocks
+/// larger than [`ZEROS_LEN`]) goes to the backend.
+const MAX_DISCARD_SQES: usize = 1024;
+
+/// Errors of the discard command that mean "not here", not "failed": no `uring_cmd` for the file
+/// (`EOPNOTSUPP`, e.g. a regular file, or a block device before Linux 6.12), an unknown opcode or
+/// command (`EINVAL`, before Linux 5.19), `ENOTTY`, and `EAGAIN` (the non-blocking attempt of some
+/// kernels gave up). The backend's own path does the operation then.
+fn is_refusal(errno: i32) -> bool {
+    matches!(errno, libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY | libc::EAGAIN)
 }
 
 pub(super) enum ReadBuf {
@@ -159,6 +210,9 @@ pub(super) fn plan(op: IoOp, dev: &RawDevice<'_>, pool: &Arc<ReadPool>) -> Plan 
             sqes.push(opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build());
             Plan::Ring(DiskKind::Flush, sqes)
         }
+        op @ (IoOp::WriteZeroes { deallocate: true, .. } | IoOp::Discard { .. }) if !dev.punch_hole => {
+            plan_discard(op, dev)
+        }
         IoOp::WriteZeroes { offset, len, deallocate } => {
             let (supported, mode) = if deallocate {
                 (dev.punch_hole, libc::FALLOC_FL_PUNCH_HOLE)
@@ -189,18 +243,105 @@ pub(super) fn plan(op: IoOp, dev: &RawDevice<'_>, pool: &Arc<ReadPool>) -> Plan 
     }
 }
 
+/// Plans the deallocation `op` (Deallocate, or Write Zeroes with DEAC) on a block device that
+/// declared its discard granularity; without one, or when [`discard_entries`] cannot, the backend
+/// does it.
+fn plan_discard(op: IoOp, dev: &RawDevice<'_>) -> Plan {
+    let planned = match &op {
+        IoOp::Discard { ranges } => discard_entries(ranges, dev),
+        &IoOp::WriteZeroes { offset, len, deallocate: true } => {
+            discard_entries(&[ByteRange { offset, len }], dev)
+        }
+        _ => None,
+    };
+    match planned {
+        Some((sqes, zero_bytes)) => {
+            let remaining = sqes.len();
+            let kind =
+                DiskKind::Discard { remaining, zero_bytes, written: 0, error: None, refused: false, op };
+            Plan::Ring(kind, sqes)
+        }
+        None => Plan::Backend(op),
+    }
+}
+
+/// The ring entries of a deallocation of `ranges` (and the bytes its zero writes write): per range,
+/// one discard command over its whole granularity blocks (counted from the start of the device) and
+/// zero writes over the partial blocks at its ends (the whole range if it holds no whole block).
+///
+/// `None` — the backend does it — without a declared granularity, on a buffered descriptor (a
+/// discard racing the page cache's read-modify-write of a partly zeroed page could bring old data
+/// back), for a device or request not aligned for [`ZEROS`], and beyond [`MAX_DISCARD_SQES`].
+fn discard_entries(ranges: &[ByteRange], dev: &RawDevice<'_>) -> Option<(SmallVec<[squeue::Entry; 1]>, u64)> {
+    let g = dev.discard_granularity.filter(|&g| g > 0)?;
+    let align = (dev.alignment.max(1) as usize).next_power_of_two();
+    let a = align as u64;
+    if !dev.direct || align > ZEROS_ALIGN || g % a != 0 || dev.base_offset % a != 0 {
+        return None;
+    }
+    // The partial blocks of one range alone must fit (the bound is checked after each range).
+    if g / ZEROS_LEN as u64 >= MAX_DISCARD_SQES as u64 / 2 {
+        return None;
+    }
+    let fd = types::Fd(dev.fd.as_raw_fd());
+    let mut sqes: SmallVec<[squeue::Entry; 1]> = SmallVec::new();
+    let mut zero_bytes = 0u64;
+    let mut zero = |sqes: &mut SmallVec<[squeue::Entry; 1]>, mut from: u64, to: u64| {
+        while from < to {
+            let n = (to - from).min(ZEROS_LEN as u64);
+            sqes.push(opcode::Write::new(fd, ZEROS.0.as_ptr(), n as u32).offset(from).build());
+            zero_bytes += n;
+            from += n;
+        }
+    };
+    for r in ranges {
+        if r.offset % a != 0 || r.len % a != 0 {
+            return None;
+        }
+        let start = dev.base_offset.checked_add(r.offset)?;
+        let end = start.checked_add(r.len)?;
+        let first = start.div_ceil(g).checked_mul(g)?;
+        let last = end / g * g;
+        if first < last {
+            zero(&mut sqes, start, first);
+            let mut cmd = [0u8; 16];
+            // `cmd` overlays `addr3` (and the padding after it): the length, in native byte order.
+            if let Some(len) = cmd.get_mut(..8) {
+                len.copy_from_slice(&(last - first).to_ne_bytes());
+            }
+            sqes.push(
+                opcode::UringCmd16::new(fd, BLOCK_URING_CMD_DISCARD).addr(Some(first)).cmd(cmd).build(),
+            );
+            zero(&mut sqes, last, end);
+        } else {
+            zero(&mut sqes, start, end);
+        }
+        if sqes.len() > MAX_DISCARD_SQES {
+            return None;
+        }
+    }
+    if sqes.is_empty() {
+        return None;
+    }
+    Some((sqes, zero_bytes))
+}
+
 /// What a completion of a disk operation means.
 pub(super) enum Outcome {
     /// More completions of the same operation are due.
     Pending,
     /// The operation is over with this result.
     Done(IoResult),
-    /// The device refused the `fallocate` mode it declared: hand `op` to the backend instead.
+    /// The device refused the `fallocate` mode it declared, or the kernel the discard command:
+    /// hand `op` to the backend instead (it has not been done).
     Refused(IoOp),
 }
 
 /// Books completion `res` of `kind`; the caller removes the operation when this is not `Pending`.
 pub(super) fn on_completion(kind: &mut DiskKind, res: i32) -> Outcome {
+    if let DiskKind::Discard { .. } = kind {
+        return on_discard_completion(kind, res);
+    }
     if let DiskKind::Allocate { remaining, error, .. } = kind {
         *remaining = remaining.saturating_sub(1);
         if res < 0 && error.is_none() {
@@ -235,6 +376,46 @@ pub(super) fn on_completion(kind: &mut DiskKind, res: i32) -> Outcome {
         DiskKind::Write { len, .. } if (res as usize) < len => {
             Err(IoError::Io(io::Error::new(io::ErrorKind::WriteZero, "short write")))
         }
-        DiskKind::Write { .. } | DiskKind::Flush | DiskKind::Allocate { .. } => Ok(IoOutput::Done),
+        DiskKind::Write { .. } | DiskKind::Flush | DiskKind::Allocate { .. } | DiskKind::Discard { .. } => {
+            Ok(IoOutput::Done)
+        }
+    })
+}
+
+/// Books completion `res` of a [`DiskKind::Discard`]. Its entries share one `user_data`, so a
+/// completion is told apart by its value: the discard command completes with 0 and each zero write
+/// with the bytes it wrote (at most its length, never 0 for a full one). The operation succeeds
+/// only if nothing failed and the writes wrote exactly `zero_bytes` in all — every write whole.
+/// A refusal (see [`is_refusal`]) hands the whole operation to the backend, unless another
+/// completion failed for real: then that error is the result.
+fn on_discard_completion(kind: &mut DiskKind, res: i32) -> Outcome {
+    let DiskKind::Discard { remaining, zero_bytes, written, error, refused, .. } = kind else {
+        return Outcome::Pending;
+    };
+    *remaining = remaining.saturating_sub(1);
+    if res < 0 {
+        if is_refusal(-res) {
+            *refused = true;
+        } else if error.is_none() {
+            *error = Some(-res);
+        }
+    } else {
+        *written += res as u64;
+    }
+    if *remaining > 0 {
+        return Outcome::Pending;
+    }
+    let (zero_bytes, written, error, refused) = (*zero_bytes, *written, *error, *refused);
+    let DiskKind::Discard { op, .. } = std::mem::replace(kind, DiskKind::Flush) else {
+        // Not reached (`kind` was a discard above); fail rather than leave the request hanging.
+        return Outcome::Done(Err(IoError::Io(io::Error::other("discard state lost"))));
+    };
+    Outcome::Done(match error {
+        Some(e) => Err(IoError::Io(io::Error::from_raw_os_error(e))),
+        None if refused => return Outcome::Refused(op),
+        None if written != zero_bytes => {
+            Err(IoError::Io(io::Error::new(io::ErrorKind::WriteZero, "short write of zeros")))
+        }
+        None => Ok(IoOutput::Done),
     })
 }

@@ -9,7 +9,7 @@
 //!     Recv(conn, placed)    ─▶ direct mode: a PDU whose data lands aligned for an O_DIRECT device
 //!     Writev(conn)          ◀─ Event::Transmit (header + payload Bytes, no copy), one per turn
 //!     Read/Write(v)/Fsync/  ◀─ Event::Io for file, block-device and zvol volumes (O_DIRECT with
-//!       Fallocate(fd)          aligned buffers), the PDUs' own buffers as write data
+//!       Fallocate/UringCmd     aligned buffers), the PDUs' own buffers as write data
 //!     Read(eventfd)         ◀─ engine notifiers (AEN, teardown), async backend completions, shutdown
 //!     io_uring_enter        spin for a short poll window after a hot connection's input, else
 //!                           block until a completion or the earliest timer: idle costs nothing
@@ -23,9 +23,10 @@
 //!   write reaches the device with no copy in user space.
 //! - **Backend I/O.** File-descriptor backends ([`nvmeof_target::BlockBackend::raw_device`]) run on the
 //!   ring: reads, writes (FUA as `RWF_DSYNC`), flushes (`fdatasync`), write zeroes and deallocate
-//!   (`fallocate`, where the device declares the mode). What the ring cannot do — zeroing on a device
-//!   that refuses `fallocate`, a zvol's `BLKDISCARD`, requests an `O_DIRECT` device cannot take as
-//!   they are — runs on the blocking pool ([`ServerConfig::blocking_threads`]) and completes through
+//!   (`fallocate`, where the device declares the mode), a zvol's deallocation (the block-device
+//!   discard command over whole blocks, zero writes over partial ones; Linux 6.12+). What the ring
+//!   cannot do — zeroing on a device that refuses `fallocate`, deallocation on a kernel without the
+//!   discard command, requests an `O_DIRECT` device cannot take as they are — runs on the blocking pool ([`ServerConfig::blocking_threads`]) and completes through
 //!   the worker's mailbox: no request of one volume makes a worker wait. Lazy activation of a volume
 //!   (catalog read, device open) runs there as well, while its Connect waits
 //!   ([`nvmeof_target::Target::set_activation_runner`]). Other backends are called through
@@ -215,6 +216,9 @@ impl Server {
                 received_bytes_copied: m.stats.rx_copied.load(Ordering::Relaxed),
                 bounced_writes: m.stats.bounced.load(Ordering::Relaxed),
                 accept_failures: m.stats.accept_failures.load(Ordering::Relaxed),
+                ring_discards: m.stats.ring_discards.load(Ordering::Relaxed),
+                ring_refusals: m.stats.ring_refusals.load(Ordering::Relaxed),
+                pool_requests: m.stats.pool_requests.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -401,6 +405,9 @@ struct Counters {
     rx_copied: AtomicU64,
     bounced: AtomicU64,
     accept_failures: AtomicU64,
+    ring_discards: AtomicU64,
+    ring_refusals: AtomicU64,
+    pool_requests: AtomicU64,
 }
 
 /// A snapshot of one worker's counters ([`Server::worker_stats`]).
@@ -430,6 +437,18 @@ pub struct WorkerStats {
     /// Accepts that failed for lack of file descriptors or memory (each pauses accepting for
     /// 100 ms; the connections wait in the listen backlog meanwhile).
     pub accept_failures: u64,
+    /// Deallocate and Write Zeroes (with DEAC) requests done on the ring with the block-device
+    /// discard command (a zvol's deallocation: the whole granularity blocks discarded, the partial
+    /// ones written with zeros).
+    pub ring_discards: u64,
+    /// Write Zeroes / Deallocate requests the device or kernel refused on the ring although the
+    /// device declared the mode (`fallocate`, or the discard command on a kernel without it); each
+    /// ran on the blocking pool, as do that volume's later ones on this worker.
+    pub ring_refusals: u64,
+    /// Requests of file-descriptor volumes run on the blocking pool because the ring cannot do them
+    /// (zeroing without `fallocate`, deallocation without the discard command, misaligned
+    /// `O_DIRECT` requests).
+    pub pool_requests: u64,
 }
 
 impl Mailbox {

@@ -1004,6 +1004,7 @@ impl Worker {
             self.fail_io(conn, token, io::Error::other("too many operations in flight"), now);
             return;
         };
+        self.mailbox.stats.pool_requests.fetch_add(1, Ordering::Relaxed);
         let mailbox = self.mailbox.clone();
         let key = IoToken::from_raw(slot.to_u64());
         let job = Box::new(move || {
@@ -1028,6 +1029,7 @@ impl Worker {
 
     fn on_disk(&mut self, key: Key, res: i32, now: Instant) {
         let Some(op) = self.disk.get_mut(key) else { return };
+        let discard = matches!(op.kind, disk::DiskKind::Discard { .. });
         let outcome = disk::on_completion(&mut op.kind, res);
         if matches!(outcome, Outcome::Pending) {
             return;
@@ -1035,17 +1037,23 @@ impl Worker {
         let Some(DiskOp { conn, token, namespace, .. }) = self.disk.remove(key) else { return };
         let result = match outcome {
             Outcome::Pending => return,
-            Outcome::Done(result) => result,
+            Outcome::Done(result) => {
+                if discard && result.is_ok() {
+                    self.mailbox.stats.ring_discards.fetch_add(1, Ordering::Relaxed);
+                }
+                result
+            }
             Outcome::Refused(op) => {
-                // The device refused a mode it declared: the backend does it its way, and from now
-                // on without trying the ring first.
+                // The device refused a mode it declared (fallocate, the discard command): the
+                // backend does it its way, and from now on without trying the ring first.
+                self.mailbox.stats.ring_refusals.fetch_add(1, Ordering::Relaxed);
                 if self.no_fallocate.len() > 4096 {
                     self.no_fallocate.clear(); // bounded; entries of unloaded namespaces go too
                 }
                 if self.no_fallocate.insert(Arc::as_ptr(&namespace) as usize) {
                     tracing::warn!(
                         nsid = namespace.nsid(),
-                        "the device refused fallocate although it declared it; using the backend's path"
+                        "the device refused fallocate or the discard command although it declared it; using the backend's path"
                     );
                 }
                 self.submit_to_pool(conn, token, namespace, op, now);
