@@ -453,7 +453,8 @@ impl Connection {
         id.mdts = cfg.mdts();
         id.cntlid.set(ctrl.cntlid);
         id.ver.set(VERSION.raw());
-        id.ctratt.set(identify::CTRATT_HOST_ID_128 | identify::CTRATT_TBKAS);
+        let tbkas = if cfg.traffic_based_keep_alive { identify::CTRATT_TBKAS } else { 0 };
+        id.ctratt.set(identify::CTRATT_HOST_ID_128 | tbkas);
         id.acl = 3;
         id.aerl = cfg.max_async_events.saturating_sub(1);
         id.frmw = identify::frmw(1, true, false);

@@ -42,6 +42,11 @@ pub struct TargetConfig {
     pub max_async_events: u8,
     /// In-band authentication (DH-HMAC-CHAP): what the target accepts and the time limit.
     pub auth: AuthConfig,
+    /// Announce Traffic Based Keep Alive (CTRATT.TBKAS). A Linux host then skips the Keep Alive of
+    /// a period in which a command completed, and checks every KATO/4 instead of KATO/2: a busy
+    /// controller sends no keep-alives, but an idle one (the common case on a dense node) sends
+    /// **twice as many**. Off by default. The keep-alive timer restarts on any command either way.
+    pub traffic_based_keep_alive: bool,
 }
 
 impl Default for TargetConfig {
@@ -60,6 +65,7 @@ impl Default for TargetConfig {
             firmware_revision: env!("CARGO_PKG_VERSION").chars().take(8).collect(),
             max_async_events: 4,
             auth: AuthConfig::default(),
+            traffic_based_keep_alive: false,
         }
     }
 }

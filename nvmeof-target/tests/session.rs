@@ -855,3 +855,20 @@ fn the_test_host_never_reuses_a_command_id_before_its_completion_is_taken() {
     assert_eq!(got.len(), 3);
     assert!(got.contains(&a) && got.contains(&b) && got.contains(&c));
 }
+
+/// Traffic-based keep alive is announced only when configured: with it, an idle Linux host checks
+/// every KATO/4 and sends twice the keep-alives.
+#[test]
+fn traffic_based_keep_alive_is_announced_only_when_configured() {
+    let now = Clock::new().0;
+    for tbkas in [false, true] {
+        let mut config = TargetConfig::default();
+        config.traffic_based_keep_alive = tbkas;
+        let (target, _) = target_with_config(config);
+        let mut admin = Link::new(&target, HostOptions::default(), now);
+        bring_up_admin(&mut admin, SUBNQN, 5000, now);
+        let ctratt = id_ctrl(&mut admin, now).ctratt.get();
+        assert_eq!(ctratt & nvmeof_proto::nvme::identify::CTRATT_TBKAS != 0, tbkas, "CTRATT {ctratt:#x}");
+        assert_ne!(ctratt & nvmeof_proto::nvme::identify::CTRATT_HOST_ID_128, 0);
+    }
+}
