@@ -671,3 +671,95 @@ fn a_deep_queue_does_not_make_another_connection_wait_for_all_of_it() {
     drop((deep, other));
     srv.shutdown().unwrap();
 }
+
+fn keep_alive(a: &mut Host) -> Status {
+    let mut ka = Sqe::zeroed();
+    ka.opcode = 0x18;
+    a.command(ka, None, 0).unwrap().status()
+}
+
+/// An admin queue whose commands come far apart (an idle host's keep-alives) waits in the worker's
+/// set of quiet queues, is still answered, and comes back to the ring when commands follow each
+/// other closely; its I/O queue is never quiet. A quiet queue whose host goes away is freed.
+#[test]
+fn quiet_admin_queues_are_served_in_batches_and_come_back_when_busy() {
+    let target = target_with(Arc::new(MemoryBackend::new(1 << 20, 512)));
+    let srv = server(&target, 1, |c| c.admin_batch_window = Duration::from_millis(20));
+    let (mut adm, cntlid) = admin(srv.local_addr(), 30_000);
+    let mut q = io_queue(srv.local_addr(), 1, cntlid);
+    assert_eq!(srv.worker_stats()[0].quiet_admin_queues, 0);
+    // Keep-alives 300 ms apart: the queue is quiet after the first; each is answered.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(keep_alive(&mut adm), Status::SUCCESS);
+        // The I/O queue's commands, also far apart, stay on the ring.
+        assert_eq!(write(&mut q, 0, &pattern(4096, 3)), Status::SUCCESS);
+    }
+    let w = srv.worker_stats()[0];
+    assert_eq!(w.quiet_admin_queues, 1, "{w:?}");
+    assert!(w.admin_batches >= 2 && w.admin_batched_receives >= 2, "{w:?}");
+    assert_eq!(read(&mut q, 0, 4096), pattern(4096, 3));
+    // Commands back to back: the queue leaves the quiet set and is served at once again.
+    for _ in 0..4 {
+        assert_eq!(keep_alive(&mut adm), Status::SUCCESS);
+    }
+    assert_eq!(srv.worker_stats()[0].quiet_admin_queues, 0);
+    let batched = srv.worker_stats()[0].admin_batched_receives;
+    for _ in 0..20 {
+        assert_eq!(keep_alive(&mut adm), Status::SUCCESS);
+    }
+    assert_eq!(srv.worker_stats()[0].admin_batched_receives, batched, "busy queue still batched");
+    // Quiet again, then the host goes away: the connections are freed.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(keep_alive(&mut adm), Status::SUCCESS);
+    assert_eq!(srv.worker_stats()[0].quiet_admin_queues, 1);
+    drop(adm);
+    drop(q);
+    eventually("connections freed", || {
+        let w = srv.worker_stats()[0];
+        w.connections == 0 && w.quiet_admin_queues == 0
+    });
+    eventually("controller freed", || target.controllers().is_empty());
+    srv.shutdown().unwrap();
+}
+
+/// Many quiet admin queues with input in the same window (more than the worker has receive
+/// buffers) are all answered; a zero window keeps every queue on the ring.
+#[test]
+fn a_window_with_more_quiet_queues_than_receive_buffers_answers_them_all() {
+    let target = target_with(Arc::new(MemoryBackend::new(1 << 20, 512)));
+    target.set_host_access(NQN, HostAccess::AllowAny).unwrap();
+    let srv = server(&target, 1, |c| {
+        c.admin_batch_window = Duration::from_millis(50);
+        c.recv_buffers = 16;
+        c.recv_buffer_bytes = 4096;
+    });
+    let mut admins: Vec<Host> = (0..100).map(|_| admin(srv.local_addr(), 30_000).0).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for a in &mut admins {
+        assert_eq!(keep_alive(a), Status::SUCCESS);
+    }
+    assert_eq!(srv.worker_stats()[0].quiet_admin_queues, 100);
+    std::thread::sleep(Duration::from_millis(200));
+    // All at once: submitted before any answer is read.
+    for a in &mut admins {
+        let mut ka = Sqe::zeroed();
+        ka.opcode = 0x18;
+        a.submit(ka, None, 0).unwrap();
+    }
+    for a in &mut admins {
+        assert_eq!(a.next_completion().unwrap().status(), Status::SUCCESS);
+    }
+    // The second round came through the quiet set (the first made the queues quiet).
+    let w = srv.worker_stats()[0];
+    assert!(w.admin_batches >= 1 && w.admin_batched_receives >= 100, "{w:?}");
+    srv.shutdown().unwrap();
+
+    let srv = server(&target, 1, |c| c.admin_batch_window = Duration::ZERO);
+    let (mut adm, _) = admin(srv.local_addr(), 30_000);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(keep_alive(&mut adm), Status::SUCCESS);
+    let w = srv.worker_stats()[0];
+    assert_eq!((w.quiet_admin_queues, w.admin_batches), (0, 0), "{w:?}");
+    srv.shutdown().unwrap();
+}

@@ -153,6 +153,16 @@ struct ServeArgs {
     /// system without fallocate, a zvol's discard, misaligned O_DIRECT requests) [default: 4].
     #[arg(long)]
     blocking_threads: Option<usize>,
+    /// Announce traffic-based keep alive (TBKAS): busy hosts stop sending keep-alives, but idle
+    /// Linux hosts send twice as many (every KATO/4). Off by default: on a node of mostly idle
+    /// volumes it doubles the keep-alive load.
+    #[arg(long)]
+    traffic_based_keep_alive: bool,
+    /// How long a quiet admin queue's commands (an idle host's keep-alives) may wait so that a
+    /// worker wakes once for many of them, in milliseconds (at most 1000); 0: answer each at once
+    /// [default: 10].
+    #[arg(long)]
+    admin_batch_window_ms: Option<u64>,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter) [default: info].
     #[arg(long)]
     log: Option<String>,
@@ -191,6 +201,8 @@ struct FileConfig {
     max_connections_per_peer: Option<usize>,
     poll_window_us: Option<u64>,
     blocking_threads: Option<usize>,
+    traffic_based_keep_alive: Option<bool>,
+    admin_batch_window_ms: Option<u64>,
     log: Option<String>,
     admin_listen: Option<String>,
     admin_token_file: Option<PathBuf>,
@@ -446,6 +458,8 @@ impl ServeArgs {
             max_connections_per_peer,
             poll_window_us,
             blocking_threads,
+            traffic_based_keep_alive,
+            admin_batch_window_ms,
             log,
             admin_listen,
             admin_token_file,
@@ -465,6 +479,8 @@ impl ServeArgs {
             || max_connections_per_peer.is_some()
             || poll_window_us.is_some()
             || blocking_threads.is_some()
+            || *traffic_based_keep_alive
+            || admin_batch_window_ms.is_some()
             || log.is_some()
             || admin_listen.is_some()
             || admin_token_file.is_some()
@@ -995,6 +1011,10 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let per_peer = args.max_connections_per_peer.or(file.max_connections_per_peer).unwrap_or(16384);
     let poll_window = Duration::from_micros(args.poll_window_us.or(file.poll_window_us).unwrap_or(50));
     let blocking_threads = args.blocking_threads.or(file.blocking_threads).unwrap_or(4).max(1);
+    let tbkas = args.traffic_based_keep_alive || file.traffic_based_keep_alive.unwrap_or(false);
+    let admin_batch_window = Duration::from_millis(
+        args.admin_batch_window_ms.or(file.admin_batch_window_ms).unwrap_or(10).min(1000),
+    );
     let ratio = args.overcommit_ratio.or(file.overcommit_ratio.map(|v| match v {
         toml::Value::String(s) => s,
         other => other.to_string(),
@@ -1065,7 +1085,9 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         None => recorded_backend(&data_dir)?.unwrap_or_else(|| "file".into()),
     };
     let prov = provisioner(&backend, &data_dir)?;
-    let target = Target::new(TargetConfig::default());
+    let mut target_config = TargetConfig::default();
+    target_config.traffic_based_keep_alive = tbkas;
+    let target = Target::new(target_config);
     let mut node_config = NodeConfig::new(data_dir.join("catalog.redb"));
     node_config.idle_unload = idle;
     node_config.rebind_backend = args.rebind_backend;
@@ -1086,6 +1108,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     config.max_connections_per_peer = per_peer;
     config.poll_window = poll_window;
     config.blocking_threads = blocking_threads;
+    config.admin_batch_window = admin_batch_window;
     let server = Arc::new(Server::start(target, config).map_err(|e| format!("listening on {listen}: {e}"))?);
     let addr = server.local_addr();
     let advertise = match args.advertise.or(file.advertise) {

@@ -45,8 +45,11 @@ pub(super) struct Conn {
     pub(super) rx: Rx,
     pub(super) tx: Tx,
     pub(super) woken: Arc<AtomicBool>,
-    /// The deadline this connection has in the worker's timer heap.
+    /// The engine's current deadline for this connection.
     pub(super) timer: Option<Instant>,
+    /// The earliest entry this connection has in the worker's timer heap (a deadline that moved
+    /// later keeps its old entry, which puts the current one back when it comes up).
+    pub(super) queued: Option<Instant>,
     /// When input last arrived (for the worker's poll window).
     pub(super) last_input: Option<Instant>,
     /// Listed in the worker's list of connections with something to send.
@@ -65,6 +68,9 @@ pub(super) struct Conn {
     pub(super) closing: bool,
     /// The socket failed or the peer is gone: nothing more is sent.
     pub(super) dead: bool,
+    /// A quiet admin queue: no receive stays armed on the ring; the worker's readiness set says
+    /// when input is there (see `ServerConfig::admin_batch_window`).
+    pub(super) dormant: bool,
 }
 
 impl Conn {
@@ -82,6 +88,7 @@ impl Conn {
             tx: Tx::default(),
             woken,
             timer: None,
+            queued: None,
             last_input: None,
             dirty: false,
             active: false,
@@ -91,6 +98,7 @@ impl Conn {
             alignment_checked: false,
             closing: false,
             dead: false,
+            dormant: false,
         }
     }
 }

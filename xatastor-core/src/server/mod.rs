@@ -103,12 +103,19 @@ pub struct ServerConfig {
     /// `fallocate`, `BLKDISCARD`, misaligned `O_DIRECT` requests), shared by all workers, so that
     /// those never block a worker (at least 1).
     pub blocking_threads: usize,
+    /// How long the input of a *quiet* admin queue may wait so that the worker wakes once for many
+    /// of them. An admin queue whose commands come a second or more apart (an idle host's
+    /// keep-alives) leaves the ring for a readiness set the worker looks at once per window:
+    /// thousands of idle controllers cost one wake-up per window instead of one per keep-alive. Its
+    /// commands are answered up to this much later; the first command that follows another within
+    /// a second brings the queue back. I/O queues are never delayed. Zero turns this off.
+    pub admin_batch_window: Duration,
 }
 
 impl ServerConfig {
     /// Defaults: one worker per core, 1024-entry rings, 65536 connections per worker, 16384 per peer
     /// address, 4 MiB of queued responses per connection, 256 receive buffers of 64 KiB per worker,
-    /// a 50 µs poll window, 4 blocking-pool threads.
+    /// a 50 µs poll window, 4 blocking-pool threads, a 10 ms batch window for quiet admin queues.
     #[must_use]
     pub fn new(listen: SocketAddr) -> Self {
         Self {
@@ -123,6 +130,7 @@ impl ServerConfig {
             recv_buffers: 256,
             poll_window: Duration::from_micros(50),
             blocking_threads: 4,
+            admin_batch_window: Duration::from_millis(10),
         }
     }
 }
@@ -219,6 +227,9 @@ impl Server {
                 ring_discards: m.stats.ring_discards.load(Ordering::Relaxed),
                 ring_refusals: m.stats.ring_refusals.load(Ordering::Relaxed),
                 pool_requests: m.stats.pool_requests.load(Ordering::Relaxed),
+                quiet_admin_queues: m.stats.dormant.load(Ordering::Relaxed),
+                admin_batches: m.stats.batch_wakeups.load(Ordering::Relaxed),
+                admin_batched_receives: m.stats.batched_inputs.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -408,6 +419,9 @@ struct Counters {
     ring_discards: AtomicU64,
     ring_refusals: AtomicU64,
     pool_requests: AtomicU64,
+    dormant: AtomicUsize,
+    batch_wakeups: AtomicU64,
+    batched_inputs: AtomicU64,
 }
 
 /// A snapshot of one worker's counters ([`Server::worker_stats`]).
@@ -449,6 +463,14 @@ pub struct WorkerStats {
     /// (zeroing without `fallocate`, deallocation without the discard command, misaligned
     /// `O_DIRECT` requests).
     pub pool_requests: u64,
+    /// Quiet admin queues waiting in the worker's readiness set (see
+    /// [`ServerConfig::admin_batch_window`]).
+    pub quiet_admin_queues: usize,
+    /// Batch windows the worker served quiet admin queues in.
+    pub admin_batches: u64,
+    /// Receives of quiet admin queues served in those windows (their ratio to `admin_batches` is
+    /// how many keep-alives one wake-up answered).
+    pub admin_batched_receives: u64,
 }
 
 impl Mailbox {

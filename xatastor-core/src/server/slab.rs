@@ -139,12 +139,12 @@ impl<T> Slab<T> {
             .map(|(i, s)| Key { index: i as u32, generation: s.generation })
     }
 
-    /// Every stored value with its key.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (Key, &T)> + '_ {
+    /// Every stored value with its key, mutable.
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (Key, &mut T)> + '_ {
         self.slots
-            .iter()
+            .iter_mut()
             .enumerate()
-            .filter_map(|(i, s)| Some((Key { index: i as u32, generation: s.generation }, s.value.as_ref()?)))
+            .filter_map(|(i, s)| Some((Key { index: i as u32, generation: s.generation }, s.value.as_mut()?)))
     }
 }
 

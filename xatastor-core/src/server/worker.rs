@@ -57,6 +57,22 @@ const KIND_WAKE: u8 = 4;
 const KIND_DISK: u8 = 5;
 /// Cancellations: their completions need nothing.
 const KIND_CANCEL: u8 = 6;
+/// The readiness set of quiet admin queues: its poll (`QUIET_POLL`) and the batch-window timer
+/// linked after it (`QUIET_TIMER`).
+const KIND_QUIET: u8 = 7;
+const QUIET_POLL: u64 = 1;
+const QUIET_TIMER: u64 = 2;
+/// An admin queue whose input comes at least this far apart from the previous one is quiet (an
+/// idle host's keep-alives: every KATO/2 or KATO/4; a host's bursts of admin commands come
+/// milliseconds apart); input closer than this brings it back.
+const QUIET_GAP: Duration = Duration::from_millis(100);
+/// Engine deadlines wake a sleeping worker on multiples of this (from its start): every deadline of
+/// a tick is handled in one wake-up. Keep-alive deadlines move with every keep-alive and leave an
+/// outdated entry in the timer heap behind; without ticks each of those would wake the worker once.
+/// (Controllers announce a keep-alive granularity of one second.)
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Quiet admin queues taken from the readiness set per call (a window takes all that are ready).
+const QUIET_BATCH: usize = 1024;
 
 /// While a connection's input is held back (send queue over the limit), received bytes beyond this
 /// make the worker cancel its receive until the peer reads.
@@ -173,9 +189,48 @@ pub(super) struct Worker {
     turn: u64,
     /// Connections with decoded-later input waiting (see [`PDU_BUDGET`]).
     deferred: Vec<Key>,
+    /// Quiet admin queues (None when the batch window is zero). Declared after `ring`: the timer
+    /// it holds outlives the ring's operations.
+    quiet: Option<Quiet>,
+    /// When the worker started: the origin of its timer ticks.
+    epoch: Instant,
+}
+
+/// Quiet admin queues: their sockets wait in an epoll set instead of having a receive armed on the
+/// ring. A poll of the set, with a timer of one batch window linked after it, wakes the worker once
+/// per window in which any of them had input; it then receives from all that have.
+struct Quiet {
+    epoll: OwnedFd,
+    /// The poll and its timer are in the ring.
+    armed: bool,
+    /// Connections in the set.
+    count: usize,
+    window: Box<types::Timespec>,
+    events: Vec<rustix::event::epoll::Event>,
+    /// Quiet queues with input, waiting for receive buffers to be free (a window can find more
+    /// ready queues than the worker has buffers).
+    ready: VecDeque<Key>,
+}
+
+impl Quiet {
+    fn new(window: Duration) -> io::Result<Option<Self>> {
+        if window.is_zero() {
+            return Ok(None);
+        }
+        let epoll = rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)?;
+        Ok(Some(Self {
+            epoll,
+            armed: false,
+            count: 0,
+            window: Box::new(timespec(window)),
+            events: Vec::new(),
+            ready: VecDeque::new(),
+        }))
+    }
 }
 
 impl Worker {
+    #[allow(clippy::disallowed_methods)] // the driver owns the clock
     pub(super) fn new(
         target: Target,
         config: ServerConfig,
@@ -186,6 +241,7 @@ impl Worker {
         blocking: BlockingPool,
     ) -> io::Result<Self> {
         let ring = new_ring(config.ring_entries.max(64))?;
+        let quiet = Quiet::new(config.admin_batch_window)?;
         let bufs = BufRing::new(config.recv_buffers, config.recv_buffer_bytes.max(4096))?;
         // SAFETY: the ring memory is page aligned, holds `entries` initialised entries and stays
         // allocated until after `ring` is dropped (field order of `Worker`).
@@ -223,6 +279,8 @@ impl Worker {
             active: Vec::new(),
             turn: 0,
             deferred: Vec::new(),
+            quiet,
+            epoch: Instant::now(),
         })
     }
 
@@ -305,6 +363,7 @@ impl Worker {
                     KIND_SEND => self.on_send(key, res, now),
                     KIND_WAKE => self.on_wake(now),
                     KIND_DISK => self.on_disk(key, res, now),
+                    KIND_QUIET => self.on_quiet(ud, now),
                     _ => {}
                 }
             }
@@ -315,6 +374,8 @@ impl Worker {
             self.run_timers(now);
             self.resume_accept(now);
             self.reclaim_buffers();
+            self.receive_quiet();
+            self.arm_quiet();
         }
     }
 
@@ -350,7 +411,21 @@ impl Worker {
         }
         // About to sleep: nothing is waiting, a good time to tidy up.
         self.release_idle_memory();
-        let deadline = match (self.timers.peek().map(|Reverse((t, _))| *t), self.accept_paused_until) {
+        let tick = |t: Instant| {
+            let ticks = t.saturating_duration_since(self.epoch).as_nanos().div_ceil(TIMER_TICK.as_nanos());
+            self.epoch + TIMER_TICK * u32::try_from(ticks).unwrap_or(u32::MAX)
+        };
+        let deadline = match (self.timers.peek().map(|Reverse((t, _))| tick(*t)), self.accept_paused_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Quiet queues whose poll could not be armed (no room in the ring): back within a window.
+        let unarmed = self.quiet.as_ref().filter(|q| q.count > 0 && !q.armed).map(|_| {
+            #[allow(clippy::disallowed_methods)] // the driver owns the clock
+            let now = Instant::now();
+            now + self.config.admin_batch_window
+        });
+        let deadline = match (deadline, unarmed) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -416,8 +491,19 @@ impl Worker {
             }
             self.timers.pop();
             let Some(c) = self.conns.get_mut(key) else { continue };
-            if c.timer != Some(t) {
-                continue; // moved since; its current deadline has its own entry
+            if c.queued != Some(t) {
+                continue; // an earlier entry of this connection superseded it
+            }
+            c.queued = None;
+            match c.timer {
+                None => continue,
+                Some(current) if current > now => {
+                    // The deadline moved later since (a keep-alive came): wait for it.
+                    c.queued = Some(current);
+                    self.timers.push(Reverse((current, key)));
+                    continue;
+                }
+                Some(_) => {}
             }
             c.timer = None;
             c.engine.handle_timeout(now);
@@ -426,7 +512,14 @@ impl Worker {
         // Deadlines that keep moving (keep-alive on a busy admin queue) leave stale entries behind;
         // rebuild the heap when they outnumber the live ones.
         if self.timers.len() > 4 * self.conns.len() + 64 {
-            self.timers = self.conns.iter().filter_map(|(key, c)| Some(Reverse((c.timer?, key)))).collect();
+            self.timers = self
+                .conns
+                .iter_mut()
+                .filter_map(|(key, c)| {
+                    c.queued = c.timer;
+                    Some(Reverse((c.timer?, key)))
+                })
+                .collect();
         }
         self.flush_sends();
     }
@@ -512,7 +605,7 @@ impl Worker {
     /// mode.
     fn arm_recv(&mut self, key: Key) {
         let Some(c) = self.conns.get_mut(key) else { return };
-        if c.rx.armed || c.rx.paused || c.rx.held || c.rx.starved || c.closing || c.dead {
+        if c.rx.armed || c.rx.paused || c.rx.held || c.rx.starved || c.closing || c.dead || c.dormant {
             return;
         }
         let fd = types::Fd(c.stream.as_raw_fd());
@@ -763,7 +856,12 @@ impl Worker {
             self.spin_until = Some(now + self.config.poll_window);
         }
         let direct = c.rx.is_direct();
-        if res == -libc::ENOBUFS {
+        if res == -libc::ENOBUFS && c.dormant {
+            // A quiet queue's receive found no buffer: it waits for one with the others.
+            if let Some(q) = self.quiet.as_mut() {
+                q.ready.push_back(key);
+            }
+        } else if res == -libc::ENOBUFS {
             // Every receive buffer is out: receive again once some came back (end of this turn, or
             // when the writes holding them are done).
             c.rx.starved = true;
@@ -817,7 +915,162 @@ impl Worker {
             }
         }
         self.after_engine(key, now);
+        if res > 0 {
+            // A receive that filled its buffer may have left input in the socket, which the
+            // edge-triggered set would not report again: such a queue goes back to the ring.
+            let full = res as usize >= self.config.recv_buffer_bytes.max(4096);
+            self.update_quiet(key, previous.filter(|_| !full), now);
+        }
         self.arm_recv(key);
+    }
+
+    /// An admin queue whose input came a while after the previous one leaves the ring for the
+    /// readiness set of quiet queues; a quiet one whose input follows the previous closely comes
+    /// back (see [`super::ServerConfig::admin_batch_window`]).
+    fn update_quiet(&mut self, key: Key, previous: Option<Instant>, now: Instant) {
+        let Some(q) = self.quiet.as_mut() else { return };
+        let Some(c) = self.conns.get_mut(key) else { return };
+        // No previous input (or a full receive): not quiet.
+        let sparse = previous.is_some_and(|p| now.saturating_duration_since(p) >= QUIET_GAP);
+        if c.dormant {
+            if !sparse || c.closing || c.dead {
+                c.dormant = false;
+                let _ = rustix::event::epoll::delete(&q.epoll, &c.stream);
+                q.count -= 1;
+                self.mailbox.stats.dormant.store(q.count, Ordering::Relaxed);
+            }
+            return;
+        }
+        let eligible = sparse
+            && c.engine.qid() == Some(0)
+            && !c.closing
+            && !c.dead
+            && !c.deferred
+            && matches!(c.rx.mode, RxMode::Ring)
+            && c.rx.buf.is_empty()
+            && c.rx.chain.is_empty()
+            && !c.rx.held
+            && !c.rx.paused
+            && !c.rx.starved;
+        if !eligible {
+            return;
+        }
+        // Edge-triggered: each arrival is reported once, so a window takes every ready queue in a
+        // few calls without seeing the same ones again (each receive takes all a quiet queue has).
+        let flags = rustix::event::epoll::EventFlags::IN
+            | rustix::event::epoll::EventFlags::RDHUP
+            | rustix::event::epoll::EventFlags::ET;
+        let data = rustix::event::epoll::EventData::new_u64(key.to_u64());
+        if rustix::event::epoll::add(&q.epoll, &c.stream, data, flags).is_err() {
+            return; // stays on the ring
+        }
+        c.dormant = true;
+        q.count += 1;
+        self.mailbox.stats.dormant.store(q.count, Ordering::Relaxed);
+        // The multishot receive ends (its last completion says ECANCELED); input from now on waits
+        // in the set.
+        if c.rx.armed {
+            self.cancel(key.user_data(KIND_RECV));
+        }
+        self.arm_quiet();
+    }
+
+    /// Puts the poll of the quiet set and its linked batch-window timer in the ring, if there are
+    /// quiet queues and they are not there yet. Both go in together or not at all (a link cannot
+    /// span two submissions); without room now, the next loop turn tries again, and the worker does
+    /// not sleep longer than a window meanwhile (see `wait`).
+    fn arm_quiet(&mut self) {
+        let Some(q) = self.quiet.as_mut() else { return };
+        if q.armed || q.count == 0 {
+            return;
+        }
+        let ud = u64::from(KIND_QUIET) << 56;
+        let poll = opcode::PollAdd::new(types::Fd(q.epoll.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS)
+            .user_data(ud | QUIET_POLL);
+        let timer = opcode::Timeout::new(&*q.window).build().user_data(ud | QUIET_TIMER);
+        // SAFETY: the poll touches no buffer of ours and the epoll descriptor lives in `quiet`,
+        // which outlives the ring; the timer reads `window`, a Box in `quiet`, never moved or
+        // freed while the worker runs.
+        if unsafe { self.ring.submission().push_multiple(&[poll, timer]) }.is_ok() {
+            q.armed = true;
+        }
+    }
+
+    /// Receives once on quiet queues that have input, as many as half the free receive buffers
+    /// allow (the receives complete at once, in this turn's submission; the rest wait for the
+    /// next turn).
+    fn receive_quiet(&mut self) {
+        let Some(q) = self.quiet.as_mut() else { return };
+        if q.ready.is_empty() {
+            return;
+        }
+        let free = usize::from(self.bufs.entries()).saturating_sub(self.bufs.held());
+        let mut budget = free / 2;
+        let mut received = 0u64;
+        while budget > 0 {
+            let Some(key) = q.ready.pop_front() else { break };
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            if !c.dormant || c.closing || c.dead {
+                continue;
+            }
+            if c.rx.armed || c.rx.starved {
+                // Its receive is in flight, or waits for buffers: either way it leaves the quiet
+                // set (the ring's receive takes what arrived).
+                c.dormant = false;
+                let _ = rustix::event::epoll::delete(&q.epoll, &c.stream);
+                q.count -= 1;
+                continue;
+            }
+            let entry = opcode::Recv::new(types::Fd(c.stream.as_raw_fd()), std::ptr::null_mut(), 0)
+                .buf_group(BUF_GROUP)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(key.user_data(KIND_RECV));
+            c.rx.armed = true;
+            budget -= 1;
+            received += 1;
+            // SAFETY: the receive writes into one of the worker's provided buffers, which live as
+            // long as its ring.
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                self.backlog.push_back(entry);
+            }
+        }
+        let stats = &self.mailbox.stats;
+        stats.batched_inputs.fetch_add(received, Ordering::Relaxed);
+        stats.dormant.store(q.count, Ordering::Relaxed);
+    }
+
+    /// The batch window after quiet queues had input ended: takes every quiet queue that has input
+    /// from the set, receives on them, and waits for the next window.
+    fn on_quiet(&mut self, user_data: u64, _now: Instant) {
+        if user_data & 0xff != QUIET_TIMER {
+            return; // a failed poll: its timer completes too (cancelled), and re-arms
+        }
+        let Some(q) = self.quiet.as_mut() else { return };
+        q.armed = false;
+        let mut events = std::mem::take(&mut q.events);
+        let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        loop {
+            events.clear();
+            events.reserve(QUIET_BATCH);
+            let Some(q) = self.quiet.as_mut() else { return };
+            let spare = rustix::buffer::spare_capacity(&mut events);
+            let got = rustix::event::epoll::wait(&q.epoll, spare, Some(&zero)).unwrap_or(0);
+            q.ready.extend(events.iter().take(got).map(|ev| Key::from_u64(ev.data.u64())));
+            if got < events.capacity() || got == 0 {
+                break;
+            }
+        }
+        self.mailbox.stats.batch_wakeups.fetch_add(1, Ordering::Relaxed);
+        if let Some(q) = self.quiet.as_mut() {
+            events.clear();
+            events.shrink_to(64);
+            q.events = events;
+        }
+        self.receive_quiet();
+        self.arm_quiet();
     }
 
     fn on_send(&mut self, key: Key, res: i32, now: Instant) {
@@ -874,7 +1127,9 @@ impl Worker {
             let t = c.engine.poll_timeout();
             if t != c.timer {
                 c.timer = t;
-                if let Some(t) = t {
+                // A later deadline keeps the entry it has (no heap work per keep-alive).
+                if let Some(t) = t.filter(|&t| c.queued.is_none_or(|q| t < q)) {
+                    c.queued = Some(t);
                     self.timers.push(Reverse((t, key)));
                 }
             }
@@ -1106,6 +1361,13 @@ impl Worker {
         }
         if flushed && !c.rx.armed && !c.tx.inflight && c.engine.is_drained() {
             let Some(c) = self.conns.remove(key) else { return };
+            if c.dormant {
+                if let Some(q) = self.quiet.as_mut() {
+                    let _ = rustix::event::epoll::delete(&q.epoll, &c.stream);
+                    q.count -= 1;
+                    self.mailbox.stats.dormant.store(q.count, Ordering::Relaxed);
+                }
+            }
             if c.rx.held {
                 self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
             }

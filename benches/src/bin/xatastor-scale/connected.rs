@@ -29,11 +29,11 @@
 //! descriptors: the connections it cannot accept wait in the listen backlog, the run reports how
 //! many controllers did connect and counts the warning lines the target logged meanwhile.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +78,22 @@ pub(crate) struct Options {
     pub(crate) client_cpu: Option<usize>,
     /// Open-file limit (soft, hard) the target starts with.
     pub(crate) target_nofile: Option<(u64, u64)>,
+    /// The target's batch window for quiet admin queues, in milliseconds.
+    pub(crate) admin_batch_window_ms: u64,
+}
+
+/// How the target process runs.
+pub(crate) struct Serve {
+    /// Loaded volumes (one per controller).
+    pub(crate) volumes: u64,
+    /// Worker threads.
+    pub(crate) workers: usize,
+    /// Core to run on.
+    pub(crate) cpu: Option<usize>,
+    /// Open-file limit (soft, hard) to start with.
+    pub(crate) nofile: Option<(u64, u64)>,
+    /// Batch window for quiet admin queues.
+    pub(crate) admin_batch_window: Duration,
 }
 
 fn nqn(i: u64) -> String {
@@ -109,17 +125,24 @@ fn pin(cpu: usize) {
 
 /// Target side (a child process): `volumes` loaded volumes, the io_uring server, then a line of
 /// figures for every line read on stdin; exits at the end of stdin.
-pub(crate) fn serve(volumes: u64, workers: usize, cpu: Option<usize>, nofile: Option<(u64, u64)>) {
-    if let Some(cpu) = cpu {
+pub(crate) fn serve(o: &Serve) {
+    let volumes = o.volumes;
+    if let Some(cpu) = o.cpu {
         pin(cpu);
     }
-    if let Some((soft, hard)) = nofile {
+    if let Some((soft, hard)) = o.nofile {
         let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
         // SAFETY: setrlimit reads the struct it is given.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
             eprintln!("setrlimit(NOFILE, {soft}:{hard}): {}", std::io::Error::last_os_error());
             std::process::exit(2);
         }
+    }
+    // As `xatastor-target serve` does: the soft open-file limit goes up to the hard one.
+    match xatastor_core::raise_open_file_limit() {
+        Ok((old, new)) if old != new => eprintln!("raised the open-file limit from {old} to {new}"),
+        Ok(_) => {}
+        Err(e) => eprintln!("cannot raise the open-file limit: {e}"),
     }
     // Warnings (descriptors running out, …) go to stderr, which the parent counts.
     tracing_subscriber::fmt()
@@ -137,7 +160,8 @@ pub(crate) fn serve(volumes: u64, workers: usize, cpu: Option<usize>, nofile: Op
         target.add_namespace(&name, NamespaceConfig::derived(&name, 1, backend)).expect("add namespace");
     }
     let mut sc = ServerConfig::new("127.0.0.1:0".parse().expect("address"));
-    sc.workers = workers;
+    sc.workers = o.workers;
+    sc.admin_batch_window = o.admin_batch_window;
     sc.max_connections_per_peer = 1 << 20;
     let server = Server::start(target.clone(), sc).expect("server");
     println!("ready {}", server.local_addr().port());
@@ -146,7 +170,14 @@ pub(crate) fn serve(volumes: u64, workers: usize, cpu: Option<usize>, nofile: Op
         if line.is_err() {
             break;
         }
-        println!("{}", target.controller_count());
+        let w = server.worker_stats();
+        println!(
+            "{} {} {} {}",
+            target.controller_count(),
+            w.iter().map(|s| s.quiet_admin_queues).sum::<usize>(),
+            w.iter().map(|s| s.admin_batches).sum::<u64>(),
+            w.iter().map(|s| s.admin_batched_receives).sum::<u64>()
+        );
         std::io::stdout().flush().expect("stdout");
     }
     let _ = server.shutdown();
@@ -164,6 +195,7 @@ impl TargetProcess {
     fn start(volumes: u64, o: &Options, log: std::path::PathBuf) -> Self {
         let mut cmd = Command::new(std::env::current_exe().expect("own path"));
         cmd.args(["--serve-connected", &volumes.to_string(), "--workers", &o.workers.to_string()]);
+        cmd.args(["--admin-batch-window-ms", &o.admin_batch_window_ms.to_string()]);
         if let Some(cpu) = o.target_cpu {
             cmd.args(["--target-cpu", &cpu.to_string()]);
         }
@@ -187,12 +219,14 @@ impl TargetProcess {
         Self { child, stdin, stdout, port, log }
     }
 
-    fn controllers(&mut self) -> u64 {
+    /// Controllers, quiet admin queues, batch windows, receives served in them.
+    fn stats(&mut self) -> [u64; 4] {
         let stdin = self.stdin.as_mut().expect("stdin");
         writeln!(stdin).and_then(|()| stdin.flush()).expect("ask the target");
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("target output");
-        line.trim().parse().unwrap_or(0)
+        let mut f = line.split_whitespace().map(|x| x.parse().unwrap_or(0));
+        [(); 4].map(|()| f.next().unwrap_or(0))
     }
 
     fn rss_kib(&self) -> u64 {
@@ -218,7 +252,9 @@ impl TargetProcess {
     }
 
     fn warnings(&self) -> usize {
-        std::fs::read_to_string(&self.log).map(|s| s.lines().filter(|l| l.contains("WARN")).count()).unwrap_or(0)
+        std::fs::read_to_string(&self.log)
+            .map(|s| s.lines().filter(|l| l.contains("WARN")).count())
+            .unwrap_or(0)
     }
 
     fn stop(mut self) {
@@ -245,7 +281,7 @@ fn socket_from(k: u64, to: SocketAddr) -> std::io::Result<TcpStream> {
     let src = Ipv4Addr::new(127, 1, (k / 250) as u8, (k % 250 + 1) as u8);
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
-    s.connect_timeout(&to.into(), SETUP_TIMEOUT)?;
+    s.connect_timeout(&to.into(), Duration::from_secs(1))?;
     let s: TcpStream = s.into();
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(SETUP_TIMEOUT))?;
@@ -301,8 +337,9 @@ fn keep_alive() -> Sqe {
     ka
 }
 
-/// Writes every PDU `queue` has to a non-blocking stream (a capsule is 72 bytes: the socket
+/// Writes every PDU the host's queue has to a non-blocking stream (a capsule is 72 bytes: the socket
 /// buffer has room unless the target stopped reading, which counts as a failure after a while).
+#[allow(clippy::disallowed_methods)] // a benchmark client: it owns its clock
 fn send_all(h: &mut BlockingHost<TcpStream>) -> std::io::Result<()> {
     let pdus: Vec<_> = std::iter::from_fn(|| h.queue().poll_transmit()).collect();
     let stream = h.stream();
@@ -357,7 +394,8 @@ impl Epoll {
         // SAFETY: see above.
         let ep = Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
         for (k, c) in ctrls.iter().enumerate() {
-            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32, u64: k as u64 };
+            let mut ev =
+                libc::epoll_event { events: libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32, u64: k as u64 };
             let sock = c.admin_fd;
             // SAFETY: both descriptors are open; `ev` is a valid epoll_event for the call.
             let r = unsafe { libc::epoll_ctl(ep.0.as_raw_fd(), libc::EPOLL_CTL_ADD, sock, &mut ev) };
@@ -454,7 +492,8 @@ pub(crate) fn run(o: &Options) {
 #[allow(clippy::disallowed_methods)]
 fn run_one(connections: u64, o: &Options) -> Row {
     let (controllers, io_queues) = split(connections, o.io_queue_every);
-    let log = std::env::temp_dir().join(format!("xatastor-scale-connected-{}-{connections}.log", std::process::id()));
+    let log = std::env::temp_dir()
+        .join(format!("xatastor-scale-connected-{}-{connections}.log", std::process::id()));
     let mut t = TargetProcess::start(controllers, o, log);
     let to = SocketAddr::from(([127, 0, 0, 1], t.port));
     std::thread::sleep(Duration::from_millis(200));
@@ -464,14 +503,19 @@ fn run_one(connections: u64, o: &Options) -> Row {
     let mut ctrls: Vec<Ctrl> = Vec::with_capacity(controllers as usize);
     let mut refused = 0u64;
     let mut waiting: Vec<TcpStream> = Vec::new();
+    let mut backlog_full = false;
     let started = Instant::now();
     for i in 0..controllers {
         let every = o.io_queue_every.max(1);
         let with_io = i % every == 0 && i / every < io_queues;
         if refused > 0 {
-            // The target stopped accepting: the rest only wait in its listen backlog.
-            if let Ok(s) = socket_from(i, to) {
-                waiting.push(s);
+            // The target stopped accepting: the rest only wait in its listen backlog, as long as
+            // there is room there (a connect that times out means the backlog is full).
+            if !backlog_full {
+                match socket_from(i, to) {
+                    Ok(s) => waiting.push(s),
+                    Err(_) => backlog_full = true,
+                }
             }
             refused += 1;
             continue;
@@ -505,7 +549,7 @@ fn run_one(connections: u64, o: &Options) -> Row {
         (0..ctrls.len()).map(|k| Reverse((hold_start + period.mul_f64(fastrand::f64()), k))).collect();
     let (mut lost_unsent, mut lost_timeout, mut lost_status, mut lost_closed) = (0u64, 0u64, 0u64, 0u64);
     let mut outstanding = 0usize;
-    let mut rtt = Histogram::<u64>::new(3).expect("histogram");
+    let mut rtt = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
     let mut keep_alives = 0u64;
     let mut lost = vec![false; ctrls.len()];
     let hold = Duration::from_secs(o.hold_secs);
@@ -541,7 +585,8 @@ fn run_one(connections: u64, o: &Options) -> Row {
         }
         // Wait for answers until the next keep-alive is due (at most 10 ms).
         let next = due.peek().map_or(now + Duration::from_millis(10), |Reverse((w, _))| *w);
-        let wait = if holding { next.saturating_duration_since(Instant::now()) } else { Duration::from_millis(10) };
+        let wait =
+            if holding { next.saturating_duration_since(Instant::now()) } else { Duration::from_millis(10) };
         epoll.wait(wait.min(Duration::from_millis(10)), &mut ready);
         for &k in &ready {
             let c = &mut ctrls[k];
@@ -645,7 +690,13 @@ fn run_one(connections: u64, o: &Options) -> Row {
     for (k, c) in ctrls.iter_mut().enumerate() {
         lost[k] |= c.sent.take().is_some();
     }
-    let target_controllers = t.controllers();
+    let [target_controllers, quiet, windows, batched] = t.stats();
+    if windows > 0 {
+        eprintln!(
+            "target: {quiet} quiet admin queues, {windows} batch windows, {:.1} receives per window",
+            batched as f64 / windows as f64
+        );
+    }
     for (k, c) in ctrls.iter_mut().enumerate() {
         if lost[k] {
             continue;

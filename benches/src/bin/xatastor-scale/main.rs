@@ -83,6 +83,9 @@ struct Args {
     /// Pin this (client) process to this core.
     #[arg(long)]
     client_cpu: Option<usize>,
+    /// The target's batch window for quiet admin queues, in milliseconds (0: off).
+    #[arg(long, default_value_t = 10)]
+    admin_batch_window_ms: u64,
     /// Open-file limit the target starts with, `SOFT:HARD` (it raises the soft limit to the hard one).
     #[arg(long, value_parser = parse_nofile)]
     target_nofile: Option<(u64, u64)>,
@@ -128,7 +131,13 @@ fn main() {
         return;
     }
     if let Some(volumes) = args.serve_connected {
-        connected::serve(volumes, args.workers, args.target_cpu, args.target_nofile);
+        connected::serve(&connected::Serve {
+            volumes,
+            workers: args.workers,
+            cpu: args.target_cpu,
+            nofile: args.target_nofile,
+            admin_batch_window: Duration::from_millis(args.admin_batch_window_ms),
+        });
         return;
     }
     if !args.connected.is_empty() {
@@ -141,6 +150,7 @@ fn main() {
             target_cpu: args.target_cpu,
             client_cpu: args.client_cpu,
             target_nofile: args.target_nofile,
+            admin_batch_window_ms: args.admin_batch_window_ms,
         });
         return;
     }
