@@ -667,7 +667,8 @@ fn a_deep_queue_does_not_make_another_connection_wait_for_all_of_it() {
     let order = backend.order.lock().clone();
     assert_eq!(order.len(), 129);
     let at = order.iter().position(|&o| o == 8192 * 512).unwrap();
-    assert!(at < 70, "the other connection's read was #{} of 129 to reach the backend", at + 1);
+    // While the other connection's input waits, the deep queue gets short rounds (8 PDUs).
+    assert!(at < 20, "the other connection's read was #{} of 129 to reach the backend", at + 1);
     drop((deep, other));
     srv.shutdown().unwrap();
 }

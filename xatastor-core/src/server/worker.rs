@@ -123,10 +123,15 @@ fn keep_rest(buf: &mut BytesMut, chunk: &mut Bytes, stats: &super::Counters) {
 /// A connection whose input arrives again within this many poll windows is hot.
 const HOT_WINDOWS: u32 = 4;
 
-/// PDUs one connection decodes per loop turn. A host keeping 128 commands in flight gets them served
-/// in rounds of this many, and another connection's request waits for one round, not for all of them
-/// (the responses of each round go out at its end).
+/// PDUs one connection decodes per loop turn at most. A host keeping 128 commands in flight gets them
+/// served in rounds of this many, and another connection's request waits for one round, not for all
+/// of them (the responses of each round go out at its end).
 const PDU_BUDGET: u32 = 32;
+/// PDUs one connection decodes per loop turn while other connections' input waits (received in this
+/// turn and not handled yet, or completion work of the kernel pending): a short round, so that a
+/// queue-depth-1 request next to a deep queue waits for little. Alone, a connection keeps the longer
+/// round (fewer turns, fewer system calls per command).
+const PDU_SHARE: u32 = 8;
 
 /// A backend request that will complete through the mailbox.
 struct PendingIo {
@@ -189,6 +194,8 @@ pub(super) struct Worker {
     turn: u64,
     /// Connections with decoded-later input waiting (see [`PDU_BUDGET`]).
     deferred: Vec<Key>,
+    /// Receive completions of this turn's batch not handled yet (other connections' input waits).
+    recv_left: usize,
     /// Quiet admin queues (None when the batch window is zero). Declared after `ring`: the timer
     /// it holds outlives the ring's operations.
     quiet: Option<Quiet>,
@@ -280,6 +287,7 @@ impl Worker {
             turn: 0,
             deferred: Vec::new(),
             quiet,
+            recv_left: 0,
             epoch: Instant::now(),
         })
     }
@@ -355,11 +363,15 @@ impl Worker {
             let now = Instant::now();
             let mut cqes = std::mem::take(&mut self.cqes);
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+            self.recv_left = cqes.iter().filter(|&&(ud, _, _)| (ud >> 56) as u8 == KIND_RECV).count();
             for &(ud, res, flags) in &cqes {
                 let (kind, key) = Key::from_user_data(ud);
                 match kind {
                     KIND_ACCEPT => self.on_accept(res, flags, now),
-                    KIND_RECV => self.on_recv(key, res, flags, now),
+                    KIND_RECV => {
+                        self.recv_left = self.recv_left.saturating_sub(1);
+                        self.on_recv(key, res, flags, now);
+                    }
                     KIND_SEND => self.on_send(key, res, now),
                     KIND_WAKE => self.on_wake(now),
                     KIND_DISK => self.on_disk(key, res, now),
@@ -647,7 +659,10 @@ impl Worker {
                 self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
             }
             let direct = c.rx.is_direct();
-            if !from_chain && !direct && !Self::take_budget(c, self.turn) {
+            let contended =
+                self.recv_left > 0 || !self.deferred.is_empty() || self.ring.submission().taskrun();
+            let Some(c) = self.conns.get_mut(key) else { return };
+            if !from_chain && !direct && !Self::take_budget(c, self.turn, contended) {
                 list_once(&mut c.deferred, &mut self.deferred, key);
                 return;
             }
@@ -729,7 +744,10 @@ impl Worker {
                 }
                 continue;
             }
-            if !Self::take_budget(c, self.turn) {
+            let contended =
+                self.recv_left > 0 || !self.deferred.is_empty() || self.ring.submission().taskrun();
+            let Some(c) = self.conns.get_mut(key) else { return };
+            if !Self::take_budget(c, self.turn, contended) {
                 // This connection had its share of the turn: the rest waits for the next one (the
                 // receive buffer goes back to the kernel now).
                 keep_rest(&mut c.rx.buf, chunk, &self.mailbox.stats);
@@ -763,12 +781,12 @@ impl Worker {
     }
 
     /// Counts one PDU against the connection's budget for this turn; false if it is used up.
-    fn take_budget(c: &mut Conn, turn: u64) -> bool {
+    fn take_budget(c: &mut Conn, turn: u64, contended: bool) -> bool {
         if c.turn != turn {
             c.turn = turn;
             c.turn_pdus = 0;
         }
-        if c.turn_pdus >= PDU_BUDGET {
+        if c.turn_pdus >= PDU_BUDGET || (contended && c.turn_pdus >= PDU_SHARE) {
             return false;
         }
         c.turn_pdus += 1;
