@@ -764,3 +764,55 @@ fn a_window_with_more_quiet_queues_than_receive_buffers_answers_them_all() {
     assert_eq!((w.quiet_admin_queues, w.admin_batches), (0, 0), "{w:?}");
     srv.shutdown().unwrap();
 }
+
+/// A deep queue's operations on a file volume do not all go to the ring ahead of another
+/// connection's: while another connection has operations there, a connection keeps 16 on the ring
+/// and the rest wait their turn; alone it is not limited. The data are right either way.
+#[test]
+fn a_deep_queue_shares_the_ring_with_another_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.img");
+    // Every sector holds its own number: a read of the wrong block shows.
+    let data: Vec<u8> = (0..(16u32 << 11)).flat_map(|k| k.to_le_bytes().repeat(128)).collect();
+    std::fs::write(&path, &data).unwrap();
+    let target = target_with(Arc::new(FileBackend::open(&path, 512).unwrap()));
+    let srv = server(&target, 1, |_| {});
+    let (_adm, cntlid) = admin(srv.local_addr(), 0);
+    let mut deep = io_queue(srv.local_addr(), 1, cntlid);
+    let mut other = io_queue(srv.local_addr(), 2, cntlid);
+    let expect = |slba: u64| &data[(slba * 512) as usize..(slba * 512) as usize + 4096];
+    let round = |deep: &mut Host, other: Option<&mut Host>, r: u64| {
+        let mut cids = std::collections::HashMap::new();
+        for i in 0..64 {
+            let slba = ((r * 64 + i) * 8) % (16 << 11);
+            cids.insert(deep.submit(rw(0x02, slba, 8), None, 4096).unwrap(), slba);
+        }
+        if let Some(o) = other {
+            let slba = (r * 8 + 4096) % (16 << 11);
+            assert_eq!(read(o, slba, 4096), expect(slba));
+        }
+        for _ in 0..64 {
+            let c = deep.next_completion().unwrap();
+            assert_eq!(c.status(), Status::SUCCESS);
+            let slba = cids.remove(&c.cqe.cid.get()).expect("a completion of a command in flight");
+            assert_eq!(c.data.to_bytes().as_ref(), expect(slba), "block {slba}");
+        }
+    };
+    for r in 0..20 {
+        round(&mut deep, None, r);
+    }
+    assert_eq!(srv.worker_stats()[0].disk_share_waits, 0, "a connection alone is not limited");
+    for r in 20..400 {
+        round(&mut deep, Some(&mut other), r);
+        if srv.worker_stats()[0].disk_share_waits > 0 {
+            break;
+        }
+    }
+    assert!(srv.worker_stats()[0].disk_share_waits > 0, "the deep queue was never held to its share");
+    // Alone again: after the contention window, all 64 go to the ring.
+    std::thread::sleep(Duration::from_millis(50));
+    let waits = srv.worker_stats()[0].disk_share_waits;
+    round(&mut deep, None, 500);
+    assert_eq!(srv.worker_stats()[0].disk_share_waits, waits);
+    srv.shutdown().unwrap();
+}

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use nvmeof_proto::{BytesChain, EncodedPdu};
-use nvmeof_target::Connection;
+use nvmeof_target::{Connection, IoRequest};
 
 /// Send at most this many PDUs in one `writev`.
 const MAX_PDUS_PER_SEND: usize = 256;
@@ -71,6 +71,11 @@ pub(super) struct Conn {
     /// A quiet admin queue: no receive stays armed on the ring; the worker's readiness set says
     /// when input is there (see `ServerConfig::admin_batch_window`).
     pub(super) dormant: bool,
+    /// Backend operations of this connection on the worker's ring.
+    pub(super) disk_inflight: usize,
+    /// Backend requests waiting for this connection's share of the ring (see the worker's
+    /// `DISK_SHARE`), in arrival order.
+    pub(super) disk_waiting: VecDeque<IoRequest>,
 }
 
 impl Conn {
@@ -99,6 +104,8 @@ impl Conn {
             closing: false,
             dead: false,
             dormant: false,
+            disk_inflight: 0,
+            disk_waiting: VecDeque::new(),
         }
     }
 }

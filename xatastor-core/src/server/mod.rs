@@ -230,6 +230,7 @@ impl Server {
                 quiet_admin_queues: m.stats.dormant.load(Ordering::Relaxed),
                 admin_batches: m.stats.batch_wakeups.load(Ordering::Relaxed),
                 admin_batched_receives: m.stats.batched_inputs.load(Ordering::Relaxed),
+                disk_share_waits: m.stats.disk_waits.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -422,6 +423,7 @@ struct Counters {
     dormant: AtomicUsize,
     batch_wakeups: AtomicU64,
     batched_inputs: AtomicU64,
+    disk_waits: AtomicU64,
 }
 
 /// A snapshot of one worker's counters ([`Server::worker_stats`]).
@@ -471,6 +473,9 @@ pub struct WorkerStats {
     /// Receives of quiet admin queues served in those windows (their ratio to `admin_batches` is
     /// how many keep-alives one wake-up answered).
     pub admin_batched_receives: u64,
+    /// Backend requests that waited for their connection's share of the ring (a connection keeps
+    /// at most 16 operations there while other connections have some there too).
+    pub disk_share_waits: u64,
 }
 
 impl Mailbox {

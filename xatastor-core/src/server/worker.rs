@@ -132,6 +132,14 @@ const PDU_BUDGET: u32 = 32;
 /// queue-depth-1 request next to a deep queue waits for little. Alone, a connection keeps the longer
 /// round (fewer turns, fewer system calls per command).
 const PDU_SHARE: u32 = 8;
+/// Backend operations one connection keeps on the ring at most while other connections have some
+/// there too: a deep queue's reads do not all sit in front of another tenant's one read (in the
+/// kernel's queues, or its workers for files that cannot read without blocking). The rest wait in
+/// the connection, in order, and start as its earlier ones complete. Alone, a connection is not
+/// limited: the limit holds for [`DISK_CONTENTION`] after a backend operation started on the ring
+/// while another connection had some there.
+const DISK_SHARE: usize = 16;
+const DISK_CONTENTION: Duration = Duration::from_millis(10);
 
 /// A backend request that will complete through the mailbox.
 struct PendingIo {
@@ -196,6 +204,8 @@ pub(super) struct Worker {
     deferred: Vec<Key>,
     /// Receive completions of this turn's batch not handled yet (other connections' input waits).
     recv_left: usize,
+    /// Connections share the ring's backend operations until then (see [`DISK_SHARE`]).
+    disk_contended_until: Option<Instant>,
     /// Quiet admin queues (None when the batch window is zero). Declared after `ring`: the timer
     /// it holds outlives the ring's operations.
     quiet: Option<Quiet>,
@@ -288,6 +298,7 @@ impl Worker {
             deferred: Vec::new(),
             quiet,
             recv_left: 0,
+            disk_contended_until: None,
             epoch: Instant::now(),
         })
     }
@@ -462,6 +473,9 @@ impl Worker {
             c.rx.release_idle();
             c.tx.release_idle();
             c.engine.release_idle_memory();
+            if c.disk_waiting.is_empty() {
+                c.disk_waiting = VecDeque::new();
+            }
         }
         self.active = active;
         // The worker's own vectors, sized by the last burst (a few entries are kept).
@@ -1199,6 +1213,32 @@ impl Worker {
     /// Runs a backend request: on the ring for file-descriptor backends, otherwise through the
     /// backend itself.
     fn start_io(&mut self, conn: Key, req: IoRequest, now: Instant) {
+        let contended = self.disk_contended_until.is_some_and(|t| now < t);
+        if let Some(c) = self.conns.get_mut(conn) {
+            let ring = req.namespace.backend().raw_device().is_some();
+            if ring && (!c.disk_waiting.is_empty() || (contended && c.disk_inflight >= DISK_SHARE)) {
+                c.disk_waiting.push_back(req);
+                self.mailbox.stats.disk_waits.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        self.start_io_now(conn, req, now);
+    }
+
+    /// Starts the connection's waiting backend requests while its share of the ring allows.
+    fn start_waiting(&mut self, conn: Key, now: Instant) {
+        loop {
+            let contended = self.disk_contended_until.is_some_and(|t| now < t);
+            let Some(c) = self.conns.get_mut(conn) else { return };
+            if c.disk_waiting.is_empty() || (contended && c.disk_inflight >= DISK_SHARE) {
+                return;
+            }
+            let Some(req) = c.disk_waiting.pop_front() else { return };
+            self.start_io_now(conn, req, now);
+        }
+    }
+
+    fn start_io_now(&mut self, conn: Key, req: IoRequest, now: Instant) {
         let IoRequest { token, namespace, op } = req;
         let refused = || self.no_fallocate.contains(&(Arc::as_ptr(&namespace) as usize));
         let plan = match namespace.backend().raw_device() {
@@ -1224,6 +1264,14 @@ impl Worker {
                     self.fail_io(conn, token, io::Error::other("too many operations in flight"), now);
                     return;
                 };
+                let total = self.disk.len();
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.disk_inflight += 1;
+                    if total > c.disk_inflight {
+                        // Another connection has operations on the ring too.
+                        self.disk_contended_until = Some(now + DISK_CONTENTION);
+                    }
+                }
                 for e in sqes {
                     // SAFETY: the entries point into the operation's heap buffers (read buffer,
                     // write data or bounce buffer, iovecs), owned by the `DiskOp` in `self.disk`
@@ -1308,6 +1356,9 @@ impl Worker {
             return;
         }
         let Some(DiskOp { conn, token, namespace, .. }) = self.disk.remove(key) else { return };
+        if let Some(c) = self.conns.get_mut(conn) {
+            c.disk_inflight = c.disk_inflight.saturating_sub(1);
+        }
         let result = match outcome {
             Outcome::Pending => return,
             Outcome::Done(result) => {
@@ -1330,6 +1381,7 @@ impl Worker {
                     );
                 }
                 self.submit_to_pool(conn, token, namespace, op, now);
+                self.start_waiting(conn, now);
                 self.after_engine(conn, now);
                 return;
             }
@@ -1337,6 +1389,7 @@ impl Worker {
         if let Some(c) = self.conns.get_mut(conn) {
             c.engine.complete_io(token, result, now);
         }
+        self.start_waiting(conn, now);
         self.after_engine(conn, now);
     }
 
