@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # isolation.sh — does one tenant's heavy operation slow another tenant's reads on the same worker?
 #
-#   benches/isolation.sh [--target-bin PATH] [--secs N] [--dir DIR]
+#   benches/isolation.sh [--target-bin PATH] [--secs N] [--dir DIR] [--serve-args "ARGS"]
 #
 #   --target-bin  the target (default target/release/xatastor-target)
 #   --secs        seconds per measurement (default 10)
 #   --dir         data directory on a file system WITHOUT fallocate zero-range (default: a directory
 #                 under /dev/shm: tmpfs zeroes by writing zeros, like a zvol or an old file system)
+#   --serve-args  more options for `xatastor-target serve` (e.g. "--disk-share 4")
 #
 # One `xatastor-target serve --backend file --workers 1` on core 0 with two 1 GiB volumes, `quiet`
 # and `noisy`; the clients (this repository's nvmf-perf) on core 1. Measures the p50/p99/p99.9 latency
@@ -24,9 +25,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release/xatastor-target
-SECS=10; DIR=
+SECS=10; DIR=; SERVE_ARGS=
 while [ $# -gt 0 ]; do case $1 in
   --target-bin) BIN=$2; shift 2 ;; --secs) SECS=$2; shift 2 ;; --dir) DIR=$2; shift 2 ;;
+  --serve-args) SERVE_ARGS=$2; shift 2 ;;
   -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0" | sed '$d'; exit 0 ;;
   *) echo "isolation.sh: unknown option $1" >&2; exit 2 ;; esac; done
 [ -x "$BIN" ] || { echo "isolation.sh: no $BIN: cargo build --release first" >&2; exit 2; }
@@ -41,7 +43,7 @@ cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null; [ -n "$C
 trap cleanup EXIT
 
 taskset -c 0 "$BIN" serve --listen 127.0.0.1:$PORT --data-dir "$DIR" --backend file --workers 1 \
-  --metrics-listen off --log warn >"$DIR/serve.log" 2>&1 &
+  --metrics-listen off --log warn $SERVE_ARGS >"$DIR/serve.log" 2>&1 &
 PID=$!
 for _ in $(seq 1 100); do [ -S "$DIR/admin.sock" ] && (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
 nqn() { "$BIN" --data-dir "$DIR" volume show "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nqn"])'; }

@@ -163,6 +163,11 @@ struct ServeArgs {
     /// [default: 10].
     #[arg(long)]
     admin_batch_window_ms: Option<u64>,
+    /// Volume operations one connection keeps in flight at most while other connections on its
+    /// worker have some too (file, zvol and other file-descriptor volumes); lower favours the
+    /// latency of the other tenants over a deep queue's throughput; 0: no limit [default: 16].
+    #[arg(long)]
+    disk_share: Option<usize>,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter) [default: info].
     #[arg(long)]
     log: Option<String>,
@@ -203,6 +208,7 @@ struct FileConfig {
     blocking_threads: Option<usize>,
     traffic_based_keep_alive: Option<bool>,
     admin_batch_window_ms: Option<u64>,
+    disk_share: Option<usize>,
     log: Option<String>,
     admin_listen: Option<String>,
     admin_token_file: Option<PathBuf>,
@@ -460,6 +466,7 @@ impl ServeArgs {
             blocking_threads,
             traffic_based_keep_alive,
             admin_batch_window_ms,
+            disk_share,
             log,
             admin_listen,
             admin_token_file,
@@ -481,6 +488,7 @@ impl ServeArgs {
             || blocking_threads.is_some()
             || *traffic_based_keep_alive
             || admin_batch_window_ms.is_some()
+            || disk_share.is_some()
             || log.is_some()
             || admin_listen.is_some()
             || admin_token_file.is_some()
@@ -1109,6 +1117,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     config.poll_window = poll_window;
     config.blocking_threads = blocking_threads;
     config.admin_batch_window = admin_batch_window;
+    config.disk_share = args.disk_share.or(file.disk_share).unwrap_or(16);
     let server = Arc::new(Server::start(target, config).map_err(|e| format!("listening on {listen}: {e}"))?);
     let addr = server.local_addr();
     let advertise = match args.advertise.or(file.advertise) {

@@ -73,8 +73,8 @@ pub(super) struct Conn {
     pub(super) dormant: bool,
     /// Backend operations of this connection on the worker's ring.
     pub(super) disk_inflight: usize,
-    /// Backend requests waiting for this connection's share of the ring (see the worker's
-    /// `DISK_SHARE`), in arrival order.
+    /// Backend requests waiting for this connection's share of the ring (see
+    /// `ServerConfig::disk_share`), in arrival order.
     pub(super) disk_waiting: VecDeque<IoRequest>,
 }
 

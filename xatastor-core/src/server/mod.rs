@@ -110,12 +110,21 @@ pub struct ServerConfig {
     /// commands are answered up to this much later; the first command that follows another within
     /// a second brings the queue back. I/O queues are never delayed. Zero turns this off.
     pub admin_batch_window: Duration,
+    /// Backend operations (of file-descriptor volumes, on the ring) one connection keeps in flight
+    /// at most while other connections of the worker have some in flight too; the rest wait in the
+    /// connection, in order. A deep queue then does not put all its requests in front of another
+    /// tenant's one request (in the kernel's queues, or its workers for files that cannot read
+    /// without blocking). Alone, a connection is not limited. Lower: the other tenants' latency
+    /// gets closer to what they see alone, and a deep queue next to them gets less throughput.
+    /// Zero: no limit.
+    pub disk_share: usize,
 }
 
 impl ServerConfig {
     /// Defaults: one worker per core, 1024-entry rings, 65536 connections per worker, 16384 per peer
     /// address, 4 MiB of queued responses per connection, 256 receive buffers of 64 KiB per worker,
-    /// a 50 µs poll window, 4 blocking-pool threads, a 10 ms batch window for quiet admin queues.
+    /// a 50 µs poll window, 4 blocking-pool threads, a 10 ms batch window for quiet admin queues,
+    /// a disk share of 16 operations per connection.
     #[must_use]
     pub fn new(listen: SocketAddr) -> Self {
         Self {
@@ -131,6 +140,7 @@ impl ServerConfig {
             poll_window: Duration::from_micros(50),
             blocking_threads: 4,
             admin_batch_window: Duration::from_millis(10),
+            disk_share: 16,
         }
     }
 }
@@ -473,8 +483,8 @@ pub struct WorkerStats {
     /// Receives of quiet admin queues served in those windows (their ratio to `admin_batches` is
     /// how many keep-alives one wake-up answered).
     pub admin_batched_receives: u64,
-    /// Backend requests that waited for their connection's share of the ring (a connection keeps
-    /// at most 16 operations there while other connections have some there too).
+    /// Backend requests that waited for their connection's share of the ring
+    /// ([`ServerConfig::disk_share`]).
     pub disk_share_waits: u64,
 }
 

@@ -132,13 +132,8 @@ const PDU_BUDGET: u32 = 32;
 /// queue-depth-1 request next to a deep queue waits for little. Alone, a connection keeps the longer
 /// round (fewer turns, fewer system calls per command).
 const PDU_SHARE: u32 = 8;
-/// Backend operations one connection keeps on the ring at most while other connections have some
-/// there too: a deep queue's reads do not all sit in front of another tenant's one read (in the
-/// kernel's queues, or its workers for files that cannot read without blocking). The rest wait in
-/// the connection, in order, and start as its earlier ones complete. Alone, a connection is not
-/// limited: the limit holds for [`DISK_CONTENTION`] after a backend operation started on the ring
-/// while another connection had some there.
-const DISK_SHARE: usize = 16;
+/// How long connections share the ring's backend operations (see
+/// [`super::ServerConfig::disk_share`]) after one started while another connection had some there.
 const DISK_CONTENTION: Duration = Duration::from_millis(10);
 
 /// A backend request that will complete through the mailbox.
@@ -204,7 +199,7 @@ pub(super) struct Worker {
     deferred: Vec<Key>,
     /// Receive completions of this turn's batch not handled yet (other connections' input waits).
     recv_left: usize,
-    /// Connections share the ring's backend operations until then (see [`DISK_SHARE`]).
+    /// Connections share the ring's backend operations until then (see [`DISK_CONTENTION`]).
     disk_contended_until: Option<Instant>,
     /// Quiet admin queues (None when the batch window is zero). Declared after `ring`: the timer
     /// it holds outlives the ring's operations.
@@ -1214,9 +1209,10 @@ impl Worker {
     /// backend itself.
     fn start_io(&mut self, conn: Key, req: IoRequest, now: Instant) {
         let contended = self.disk_contended_until.is_some_and(|t| now < t);
+        let share = self.config.disk_share;
         if let Some(c) = self.conns.get_mut(conn) {
             let ring = req.namespace.backend().raw_device().is_some();
-            if ring && (!c.disk_waiting.is_empty() || (contended && c.disk_inflight >= DISK_SHARE)) {
+            if ring && (!c.disk_waiting.is_empty() || (contended && share > 0 && c.disk_inflight >= share)) {
                 c.disk_waiting.push_back(req);
                 self.mailbox.stats.disk_waits.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -1227,10 +1223,11 @@ impl Worker {
 
     /// Starts the connection's waiting backend requests while its share of the ring allows.
     fn start_waiting(&mut self, conn: Key, now: Instant) {
+        let share = self.config.disk_share;
         loop {
             let contended = self.disk_contended_until.is_some_and(|t| now < t);
             let Some(c) = self.conns.get_mut(conn) else { return };
-            if c.disk_waiting.is_empty() || (contended && c.disk_inflight >= DISK_SHARE) {
+            if c.disk_waiting.is_empty() || (contended && share > 0 && c.disk_inflight >= share) {
                 return;
             }
             let Some(req) = c.disk_waiting.pop_front() else { return };
