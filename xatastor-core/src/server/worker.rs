@@ -128,10 +128,14 @@ const HOT_WINDOWS: u32 = 4;
 /// of them (the responses of each round go out at its end).
 const PDU_BUDGET: u32 = 32;
 /// PDUs one connection decodes per loop turn while other connections' input waits (received in this
-/// turn and not handled yet, or completion work of the kernel pending): a short round, so that a
-/// queue-depth-1 request next to a deep queue waits for little. Alone, a connection keeps the longer
-/// round (fewer turns, fewer system calls per command).
+/// turn and not handled yet, or deferred): a short round, so that a queue-depth-1 request next to a
+/// deep queue waits for little. Alone, a connection keeps the longer round (fewer turns, fewer system
+/// calls per command). The kernel's pending completion work counts only when another connection had
+/// input in one of the last [`SHARED_TURNS`] turns: a busy connection's own next input is there most
+/// of the time, and short rounds for it alone cost throughput.
 const PDU_SHARE: u32 = 8;
+/// See [`PDU_SHARE`].
+const SHARED_TURNS: u64 = 16;
 /// How long connections share the ring's backend operations (see
 /// [`super::ServerConfig::disk_share`]) after one started while another connection had some there.
 const DISK_CONTENTION: Duration = Duration::from_millis(10);
@@ -199,6 +203,8 @@ pub(super) struct Worker {
     deferred: Vec<Key>,
     /// Receive completions of this turn's batch not handled yet (other connections' input waits).
     recv_left: usize,
+    /// The last loop turn in which more than one connection had input.
+    shared_turn: u64,
     /// Connections share the ring's backend operations until then (see [`DISK_CONTENTION`]).
     disk_contended_until: Option<Instant>,
     /// Quiet admin queues (None when the batch window is zero). Declared after `ring`: the timer
@@ -293,6 +299,7 @@ impl Worker {
             deferred: Vec::new(),
             quiet,
             recv_left: 0,
+            shared_turn: 0,
             disk_contended_until: None,
             epoch: Instant::now(),
         })
@@ -370,6 +377,13 @@ impl Worker {
             let mut cqes = std::mem::take(&mut self.cqes);
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
             self.recv_left = cqes.iter().filter(|&&(ud, _, _)| (ud >> 56) as u8 == KIND_RECV).count();
+            let mut first = None;
+            for &(ud, _, _) in &cqes {
+                if (ud >> 56) as u8 == KIND_RECV && *first.get_or_insert(ud) != ud {
+                    self.shared_turn = self.turn;
+                    break;
+                }
+            }
             for &(ud, res, flags) in &cqes {
                 let (kind, key) = Key::from_user_data(ud);
                 match kind {
@@ -668,8 +682,7 @@ impl Worker {
                 self.mailbox.stats.held.fetch_sub(1, Ordering::Relaxed);
             }
             let direct = c.rx.is_direct();
-            let contended =
-                self.recv_left > 0 || !self.deferred.is_empty() || self.ring.submission().taskrun();
+            let contended = self.contended();
             let Some(c) = self.conns.get_mut(key) else { return };
             if !from_chain && !direct && !Self::take_budget(c, self.turn, contended) {
                 list_once(&mut c.deferred, &mut self.deferred, key);
@@ -753,8 +766,7 @@ impl Worker {
                 }
                 continue;
             }
-            let contended =
-                self.recv_left > 0 || !self.deferred.is_empty() || self.ring.submission().taskrun();
+            let contended = self.contended();
             let Some(c) = self.conns.get_mut(key) else { return };
             if !Self::take_budget(c, self.turn, contended) {
                 // This connection had its share of the turn: the rest waits for the next one (the
@@ -790,6 +802,14 @@ impl Worker {
     }
 
     /// Counts one PDU against the connection's budget for this turn; false if it is used up.
+    /// Other connections' input waits: received in this turn and not handled yet, deferred, or (when
+    /// connections shared recent turns) completion work pending in the kernel.
+    fn contended(&mut self) -> bool {
+        self.recv_left > 0
+            || !self.deferred.is_empty()
+            || (self.turn.wrapping_sub(self.shared_turn) <= SHARED_TURNS && self.ring.submission().taskrun())
+    }
+
     fn take_budget(c: &mut Conn, turn: u64, contended: bool) -> bool {
         if c.turn != turn {
             c.turn = turn;
