@@ -1112,9 +1112,7 @@ impl Worker {
         }
         self.mailbox.stats.batch_wakeups.fetch_add(1, Ordering::Relaxed);
         if let Some(q) = self.quiet.as_mut() {
-            events.clear();
-            events.shrink_to(64);
-            q.events = events;
+            q.events = events; // kept for the next window (QUIET_BATCH entries, one per worker)
         }
         self.receive_quiet();
         self.arm_quiet();

@@ -230,14 +230,7 @@ impl TargetProcess {
     }
 
     fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
+        super::rss_kib_of(&self.child.id().to_string())
     }
 
     /// CPU time of all the target's threads, in nanoseconds (schedstat: time on a CPU).

@@ -105,7 +105,12 @@ fn parse_nofile(s: &str) -> Result<(u64, u64), String> {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_kib_of("self")
+}
+
+/// VmRSS of process `pid` ("self" for this one), in KiB (0 if unknown).
+fn rss_kib_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
