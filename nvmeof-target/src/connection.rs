@@ -121,7 +121,7 @@ impl CloseReason {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
+pub(crate) enum State {
     AwaitIcReq,
     AwaitConnect,
     Live,
@@ -268,14 +268,14 @@ pub struct Connection {
     pub(crate) id: u64,
     pub(crate) params: TransportParams,
     pub(crate) span: tracing::Span,
-    state: State,
-    decoder: PduDecoder,
+    pub(crate) state: State,
+    pub(crate) decoder: PduDecoder,
     pub(crate) encode: EncodeOptions,
-    events: VecDeque<Event>,
-    notifier: Option<Notifier>,
-    connect_deadline: Option<Instant>,
+    pub(crate) events: VecDeque<Event>,
+    pub(crate) notifier: Option<Notifier>,
+    pub(crate) connect_deadline: Option<Instant>,
     /// Most R2Ts outstanding per command: the host's MAXR2T + 1, capped by the configuration.
-    max_r2t: u32,
+    pub(crate) max_r2t: u32,
     pub(crate) queue: Option<Queue>,
     next_token: u64,
     /// After close: backend requests still running, and the controller whose count they hold.
@@ -283,12 +283,16 @@ pub struct Connection {
     drain_ctrl: Option<Arc<Controller>>,
     /// An admin Connect waiting for its subsystem to be activated on the target's activation runner,
     /// and the flag the runner sets when it is done.
-    parked_connect: Option<Box<(CapsuleCmd, Arc<AtomicBool>)>>,
+    pub(crate) parked_connect: Option<Box<(CapsuleCmd, Arc<AtomicBool>)>>,
     /// The parked Connect's activation ran: the Connect does not activate again.
     pub(crate) activation_tried: bool,
     /// Rate limits of per-command warnings.
     io_error_log: LogLimiter,
     digest_log: LogLimiter,
+    /// A handover to another process is being prepared: new commands are held here, in arrival
+    /// order, instead of being started (see `handover.rs`).
+    pub(crate) holding: bool,
+    pub(crate) held: Vec<CapsuleCmd>,
 }
 
 impl fmt::Debug for Connection {
@@ -350,6 +354,8 @@ impl Connection {
             activation_tried: false,
             io_error_log: LogLimiter::default(),
             digest_log: LogLimiter::default(),
+            holding: false,
+            held: Vec::new(),
         }
     }
 
@@ -761,7 +767,11 @@ impl Connection {
         tracing::debug!(parent: &self.span, ?digests, hpda = req.hpda, maxr2t = req.maxr2t, "ICReq accepted");
     }
 
-    fn handle_capsule(&mut self, cmd: CapsuleCmd, now: Instant) {
+    pub(crate) fn handle_capsule(&mut self, cmd: CapsuleCmd, now: Instant) {
+        if self.holding && self.should_hold(&cmd) {
+            self.held.push(cmd);
+            return;
+        }
         let cid = cmd.sqe.cid.get();
         if self.state == State::AwaitConnect {
             let is_connect = cmd.sqe.opcode == FABRICS_OPCODE

@@ -318,6 +318,50 @@ impl Controller {
     }
 }
 
+/// What a controller imported from another process starts with (see `handover.rs`).
+pub(crate) struct Restore {
+    pub(crate) cc: u32,
+    pub(crate) csts: u32,
+    pub(crate) enable_generation: u32,
+    pub(crate) io_queues_granted: u16,
+    pub(crate) async_event_config: u32,
+    pub(crate) events: VecDeque<AsyncEvent>,
+    pub(crate) changed_namespaces: BTreeSet<u32>,
+    pub(crate) changed_overflow: bool,
+}
+
+/// The parts of a controller's locked state a handover writes down.
+pub(crate) struct Snapshot {
+    pub(crate) events: Vec<AsyncEvent>,
+    pub(crate) changed_namespaces: Vec<u32>,
+    pub(crate) changed_overflow: bool,
+}
+
+impl Controller {
+    /// Its events and Changed Namespace List, as they are now.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let inner = self.inner.lock();
+        Snapshot {
+            events: inner.events.iter().copied().collect(),
+            changed_namespaces: inner.changed_namespaces.iter().copied().collect(),
+            changed_overflow: inner.changed_overflow,
+        }
+    }
+
+    /// Sets the state of a controller taken over from another process (before any connection uses it).
+    pub(crate) fn restore(&self, r: Restore) {
+        self.cc.store(r.cc, Ordering::Release);
+        self.csts.store(r.csts, Ordering::Release);
+        self.enable_generation.store(r.enable_generation, Ordering::Release);
+        self.io_queues_granted.store(r.io_queues_granted, Ordering::Relaxed);
+        self.async_event_config.store(r.async_event_config, Ordering::Relaxed);
+        let mut inner = self.inner.lock();
+        inner.events = r.events;
+        inner.changed_namespaces = r.changed_namespaces;
+        inner.changed_overflow = r.changed_overflow;
+    }
+}
+
 impl fmt::Debug for Controller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Controller")

@@ -50,6 +50,17 @@ impl Controller {
         self.detach.hidden.load(Ordering::Acquire)
     }
 
+    /// True once the host read the active namespace list after its namespaces were hidden.
+    pub(crate) fn detach_acknowledged(&self) -> bool {
+        self.detach.acknowledged.load(Ordering::Acquire)
+    }
+
+    /// A controller taken over from another process whose namespaces were hidden there.
+    pub(crate) fn restore_detach(&self, acknowledged: bool) {
+        self.detach.hidden.store(true, Ordering::Release);
+        self.detach.acknowledged.store(acknowledged, Ordering::Release);
+    }
+
     /// The namespace `nsid` if this controller's host may see it.
     pub(crate) fn visible_namespace(&self, nsid: u32) -> Option<Arc<Namespace>> {
         if self.namespaces_hidden() {

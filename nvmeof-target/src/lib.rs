@@ -77,6 +77,7 @@ mod config;
 mod connection;
 mod controller;
 mod detach;
+mod handover;
 mod hash;
 pub mod host;
 mod io;
@@ -92,6 +93,10 @@ pub use config::{TargetConfig, TransportParams};
 pub use connection::{CloseReason, Connection, Event, IoRequest};
 pub use controller::{ControllerInfo, Notifier};
 pub use detach::{Detach, MAX_TOMBSTONES};
+pub use handover::{
+    ConnectionPhase, ConnectionState, ControllerState, HandoverError, HandoverState, HeldCommand, QueueState,
+    HANDOVER_FORMAT_VERSION,
+};
 pub use subsystem::{
     HostAccess, Namespace, NamespaceConfig, NamespaceStats, StatsSnapshot, Subsystem, SubsystemConfig,
     LATENCY_BUCKETS, LATENCY_BUCKET_BASE_NS,

@@ -713,6 +713,36 @@ impl Target {
         Some(ctrl)
     }
 
+    /// Adds a controller with a given CNTLID (one taken over from another process); `None` if the
+    /// CNTLID is taken in its subsystem.
+    pub(crate) fn insert_controller(
+        &self,
+        subsystem: Option<Arc<Subsystem>>,
+        cntlid: u16,
+        hostnqn: String,
+        hostid: [u8; 16],
+        kato_ms: u32,
+        created: Instant,
+    ) -> Option<Arc<Controller>> {
+        let mut reg = self.shared.controllers.lock();
+        let set = match &subsystem {
+            None => &mut reg.discovery,
+            Some(s) => reg.by_subsystem.entry(Box::from(s.nqn())).or_insert_with(ControllerSet::new),
+        };
+        if set.by_id.contains_key(&cntlid) {
+            return None;
+        }
+        let ctrl = Arc::new(Controller::new(cntlid, subsystem, hostnqn, hostid, kato_ms, created));
+        set.by_id.insert(cntlid, ctrl.clone());
+        // New CNTLIDs continue after the highest one taken over (a host must not get a CNTLID that
+        // was in use a moment ago if it can be helped).
+        if cntlid >= set.next {
+            set.next = cntlid.saturating_add(1);
+        }
+        self.shared.controller_count.fetch_add(1, Ordering::AcqRel);
+        Some(ctrl)
+    }
+
     /// Controller `cntlid` of subsystem `subnqn` (dead or alive: callers check).
     pub(crate) fn find_controller(&self, subnqn: &str, cntlid: u16) -> Option<Arc<Controller>> {
         self.shared.controllers.lock().set(subnqn).and_then(|set| set.by_id.get(&cntlid).cloned())

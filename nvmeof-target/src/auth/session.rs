@@ -132,6 +132,11 @@ impl QueueAuth {
         self.authenticated
     }
 
+    /// No authentication exchange is in progress.
+    pub(crate) fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle)
+    }
+
     /// When the running authentication must be over.
     pub(crate) fn deadline(&self) -> Option<Instant> {
         self.deadline
