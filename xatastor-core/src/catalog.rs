@@ -57,7 +57,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use redb::{Database, MultimapTableDefinition, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +98,13 @@ pub enum CatalogError {
     /// Another process has the catalog open (redb holds an exclusive lock on the file).
     #[error("{} is in use by another process: another node serves this data directory", path.display())]
     Locked {
+        /// The catalog file.
+        path: PathBuf,
+    },
+    /// The catalog was released ([`Catalog::release`]) for another process to take over; nothing can
+    /// be read or written here until [`Catalog::reacquire`].
+    #[error("the catalog {} was handed to another process", path.display())]
+    Released {
         /// The catalog file.
         path: PathBuf,
     },
@@ -346,9 +353,17 @@ fn decode_volume(key: &str, bytes: &[u8]) -> Result<VolumeRecord, CatalogError> 
 
 /// The catalog database (one file). Cheap to share behind an `Arc`; writes are serialised by the
 /// store, reads run concurrently with them.
+///
+/// **Handing the catalog to another process.** The file is locked while it is open, so that two
+/// nodes never serve one data directory. A new process taking over a running node (an upgrade without
+/// downtime) needs the file: the running node calls [`Catalog::release`], which waits for the
+/// transactions in progress and closes the file; from then on every operation here fails with
+/// [`CatalogError::Released`], at once, until [`Catalog::reacquire`] opens the file again — which the
+/// node does when the handover fails and it keeps serving. What it reads then is what the file holds,
+/// including any changes the other process made meanwhile.
 #[derive(Debug)]
 pub struct Catalog {
-    db: Database,
+    db: Arc<DbHandle>,
     path: PathBuf,
     /// Positions in the long discovery lists; locked while a transaction commits and while a reader
     /// reads the `discovery` table through it, so the two always agree.
@@ -361,6 +376,62 @@ pub struct CatalogTxn {
     positions: Arc<Mutex<PositionIndex>>,
     /// Changes to the `discovery` table, applied to `positions` at commit.
     deltas: Vec<Delta>,
+    /// Keeps the database open (and [`Catalog::release`] waiting) until the transaction is over;
+    /// declared after `txn`, so dropped after it.
+    _use: DbUse,
+}
+
+/// The open database, or none while the catalog is released, and the number of its users.
+#[derive(Debug, Default)]
+struct DbHandle {
+    state: Mutex<DbState>,
+    /// Signalled when the last user is gone.
+    idle: Condvar,
+    /// Held by [`Catalog::release`] and [`Catalog::reacquire`]: one at a time.
+    switch: Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct DbState {
+    /// `None` while released (or being released).
+    db: Option<Arc<Database>>,
+    /// Transactions and reads in progress, each holding a clone of `db`.
+    users: usize,
+}
+
+/// One user of the database: a read or a write transaction in progress. Its clone of the database is
+/// dropped before the count goes down, so that when [`Catalog::release`] sees no user, the database
+/// it holds is the last reference to the file.
+#[derive(Debug)]
+struct DbUse {
+    db: Arc<Database>,
+    _count: UseCount,
+}
+
+#[derive(Debug)]
+struct UseCount(Arc<DbHandle>);
+
+impl Drop for UseCount {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        state.users = state.users.saturating_sub(1);
+        if state.users == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// A read transaction, and the use that keeps its database open (dropped after it).
+struct ReadTxn {
+    txn: redb::ReadTransaction,
+    _use: DbUse,
+}
+
+impl std::ops::Deref for ReadTxn {
+    type Target = redb::ReadTransaction;
+    fn deref(&self) -> &redb::ReadTransaction {
+        &self.txn
+    }
 }
 
 impl std::fmt::Debug for CatalogTxn {
@@ -411,6 +482,67 @@ fn meta_u64(
     Ok(t.get(key).map_err(store)?.and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes)))
 }
 
+/// Opens (or creates) the catalog file: every table created, the schema checked (and an older one
+/// upgraded).
+fn open_db(path: &Path) -> Result<Database, CatalogError> {
+    let db = Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => CatalogError::Locked { path: path.to_owned() },
+        e => store(e),
+    })?;
+    let txn = db.begin_write().map_err(store)?;
+    {
+        // Create every table, so readers never see a missing one.
+        txn.open_table(VOLUMES).map_err(store)?;
+        txn.open_table(SNAPSHOTS).map_err(store)?;
+        txn.open_table(DISCOVERY).map_err(store)?;
+        txn.open_multimap_table(CLONES).map_err(store)?;
+        txn.open_table(INTENTS).map_err(store)?;
+        let mut meta = txn.open_table(META).map_err(store)?;
+        let found = meta
+            .get("schema")
+            .map_err(store)?
+            .and_then(|v| v.value().try_into().ok().map(u32::from_le_bytes));
+        match found {
+            Some(SCHEMA_VERSION) => {}
+            // New, or an older layout this build reads as it is: records of the old layout are
+            // decoded as such and written in the new one when they change. Only the discovery
+            // index is rebuilt (once) in the `discovery` table.
+            None | Some(OLDEST_SCHEMA_VERSION..SCHEMA_VERSION) => {
+                if found.is_some() {
+                    let volumes = txn.open_table(VOLUMES).map_err(store)?;
+                    let mut idx = txn.open_table(DISCOVERY).map_err(store)?;
+                    let mut n = 0u64;
+                    for entry in volumes.iter().map_err(store)? {
+                        let (k, v) = entry.map_err(store)?;
+                        let rec = decode_volume(k.value(), v.value())?;
+                        for list in index_keys(&rec) {
+                            idx.insert(entry_key(list, &rec.name).as_str(), ()).map_err(store)?;
+                        }
+                        n += 1;
+                    }
+                    tracing::info!(volumes = n, "catalog upgraded: discovery index rebuilt");
+                }
+                txn.delete_multimap_table(HOST_VOLUMES).map_err(store)?;
+                meta.insert("schema", SCHEMA_VERSION.to_le_bytes().as_slice()).map_err(store)?;
+            }
+            Some(found) => return Err(CatalogError::Schema { found }),
+        }
+        if meta_u64(&meta, META_PROVISIONED)?.is_none() {
+            // A catalog from before the counter: count once.
+            let volumes = txn.open_table(VOLUMES).map_err(store)?;
+            let mut sum = 0u64;
+            for entry in volumes.iter().map_err(store)? {
+                let (k, v) = entry.map_err(store)?;
+                let rec = decode_volume(k.value(), v.value())?;
+                sum = sum.saturating_add(rec.size_bytes);
+            }
+            meta.insert(META_PROVISIONED, sum.to_le_bytes().as_slice()).map_err(store)?;
+        }
+    }
+    txn.commit().map_err(store)?;
+    Ok(db)
+}
+
 impl Catalog {
     /// Opens (or creates) the catalog file. Reads nothing per volume (except once, to count the
     /// provisioned bytes of a catalog written before that counter existed).
@@ -418,63 +550,94 @@ impl Catalog {
     /// Another process holding the file is [`CatalogError::Locked`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, CatalogError> {
         let path = path.as_ref().to_owned();
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => CatalogError::Locked { path: path.clone() },
-            e => store(e),
-        })?;
-        let cat = Self { db, path, positions: Arc::default() };
-        let txn = cat.db.begin_write().map_err(store)?;
-        {
-            // Create every table, so readers never see a missing one.
-            txn.open_table(VOLUMES).map_err(store)?;
-            txn.open_table(SNAPSHOTS).map_err(store)?;
-            txn.open_table(DISCOVERY).map_err(store)?;
-            txn.open_multimap_table(CLONES).map_err(store)?;
-            txn.open_table(INTENTS).map_err(store)?;
-            let mut meta = txn.open_table(META).map_err(store)?;
-            let found = meta
-                .get("schema")
-                .map_err(store)?
-                .and_then(|v| v.value().try_into().ok().map(u32::from_le_bytes));
-            match found {
-                Some(SCHEMA_VERSION) => {}
-                // New, or an older layout this build reads as it is: records of the old layout are
-                // decoded as such and written in the new one when they change. Only the discovery
-                // index is rebuilt (once) in the `discovery` table.
-                None | Some(OLDEST_SCHEMA_VERSION..SCHEMA_VERSION) => {
-                    if found.is_some() {
-                        let volumes = txn.open_table(VOLUMES).map_err(store)?;
-                        let mut idx = txn.open_table(DISCOVERY).map_err(store)?;
-                        let mut n = 0u64;
-                        for entry in volumes.iter().map_err(store)? {
-                            let (k, v) = entry.map_err(store)?;
-                            let rec = decode_volume(k.value(), v.value())?;
-                            for list in index_keys(&rec) {
-                                idx.insert(entry_key(list, &rec.name).as_str(), ()).map_err(store)?;
-                            }
-                            n += 1;
-                        }
-                        tracing::info!(volumes = n, "catalog upgraded: discovery index rebuilt");
-                    }
-                    txn.delete_multimap_table(HOST_VOLUMES).map_err(store)?;
-                    meta.insert("schema", SCHEMA_VERSION.to_le_bytes().as_slice()).map_err(store)?;
-                }
-                Some(found) => return Err(CatalogError::Schema { found }),
+        let db = open_db(&path)?;
+        let handle = DbHandle {
+            state: Mutex::new(DbState { db: Some(Arc::new(db)), users: 0 }),
+            ..Default::default()
+        };
+        Ok(Self { db: Arc::new(handle), path, positions: Arc::default() })
+    }
+
+    /// Waits for the transactions in progress to finish, then closes the catalog file, releasing its
+    /// lock, so that another process can open it (a new process taking over the node). From the
+    /// moment this is called, every operation on this catalog fails at once with
+    /// [`CatalogError::Released`] (it never waits), until [`Catalog::reacquire`]. Releasing a released
+    /// catalog does nothing.
+    ///
+    /// The wait is for transactions of other threads: a thread that calls this while it holds a
+    /// [`CatalogTxn`] itself waits forever.
+    ///
+    /// # Errors
+    /// The file is still locked once closed — by another process that took it in the meantime, or
+    /// (a bug) by something of this one.
+    pub fn release(&self) -> Result<(), CatalogError> {
+        let _switch = self.db.switch.lock();
+        let db = {
+            let mut state = self.db.state.lock();
+            let Some(db) = state.db.take() else { return Ok(()) };
+            while state.users > 0 {
+                self.db.idle.wait(&mut state);
             }
-            if meta_u64(&meta, META_PROVISIONED)?.is_none() {
-                // A catalog from before the counter: count once.
-                let volumes = txn.open_table(VOLUMES).map_err(store)?;
-                let mut sum = 0u64;
-                for entry in volumes.iter().map_err(store)? {
-                    let (k, v) = entry.map_err(store)?;
-                    let rec = decode_volume(k.value(), v.value())?;
-                    sum = sum.saturating_add(rec.size_bytes);
-                }
-                meta.insert(META_PROVISIONED, sum.to_le_bytes().as_slice()).map_err(store)?;
-            }
+            db
+        };
+        // Nothing can read through the positions any more; they are rebuilt from the file when it is
+        // open again.
+        *self.positions.lock() = PositionIndex::default();
+        // The last reference: the file is closed (and unlocked) here.
+        drop(db);
+        // Check that it really is free: a lock of our own would make the other process fail.
+        let file = std::fs::File::open(&self.path).map_err(store)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(store(std::io::Error::other(format!(
+                "{} is still locked after it was released: {e}",
+                self.path.display()
+            )))),
         }
-        txn.commit().map_err(store)?;
-        Ok(cat)
+    }
+
+    /// Opens the file again after [`Catalog::release`] (a handover that failed): operations work
+    /// again, and read what the file holds now, changes made meanwhile by another process included
+    /// (the in-memory discovery positions are rebuilt from the file). Does nothing if the catalog is
+    /// open.
+    ///
+    /// # Errors
+    /// [`CatalogError::Locked`] if another process holds the file now; [`CatalogError::Schema`] if
+    /// one has marked it with a schema this build does not read; any store error. The catalog stays
+    /// released on error.
+    pub fn reacquire(&self) -> Result<(), CatalogError> {
+        let _switch = self.db.switch.lock();
+        if self.db.state.lock().db.is_some() {
+            return Ok(());
+        }
+        let db = open_db(&self.path)?;
+        // Released, so nobody has read the positions since `release` cleared them; cleared again in
+        // case the file changed under an earlier state all the same.
+        *self.positions.lock() = PositionIndex::default();
+        self.db.state.lock().db = Some(Arc::new(db));
+        Ok(())
+    }
+
+    /// True from [`Catalog::release`] on until [`Catalog::reacquire`] succeeds.
+    #[must_use]
+    pub fn is_released(&self) -> bool {
+        self.db.state.lock().db.is_none()
+    }
+
+    /// The open database, counted as in use until the returned value is dropped.
+    fn db(&self) -> Result<DbUse, CatalogError> {
+        let mut state = self.db.state.lock();
+        let Some(db) = state.db.clone() else {
+            return Err(CatalogError::Released { path: self.path.clone() });
+        };
+        state.users += 1;
+        Ok(DbUse { db, _count: UseCount(self.db.clone()) })
+    }
+
+    /// A read transaction.
+    fn read(&self) -> Result<ReadTxn, CatalogError> {
+        let use_ = self.db()?;
+        Ok(ReadTxn { txn: use_.db.begin_read().map_err(store)?, _use: use_ })
     }
 
     /// The backend recorded for this catalog's volumes, if one is.
@@ -491,7 +654,7 @@ impl Catalog {
 
     /// Sum of the sizes of all volumes in the catalog (any state), in bytes.
     pub fn provisioned_bytes(&self) -> Result<u64, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(META).map_err(store)?;
         Ok(meta_u64(&t, META_PROVISIONED)?.unwrap_or(0))
     }
@@ -504,23 +667,25 @@ impl Catalog {
 
     /// Starts a write transaction.
     pub fn begin(&self) -> Result<CatalogTxn, CatalogError> {
+        let use_ = self.db()?;
         Ok(CatalogTxn {
-            txn: self.db.begin_write().map_err(store)?,
+            txn: use_.db.begin_write().map_err(store)?,
             positions: self.positions.clone(),
             deltas: Vec::new(),
+            _use: use_,
         })
     }
 
     /// A meta value.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(META).map_err(store)?;
         Ok(t.get(key).map_err(store)?.map(|v| v.value().to_vec()))
     }
 
     /// The volume `name`.
     pub fn volume(&self, name: &str) -> Result<Option<VolumeRecord>, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(VOLUMES).map_err(store)?;
         let v = t.get(name).map_err(store)?;
         v.map(|v| decode_volume(name, v.value())).transpose()
@@ -529,7 +694,7 @@ impl Catalog {
     /// The snapshot `volume@snapshot`.
     pub fn snapshot(&self, volume: &str, snapshot: &str) -> Result<Option<SnapshotRecord>, CatalogError> {
         let key = format!("{volume}@{snapshot}");
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(SNAPSHOTS).map_err(store)?;
         let v = t.get(key.as_str()).map_err(store)?;
         v.map(|v| decode(&key, v.value())).transpose()
@@ -543,7 +708,7 @@ impl Catalog {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<VolumeRecord>, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(VOLUMES).map_err(store)?;
         let mut out = Vec::new();
         let range = match after {
@@ -572,7 +737,7 @@ impl Catalog {
         &self,
         names: impl IntoIterator<Item = &'a str>,
     ) -> Result<Option<&'a str>, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(VOLUMES).map_err(store)?;
         for name in names {
             if t.get(name).map_err(store)?.is_some() {
@@ -584,14 +749,14 @@ impl Catalog {
 
     /// Number of volumes.
     pub fn volume_count(&self) -> Result<u64, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(VOLUMES).map_err(store)?;
         t.len().map_err(store)
     }
 
     /// Snapshots of `volume`, in name order.
     pub fn snapshots_of(&self, volume: &str) -> Result<Vec<SnapshotRecord>, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(SNAPSHOTS).map_err(store)?;
         let start = format!("{volume}@");
         let mut out = Vec::new();
@@ -607,7 +772,7 @@ impl Catalog {
 
     /// Volumes cloned from `volume@snapshot` (an index read).
     pub fn clones_of(&self, volume: &str, snapshot: &str) -> Result<Vec<String>, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_multimap_table(CLONES).map_err(store)?;
         let mut out = Vec::new();
         for v in t.get(format!("{volume}@{snapshot}").as_str()).map_err(store)? {
@@ -618,7 +783,7 @@ impl Catalog {
 
     /// Volumes cloned from any snapshot of `volume` (an index range read).
     pub fn clones_of_volume(&self, volume: &str) -> Result<Vec<String>, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_multimap_table(CLONES).map_err(store)?;
         // Keys are `volume@snapshot`; name characters sort after '@' only from 'A' on, and a key of
         // another volume with this one as a prefix continues with a character other than '@'.
@@ -656,7 +821,7 @@ impl Catalog {
     /// host. Work: bounded by a few hundred index entries, whatever the number of volumes.
     pub fn discovery_len(&self, hostnqn: &str) -> Result<u64, CatalogError> {
         let mut positions = self.positions.lock();
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(DISCOVERY).map_err(store)?;
         let mut n = 0u64;
         for list in Self::discovery_lists_of(hostnqn).into_iter().flatten() {
@@ -676,7 +841,7 @@ impl Catalog {
         count: usize,
     ) -> Result<Vec<String>, CatalogError> {
         let mut positions = self.positions.lock();
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(DISCOVERY).map_err(store)?;
         let mut out = Vec::new();
         let mut first = first;
@@ -698,7 +863,7 @@ impl Catalog {
 
     /// True if volume `name` is in `hostnqn`'s discovery list (an index lookup).
     pub fn discovery_lists(&self, hostnqn: &str, name: &str) -> Result<bool, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(DISCOVERY).map_err(store)?;
         for list in Self::discovery_lists_of(hostnqn).into_iter().flatten() {
             if t.get(entry_key(list, name).as_str()).map_err(store)?.is_some() {
@@ -710,7 +875,7 @@ impl Catalog {
 
     /// Pending intents, oldest first.
     pub fn intents(&self) -> Result<Vec<(u64, Intent)>, CatalogError> {
-        let r = self.db.begin_read().map_err(store)?;
+        let r = self.read()?;
         let t = r.open_table(INTENTS).map_err(store)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(store)? {
@@ -907,7 +1072,7 @@ impl CatalogTxn {
 
     /// Makes everything in the transaction durable (fsync) or nothing.
     pub fn commit(self) -> Result<(), CatalogError> {
-        let Self { txn, positions, deltas } = self;
+        let Self { txn, positions, deltas, _use } = self;
         if deltas.is_empty() {
             return txn.commit().map_err(store);
         }
@@ -1100,7 +1265,7 @@ mod tests {
         assert_eq!(a2.dhchap_hosts, ["h1"]);
         assert_eq!(VolumeRecord { require_auth: false, dhchap_hosts: Vec::new(), ..a2 }, a);
         assert!(!cat.volume("b").unwrap().unwrap().require_auth);
-        let r = cat.db.begin_read().unwrap();
+        let r = cat.read().unwrap();
         let raw = r.open_table(VOLUMES).unwrap().get("a").unwrap().unwrap().value().to_vec();
         assert_eq!(raw[..2], [RECORD_TAG, RECORD_VERSION]);
     }
@@ -1193,6 +1358,166 @@ mod tests {
             }
         }
         assert!(!cat.discovery_lists("h3", "nope").unwrap());
+    }
+
+    /// Whether another process (`flock(1)`) can take the file's lock right now.
+    fn lockable_by_another_process(path: &Path) -> bool {
+        std::process::Command::new("flock")
+            .args(["--nonblock", "--exclusive"])
+            .arg(path)
+            .arg("true")
+            .status()
+            .expect("flock(1) from util-linux")
+            .success()
+    }
+
+    #[test]
+    fn released_catalog_is_taken_by_another_handle_and_reacquired_with_its_changes() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("handover.redb");
+        let cat = Arc::new(Catalog::open(&path).unwrap());
+        let mut own: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut any: BTreeSet<String> = BTreeSet::new();
+        let any_rec = |name: &str| VolumeRecord { allow_any_host: true, ..rec(name, &[]) };
+        // Long lists (with position buckets once read) and a short one.
+        let mut t = cat.begin().unwrap();
+        for i in 0..1500 {
+            let name = format!("v{:05}", i * 2);
+            t.put_volume(&any_rec(&name)).unwrap();
+            any.insert(name);
+        }
+        for i in 0..600 {
+            let name = format!("h1-{i:04}");
+            t.put_volume(&rec(&name, &["h1"])).unwrap();
+            own.entry("h1".into()).or_default().insert(name);
+        }
+        t.put_volume(&rec("h2-a", &["h2"])).unwrap();
+        own.entry("h2".into()).or_default().insert("h2-a".into());
+        t.commit().unwrap();
+        check_windows(&cat, &own, &any);
+        assert_eq!(cat.positions.lock().indexed_lists(), 2);
+
+        // Open here: locked for another handle of this process and for another process.
+        assert!(matches!(Catalog::open(&path), Err(CatalogError::Locked { .. })));
+        assert!(!lockable_by_another_process(&path));
+        assert!(!cat.is_released());
+
+        // A transaction in progress holds the release back, and is committed whole.
+        let mut t = cat.begin().unwrap();
+        t.put_volume(&rec("h2-b", &["h2"])).unwrap();
+        own.get_mut("h2").unwrap().insert("h2-b".into());
+        let releasing = {
+            let cat = cat.clone();
+            std::thread::spawn(move || cat.release())
+        };
+        while !cat.is_released() {
+            std::thread::yield_now();
+        }
+        // Released from the caller's view (no new operation starts, none waits) ...
+        assert!(matches!(cat.volume("h2-a"), Err(CatalogError::Released { .. })));
+        assert!(matches!(cat.begin(), Err(CatalogError::Released { .. })));
+        // ... but the file is still open: the release waits for the transaction.
+        assert!(!releasing.is_finished());
+        assert!(matches!(Catalog::open(&path), Err(CatalogError::Locked { .. })));
+        t.commit().unwrap();
+        releasing.join().unwrap().unwrap();
+        assert!(cat.is_released());
+        cat.release().unwrap(); // again: nothing to do
+
+        // Every operation fails with Released, at once.
+        let released = |r: Result<(), CatalogError>| match r {
+            Err(e @ CatalogError::Released { .. }) => {
+                assert!(e.to_string().contains("handed to another process"), "{e}");
+                assert!(e.to_string().contains("handover.redb"), "{e}");
+            }
+            other => panic!("expected Released, got {other:?}"),
+        };
+        released(cat.volume("h2-a").map(drop));
+        released(cat.begin().map(drop));
+        released(cat.meta("schema").map(drop));
+        released(cat.volumes("", None, 10).map(drop));
+        released(cat.volume_count().map(drop));
+        released(cat.discovery_len("h1").map(drop));
+        released(cat.discovery_range("h1", 700, 5).map(drop));
+        released(cat.discovery_lists("h1", "h1-0001").map(drop));
+        released(cat.volumes_for_host("h2").map(drop));
+        released(cat.intents().map(drop));
+        released(cat.provisioned_bytes().map(drop));
+        released(cat.backend().map(drop));
+        released(cat.snapshots_of("h2-a").map(drop));
+        released(cat.clones_of_volume("h2-a").map(drop));
+        released(cat.first_existing(["h2-a"]).map(drop));
+
+        // Free for another process, and for another handle, which sees the last commit and changes
+        // the long lists (so that positions kept from before would be wrong).
+        assert!(lockable_by_another_process(&path));
+        let other = Catalog::open(&path).unwrap();
+        assert!(other.volume("h2-b").unwrap().is_some(), "the transaction that held the release back");
+        // While the other holds it, it cannot be taken back.
+        assert!(matches!(cat.reacquire(), Err(CatalogError::Locked { .. })));
+        assert!(cat.is_released());
+        let mut t = other.begin().unwrap();
+        for i in 0..700 {
+            let name = format!("v{:05}", i * 4 + 1);
+            t.put_volume(&any_rec(&name)).unwrap();
+            any.insert(name);
+        }
+        for i in 0..400 {
+            let name = format!("v{:05}", i * 2);
+            t.remove_volume(&name).unwrap();
+            any.remove(&name);
+        }
+        for i in 0..100 {
+            let name = format!("h1-{i:04}");
+            t.remove_volume(&name).unwrap();
+            own.get_mut("h1").unwrap().remove(&name);
+        }
+        t.put_volume(&VolumeRecord { state: VolumeState::Deleting, ..rec("h2-a", &["h2"]) }).unwrap();
+        own.get_mut("h2").unwrap().remove("h2-a");
+        t.set_meta("nqn_prefix", b"nqn.other").unwrap();
+        t.commit().unwrap();
+        check_windows(&other, &own, &any);
+        drop(other);
+
+        // Taken back: the other handle's changes, discovery lists included.
+        cat.reacquire().unwrap();
+        assert!(!cat.is_released());
+        cat.reacquire().unwrap(); // again: nothing to do
+        assert_eq!(cat.meta("nqn_prefix").unwrap().unwrap(), b"nqn.other");
+        assert_eq!(cat.volume("h2-a").unwrap().unwrap().state, VolumeState::Deleting);
+        check_windows(&cat, &own, &any);
+        assert_eq!(cat.volumes_for_host("h2").unwrap().len(), 1 + any.len());
+        // And it works as before: writes, locked for others.
+        let mut t = cat.begin().unwrap();
+        t.remove_volume("h1-0200").unwrap();
+        own.get_mut("h1").unwrap().remove("h1-0200");
+        t.commit().unwrap();
+        check_windows(&cat, &own, &any);
+        assert!(!lockable_by_another_process(&path));
+    }
+
+    #[test]
+    fn reacquire_refuses_a_catalog_marked_with_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let cat = Catalog::open(&path).unwrap();
+        cat.release().unwrap();
+        {
+            // The other process is a newer build that moved the catalog on.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema", (SCHEMA_VERSION + 1).to_le_bytes().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(
+            matches!(cat.reacquire(), Err(CatalogError::Schema { found }) if found == SCHEMA_VERSION + 1)
+        );
+        assert!(cat.is_released());
+        assert!(matches!(cat.volume_count(), Err(CatalogError::Released { .. })));
     }
 
     #[test]

@@ -55,6 +55,7 @@
 pub mod admin;
 pub mod aligned;
 pub mod catalog;
+mod handover;
 pub mod node;
 pub mod provision;
 pub mod provisioners;
