@@ -14,6 +14,9 @@
 //! - [`blocking`]: a thread-per-connection `std::net` driver for the sans-I/O [`nvmeof_target`]
 //!   engine, and the `nvmeof-blocking-target` binary built on it, which serves memory or file volumes
 //!   on a TCP port to any NVMe/TCP host (the Linux kernel initiator included).
+//! - [`systemd`]: readiness and reload notifications, the file descriptor store and the sockets
+//!   systemd passes, for running `xatastor-target` as a `Type=notify` service (unit in
+//!   `examples/systemd/`).
 //! - [`tokio_driver`]: the same engine driven from tokio (one task per connection), to show that the
 //!   engine is runtime-agnostic.
 
@@ -21,5 +24,6 @@ pub mod blocking;
 pub mod csi;
 pub mod grpc;
 pub mod metrics;
+pub mod systemd;
 pub mod tokio_driver;
 pub mod units;
