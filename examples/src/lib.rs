@@ -24,6 +24,7 @@ pub mod blocking;
 pub mod csi;
 pub mod grpc;
 pub mod metrics;
+pub mod node_upgrade;
 pub mod systemd;
 pub mod tokio_driver;
 pub mod units;

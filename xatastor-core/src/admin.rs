@@ -284,6 +284,15 @@ pub enum Request {
     /// Record the backend's volumes and snapshots the catalog does not know (one-time import of an
     /// existing pool).
     Adopt,
+    /// Zero-downtime upgrade: start `binary` (default: the binary the server was started from) and
+    /// hand it every connection (see [`crate::upgrade`]). Answered when the new process serves, or
+    /// with the reason the upgrade did not happen (the server then serves on). Only servers that
+    /// can start a new process answer it ([`Endpoint::with_upgrade`]).
+    Upgrade {
+        /// The new binary.
+        #[serde(default)]
+        binary: Option<String>,
+    },
 }
 
 /// Most volumes one `volume_create_batch` makes (its records are built in memory first).
@@ -373,6 +382,7 @@ impl Request {
             Self::Status => "status",
             Self::Capacity => "capacity",
             Self::Adopt => "adopt",
+            Self::Upgrade { .. } => "upgrade",
         }
     }
 }
@@ -388,13 +398,33 @@ pub struct Endpoint {
     pub advertise: String,
     /// The backend (`memory`, `file`, `zvol:<dataset>`).
     pub backend: String,
+    /// Carries out an upgrade request (`None`: this server cannot upgrade itself).
+    pub upgrade: Option<UpgradeHook>,
+}
+
+/// What carries out an upgrade request: given the requested binary, the report (as JSON) or why
+/// the upgrade did not happen.
+#[derive(Clone)]
+pub struct UpgradeHook(pub std::sync::Arc<dyn Fn(Option<String>) -> Result<Value, String> + Send + Sync>);
+
+impl std::fmt::Debug for UpgradeHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpgradeHook")
+    }
 }
 
 impl Endpoint {
     /// Hosts are told to connect to `listen`'s address.
     #[must_use]
     pub fn new(listen: std::net::SocketAddr, backend: impl Into<String>) -> Self {
-        Self { listen, advertise: listen.ip().to_string(), backend: backend.into() }
+        Self { listen, advertise: listen.ip().to_string(), backend: backend.into(), upgrade: None }
+    }
+
+    /// Upgrade requests are carried out by `hook`.
+    #[must_use]
+    pub fn with_upgrade(mut self, hook: UpgradeHook) -> Self {
+        self.upgrade = Some(hook);
+        self
     }
 
     /// Hosts are told to connect to `advertise` instead.
@@ -823,6 +853,11 @@ pub enum Response {
         /// Names of the volumes imported.
         adopted: Vec<String>,
     },
+    /// `upgrade`.
+    Upgraded {
+        /// What the upgrade did.
+        upgraded: Value,
+    },
 }
 
 /// The response line for a result: `{"ok":true,"result":…}` or
@@ -1113,6 +1148,18 @@ fn handle_node(node: &Node, ep: &Endpoint, req: Request) -> Result<Response, Adm
             Response::Deleted { deleted: format!("{volume}@{snapshot}") }
         }
         Request::Adopt => Response::Adopted { adopted: node.adopt_existing()? },
+        Request::Upgrade { binary } => match &ep.upgrade {
+            Some(hook) => {
+                let upgraded = (hook.0)(binary).map_err(|e| AdminError::new(ErrorKind::NotReady, e))?;
+                Response::Upgraded { upgraded }
+            }
+            None => {
+                return Err(AdminError::new(
+                    ErrorKind::Unsupported,
+                    "this server cannot upgrade itself (only `xatastor-target serve` can)",
+                ))
+            }
+        },
         Request::Capacity => Response::Capacity(CapacityView::of(node)?),
         Request::Status => {
             let s = node.stats()?;

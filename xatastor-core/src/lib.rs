@@ -62,6 +62,7 @@ pub mod provisioners;
 pub mod ratelimit;
 pub mod secrets;
 pub mod server;
+pub mod upgrade;
 
 pub use node::{
     CreateVolume, IoTotals, Node, NodeCapacity, NodeConfig, NodeError, NodeStats, VolumeAuthOptions,

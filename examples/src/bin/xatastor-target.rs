@@ -27,11 +27,15 @@ use clap::{Args, Parser, Subcommand};
 use nvmeof_target::{Target, TargetConfig};
 use serde::Deserialize;
 use serde_json::Value;
+use xatastor_core::admin::socket::AdminSocket;
 use xatastor_core::admin::{self, socket, Request, SecretText};
 use xatastor_core::catalog::{Catalog, CatalogError};
 use xatastor_core::provisioners::{FileProvisioner, MemoryProvisioner};
+use xatastor_core::upgrade::Takeover;
 use xatastor_core::{Node, NodeConfig, NodeError, ProvisionError, Server, ServerConfig, VolumeProvisioner};
 use xatastor_examples::grpc;
+use xatastor_examples::node_upgrade::Upgrader;
+use xatastor_examples::systemd;
 use xatastor_examples::units::{format_size, parse_size};
 
 /// Volume and snapshot names, for --help.
@@ -103,6 +107,15 @@ enum Cmd {
     Snapshot(SnapshotCmd),
     /// Node status: volumes, loaded volumes, controllers, capacity.
     Status,
+    /// Zero-downtime upgrade: the running node starts the new binary with its own arguments and
+    /// hands it every connection (hosts keep their controllers and see a pause of milliseconds, no
+    /// reconnect). Returns when the new process serves, or says why the upgrade did not happen (the
+    /// node then serves on). SIGHUP to the node does the same with the binary it was started from.
+    Upgrade {
+        /// The new binary [default: the binary the node was started from].
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug, Default)]
@@ -189,6 +202,10 @@ struct ServeArgs {
     /// refused.
     #[arg(long)]
     admin_tls_client_ca: Option<PathBuf>,
+    /// Take over the connections of the node that listens on this rendezvous socket (set by
+    /// `xatastor-target upgrade`, which starts the new binary with it; not for use by hand).
+    #[arg(long, value_name = "SOCKET")]
+    takeover_from: Option<PathBuf>,
 }
 
 /// The TOML configuration file: the same settings as the `serve` flags.
@@ -473,6 +490,7 @@ impl ServeArgs {
             admin_tls_cert,
             admin_tls_key,
             admin_tls_client_ca,
+            takeover_from,
         } = self;
         config.is_some()
             || listen.is_some()
@@ -495,6 +513,7 @@ impl ServeArgs {
             || admin_tls_cert.is_some()
             || admin_tls_key.is_some()
             || admin_tls_client_ca.is_some()
+            || takeover_from.is_some()
     }
 }
 
@@ -523,6 +542,14 @@ fn main() -> ExitCode {
         Some(Cmd::Volume(c)) => client(data_dir, cli.json, volume_request(c)),
         Some(Cmd::Snapshot(c)) => client(data_dir, cli.json, snapshot_request(c)),
         Some(Cmd::Status) => client(data_dir, cli.json, Ok(Request::Status)),
+        Some(Cmd::Upgrade { binary }) => client(
+            data_dir,
+            cli.json,
+            binary
+                .map(|b| std::path::absolute(&b).map_err(|e| format!("{}: {e}", b.display())))
+                .transpose()
+                .map(|binary| Request::Upgrade { binary: binary.map(|b| b.to_string_lossy().into_owned()) }),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -860,6 +887,23 @@ fn human(req: &Request, r: &Value) -> String {
             }
             let _ = writeln!(o, "connect            {}", s(&r["connect"]));
         }
+        Request::Upgrade { .. } => {
+            let u = &r["upgraded"];
+            let _ = writeln!(
+                o,
+                "upgraded: pid {} -> {} ({}): {} connection(s) and {} controller(s) handed over, {} closed; \
+                 commands paused {:.1} ms (quiesce {:.1} ms), {} held command(s) ran in the new process",
+                s(&u["old_pid"]),
+                s(&u["new_pid"]),
+                s(&u["new_build"]),
+                s(&u["connections"]),
+                s(&u["controllers"]),
+                s(&u["closed"]),
+                u["pause_ms"].as_f64().unwrap_or(0.0),
+                u["quiesce_ms"].as_f64().unwrap_or(0.0),
+                s(&u["held_commands"]),
+            );
+        }
         Request::Adopt => {
             let names: Vec<String> =
                 r["adopted"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
@@ -1083,9 +1127,19 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
             limit.saturating_sub(RESERVED_FDS)
         );
     }
-    let signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-            .map_err(|e| format!("installing the signal handlers: {e}"))?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| format!("installing the signal handlers: {e}"))?;
+    // Listening sockets systemd kept for us (its fd store) across a restart: reused, so that no
+    // connection was refused while the node was down.
+    let mut inherited = systemd::take_listen_fds().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "ignoring the descriptors systemd passed");
+        Vec::new()
+    });
+    // The binary and arguments an upgrade starts again (resolved now: a package upgrade replaces
+    // the file later).
+    let binary = std::env::current_exe().map_err(|e| format!("finding this program's path: {e}"))?;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
 
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
     let backend = match args.backend.or(file.backend) {
@@ -1093,6 +1147,17 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         None => recorded_backend(&data_dir)?.unwrap_or_else(|| "file".into()),
     };
     let prov = provisioner(&backend, &data_dir)?;
+    // Taking over from a running node: its sockets and state come first (it lets go of the
+    // catalog before it sends them).
+    let takeover = match &args.takeover_from {
+        Some(p) => {
+            eprintln!("xatastor-target: taking over from the node at {}", p.display());
+            let t = Takeover::connect(p, BUILD, Duration::from_secs(120))
+                .map_err(|e| format!("taking over through {}: {e}", p.display()))?;
+            Some(t)
+        }
+        None => None,
+    };
     let mut target_config = TargetConfig::default();
     target_config.traffic_based_keep_alive = tbkas;
     let target = Target::new(target_config);
@@ -1100,16 +1165,25 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     node_config.idle_unload = idle;
     node_config.rebind_backend = args.rebind_backend;
     node_config.overcommit_ratio = overcommit_ratio;
-    let node = Node::open(node_config, prov, target.clone()).map_err(|e| match e {
-        NodeError::BackendMismatch { recorded, given } => format!(
-            "{} holds volumes on {recorded}, not on {given}: start with --backend {} (or add \
-             --rebind-backend if the volumes moved there)",
-            data_dir.display(),
-            backend_flag(&recorded.kind, &recorded.location)
-        ),
-        NodeError::Catalog(e @ CatalogError::Locked { .. }) => e.to_string(),
-        e => format!("opening the catalog: {e}"),
-    })?;
+    let node = match Node::open(node_config, prov, target.clone()) {
+        Ok(n) => n,
+        Err(e) => {
+            let msg = match e {
+                NodeError::BackendMismatch { recorded, given } => format!(
+                    "{} holds volumes on {recorded}, not on {given}: start with --backend {} (or add \
+                     --rebind-backend if the volumes moved there)",
+                    data_dir.display(),
+                    backend_flag(&recorded.kind, &recorded.location)
+                ),
+                NodeError::Catalog(e @ CatalogError::Locked { .. }) => e.to_string(),
+                e => format!("opening the catalog: {e}"),
+            };
+            if let Some(t) = takeover {
+                t.refuse(&msg);
+            }
+            return Err(msg);
+        }
+    };
 
     let mut config = ServerConfig::new(listen);
     config.workers = workers;
@@ -1118,7 +1192,46 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     config.blocking_threads = blocking_threads;
     config.admin_batch_window = admin_batch_window;
     config.disk_share = args.disk_share.or(file.disk_share).unwrap_or(16);
-    let server = Arc::new(Server::start(target, config).map_err(|e| format!("listening on {listen}: {e}"))?);
+    let taking_over = takeover.is_some();
+    let server = match takeover {
+        Some(t) => {
+            let ready = t.import(&target, config.port_id).map_err(|e| format!("taking over: {e}"))?;
+            eprintln!(
+                "xatastor-target: took over {} connection(s) ({} could not be taken over and were closed)",
+                ready.connections(),
+                ready.closed()
+            );
+            ready
+                .serve(target, config, || {
+                    // The service's main process from now on (before the old one exits).
+                    let _ = systemd::notify_main_pid_ready();
+                    let _ = systemd::notify_barrier(Duration::from_secs(5));
+                })
+                .map_err(|e| format!("serving the connections taken over: {e}"))?
+        }
+        None => {
+            let mut kept = Vec::new();
+            while let Some((_, l)) = systemd::take_tcp_listener(&mut inherited, listen) {
+                kept.push(l);
+            }
+            if kept.is_empty() {
+                Server::start(target, config).map_err(|e| format!("listening on {listen}: {e}"))?
+            } else {
+                tracing::info!(listeners = kept.len(), "reusing the listening sockets systemd kept");
+                Server::start_with_listeners(target, config, kept)
+                    .map_err(|e| format!("listening on {listen}: {e}"))?
+            }
+        }
+    };
+    drop(inherited);
+    let server = Arc::new(server);
+    // Kept by systemd (FileDescriptorStoreMax=): a crash-restart finds its port still listening.
+    if let Ok(fds) = server.listeners() {
+        let fds: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
+        if let Err(e) = systemd::store_fds(LISTEN_FDNAME, &fds) {
+            tracing::debug!(error = %e, "systemd's fd store did not take the listening sockets");
+        }
+    }
     let addr = server.local_addr();
     let advertise = match args.advertise.or(file.advertise) {
         Some(a) => a,
@@ -1128,18 +1241,38 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         }
         None => addr.ip().to_string(),
     };
-    let ep = admin::Endpoint::new(addr, backend.clone()).with_advertise(advertise.clone());
+    let (events, next_event) = std::sync::mpsc::channel::<Event>();
+    let cell: Arc<std::sync::OnceLock<Arc<Upgrader>>> = Arc::default();
+    let hook_cell = cell.clone();
+    let ep = admin::Endpoint::new(addr, backend.clone()).with_advertise(advertise.clone()).with_upgrade(
+        admin::UpgradeHook(Arc::new(move |binary: Option<String>| match hook_cell.get() {
+            Some(u) => u.run(binary.as_deref().map(Path::new)),
+            None => Err("the node is still starting".into()),
+        })),
+    );
     let socket_path = data_dir.join("admin.sock");
-    // Removes the socket file when serve returns, whether the start failed later or it shut down.
-    let admin_socket = socket::serve(&socket_path, node.clone(), ep.clone())
-        .map_err(|e| format!("admin socket {}: {e}", socket_path.display()))?;
-    let admin_grpc = match admin_listen {
-        Some(listen) => {
-            let config = grpc::AdminServerConfig { listen, token_file: admin_token_file, tls: admin_tls };
-            Some(grpc::serve(&config, node.clone(), ep)?)
+    let grpc_config = admin_listen.map(|listen| grpc::AdminServerConfig {
+        listen,
+        token_file: admin_token_file,
+        tls: admin_tls,
+    });
+    let bind_admin = {
+        let (node, ep, socket_path, grpc_config) =
+            (node.clone(), ep.clone(), socket_path.clone(), grpc_config.clone());
+        move || -> Result<(AdminSocket, Option<grpc::AdminServer>), String> {
+            // Removes the socket file when dropped, whether the start failed later or it shut down.
+            let socket = socket::serve(&socket_path, node.clone(), ep.clone())
+                .map_err(|e| format!("admin socket {}: {e}", socket_path.display()))?;
+            let grpc = match &grpc_config {
+                Some(config) => Some(bind_retrying(|| grpc::serve(config, node.clone(), ep.clone()))?),
+                None => None,
+            };
+            Ok((socket, grpc))
         }
-        None => None,
     };
+    let (admin_socket, admin_grpc) = bind_admin()?;
+    let admin_socket_path = admin_socket.path().to_owned();
+    let grpc_addr = admin_grpc.as_ref().map(grpc::AdminServer::local_addr);
     let shared: xatastor_examples::metrics::SharedServer =
         Arc::new(parking_lot::Mutex::new(Some(server.clone())));
     let metrics = if metrics_listen == "off" {
@@ -1147,36 +1280,106 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     } else {
         let a = resolve_listen(&metrics_listen)
             .map_err(|_| format!("--metrics-listen {metrics_listen:?} is not an address or off"))?;
-        Some(
-            xatastor_examples::metrics::serve(a, node.clone(), shared.clone())
-                .map_err(|e| format!("metrics on {a}: {e}"))?,
-        )
+        let (node, shared) = (node.clone(), shared.clone());
+        let bind = move || xatastor_examples::metrics::serve(a, node.clone(), shared.clone());
+        if taking_over {
+            // The old process lets go of the port when it exits, a moment after the go.
+            std::thread::spawn(move || {
+                if let Err(e) = bind_retrying(|| bind().map_err(|e| format!("metrics on {a}: {e}"))) {
+                    tracing::warn!(error = %e, "no metrics endpoint");
+                }
+            });
+            Some(a)
+        } else {
+            Some(bind().map_err(|e| format!("metrics on {a}: {e}"))?)
+        }
     };
+    let upgrader = Arc::new(Upgrader::new(
+        server.clone(),
+        node.clone(),
+        data_dir.clone(),
+        binary,
+        argv,
+        Some(admin_socket),
+        admin_grpc,
+        Box::new(move || match bind_admin() {
+            Ok((s, g)) => (Some(s), g),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot bind the admin endpoints again after a failed upgrade");
+                (None, None)
+            }
+        }),
+        Box::new({
+            let events = events.clone();
+            move || {
+                let _ = events.send(Event::HandedOver);
+            }
+        }),
+    ));
+    let _ = cell.set(upgrader.clone());
+    if !taking_over {
+        let _ = systemd::notify_ready();
+    }
     let volumes = node.stats().map(|s| s.volumes_total).unwrap_or(0);
     let me = std::env::args().next().unwrap_or_else(|| "xatastor-target".into());
     let dd = data_dir.display();
     eprintln!("xatastor-target: serving {volumes} volume(s) ({backend} backend, data in {dd}) on {addr}");
-    eprintln!("  admin socket {}", admin_socket.path().display());
-    if let Some(g) = &admin_grpc {
-        eprintln!("  admin gRPC   {} (authenticated)", g.local_addr());
+    eprintln!("  admin socket {}", admin_socket_path.display());
+    if let Some(g) = grpc_addr {
+        eprintln!("  admin gRPC   {g} (authenticated)");
     }
     if let Some(m) = metrics {
         eprintln!("  metrics      http://{m}/metrics");
     }
-    eprintln!("create a volume and connect to it from a Linux host:");
-    eprintln!(
-        "  {me} --data-dir {dd} volume create vol1 --size 10GiB --allow-host \"$(cat /etc/nvme/hostnqn)\""
-    );
-    eprintln!("  {me} --data-dir {dd} volume show vol1        # prints the nvme connect line");
-    eprintln!("  nvme connect -t tcp -a {advertise} -s {} -n {}:vol1", addr.port(), node.nqn_prefix());
+    if !taking_over {
+        eprintln!("create a volume and connect to it from a Linux host:");
+        eprintln!(
+            "  {me} --data-dir {dd} volume create vol1 --size 10GiB --allow-host \"$(cat /etc/nvme/hostnqn)\""
+        );
+        eprintln!("  {me} --data-dir {dd} volume show vol1        # prints the nvme connect line");
+        eprintln!("  nvme connect -t tcp -a {advertise} -s {} -n {}:vol1", addr.port(), node.nqn_prefix());
+    }
 
     let mut signals = signals;
-    let sig = signals.forever().next().unwrap_or(signal_hook::consts::SIGTERM);
+    std::thread::Builder::new()
+        .name("xatastor-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if events.send(Event::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("starting the signal thread: {e}"))?;
+    let sig = loop {
+        match next_event.recv() {
+            Ok(Event::Signal(SIGHUP)) => {
+                eprintln!("xatastor-target: SIGHUP: upgrading to {}", upgrader_binary(&upgrader));
+                let u = upgrader.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = u.run(None) {
+                        eprintln!("xatastor-target: upgrade did not happen: {e}");
+                    }
+                });
+            }
+            Ok(Event::Signal(sig)) => break sig,
+            Ok(Event::HandedOver) => {
+                // The answer to the upgrade request is being written: give it a moment, then go
+                // without closing anything (the new process has the connections).
+                std::thread::sleep(Duration::from_millis(200));
+                eprintln!("xatastor-target: handed over to the new process; exiting");
+                std::process::exit(0);
+            }
+            Err(_) => break SIGTERM,
+        }
+    };
+    let _ = systemd::notify_stopping();
     eprintln!("xatastor-target: signal {sig}: shutting down (finishing I/O, flushing volumes)");
     shared.lock().take();
-    drop(admin_grpc);
-    drop(admin_socket);
-    // A metrics scrape may hold the server for a moment.
+    upgrader.close_admin();
+    drop(cell);
+    drop(upgrader);
+    // A metrics scrape (or a finished upgrade attempt) may hold the server for a moment.
     let mut server = server;
     for _ in 0..250 {
         match Arc::try_unwrap(server) {
@@ -1188,4 +1391,36 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         }
     }
     Err("shutdown: the server is still in use by the metrics thread".into())
+}
+
+/// What the main thread of `serve` waits for.
+enum Event {
+    Signal(i32),
+    HandedOver,
+}
+
+/// The build an upgrade reports.
+const BUILD: &str = concat!("xatastor-target ", env!("CARGO_PKG_VERSION"));
+
+/// The name of the listening sockets in systemd's fd store.
+const LISTEN_FDNAME: &str = "nvme-listen";
+
+fn upgrader_binary(u: &Upgrader) -> String {
+    format!("{u:?}")
+}
+
+/// Binds with `bind`, retrying for up to 5 s while the address is in use (a node that just handed
+/// over still holds it for a moment).
+fn bind_retrying<T>(mut bind: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let mut tries = 0;
+    loop {
+        match bind() {
+            Ok(t) => return Ok(t),
+            Err(e) if tries < 100 && e.to_lowercase().contains("in use") => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

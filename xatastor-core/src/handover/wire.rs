@@ -20,7 +20,6 @@
 //! before the error are closed.
 
 // The upgrade path that uses the channel is being built on top of it.
-#![allow(dead_code)]
 
 use std::io::{self, Read};
 use std::mem::MaybeUninit;

@@ -298,6 +298,24 @@ impl Rx {
         DirectStep::More
     }
 
+    /// The bytes received and not decoded yet, in stream order (a handover carries them to the
+    /// process that takes the connection over). `None` while leaving ring mode (the receive that
+    /// ends it may still add bytes).
+    pub(super) fn unread(&self) -> Option<Vec<u8>> {
+        match &self.mode {
+            RxMode::Switching { .. } => None,
+            RxMode::Ring => {
+                let mut out = vec![0; self.chain.total()];
+                nvmeof_proto::PduInput::peek_at(&self.chain, 0, &mut out);
+                out.extend_from_slice(&self.buf);
+                Some(out)
+            }
+            // A common header being read, or a PDU being assembled (its header is at the front).
+            RxMode::Direct(d) if d.plen == 0 => Some(d.ch.get(..d.ch_len).unwrap_or_default().to_vec()),
+            RxMode::Direct(_) => Some(self.buf.to_vec()),
+        }
+    }
+
     /// True while direct mode waits for a common header with nothing of a PDU received.
     pub(super) fn is_direct(&self) -> bool {
         matches!(self.mode, RxMode::Direct(_))

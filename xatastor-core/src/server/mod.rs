@@ -155,6 +155,8 @@ pub struct Server {
     workers: Vec<JoinHandle<io::Result<()>>>,
     blocking: BlockingPool,
     blocking_threads: Vec<JoinHandle<()>>,
+    /// Duplicates of the workers' listening sockets.
+    listener_fds: Vec<OwnedFd>,
 }
 
 impl Server {
@@ -176,6 +178,81 @@ impl Server {
             addr = l.local_addr()?;
             listeners.push(l);
         }
+        let imported = listeners.iter().map(|_| Vec::new()).collect();
+        Self::run_workers(target, config, listeners, imported)
+    }
+
+    /// Like [`Server::start`], with listening sockets made elsewhere (kept by a service manager
+    /// across a restart, so that no connection was refused meanwhile): each becomes a worker's
+    /// listener, and more workers join the port (`SO_REUSEPORT`) up to `config.workers`. The
+    /// sockets must listen on `config.listen` and have `SO_REUSEPORT` set if more workers join.
+    ///
+    /// # Errors
+    /// As [`Server::start`]; no socket given.
+    pub fn start_with_listeners(
+        target: Target,
+        config: ServerConfig,
+        mut listeners: Vec<TcpListener>,
+    ) -> io::Result<Server> {
+        probe()?;
+        let first = listeners
+            .first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no listening socket given"))?;
+        let addr = first.local_addr()?;
+        let workers = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        while listeners.len() < workers {
+            listeners.push(reuseport_listener(addr)?);
+        }
+        let imported = listeners.iter().map(|_| Vec::new()).collect();
+        Self::run_workers(target, config, listeners, imported)
+    }
+
+    /// Duplicates of the listening sockets, in worker order (to keep them in a service manager's
+    /// store, see [`Server::start_with_listeners`]).
+    ///
+    /// # Errors
+    /// A descriptor could not be duplicated.
+    pub fn listeners(&self) -> io::Result<Vec<OwnedFd>> {
+        self.listener_fds.iter().map(|fd| fd.try_clone()).collect()
+    }
+
+    /// Starts serving the listening sockets and connections another process handed over (see
+    /// [`crate::upgrade`]): one worker per listening socket (the handing process's number of
+    /// workers), each connection on the worker of the same index as in the old process. The
+    /// commands the old process held run first, then the input it had received and not decoded.
+    pub(crate) fn start_taking_over(
+        target: Target,
+        config: ServerConfig,
+        takeover: Takeover,
+    ) -> io::Result<Server> {
+        probe()?;
+        let Takeover { listeners, conns } = takeover;
+        if listeners.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listening socket was handed over"));
+        }
+        let mut imported: Vec<Vec<Imported>> = listeners.iter().map(|_| Vec::new()).collect();
+        let n = imported.len();
+        for c in conns {
+            if let Some(list) = imported.get_mut(c.worker % n) {
+                list.push(c);
+            }
+        }
+        Self::run_workers(target, config, listeners, imported)
+    }
+
+    fn run_workers(
+        target: Target,
+        config: ServerConfig,
+        listeners: Vec<TcpListener>,
+        imported: Vec<Vec<Imported>>,
+    ) -> io::Result<Server> {
+        let workers = listeners.len();
+        let addr = listeners.first().map(TcpListener::local_addr).transpose()?.unwrap_or(config.listen);
+        let listener_fds =
+            listeners.iter().map(|l| l.try_clone().map(OwnedFd::from)).collect::<io::Result<Vec<_>>>()?;
         let stop = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(HashMap::new()));
         let (blocking, blocking_threads) = BlockingPool::start(config.blocking_threads)?;
@@ -187,13 +264,14 @@ impl Server {
         })));
         let mut mailboxes = Vec::new();
         let mut handles = Vec::new();
-        for (i, listener) in listeners.into_iter().enumerate() {
+        for (i, (listener, imported)) in listeners.into_iter().zip(imported).enumerate() {
             let mailbox = Arc::new(Mailbox::new()?);
             mailboxes.push(mailbox.clone());
             let (t, c, s, p) = (target.clone(), config.clone(), stop.clone(), peers.clone());
             let pool = blocking.clone();
             let spawned = std::thread::Builder::new().name(format!("xatastor-w{i}")).spawn(move || {
-                let mut w = Worker::new(t, c, listener, mailbox, s, p, pool)?;
+                let mut w = Worker::new(i, t, c, listener, mailbox, s, p, pool)?;
+                w.install(imported);
                 w.run()
             });
             match spawned {
@@ -208,6 +286,7 @@ impl Server {
                         workers: handles,
                         blocking,
                         blocking_threads,
+                        listener_fds,
                     };
                     let _ = server.shutdown();
                     return Err(e);
@@ -215,7 +294,87 @@ impl Server {
             }
         }
         tracing::info!(%addr, workers, "NVMe/TCP server listening");
-        Ok(Server { local_addr: addr, target, stop, mailboxes, workers: handles, blocking, blocking_threads })
+        Ok(Server {
+            local_addr: addr,
+            target,
+            stop,
+            mailboxes,
+            workers: handles,
+            blocking,
+            blocking_threads,
+            listener_fds,
+        })
+    }
+
+    /// Prepares a handover: every worker stops accepting (new connections wait in the listen
+    /// backlog), holds the commands that arrive, lets the started ones finish and their responses go
+    /// out, stops receiving, and writes its connections down. Within `timeout`, or the workers
+    /// resume serving and the reason is returned. After success the workers serve nothing until
+    /// [`Server::resume`] or [`Server::abandon`].
+    pub(crate) fn export_connections(&self, timeout: Duration) -> Result<ServerExport, String> {
+        #[allow(clippy::disallowed_methods)] // a deadline for the workers, not the data path
+        let deadline = std::time::Instant::now() + timeout;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for m in &self.mailboxes {
+            m.handover.lock().push(HandoverCmd::Begin { deadline, reply: tx.clone() });
+            m.signal();
+        }
+        drop(tx);
+        let mut export = ServerExport::default();
+        let mut failure = None;
+        for _ in 0..self.mailboxes.len() {
+            match rx.recv_timeout(timeout + Duration::from_secs(1)) {
+                Ok(Ok(w)) => {
+                    export.listeners.push((w.worker, w.listener));
+                    export.conns.extend(w.conns);
+                }
+                Ok(Err(e)) => {
+                    failure.get_or_insert(e);
+                }
+                Err(_) => {
+                    failure.get_or_insert_with(|| "a worker did not answer in time".to_owned());
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            self.resume();
+            return Err(e);
+        }
+        export.listeners.sort_by_key(|(i, _)| *i);
+        Ok(export)
+    }
+
+    /// Tells the workers to stop without closing their connections (see [`Server::abandon`]);
+    /// returns at once.
+    pub(crate) fn let_go(&self) {
+        for m in &self.mailboxes {
+            m.handover.lock().push(HandoverCmd::Abandon);
+            m.signal();
+        }
+    }
+
+    /// Ends a handover that did not happen: held commands run, receiving and accepting resume.
+    pub(crate) fn resume(&self) {
+        for m in &self.mailboxes {
+            m.handover.lock().push(HandoverCmd::Resume);
+            m.signal();
+        }
+    }
+
+    /// After a handover: the workers stop without a word to the hosts (their connections live on in
+    /// the process that took them over) and without flushing (that process serves the volumes now;
+    /// what was written is in the kernel's hands either way). Returns when they have stopped.
+    pub fn abandon(self) {
+        self.let_go();
+        for w in self.workers {
+            let _ = w.join();
+        }
+        self.target.set_activation_runner(None);
+        self.blocking.close();
+        for t in self.blocking_threads {
+            let _ = t.join();
+        }
     }
 
     /// Counters of each worker, in worker order.
@@ -289,6 +448,67 @@ impl Server {
         }
         first
     }
+}
+
+/// A request to a worker about a handover.
+#[derive(Debug)]
+enum HandoverCmd {
+    /// Quiesce and write the connections down by `deadline`; the answer goes to `reply`.
+    Begin { deadline: std::time::Instant, reply: std::sync::mpsc::Sender<Result<WorkerExport, String>> },
+    /// Serve again.
+    Resume,
+    /// Stop without closing the connections.
+    Abandon,
+}
+
+/// What one worker wrote down.
+#[derive(Debug)]
+struct WorkerExport {
+    worker: usize,
+    listener: OwnedFd,
+    conns: Vec<ExportedConn>,
+}
+
+/// A connection written down for a handover: a duplicate of its socket and its state (with the
+/// input received and not decoded yet).
+#[derive(Debug)]
+pub(crate) struct ExportedConn {
+    /// The worker it was served by.
+    pub(crate) worker: usize,
+    pub(crate) fd: OwnedFd,
+    pub(crate) state: nvmeof_target::ConnectionState,
+}
+
+/// Everything the workers wrote down: their listening sockets (in worker order) and connections.
+#[derive(Debug, Default)]
+pub(crate) struct ServerExport {
+    pub(crate) listeners: Vec<(usize, OwnedFd)>,
+    pub(crate) conns: Vec<ExportedConn>,
+}
+
+/// A connection taken over from another process, ready for a worker.
+pub(crate) struct Imported {
+    /// The worker index it had in the old process.
+    pub(crate) worker: usize,
+    pub(crate) stream: std::net::TcpStream,
+    pub(crate) engine: nvmeof_target::Connection,
+    pub(crate) unread: Vec<u8>,
+}
+
+impl std::fmt::Debug for Imported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Imported")
+            .field("worker", &self.worker)
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Listening sockets and connections taken over from another process.
+#[derive(Debug, Default)]
+pub(crate) struct Takeover {
+    pub(crate) listeners: Vec<TcpListener>,
+    pub(crate) conns: Vec<Imported>,
 }
 
 /// Checks that io_uring works here and has the opcodes the server uses.
@@ -411,6 +631,8 @@ struct Mailbox {
     /// Results of backend requests that completed on another thread (token: the worker's own key
     /// of the request).
     completions: Mutex<Vec<(IoToken, IoResult)>>,
+    /// Handover requests for the worker (see [`Server::export_connections`]).
+    handover: Mutex<Vec<HandoverCmd>>,
     stats: Counters,
 }
 
@@ -495,6 +717,7 @@ impl Mailbox {
             eventfd,
             woken: Mutex::new(Vec::new()),
             completions: Mutex::new(Vec::new()),
+            handover: Mutex::new(Vec::new()),
             stats: Counters::default(),
         })
     }

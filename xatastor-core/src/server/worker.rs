@@ -45,6 +45,8 @@ use super::pool::ReadPool;
 use super::slab::{Key, Slab};
 use super::{Mailbox, ServerConfig};
 
+mod handover;
+
 const KIND_ACCEPT: u8 = 1;
 
 /// How long accepting pauses after the process or the system ran out of file descriptors.
@@ -212,6 +214,14 @@ pub(super) struct Worker {
     quiet: Option<Quiet>,
     /// When the worker started: the origin of its timer ticks.
     epoch: Instant,
+    /// The worker's index (connections handed over keep it).
+    index: usize,
+    /// Where the worker is in a handover to another process.
+    handover: handover::Phase,
+    /// Connections woken while written down for a handover (handled if it does not happen).
+    woken_later: Vec<u64>,
+    /// Handed over: stop at once, without closing anything.
+    abandoned: bool,
 }
 
 /// Quiet admin queues: their sockets wait in an epoll set instead of having a receive armed on the
@@ -249,7 +259,9 @@ impl Quiet {
 
 impl Worker {
     #[allow(clippy::disallowed_methods)] // the driver owns the clock
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
+        index: usize,
         target: Target,
         config: ServerConfig,
         listener: TcpListener,
@@ -302,6 +314,10 @@ impl Worker {
             shared_turn: 0,
             disk_contended_until: None,
             epoch: Instant::now(),
+            index,
+            handover: handover::Phase::Off,
+            woken_later: Vec::new(),
+            abandoned: false,
         })
     }
 
@@ -356,6 +372,9 @@ impl Worker {
         self.arm_accept();
         self.arm_wake();
         loop {
+            if self.abandoned {
+                return Ok(());
+            }
             self.flush_backlog();
             if self.stop.load(Ordering::Acquire) && self.accepting {
                 self.begin_shutdown();
@@ -408,6 +427,10 @@ impl Worker {
             self.reclaim_buffers();
             self.receive_quiet();
             self.arm_quiet();
+            if self.handing_over() {
+                self.handover_step(now);
+                self.flush_sends();
+            }
         }
     }
 
@@ -447,7 +470,9 @@ impl Worker {
             let ticks = t.saturating_duration_since(self.epoch).as_nanos().div_ceil(TIMER_TICK.as_nanos());
             self.epoch + TIMER_TICK * u32::try_from(ticks).unwrap_or(u32::MAX)
         };
-        let deadline = match (self.timers.peek().map(|Reverse((t, _))| tick(*t)), self.accept_paused_until) {
+        // Engine deadlines do not run while the connections are written down for a handover.
+        let timer = if self.rx_frozen() { None } else { self.timers.peek().map(|Reverse((t, _))| tick(*t)) };
+        let deadline = match (timer, self.accept_paused_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -458,6 +483,10 @@ impl Worker {
             now + self.config.admin_batch_window
         });
         let deadline = match (deadline, unarmed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = match (deadline, self.handover_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -520,6 +549,10 @@ impl Worker {
     }
 
     fn run_timers(&mut self, now: Instant) {
+        if self.rx_frozen() {
+            // Written down for another process (or about to be): its clock runs there.
+            return;
+        }
         while let Some(&Reverse((t, key))) = self.timers.peek() {
             if t > now {
                 break;
@@ -567,12 +600,12 @@ impl Worker {
         }
         if !cqueue::more(flags) {
             self.accept_armed = false;
-            if self.accepting && self.accept_paused_until.is_none() {
+            if self.accepting && self.accept_paused_until.is_none() && !self.handing_over() {
                 self.arm_accept();
             }
         }
         if res < 0 {
-            if res != -libc::ECANCELED || self.accepting {
+            if res != -libc::ECANCELED || (self.accepting && !self.handing_over()) {
                 tracing::warn!(error = %io::Error::from_raw_os_error(-res), "accept failed");
             }
             return;
@@ -603,6 +636,10 @@ impl Worker {
         let _ = stream.set_nodelay(true);
         let params = TransportParams { local_addr: local, peer_addr: peer, port_id: self.config.port_id };
         let mut engine = self.target.accept(params, now);
+        if self.handing_over() {
+            // Accepted just before accepting stopped: handed over with the others.
+            engine.begin_handover();
+        }
         let woken = Arc::new(AtomicBool::new(false));
         let (flag, mailbox) = (woken.clone(), self.mailbox.clone());
         engine.set_notifier(Arc::new(move || {
@@ -639,6 +676,9 @@ impl Worker {
     /// Arms the connection's receive: the multishot one in ring mode, the next placed one in direct
     /// mode.
     fn arm_recv(&mut self, key: Key) {
+        if self.rx_frozen() {
+            return;
+        }
         let Some(c) = self.conns.get_mut(key) else { return };
         if c.rx.armed || c.rx.paused || c.rx.held || c.rx.starved || c.closing || c.dead || c.dormant {
             return;
@@ -975,6 +1015,7 @@ impl Worker {
     /// readiness set of quiet queues; a quiet one whose input follows the previous closely comes
     /// back (see [`super::ServerConfig::admin_batch_window`]).
     fn update_quiet(&mut self, key: Key, previous: Option<Instant>, now: Instant) {
+        let handing_over = self.handing_over();
         let Some(q) = self.quiet.as_mut() else { return };
         let Some(c) = self.conns.get_mut(key) else { return };
         // No previous input (or a full receive): not quiet.
@@ -989,6 +1030,7 @@ impl Worker {
             return;
         }
         let eligible = sparse
+            && !handing_over
             && c.engine.qid() == Some(0)
             && !c.closing
             && !c.dead
@@ -1049,6 +1091,9 @@ impl Worker {
     /// allow (the receives complete at once, in this turn's submission; the rest wait for the
     /// next turn).
     fn receive_quiet(&mut self) {
+        if self.rx_frozen() {
+            return;
+        }
         let Some(q) = self.quiet.as_mut() else { return };
         if q.ready.is_empty() {
             return;
@@ -1146,7 +1191,14 @@ impl Worker {
 
     fn on_wake(&mut self, now: Instant) {
         self.arm_wake();
+        self.on_handover_cmds(now);
         let woken = std::mem::take(&mut *self.mailbox.woken.lock());
+        if matches!(self.handover, handover::Phase::Exported) {
+            // The connections' state is written down: an event delivered now would be delivered
+            // again by the process taking them over. Kept for a resume.
+            self.woken_later.extend(woken);
+            return;
+        }
         for key in woken {
             let key = Key::from_u64(key);
             let Some(c) = self.conns.get_mut(key) else { continue };

@@ -1,0 +1,272 @@
+//! A worker's part of a handover to another process: quiesce, stop receiving, write the connections
+//! down; or, in the process that takes over, install the connections it was handed.
+//!
+//! ```text
+//!  Begin ──▶ Quiescing: no accepts; new commands held by the engine; started ones finish and
+//!            │          their responses go out (input is still received: H2CData of writes)
+//!            │ every connection settled
+//!            ▼
+//!           Detaching: receives cancelled (quiet queues leave the readiness set); what the last
+//!            │          completions bring is decoded (held) or kept as unread input
+//!            │ no receive in flight, still settled
+//!            ▼
+//!           Exported: socket duplicates + engine state + unread bytes sent to the server; the
+//!                     worker serves nothing (no timers, no wake-ups) until Resume or Abandon
+//!  deadline passed, or Resume ──▶ Off: held commands run, receives and accepts armed again
+//! ```
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Conn, Key, RxMode, Worker, KIND_RECV};
+use crate::server::{ExportedConn, HandoverCmd, Imported, WorkerExport};
+
+/// Where the worker is in a handover.
+#[derive(Debug, Default)]
+pub(super) enum Phase {
+    /// Serving.
+    #[default]
+    Off,
+    /// Waiting for every connection to settle.
+    Quiescing { deadline: Instant, reply: Sender<Result<WorkerExport, String>> },
+    /// Waiting for the cancelled receives to end.
+    Detaching { deadline: Instant, reply: Sender<Result<WorkerExport, String>> },
+    /// Written down; waiting for Resume or Abandon.
+    Exported,
+}
+
+/// A connection that can be written down: nothing started and unfinished, nothing to send, no input
+/// waiting to be decoded behind a full send queue or the turn's budget.
+fn settled(c: &Conn) -> bool {
+    c.engine.handover_ready()
+        && c.tx.is_empty()
+        && !c.tx.inflight
+        && c.disk_inflight == 0
+        && c.disk_waiting.is_empty()
+        && !c.deferred
+        && !c.rx.held
+        && !c.rx.paused
+        && !matches!(c.rx.mode, RxMode::Switching { .. })
+}
+
+/// Connections that end anyway (closing, or the peer is gone) are not handed over: they close with
+/// this process.
+fn handed_over(c: &Conn) -> bool {
+    !c.closing && !c.dead
+}
+
+impl Worker {
+    /// Receives are not armed again (the connections are being handed over).
+    pub(super) fn rx_frozen(&self) -> bool {
+        matches!(self.handover, Phase::Detaching { .. } | Phase::Exported)
+    }
+
+    /// A handover is being prepared or was made: no accepts, no new quiet queues.
+    pub(super) fn handing_over(&self) -> bool {
+        !matches!(self.handover, Phase::Off)
+    }
+
+    /// When the worker must look at the handover again even if nothing happens.
+    pub(super) fn handover_deadline(&self) -> Option<Instant> {
+        match &self.handover {
+            Phase::Quiescing { deadline, .. } | Phase::Detaching { deadline, .. } => Some(*deadline),
+            _ => None,
+        }
+    }
+
+    /// Takes the handover requests from the mailbox.
+    pub(super) fn on_handover_cmds(&mut self, now: Instant) {
+        let cmds = std::mem::take(&mut *self.mailbox.handover.lock());
+        for cmd in cmds {
+            match cmd {
+                HandoverCmd::Begin { deadline, reply } => {
+                    if self.handing_over() {
+                        let _ = reply.send(Err("a handover is already in progress".into()));
+                        continue;
+                    }
+                    tracing::debug!(
+                        worker = self.index,
+                        connections = self.conns.len(),
+                        "preparing a handover"
+                    );
+                    if self.accept_armed {
+                        self.cancel(u64::from(super::KIND_ACCEPT) << 56);
+                    }
+                    let keys: Vec<Key> = self.conns.keys().collect();
+                    for key in keys {
+                        if let Some(c) = self.conns.get_mut(key) {
+                            c.engine.begin_handover();
+                        }
+                    }
+                    self.handover = Phase::Quiescing { deadline, reply };
+                }
+                HandoverCmd::Resume => self.resume_serving(now, None),
+                HandoverCmd::Abandon => self.abandoned = true,
+            }
+        }
+    }
+
+    /// Moves the handover on (called once per loop turn).
+    pub(super) fn handover_step(&mut self, now: Instant) {
+        if let Phase::Quiescing { deadline, .. } = &self.handover {
+            if now >= *deadline {
+                let busy = self.conns.iter_mut().filter(|(_, c)| handed_over(c) && !settled(c)).count();
+                self.resume_serving(
+                    now,
+                    Some(format!("{busy} connection(s) still had commands in flight or responses to send")),
+                );
+                return;
+            }
+            if !self.conns.iter_mut().all(|(_, c)| !handed_over(c) || settled(c)) {
+                return;
+            }
+            let Phase::Quiescing { deadline, reply } = std::mem::take(&mut self.handover) else { return };
+            // Stop receiving: the multishot receives end (their last completion says ECANCELED, or
+            // brings the bytes that raced with the cancel); quiet queues leave the readiness set.
+            let keys: Vec<Key> = self.conns.keys().collect();
+            for key in keys {
+                let Some(c) = self.conns.get_mut(key) else { continue };
+                if c.dormant {
+                    c.dormant = false;
+                    if let Some(q) = self.quiet.as_mut() {
+                        let _ = rustix::event::epoll::delete(&q.epoll, &c.stream);
+                        q.count -= 1;
+                        self.mailbox.stats.dormant.store(q.count, Ordering::Relaxed);
+                    }
+                }
+                if c.rx.armed {
+                    self.cancel(key.user_data(KIND_RECV));
+                }
+            }
+            if let Some(q) = self.quiet.as_mut() {
+                q.ready.clear();
+            }
+            self.handover = Phase::Detaching { deadline, reply };
+        }
+        if let Phase::Detaching { deadline, .. } = &self.handover {
+            let deadline = *deadline;
+            let receiving = self.conns.iter_mut().any(|(_, c)| c.rx.armed);
+            let unsettled = self.conns.iter_mut().any(|(_, c)| handed_over(c) && !settled(c));
+            if now >= deadline {
+                self.resume_serving(now, Some("the connections did not stop receiving in time".into()));
+                return;
+            }
+            if receiving || unsettled {
+                return;
+            }
+            let Phase::Detaching { reply, .. } = std::mem::take(&mut self.handover) else { return };
+            match self.export_all(now) {
+                Ok(export) => {
+                    tracing::debug!(
+                        worker = self.index,
+                        connections = export.conns.len(),
+                        "connections written down"
+                    );
+                    if reply.send(Ok(export)).is_err() {
+                        // Nobody waits for it any more: serve on.
+                        self.resume_serving(now, None);
+                        return;
+                    }
+                    self.handover = Phase::Exported;
+                }
+                Err(e) => {
+                    self.handover = Phase::Detaching { deadline, reply };
+                    self.resume_serving(now, Some(e));
+                }
+            }
+        }
+    }
+
+    fn export_all(&mut self, now: Instant) -> Result<WorkerExport, String> {
+        let listener: OwnedFd =
+            self.listener.try_clone().map_err(|e| format!("duplicating the listening socket: {e}"))?.into();
+        let mut conns = Vec::with_capacity(self.conns.len());
+        for (_, c) in self.conns.iter_mut() {
+            if !handed_over(c) {
+                continue;
+            }
+            let mut state = c.engine.export_handover(now).map_err(|e| e.to_string())?;
+            state.unread_input = c.rx.unread().ok_or("a connection was switching its receive mode")?;
+            let fd: OwnedFd =
+                c.stream.try_clone().map_err(|e| format!("duplicating a connection's socket: {e}"))?.into();
+            conns.push(ExportedConn { worker: self.index, fd, state });
+        }
+        Ok(WorkerExport { worker: self.index, listener, conns })
+    }
+
+    /// Serves again after a handover that did not happen (`failure` is sent to whoever waits).
+    fn resume_serving(&mut self, now: Instant, failure: Option<String>) {
+        match std::mem::take(&mut self.handover) {
+            Phase::Quiescing { reply, .. } | Phase::Detaching { reply, .. } => {
+                let _ = reply.send(Err(failure.unwrap_or_else(|| "cancelled".into())));
+            }
+            Phase::Exported | Phase::Off => {}
+        }
+        let keys: Vec<Key> = self.conns.keys().collect();
+        for key in &keys {
+            if let Some(c) = self.conns.get_mut(*key) {
+                c.engine.end_handover(now);
+            }
+            self.after_engine(*key, now);
+        }
+        // Wake-ups that came while the connections were written down.
+        for key in std::mem::take(&mut self.woken_later) {
+            let key = Key::from_u64(key);
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            c.woken.store(false, Ordering::Release);
+            c.engine.handle_wakeup(now);
+            self.after_engine(key, now);
+        }
+        for key in keys {
+            self.feed(key, now);
+            self.after_engine(key, now);
+            self.arm_recv(key);
+        }
+        if self.accepting && !self.accept_armed && self.accept_paused_until.is_none() {
+            self.arm_accept();
+        }
+        self.flush_sends();
+        tracing::info!(worker = self.index, "serving again after a handover that did not happen");
+    }
+
+    /// Installs connections taken over from another process (before the worker runs): the commands
+    /// the old process held run first, then the input it had received and not decoded, then the
+    /// socket is received from.
+    #[allow(clippy::disallowed_methods)] // the driver owns the clock
+    pub(in crate::server) fn install(&mut self, imported: Vec<Imported>) {
+        let now = Instant::now();
+        for Imported { stream, mut engine, unread, .. } in imported {
+            let Some(key) = self.conns.next_key() else {
+                tracing::warn!("no room for a connection taken over: closing it");
+                continue;
+            };
+            let peer_ip =
+                stream.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.ip().to_canonical());
+            *self.peers.lock().entry(peer_ip).or_insert(0) += 1;
+            let _ = stream.set_nodelay(true);
+            let woken = Arc::new(AtomicBool::new(false));
+            let (flag, mailbox) = (woken.clone(), self.mailbox.clone());
+            engine.set_notifier(Arc::new(move || {
+                if !flag.swap(true, Ordering::AcqRel) {
+                    mailbox.woken.lock().push(key.to_u64());
+                    mailbox.signal();
+                }
+            }));
+            let mut conn = Conn::new(stream, peer_ip, engine, woken);
+            conn.rx.buf.extend_from_slice(&unread);
+            let inserted = self.conns.insert(Box::new(conn));
+            debug_assert_eq!(inserted, Some(key));
+            if let Some(c) = self.conns.get_mut(key) {
+                c.engine.end_handover(now);
+            }
+            self.after_engine(key, now);
+            self.feed(key, now);
+            self.after_engine(key, now);
+            self.arm_recv(key);
+        }
+        self.mailbox.stats.connections.store(self.conns.len(), Ordering::Relaxed);
+    }
+}
