@@ -152,6 +152,13 @@ impl Upgrader {
     }
 
     fn attempt(&self, binary: &Path) -> Result<Value, String> {
+        if self.node.provisioner().kind() == "memory" {
+            return Err(
+                "the memory backend keeps its volumes' data in this process: it cannot be handed over \
+                        (a restart loses it too)"
+                    .into(),
+            );
+        }
         let path = self.data_dir.join(RENDEZVOUS);
         let offer = UpgradeOffer::bind(&path).map_err(|e| format!("binding {}: {e}", path.display()))?;
         let mut child = Command::new(binary)

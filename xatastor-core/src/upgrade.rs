@@ -32,7 +32,7 @@
 //! one of the two processes (started ones by the old, held ones by the new).
 //!
 //! What cannot be handed over: volumes of the memory backend (their data lives in the process: the
-//! upgrade refuses while one is loaded), connections that are closing (they close with the old
+//! upgrade of a node on that backend is refused), connections that are closing (they close with the old
 //! process), and connections whose controller cannot be recreated in the new process (a volume
 //! deleted meanwhile): those are closed and their hosts reconnect.
 
@@ -123,7 +123,7 @@ pub struct UpgradeReport {
     pub listeners: usize,
     /// From the first held command's hold to every connection written down.
     pub quiesce: Duration,
-    /// From the start of the hold to the new process's go: the longest a command waited.
+    /// From the start of the hold to the new process serving: the longest a command waited.
     pub pause: Duration,
 }
 
@@ -247,10 +247,10 @@ pub fn hand_over(
         let _ = ch.send(&encode(&Msg::Refused { reason: reason.clone() }), &[]);
         UpgradeError::NotReady(reason)
     };
-    if let Some(nqn) = memory_volume(node) {
+    if node.provisioner().kind() == "memory" {
         return Err(refuse(
             &mut ch,
-            format!("volume {nqn} is on the memory backend: its data lives in this process and cannot be handed over"),
+            "the memory backend keeps its volumes' data in this process: it cannot be handed over".into(),
         ));
     }
     #[allow(clippy::disallowed_methods)] // control path
@@ -332,8 +332,6 @@ pub fn hand_over(
         // The new process is gone: nobody serves the connections but us.
         return Err(fail(&mut ch, e.into()));
     }
-    #[allow(clippy::disallowed_methods)] // control path
-    let pause = t0.elapsed();
     server.let_go();
     // The new process says when it serves (and has told the service manager it is the main
     // process now): only then may this one exit.
@@ -344,6 +342,8 @@ pub fn hand_over(
         }
         Err(e) => tracing::error!(error = %e, "the new process did not confirm it serves after the go"),
     }
+    #[allow(clippy::disallowed_methods)] // control path
+    let pause = t0.elapsed();
     tracing::info!(
         new_pid,
         connections = imported,
@@ -363,14 +363,6 @@ pub fn hand_over(
         quiesce,
         pause,
     })
-}
-
-/// A loaded volume of the memory backend, if any (its data cannot move to another process).
-fn memory_volume(node: &Node) -> Option<String> {
-    if node.provisioner().kind() != "memory" {
-        return None;
-    }
-    node.target().subsystem_nqns().into_iter().next()
 }
 
 /// The new process's side, after it received the state.

@@ -718,7 +718,14 @@ fn emit(text: &str) -> Result<(), String> {
 fn client(data_dir: Option<PathBuf>, json: bool, req: Result<Request, String>) -> Result<(), String> {
     let req = req?;
     let socket = data_dir_or_default(data_dir).join("admin.sock");
-    let result = socket::call(&socket, &req)?;
+    let result = socket::call(&socket, &req).map_err(|e| match &req {
+        Request::Upgrade { .. } => format!(
+            "upgrade did not happen: {e}\nthe node serves on. To upgrade anyway, restart it (e.g. `systemctl restart \
+             xatastor-target`): volumes keep their NVMe identities (NQN, NGUID, UUID, serial), but every host \
+             reconnects, after its reconnect delay (10 s by default)"
+        ),
+        _ => e,
+    })?;
     let text = if json {
         format!("{}\n", serde_json::to_string_pretty(&result).unwrap_or_default())
     } else {

@@ -220,9 +220,9 @@ impl Worker {
             c.engine.handle_wakeup(now);
             self.after_engine(key, now);
         }
+        // Input the last receives brought was decoded then (its commands held, run above); what is
+        // left is a partial PDU, completed by the next receive.
         for key in keys {
-            self.feed(key, now);
-            self.after_engine(key, now);
             self.arm_recv(key);
         }
         if self.accepting && !self.accept_armed && self.accept_paused_until.is_none() {
