@@ -388,6 +388,11 @@ impl Connection {
             }
             self.handle_capsule(cmd, now);
         }
+        // Events that came while the connection was written down (or before, in the process it
+        // came from) go to the Asynchronous Event Requests it carries.
+        if self.state == State::Live {
+            self.deliver_async_events();
+        }
     }
 
     /// Whether a command arriving while a handover is prepared waits (true) or runs now. A host

@@ -301,3 +301,26 @@ fn an_imported_cntlid_that_is_taken_or_a_missing_controller_is_refused() {
     let again = bring_up_admin(&mut fresh, SUBNQN, 5_000, now);
     assert_ne!(again, cntlid);
 }
+
+#[test]
+fn an_event_raised_before_the_handover_is_delivered_by_the_new_side() {
+    let now = Clock::new().0;
+    let (old, backend) = target_with_volume();
+    let (mut admin, mut io, cntlid) = io_setup(&old, HostOptions::default(), 5_000, now);
+    assert_eq!(set_features(&mut admin, 0x0b, 1 << 8, now).status(), Status::SUCCESS);
+    let aer_cid = admin.host.submit(aer(), None, 0);
+    admin.pump(now);
+    admin.conn.begin_handover();
+    io.conn.begin_handover();
+    // An event is raised before the export; the old side never handles the wake-up.
+    let ns2 = Arc::new(MemoryBackend::new(1 << 20, 512));
+    old.add_namespace(SUBNQN, NamespaceConfig::derived(SUBNQN, 2, ns2.clone())).unwrap();
+    let state = export(&old, &mut [&mut admin, &mut io], cntlid, now);
+    assert_eq!(state.controllers[0].pending_events, vec![AsyncEvent::NAMESPACE_ATTRIBUTE_CHANGED.to_dw0()]);
+    let new = successor(backend);
+    new.add_namespace(SUBNQN, NamespaceConfig::derived(SUBNQN, 2, ns2)).unwrap();
+    import(&new, &state, &mut [&mut admin, &mut io], now);
+    let ev = admin.take_completion(aer_cid);
+    assert_eq!(ev.cqe.dw0.get(), AsyncEvent::NAMESPACE_ATTRIBUTE_CHANGED.to_dw0());
+    assert!(admin.pending_completions().is_empty(), "delivered once");
+}
