@@ -202,8 +202,8 @@ impl Upgrader {
                 "controllers": r.controllers,
                 "held_commands": r.held_commands,
                 "listeners": r.listeners,
-                "quiesce_ms": r.quiesce.as_secs_f64() * 1e3,
-                "pause_ms": r.pause.as_secs_f64() * 1e3,
+                "quiesce_ms": (r.quiesce.as_secs_f64() * 1e4).round() / 10.0,
+                "pause_ms": (r.pause.as_secs_f64() * 1e4).round() / 10.0,
             })),
             Err(e) => {
                 if released.load(Ordering::Acquire) {

@@ -697,7 +697,7 @@ impl Connection {
 
     /// Leaves the queue: detaches from the controller (tearing it down for an admin queue) and keeps
     /// count of backend requests still running.
-    fn teardown(&mut self, why: &'static str) {
+    pub(crate) fn teardown(&mut self, why: &'static str) {
         self.state = State::Closed;
         self.io_error_log.flush(&self.span, "backend I/O failed");
         self.digest_log.flush(&self.span, "data digest error");

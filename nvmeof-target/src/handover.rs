@@ -49,6 +49,9 @@ use crate::connection::{Cmd, CmdState, Connection, Queue, State};
 use crate::subsystem::OpClass;
 use crate::target::Target;
 
+/// The teardown reason of connections another process took over (not logged as a removal).
+pub(crate) const HANDED_OVER: &str = "handed over to another process";
+
 /// The version of the handover format this build writes and reads.
 pub const HANDOVER_FORMAT_VERSION: u32 = 1;
 
@@ -393,6 +396,16 @@ impl Connection {
         if self.state == State::Live {
             self.deliver_async_events();
         }
+    }
+
+    /// The connection was taken over by another process: this side lets go of it quietly (its
+    /// controller, if it is the admin queue, leaves this target without being logged as removed).
+    /// Drop it afterwards; nothing is sent.
+    pub fn hand_off(&mut self) {
+        if self.state != State::Closed {
+            self.teardown(HANDED_OVER);
+        }
+        self.events.clear();
     }
 
     /// Whether a command arriving while a handover is prepared waits (true) or runs now. A host

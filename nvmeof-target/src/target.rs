@@ -776,13 +776,22 @@ impl Target {
             }
         }
         if ctrl.kill() {
-            tracing::info!(
-                cntlid = ctrl.cntlid,
-                host = %ctrl.hostnqn,
-                subsystem = controller_nqn(ctrl),
-                reason = why,
-                "controller removed"
-            );
+            if why == crate::handover::HANDED_OVER {
+                // It lives on in the process that took it over: nothing for an operator to see.
+                tracing::debug!(
+                    cntlid = ctrl.cntlid,
+                    subsystem = controller_nqn(ctrl),
+                    "controller handed over"
+                );
+            } else {
+                tracing::info!(
+                    cntlid = ctrl.cntlid,
+                    host = %ctrl.hostnqn,
+                    subsystem = controller_nqn(ctrl),
+                    reason = why,
+                    "controller removed"
+                );
+            }
             if ctrl.outstanding_io() > 0 {
                 self.shared.draining.lock().push(ctrl.clone());
             }

@@ -104,7 +104,13 @@ impl Worker {
                     self.handover = Phase::Quiescing { deadline, reply };
                 }
                 HandoverCmd::Resume => self.resume_serving(now, None),
-                HandoverCmd::Abandon => self.abandoned = true,
+                HandoverCmd::Abandon => {
+                    // The connections live on in the new process: let go of them without a word.
+                    for (_, c) in self.conns.iter_mut() {
+                        c.engine.hand_off();
+                    }
+                    self.abandoned = true;
+                }
             }
         }
     }
