@@ -58,6 +58,12 @@ DISCARD_MIB=200
 DISCARD_MIN_FREED_MIB=150
 RESIZE_WAIT_S=20
 PG_SCALE=5
+# node-upgrade: how many upgrades, which one is done by SIGHUP, the seconds of I/O before and
+# between them, and fio's run time (must span them all; the scenario fails if fio ends early).
+UPGRADES=5
+UPGRADE_SIGHUP=4
+UPGRADE_GAP_S=${UPGRADE_GAP_S:-3}
+UPGRADE_FIO_RUNTIME=${UPGRADE_FIO_RUNTIME:-50}
 # The host of the volume "other", which this host must not discover.
 OTHER_HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:0e2e0000-0000-4000-8000-0000000000aa
 
@@ -134,7 +140,11 @@ for s in d.get("snapshots") or []:
 }
 
 server_pid() { cat "$STATE/server.pid" 2>/dev/null; }
-server_running() { local p; p=$(server_pid) && [[ -n $p ]] && kill -0 "$p" 2>/dev/null; }
+# pid_alive PID: the process exists and is not a zombie. After an upgrade (node-upgrade) the
+# serving node is not a child of server_start's wrapper (the old node started it and exited; PID 1
+# adopted it), so only its pid tells whether it runs.
+pid_alive() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [[ -n $st && $st != Z && $st != X ]]; }
+server_running() { local p; p=$(server_pid) && [[ -n $p ]] && pid_alive "$p"; }
 
 # server_start: `xatastor-target serve` in the background (idempotent). A wrapper records its exit
 # status in STATE/server.rc, so a later scenario can check how it ended.
@@ -169,13 +179,17 @@ server_start() {
 
 server_log_tail() { echo "===== last $1 lines of $SERVER_LOG ====="; tail -n "$1" "$SERVER_LOG"; echo "====="; }
 
-# server_stop SIGNAL: sends it and waits (60 s) for the process to end; prints its exit status.
+# server_stop SIGNAL: sends it and waits (60 s) for the process to end; prints its exit status
+# ("unknown" for a node started by an upgrade: not server_start's child, its status is not seen).
 server_stop() {
     local sig=$1 pid i
     pid=$(server_pid) || return 0
     x kill -"$sig" "$pid" >&2
-    for i in $(seq 1 300); do [[ -e $STATE/server.rc ]] && break; sleep 0.2; done
-    [[ -e $STATE/server.rc ]] || { server_log_tail 30 >&2; fail "xatastor-target (pid $pid) still running 60s after SIG$sig"; }
+    for i in $(seq 1 300); do { [[ -e $STATE/server.rc ]] || ! pid_alive "$pid"; } && break; sleep 0.2; done
+    if [[ ! -e $STATE/server.rc ]]; then
+        pid_alive "$pid" && { server_log_tail 30 >&2; fail "xatastor-target (pid $pid) still running 60s after SIG$sig"; }
+        echo unknown > "$STATE/server.rc"
+    fi
     cat "$STATE/server.rc"
 }
 
@@ -617,6 +631,192 @@ sc_node_restart() {
     info "sigkill-restart: host $how; volumes [$(echo $after)] = zfs; snapshots [$(echo $(zfs_snapshots))]"
 }
 
+# node-upgrade: zero-downtime upgrades under load. fio random write + crc32c verify (O_DIRECT,
+# QD16, 4 KiB, libaio, time-based) runs on volume u1 through the guest's kernel initiator while the
+# node is upgraded UPGRADES times in a row, each time to a different file: "a freshly built
+# binary" here is a copy of the shipped xatastor-target with a unique trailer appended (ignored by
+# the loader: a different file, inode and sha256, so the new process really execs a new file; the
+# code is the same build). Upgrades 1, 2, 3 and 5 use `upgrade --binary PATH`; upgrade 4 is a
+# SIGHUP after a new copy was renamed over the running binary's path (what a package manager
+# does; SIGHUP starts the binary the node was started from). Pass/fail: fio exits 0 with no error
+# and no verify failure, every upgrade succeeds (new pid, old one exits, 0 connections closed), the
+# kernel logs nothing about the controller (no reset, reconnect, timeout), and the controller is
+# the same (same nvmeX, same cntlid, live). Measured (INFO, not asserted): per upgrade, the node's
+# own pause/quiesce figures, the longest latency of an I/O completing during the upgrade (+1 s)
+# and the longest gap between two completions there, from fio's per-I/O latency log.
+sc_node_upgrade() {
+    ensure_volume u1 512MiB
+    local dev nqn ctrl cntlid mark bin src i path via pid0 pid new t0 t1 out rc fiopid js lines line cur
+    dev=$(connect_vol u1) || exit 1
+    nqn=$(vol_get u1 nqn)
+    ctrl=$(ctrls_of "$nqn" | head -n1)
+    [[ -n $ctrl ]] || fail "no controller for $nqn after connect"
+    cntlid=$(cat "/sys/class/nvme/$ctrl/cntlid")
+    log "u1 is /dev/$dev on $ctrl (cntlid $cntlid)"
+    src=$(command -v "$XT") || fail "$XT not in PATH"
+    # All copies are made before fio starts (a copy of the ~80 MiB binary, debug info included,
+    # takes 7-16 s under TCG on the root disk while fio runs), on the /tmp tmpfs (half the guest's
+    # RAM; /run is 10%, too small); each is removed once its process is gone.
+    bin=/tmp/xe2e-upgrade-bin
+    rm -rf "$bin" "$STATE"/upg_*.log
+    mkdir -p "$bin"
+    # fresh_copy DEST N: a copy of the shipped binary with a unique trailer, renamed into place.
+    fresh_copy() {
+        cp "$src" "$1.tmp" && printf '\nxe2e-upgrade-build %s %s\n' "$2" "$(date +%s%N)" >> "$1.tmp" \
+            && chmod 755 "$1.tmp" && mv -f "$1.tmp" "$1" || fail "cannot make the upgrade binary $1"
+    }
+    for i in $(seq 1 "$UPGRADES"); do
+        # The SIGHUP one is renamed over the running binary's path when its turn comes.
+        if [[ $i == "$UPGRADE_SIGHUP" ]]; then fresh_copy "$bin/next-for-sighup" "$i"; else fresh_copy "$bin/xatastor-target.$i" "$i"; fi
+    done
+    for path in "$bin"/*; do log "$path: $(stat -c '%s bytes, inode %i' "$path"), ends with '$(tail -n1 "$path")'"; done
+    pid0=$(server_pid)
+    cur=$src
+    pid=$pid0
+    local fio_args=(--name=upg --filename="/dev/$dev" --direct=1 --rw=randwrite --bs=4k --size=256m
+        --ioengine=libaio --iodepth=16 --time_based --runtime="$UPGRADE_FIO_RUNTIME"
+        --verify=crc32c --do_verify=1 --verify_backlog=256 --verify_fatal=1 --verify_state_save=0
+        --write_lat_log="$STATE/upg" --log_avg_msec=0 --log_unix_epoch=1)
+    make_pattern pat-u 4
+    put_pattern "$STATE/pat-u" "$dev" 300
+    mark=$(dmesg | wc -l)
+    log "+ fio ${fio_args[*]} &"
+    timeout "$FIO_TIMEOUT" fio "${fio_args[@]}" > "$STATE/fio-upg.out" 2>&1 &
+    fiopid=$!
+    # A failing check must not leave fio writing (this runs in the scenario's subshell).
+    trap 'kill '"$fiopid"' 2>/dev/null' EXIT
+    : > "$STATE/upgrades.txt"
+    sleep "$UPGRADE_GAP_S"
+    for i in $(seq 1 "$UPGRADES"); do
+        kill -0 "$fiopid" 2>/dev/null || { cat "$STATE/fio-upg.out"; fail "fio ended before upgrade $i (raise UPGRADE_FIO_RUNTIME=$UPGRADE_FIO_RUNTIME)"; }
+        if [[ $i == "$UPGRADE_SIGHUP" ]]; then
+            # The running binary's path, replaced by a new file; SIGHUP starts what is there now.
+            path=$(readlink "/proc/$pid/exe")
+            path=${path% (deleted)}
+            [[ $path == "$bin"/* ]] || fail "upgrade $i: the node (pid $pid) runs $path, not one of the upgrade copies"
+            x mv -f "$bin/next-for-sighup" "$path" || fail "cannot rename the new binary over $path"
+            via=SIGHUP
+            lines=$(wc -l < "$SERVER_LOG")
+            t0=$(date +%s%3N)
+            x kill -HUP "$pid"
+            js=""
+            for _ in $(seq 1 600); do
+                js=$(tail -n +"$(( lines + 1 ))" "$SERVER_LOG" | sed 's/\x1b\[[0-9;]*m//g' \
+                    | sed -n 's/.*upgrade: the new process serves; this one exits.*report=\({.*}\).*/\1/p' | head -n1)
+                [[ -n $js ]] && break
+                tail -n +"$(( lines + 1 ))" "$SERVER_LOG" | grep -q 'upgrade did not happen' \
+                    && { server_log_tail 20; fail "upgrade $i (SIGHUP): $(grep 'upgrade did not happen' "$SERVER_LOG" | tail -n1 | one_line)"; }
+                sleep 0.2
+            done
+            t1=$(date +%s%3N)
+            [[ -n $js ]] || { server_log_tail 30; fail "upgrade $i (SIGHUP to pid $pid): no upgrade report in the server log within 120s"; }
+            echo "$js"
+        else
+            path=$bin/xatastor-target.$i
+            via=upgrade
+            t0=$(date +%s%3N)
+            echo "+ $XT --data-dir $DATA --json upgrade --binary $path"
+            out=$(xt --json upgrade --binary "$path" 2>&1)
+            rc=$?
+            t1=$(date +%s%3N)
+            echo "$out"
+            [[ $rc == 0 ]] || { server_log_tail 30; fail "upgrade $i (--binary $path) failed (rc=$rc): $(one_line <<< "$out")"; }
+            js=$out
+        fi
+        local old closed conns ctrls held pause quiesce
+        # One python3 run (each costs most of a second under TCG, and fio is waiting for the next
+        # upgrade): the report's fields, from the --json output or the log's report={...}.
+        read -r old new closed conns ctrls held pause quiesce < <(python3 -c '
+import json, sys
+d = json.loads(sys.stdin.read())
+d = d.get("upgraded", d)
+print(*(d.get(k, "?") for k in ("old_pid", "new_pid", "closed", "connections", "controllers", "held_commands", "pause_ms", "quiesce_ms")))' <<< "$js") \
+            || fail "upgrade $i: the report is not JSON: $(one_line <<< "$js")"
+        echo "$i $via $t0 $t1 $old $new $conns $ctrls $closed $held $pause $quiesce" >> "$STATE/upgrades.txt"
+        [[ $old == "$pid" ]] || fail "upgrade $i: report says old_pid $old, the node was pid $pid"
+        [[ -n $new && $new != "$pid" ]] || fail "upgrade $i: new_pid '$new' (old $pid)"
+        [[ $closed == 0 ]] || fail "upgrade $i: $closed connection(s) closed instead of handed over"
+        (( conns >= 1 && ctrls >= 1 )) || fail "upgrade $i: $conns connection(s), $ctrls controller(s) handed over (u1 is connected)"
+        pid_alive "$new" || { server_log_tail 20; fail "upgrade $i: the new process $new is not running"; }
+        [[ $(stat -Lc %i "/proc/$new/exe") == $(stat -c %i "$path") ]] \
+            || fail "upgrade $i: the new process runs $(readlink "/proc/$new/exe"), not the fresh file $path"
+        for _ in $(seq 1 50); do pid_alive "$pid" || break; sleep 0.2; done
+        pid_alive "$pid" && fail "upgrade $i: the old process $pid still runs 10s after handing over"
+        [[ $cur == "$bin"/* && $cur != "$path" ]] && rm -f "$cur"
+        cur=$path
+        if [[ $pid == "$pid0" ]]; then
+            # The first node was server_start's child: its exit status is seen.
+            for _ in $(seq 1 50); do [[ -e $STATE/server.rc ]] && break; sleep 0.2; done
+            [[ $(cat "$STATE/server.rc" 2>/dev/null) == 0 ]] || fail "upgrade $i: the old node exited with status '$(cat "$STATE/server.rc" 2>/dev/null)', expected 0"
+            rm -f "$STATE/server.rc"
+        fi
+        echo "$new" > "$STATE/server.pid"
+        pid=$new
+        [[ $(cat "/sys/class/nvme/$ctrl/state" 2>/dev/null) == live ]] || fail "upgrade $i: $ctrl is '$(cat "/sys/class/nvme/$ctrl/state" 2>/dev/null)', not live"
+        log "upgrade $i ($via): pid $old -> $new in $(( t1 - t0 )) ms: $conns connection(s), $ctrls controller(s), $closed closed, $held held; pause ${pause} ms, quiesce ${quiesce} ms"
+        sleep "$UPGRADE_GAP_S"
+    done
+    kill -0 "$fiopid" 2>/dev/null || { cat "$STATE/fio-upg.out"; fail "fio ended before the I/O after the last upgrade (raise UPGRADE_FIO_RUNTIME=$UPGRADE_FIO_RUNTIME)"; }
+    wait "$fiopid"
+    rc=$?
+    cat "$STATE/fio-upg.out"
+    x xt status
+    # What the kernel logged about u1's controller (nvmeX:, its paths nvmeXcYnZ, nvmeXnY) since
+    # fio started: a reset, reconnect, queue timeout or I/O error would be there. Other
+    # controllers (scenarios before this one leave volumes connected; after node-restart they
+    # reconnect on their own, maybe while this runs) are shown, not judged.
+    local kmsg
+    dmesg | tail -n +"$(( mark + 1 ))" | grep -iE 'nvme|I/O error' | sed 's/^/kernel since fio started: /'
+    kmsg=$(dmesg | tail -n +"$(( mark + 1 ))" | grep -E "(^|[^0-9a-z])$ctrl(c[0-9]+)?(n[0-9]+)?([^0-9]|\$)")
+    # Measurements first: they matter most when something failed.
+    python3 - "$STATE/upg_lat.1.log" "$STATE/upgrades.txt" > "$STATE/upg-info.txt" <<'PY' || fail "analysing fio's latency log failed"
+import sys
+comp = []  # (completion time ms since the epoch, latency ms)
+for line in open(sys.argv[1]):
+    f = line.split(",")
+    if len(f) >= 2:
+        comp.append((int(f[0]), int(f[1]) / 1e6))  # fio 3: latency in ns
+comp.sort()
+ups = [l.split() for l in open(sys.argv[2]) if l.strip()]
+inside = set()
+for u in ups:
+    i, via, t0, t1 = u[0], u[1], int(u[2]), int(u[3])
+    hi = t1 + 1000
+    sel = [k for k, (t, _) in enumerate(comp) if t0 <= t <= hi]
+    inside.update(sel)
+    prev = [t for t, _ in comp if t < t0]
+    times = ([prev[-1]] if prev else []) + [comp[k][0] for k in sel]
+    gap = max((b - a for a, b in zip(times, times[1:])), default=0)
+    lat = max((comp[k][1] for k in sel), default=0.0)
+    print(f"upgrade={i} via={via} pid={u[4]}->{u[5]} handed_over={u[6]}conn/{u[7]}ctrl closed={u[8]} held={u[9]} "
+          f"node_pause_ms={float(u[10]):.1f} node_quiesce_ms={float(u[11]):.1f} upgrade_took_ms={t1 - t0} "
+          f"max_io_latency_ms={lat:.1f} longest_completion_gap_ms={gap} ios_in_window={len(sel)}")
+base = [l for k, (_, l) in enumerate(comp) if k not in inside]
+allm = max((l for _, l in comp), default=0.0)
+bm = max(base, default=0.0)
+p99 = sorted(base)[int(len(base) * 0.99)] if base else 0.0
+print(f"summary ios={len(comp)} max_io_latency_ms={allm:.1f} (whole run) outside_upgrades: max_ms={bm:.1f} p99_ms={p99:.1f}")
+PY
+    while IFS= read -r line; do info "$line"; done < "$STATE/upg-info.txt"
+    [[ $rc == 0 ]] || fail "fio randwrite+verify through $UPGRADES upgrades failed (rc=$rc): $(grep -m1 -iE 'verify|bad|error|err=' "$STATE/fio-upg.out" | cut -c1-200)"
+    grep -q 'err= 0' "$STATE/fio-upg.out" || fail "fio: no 'err= 0' in fio's report"
+    grep -qiE 'verify: bad|bad magic|crc32c: verify failed' "$STATE/fio-upg.out" && fail "fio reported a verify failure"
+    [[ -z $kmsg ]] || fail "the guest kernel logged about $ctrl during the upgrades: $(head -n 2 <<< "$kmsg" | one_line)"
+    [[ $(ctrls_of "$nqn") == "$ctrl" ]] || fail "controllers of u1 are now [$(ctrls_of "$nqn" | one_line)], before: $ctrl"
+    [[ $(cat "/sys/class/nvme/$ctrl/cntlid") == "$cntlid" ]] || fail "$ctrl's cntlid is $(cat "/sys/class/nvme/$ctrl/cntlid"), was $cntlid"
+    [[ $(cat "/sys/class/nvme/$ctrl/state") == live ]] || fail "$ctrl is $(cat "/sys/class/nvme/$ctrl/state") after the upgrades"
+    local pids
+    pids=$(cut -d' ' -f6 "$STATE/upgrades.txt" | sort -u | wc -l)
+    (( pids == UPGRADES )) || fail "$pids distinct new pids over $UPGRADES upgrades"
+    (( $(grep -c 'handed over to the new process; exiting' "$SERVER_LOG") >= UPGRADES )) \
+        || fail "the server log has fewer than $UPGRADES 'handed over ... exiting' lines"
+    # What was written before the first upgrade (outside fio's 256 MiB) is still there.
+    [[ $(dev_sum "/dev/$dev" 300 4) == $(file_sum "$STATE/pat-u") ]] || fail "the pattern written at 300 MiB before the upgrades differs after them"
+    # "issued rwts: total=R,W": R reads are the verify reads (every write but the last batch of
+    # fewer than verify_backlog, which the time limit leaves unread).
+    info "fio: $(grep -m1 -E '^ *write:' "$STATE/fio-upg.out" | one_line);$(grep -m1 'issued rwts' "$STATE/fio-upg.out" | one_line) (reads = verify reads); writes: $(grep -m1 -E '^ +lat \(' "$STATE/fio-upg.out" | one_line); same $ctrl cntlid=$cntlid, pids $pid0 -> $(cut -d' ' -f6 "$STATE/upgrades.txt" | tr '\n' ' ')"
+}
+
 sc_zfs_timing() {
     pool_setup
     command -v zfs_timing > /dev/null || fail "zfs_timing not in PATH (guest-bin)"
@@ -649,6 +849,7 @@ SCENARIOS=(
     node-delete:sc_node_delete
     node-postgres-branch:sc_node_postgres_branch
     node-restart:sc_node_restart
+    node-upgrade:sc_node_upgrade
     zfs-timing:sc_zfs_timing
 )
 
@@ -672,7 +873,7 @@ for m in "$MNT"/*; do mountpoint -q "$m" && umount "$m"; done
 if server_running; then
     [[ -S $DATA/admin.sock ]] && { timeout 30 "$XT" --data-dir "$DATA" volume list; timeout 30 "$XT" --data-dir "$DATA" status; }
     kill -TERM "$(server_pid)"
-    for _ in $(seq 1 150); do [[ -e $STATE/server.rc ]] && break; sleep 0.2; done
+    for _ in $(seq 1 150); do { [[ -e $STATE/server.rc ]] || ! server_running; } && break; sleep 0.2; done
     echo "server exit status after the final SIGTERM: $(cat "$STATE/server.rc" 2>/dev/null || echo 'still running')"
 fi
 echo "===== $SERVER_LOG ====="
