@@ -1161,7 +1161,9 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
             eprintln!("xatastor-target: taking over from the node at {}", p.display());
             let t = Takeover::connect(p, BUILD, Duration::from_secs(120))
                 .map_err(|e| format!("taking over through {}: {e}", p.display()))?;
-            Some(t)
+            #[allow(clippy::disallowed_methods)] // start-up timing for the log
+            let received = std::time::Instant::now();
+            Some((t, received))
         }
         None => None,
     };
@@ -1185,7 +1187,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
                 NodeError::Catalog(e @ CatalogError::Locked { .. }) => e.to_string(),
                 e => format!("opening the catalog: {e}"),
             };
-            if let Some(t) = takeover {
+            if let Some((t, _)) = takeover {
                 t.refuse(&msg);
             }
             return Err(msg);
@@ -1201,8 +1203,16 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     config.disk_share = args.disk_share.or(file.disk_share).unwrap_or(16);
     let taking_over = takeover.is_some();
     let server = match takeover {
-        Some(t) => {
+        Some((t, received)) => {
+            let opened = received.elapsed();
             let ready = t.import(&target, config.port_id).map_err(|e| format!("taking over: {e}"))?;
+            tracing::info!(
+                connections = ready.connections(),
+                closed = ready.closed(),
+                catalog_ms = opened.as_millis() as u64,
+                imported_and_go_ms = (received.elapsed() - opened).as_millis() as u64,
+                "took over the connections"
+            );
             eprintln!(
                 "xatastor-target: took over {} connection(s) ({} could not be taken over and were closed)",
                 ready.connections(),
