@@ -94,7 +94,8 @@ struct Args {
     /// Measure `xatastor-target upgrade` instead: handover time and pause with these connection
     /// counts (a target process from the same build directory, file backend). This process holds
     /// every connection, so counts above its open-file limit (e.g. 100000 where the limit is 20000)
-    /// are skipped.
+    /// are skipped; the old node process needs two descriptors per connection while it hands them
+    /// over.
     #[arg(long, value_delimiter = ',')]
     upgrade: Vec<u64>,
     /// Internal: serve this many loaded volumes for `--connected`.

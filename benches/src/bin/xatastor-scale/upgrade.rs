@@ -21,10 +21,11 @@
 //! ```
 //!
 //! This process holds every connection's socket, so N is bounded by its open-file limit (20,000 on
-//! the machines this was written on: about 19,800 connections). 100K connections need a host whose
-//! hard limit is above that, and clients spread over several processes; counts that do not fit are
-//! skipped with a message. During the handover both node processes hold every socket, each within
-//! its own limit.
+//! the machines this was written on: about 19,800 connections); counts that do not fit are skipped
+//! with a message. The node is bounded too: while it writes its connections down, the old process
+//! holds a duplicate of every socket (two descriptors per connection), so with a limit of 20,000 an
+//! upgrade of more than about 9,900 connections fails (the node says so and serves on). 100K
+//! connections need hosts whose hard limit is far above that, and clients in several processes.
 
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpStream};
