@@ -83,6 +83,8 @@ struct Node {
     /// The process serving now.
     pid: u32,
     log: Arc<Mutex<String>>,
+    /// Reads the node's stderr (both processes') to its end.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Node {
@@ -124,7 +126,7 @@ impl Node {
         assert!(!addr.is_empty(), "the node did not say where it listens: {}", log.lock().unwrap());
         // The stderr pipe is inherited by the process an upgrade starts: keep reading it.
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut line = String::new();
             while err.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
                 sink.lock().unwrap().push_str(&line);
@@ -132,7 +134,7 @@ impl Node {
             }
         });
         let pid = child.id();
-        Self { dir: dir.to_owned(), child, addr, pid, log }
+        Self { dir: dir.to_owned(), child, addr, pid, log, reader: Some(reader) }
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -784,4 +786,7 @@ fn upgrade_under_load_keeps_every_controller_and_command() {
     }
     assert!(!node.serving_process_alive(), "the new process did not stop on SIGTERM");
     node.pid = node.child.id();
+    node.reader.take().unwrap().join().unwrap();
+    let log = node.log();
+    assert!(log.contains("shutting down") && !log.contains("still in use"), "not a clean stop: {log}");
 }

@@ -1242,12 +1242,16 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         None => addr.ip().to_string(),
     };
     let (events, next_event) = std::sync::mpsc::channel::<Event>();
-    let cell: Arc<std::sync::OnceLock<Arc<Upgrader>>> = Arc::default();
+    // Weak: the upgrader holds the admin endpoints (to bind them again), which hold this hook; a
+    // strong reference here would keep the server alive past shutdown.
+    let cell: Arc<std::sync::OnceLock<std::sync::Weak<Upgrader>>> = Arc::default();
     let hook_cell = cell.clone();
     let ep = admin::Endpoint::new(addr, backend.clone()).with_advertise(advertise.clone()).with_upgrade(
-        admin::UpgradeHook(Arc::new(move |binary: Option<String>| match hook_cell.get() {
-            Some(u) => u.run(binary.as_deref().map(Path::new)),
-            None => Err("the node is still starting".into()),
+        admin::UpgradeHook(Arc::new(move |binary: Option<String>| {
+            match hook_cell.get().and_then(std::sync::Weak::upgrade) {
+                Some(u) => u.run(binary.as_deref().map(Path::new)),
+                None => Err("the node is still starting".into()),
+            }
         })),
     );
     let socket_path = data_dir.join("admin.sock");
@@ -1316,7 +1320,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
             }
         }),
     ));
-    let _ = cell.set(upgrader.clone());
+    let _ = cell.set(Arc::downgrade(&upgrader));
     if !taking_over {
         let _ = systemd::notify_ready();
     }
