@@ -438,7 +438,10 @@ impl Worker {
     /// blocking (bounded by the earliest timer) otherwise.
     #[allow(clippy::disallowed_methods)] // the driver owns the clock
     fn wait(&mut self) -> io::Result<()> {
-        if !self.ring.completion().is_empty() || !self.deferred.is_empty() {
+        // Entries that did not fit in the ring (thousands of connections armed at once, after a
+        // takeover) go in on the next turns: submit without sleeping, or they would wait for an
+        // unrelated completion.
+        if !self.ring.completion().is_empty() || !self.deferred.is_empty() || !self.backlog.is_empty() {
             return self.enter(|ring| ring.submit().map(drop));
         }
         if let Some(until) = self.spin_until {

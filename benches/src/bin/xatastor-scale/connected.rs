@@ -111,7 +111,7 @@ fn split(connections: u64, every: u64) -> (u64, u64) {
     (controllers, io)
 }
 
-fn pin(cpu: usize) {
+pub(crate) fn pin(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -269,7 +269,7 @@ struct Ctrl {
     admin_fd: std::os::fd::RawFd,
 }
 
-fn socket_from(k: u64, to: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) fn socket_from(k: u64, to: SocketAddr) -> std::io::Result<TcpStream> {
     let k = (k % u64::from(SOURCES)) as u32;
     let src = Ipv4Addr::new(127, 1, (k / 250) as u8, (k % 250 + 1) as u8);
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -324,7 +324,7 @@ fn set_kato(ms: u32) -> Sqe {
     sf
 }
 
-fn keep_alive() -> Sqe {
+pub(crate) fn keep_alive() -> Sqe {
     let mut ka = Sqe::zeroed();
     ka.opcode = KEEP_ALIVE;
     ka
@@ -333,7 +333,7 @@ fn keep_alive() -> Sqe {
 /// Writes every PDU the host's queue has to a non-blocking stream (a capsule is 72 bytes: the socket
 /// buffer has room unless the target stopped reading, which counts as a failure after a while).
 #[allow(clippy::disallowed_methods)] // a benchmark client: it owns its clock
-fn send_all(h: &mut BlockingHost<TcpStream>) -> std::io::Result<()> {
+pub(crate) fn send_all(h: &mut BlockingHost<TcpStream>) -> std::io::Result<()> {
     let pdus: Vec<_> = std::iter::from_fn(|| h.queue().poll_transmit()).collect();
     let stream = h.stream();
     for pdu in &pdus {

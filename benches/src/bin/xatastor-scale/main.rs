@@ -16,7 +16,8 @@
 //! cargo run --release -p xatastor-benches --bin xatastor-scale -- --counts 10000,100000,1000000
 //! ```
 //!
-//! With `--connected N,…` it measures connected-idle controllers instead (see `connected.rs`).
+//! With `--connected N,…` it measures connected-idle controllers instead (see `connected.rs`), with
+//! `--upgrade N,…` a zero-downtime upgrade against the number of connections (see `upgrade.rs`).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod connected;
+mod upgrade;
 
 use clap::Parser;
 use nvmeof_proto::nvme::fabrics::CNTLID_DYNAMIC;
@@ -89,6 +91,13 @@ struct Args {
     /// Open-file limit the target starts with, `SOFT:HARD` (it raises the soft limit to the hard one).
     #[arg(long, value_parser = parse_nofile)]
     target_nofile: Option<(u64, u64)>,
+    /// Measure `xatastor-target upgrade` instead: handover time and pause with these connection
+    /// counts (a target process from the same build directory, file backend). This process holds
+    /// every connection, so counts above its open-file limit (e.g. 100000 where the limit is 20000)
+    /// are skipped; the old node process needs two descriptors per connection while it hands them
+    /// over.
+    #[arg(long, value_delimiter = ',')]
+    upgrade: Vec<u64>,
     /// Internal: serve this many loaded volumes for `--connected`.
     #[arg(long, hide = true)]
     serve_connected: Option<u64>,
@@ -142,6 +151,15 @@ fn main() {
             cpu: args.target_cpu,
             nofile: args.target_nofile,
             admin_batch_window: Duration::from_millis(args.admin_batch_window_ms),
+        });
+        return;
+    }
+    if !args.upgrade.is_empty() {
+        upgrade::run(&upgrade::Options {
+            counts: args.upgrade.clone(),
+            workers: args.workers,
+            target_cpu: args.target_cpu,
+            client_cpu: args.client_cpu,
         });
         return;
     }
