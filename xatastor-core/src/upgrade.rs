@@ -264,7 +264,7 @@ pub fn hand_over(
     let target = node.target();
     let mut state = HandoverState::default();
     let mut seen = BTreeSet::new();
-    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut fds: Vec<std::os::fd::RawFd> = Vec::new();
     let mut conn_workers = Vec::new();
     let mut held_commands = 0;
     let listeners: Vec<u32> = export.listeners.iter().map(|(i, _)| *i as u32).collect();
@@ -309,7 +309,11 @@ pub fn hand_over(
         return Err(refuse(&mut ch, format!("releasing the catalog: {e}")));
     }
     let msg = encode(&Msg::State { listeners, conn_workers, state: bytes });
-    let borrowed: Vec<_> = listener_fds.iter().chain(fds.iter()).map(AsFd::as_fd).collect();
+    let mut borrowed: Vec<_> = listener_fds.iter().map(AsFd::as_fd).collect();
+    // SAFETY: each is the descriptor of a connection its worker keeps open, untouched, while it is
+    // written down: a worker closes connections only after `Server::resume` or `Server::let_go`,
+    // which come after this send (or its failure).
+    borrowed.extend(fds.iter().map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }));
     if let Err(e) = ch.send(&msg, &borrowed) {
         return Err(fail(&mut ch, e.into()));
     }

@@ -264,7 +264,11 @@ impl Server {
         })));
         let mut mailboxes = Vec::new();
         let mut handles = Vec::new();
+        // After a takeover, serving starts when every worker has its connections back.
+        let (installed_tx, installed) = std::sync::mpsc::channel::<()>();
+        let taking_over = imported.iter().any(|list| !list.is_empty());
         for (i, (listener, imported)) in listeners.into_iter().zip(imported).enumerate() {
+            let installed_tx = installed_tx.clone();
             let mailbox = Arc::new(Mailbox::new()?);
             mailboxes.push(mailbox.clone());
             let (t, c, s, p) = (target.clone(), config.clone(), stop.clone(), peers.clone());
@@ -272,6 +276,8 @@ impl Server {
             let spawned = std::thread::Builder::new().name(format!("xatastor-w{i}")).spawn(move || {
                 let mut w = Worker::new(i, t, c, listener, mailbox, s, p, pool)?;
                 w.install(imported);
+                let _ = installed_tx.send(());
+                drop(installed_tx);
                 w.run()
             });
             match spawned {
@@ -290,6 +296,15 @@ impl Server {
                     };
                     let _ = server.shutdown();
                     return Err(e);
+                }
+            }
+        }
+        drop(installed_tx);
+        if taking_over {
+            // A worker that failed to start sends nothing: its sender is dropped, and the wait ends.
+            for _ in 0..workers {
+                if installed.recv().is_err() {
+                    break;
                 }
             }
         }
@@ -469,13 +484,16 @@ struct WorkerExport {
     conns: Vec<ExportedConn>,
 }
 
-/// A connection written down for a handover: a duplicate of its socket and its state (with the
-/// input received and not decoded yet).
+/// A connection written down for a handover: its socket (the worker's own descriptor, not a
+/// duplicate: a node near its open-file limit can still hand over) and its state (with the input
+/// received and not decoded yet).
 #[derive(Debug)]
 pub(crate) struct ExportedConn {
     /// The worker it was served by.
     pub(crate) worker: usize,
-    pub(crate) fd: OwnedFd,
+    /// Valid while the worker is written down: it closes no connection until
+    /// [`Server::resume`] or [`Server::let_go`].
+    pub(crate) fd: std::os::fd::RawFd,
     pub(crate) state: nvmeof_target::ConnectionState,
 }
 

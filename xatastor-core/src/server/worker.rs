@@ -343,7 +343,10 @@ impl Worker {
     }
 
     fn arm_accept(&mut self) {
+        // Close-on-exec: a program the node starts (the `zfs` command, the new binary of an
+        // upgrade) must not inherit the hosts' connections.
         let e = opcode::AcceptMulti::new(types::Fd(self.listener.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(u64::from(KIND_ACCEPT) << 56);
         // SAFETY: accept writes no buffer of ours; the listener lives as long as the worker.

@@ -15,7 +15,7 @@
 //!  deadline passed, or Resume ──▶ Off: held commands run, receives and accepts armed again
 //! ```
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -196,9 +196,7 @@ impl Worker {
             }
             let mut state = c.engine.export_handover(now).map_err(|e| e.to_string())?;
             state.unread_input = c.rx.unread().ok_or("a connection was switching its receive mode")?;
-            let fd: OwnedFd =
-                c.stream.try_clone().map_err(|e| format!("duplicating a connection's socket: {e}"))?.into();
-            conns.push(ExportedConn { worker: self.index, fd, state });
+            conns.push(ExportedConn { worker: self.index, fd: c.stream.as_raw_fd(), state });
         }
         Ok(WorkerExport { worker: self.index, listener, conns })
     }
