@@ -676,7 +676,12 @@ fn upgrade_under_load_keeps_every_controller_and_command() {
     let out = upgrade(&node, &mut admins, &["--binary", "/bin/false"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an upgrade to /bin/false succeeded: {err}");
-    assert!(err.starts_with("xatastor-target: ") && err.lines().count() == 1, "{err}");
+    // The reason in one line, then what the fallback (a restart) means for the hosts.
+    assert!(
+        err.starts_with("xatastor-target: upgrade did not happen: ") && err.lines().count() == 2,
+        "{err}"
+    );
+    assert!(err.contains("hosts") || err.contains("host reconnects"), "{err}");
     assert!(err.contains("exited") && err.contains("before taking over"), "{err}");
     still_serving(&mut node, &mut admins, &totals, "after the upgrade to /bin/false");
 
@@ -688,7 +693,12 @@ fn upgrade_under_load_keeps_every_controller_and_command() {
     let out = upgrade(&node, &mut admins, &["--binary", script.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an upgrade to format 999 succeeded: {err}");
-    assert!(err.starts_with("xatastor-target: ") && err.lines().count() == 1, "{err}");
+    // The reason in one line, then what the fallback (a restart) means for the hosts.
+    assert!(
+        err.starts_with("xatastor-target: upgrade did not happen: ") && err.lines().count() == 2,
+        "{err}"
+    );
+    assert!(err.contains("hosts") || err.contains("host reconnects"), "{err}");
     assert!(
         err.contains("format 999") && err.contains(&format!("writes {HANDOVER_FORMAT_VERSION}")),
         "the refusal names both versions: {err}"

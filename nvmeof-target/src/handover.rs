@@ -124,8 +124,10 @@ impl HandoverState {
     /// # Errors
     /// [`HandoverError::Malformed`] if the serializer fails (it does not for these types).
     pub fn encode(&self) -> Result<Vec<u8>, HandoverError> {
-        let mut out = HANDOVER_FORMAT_VERSION.to_le_bytes().to_vec();
-        postcard::to_io(self, &mut out).map_err(|e| HandoverError::Malformed(e.to_string()))?;
+        let body = postcard::to_allocvec(self).map_err(|e| HandoverError::Malformed(e.to_string()))?;
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&HANDOVER_FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&body);
         Ok(out)
     }
 

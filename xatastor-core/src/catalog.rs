@@ -484,11 +484,32 @@ fn meta_u64(
 
 /// Opens (or creates) the catalog file: every table created, the schema checked (and an older one
 /// upgraded).
+/// True if every table exists, the schema is this build's and the provisioned-bytes counter is
+/// there: opening needs no write.
+fn is_current(db: &Database) -> bool {
+    let Ok(r) = db.begin_read() else { return false };
+    let tables = r.open_table(VOLUMES).is_ok()
+        && r.open_table(SNAPSHOTS).is_ok()
+        && r.open_table(DISCOVERY).is_ok()
+        && r.open_multimap_table(CLONES).is_ok()
+        && r.open_table(INTENTS).is_ok()
+        && r.open_multimap_table(HOST_VOLUMES).is_err();
+    let Ok(meta) = r.open_table(META) else { return false };
+    let schema =
+        meta.get("schema").ok().flatten().and_then(|v| v.value().try_into().ok().map(u32::from_le_bytes));
+    tables && schema == Some(SCHEMA_VERSION) && meta_u64(&meta, META_PROVISIONED).ok().flatten().is_some()
+}
+
 fn open_db(path: &Path) -> Result<Database, CatalogError> {
     let db = Database::create(path).map_err(|e| match e {
         redb::DatabaseError::DatabaseAlreadyOpen => CatalogError::Locked { path: path.to_owned() },
         e => store(e),
     })?;
+    if is_current(&db) {
+        // Nothing to create or upgrade: no write (and no sync) at open. A node taking over from a
+        // running one opens its catalog while the hosts' commands wait.
+        return Ok(db);
+    }
     let txn = db.begin_write().map_err(store)?;
     {
         // Create every table, so readers never see a missing one.

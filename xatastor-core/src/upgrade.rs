@@ -304,10 +304,14 @@ pub fn hand_over(
         let _ = ch.send(&encode(&Msg::Refused { reason: e.to_string() }), &[]);
         e
     };
+    #[allow(clippy::disallowed_methods)] // control path
+    let written = t0.elapsed();
     if let Err(e) = node.catalog().release() {
         server.resume();
         return Err(refuse(&mut ch, format!("releasing the catalog: {e}")));
     }
+    #[allow(clippy::disallowed_methods)] // control path
+    let released = t0.elapsed();
     let msg = encode(&Msg::State { listeners, conn_workers, state: bytes });
     let mut borrowed: Vec<_> = listener_fds.iter().map(AsFd::as_fd).collect();
     // SAFETY: each is the descriptor of a connection its worker keeps open, untouched, while it is
@@ -318,6 +322,8 @@ pub fn hand_over(
         return Err(fail(&mut ch, e.into()));
     }
     drop(borrowed);
+    #[allow(clippy::disallowed_methods)] // control path
+    let sent = t0.elapsed();
     let reply = ch.recv(MAX_CONTROL, 0).map_err(UpgradeError::from).and_then(|(b, _)| decode(&b));
     let (imported, closed) = match reply {
         Ok(Msg::Ready { imported, closed }) => (imported as usize, closed as usize),
@@ -329,6 +335,8 @@ pub fn hand_over(
         }
         Err(e) => return Err(fail(&mut ch, e)),
     };
+    #[allow(clippy::disallowed_methods)] // control path
+    let ready = t0.elapsed();
     if let Err(reason) = before_commit() {
         return Err(fail(&mut ch, UpgradeError::NotReady(reason)));
     }
@@ -353,8 +361,13 @@ pub fn hand_over(
         connections = imported,
         closed,
         controllers,
+        ?quiesce,
+        ?written,
+        ?released,
+        ?sent,
+        ?ready,
         ?pause,
-        "handed over to the new process"
+        "handed over to the new process (times since the hold began)"
     );
     Ok(UpgradeReport {
         new_pid,

@@ -106,7 +106,7 @@ impl Node {
         let mut cmd = Command::new(&bin);
         cmd.arg("--data-dir").arg(dir.path());
         cmd.args(["serve", "--backend", "file", "--listen", "127.0.0.1:0", "--metrics-listen", "off"]);
-        cmd.args(["--workers", &o.workers.to_string(), "--log", "warn"]);
+        cmd.args(["--workers", &o.workers.to_string(), "--log", "info,nvmeof_target=warn"]);
         if let Some(cpu) = o.target_cpu {
             // SAFETY: the closure runs in the child between fork and exec and only makes
             // async-signal-safe system calls (sched_setaffinity) on a local cpu_set_t.

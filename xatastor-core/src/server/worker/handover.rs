@@ -30,10 +30,12 @@ pub(super) enum Phase {
     /// Serving.
     #[default]
     Off,
-    /// Waiting for every connection to settle.
-    Quiescing { deadline: Instant, reply: Sender<Result<WorkerExport, String>> },
-    /// Waiting for the cancelled receives to end.
-    Detaching { deadline: Instant, reply: Sender<Result<WorkerExport, String>> },
+    /// Waiting for every connection to settle; `waiting`: those not settled when last looked at
+    /// (a list that shrinks: a turn looks at these only, not at every connection).
+    Quiescing { deadline: Instant, reply: Sender<Result<WorkerExport, String>>, waiting: Vec<Key> },
+    /// Waiting for the cancelled receives to end (`waiting`: connections whose receive had not
+    /// ended when last looked at), then for every connection to be settled still.
+    Detaching { deadline: Instant, reply: Sender<Result<WorkerExport, String>>, waiting: Vec<Key> },
     /// Written down; waiting for Resume or Abandon.
     Exported,
 }
@@ -50,6 +52,11 @@ fn settled(c: &Conn) -> bool {
         && !c.rx.held
         && !c.rx.paused
         && !matches!(c.rx.mode, RxMode::Switching { .. })
+}
+
+/// Receiving still, or not settled (see the Detaching phase).
+fn busy(c: &Conn) -> bool {
+    c.rx.armed || (handed_over(c) && !settled(c))
 }
 
 /// Connections that end anyway (closing, or the peer is gone) are not handed over: they close with
@@ -96,12 +103,12 @@ impl Worker {
                         self.cancel(u64::from(super::KIND_ACCEPT) << 56);
                     }
                     let keys: Vec<Key> = self.conns.keys().collect();
-                    for key in keys {
+                    for &key in &keys {
                         if let Some(c) = self.conns.get_mut(key) {
                             c.engine.begin_handover();
                         }
                     }
-                    self.handover = Phase::Quiescing { deadline, reply };
+                    self.handover = Phase::Quiescing { deadline, reply, waiting: keys };
                 }
                 HandoverCmd::Resume => self.resume_serving(now, None),
                 HandoverCmd::Abandon => {
@@ -115,24 +122,46 @@ impl Worker {
         }
     }
 
-    /// Moves the handover on (called once per loop turn).
+    /// Connections in `keys` that are handed over and not settled.
+    fn unsettled(&mut self, keys: &mut Vec<Key>) {
+        keys.retain(|&k| self.conns.get(k).is_some_and(|c| handed_over(c) && !settled(c)));
+    }
+
+    /// Every connection that is handed over and not settled.
+    fn all_unsettled(&mut self) -> Vec<Key> {
+        self.conns.iter_mut().filter(|(_, c)| handed_over(c) && !settled(c)).map(|(k, _)| k).collect()
+    }
+
+    /// Moves the handover on (called once per loop turn). Each turn looks only at the connections
+    /// it is still waiting for; every connection is looked at again once they are done (a wake-up
+    /// may have given a settled one a response to send meanwhile).
     pub(super) fn handover_step(&mut self, now: Instant) {
-        if let Phase::Quiescing { deadline, .. } = &self.handover {
-            if now >= *deadline {
-                let busy = self.conns.iter_mut().filter(|(_, c)| handed_over(c) && !settled(c)).count();
+        if let Phase::Quiescing { deadline, waiting, .. } = &mut self.handover {
+            let deadline = *deadline;
+            let mut list = std::mem::take(waiting);
+            self.unsettled(&mut list);
+            if list.is_empty() {
+                list = self.all_unsettled();
+            }
+            if now >= deadline {
+                let busy = list.len();
                 self.resume_serving(
                     now,
                     Some(format!("{busy} connection(s) still had commands in flight or responses to send")),
                 );
                 return;
             }
-            if !self.conns.iter_mut().all(|(_, c)| !handed_over(c) || settled(c)) {
+            if !list.is_empty() {
+                if let Phase::Quiescing { waiting, .. } = &mut self.handover {
+                    *waiting = list;
+                }
                 return;
             }
-            let Phase::Quiescing { deadline, reply } = std::mem::take(&mut self.handover) else { return };
+            let Phase::Quiescing { deadline, reply, .. } = std::mem::take(&mut self.handover) else { return };
             // Stop receiving: the multishot receives end (their last completion says ECANCELED, or
             // brings the bytes that raced with the cancel); quiet queues leave the readiness set.
             let keys: Vec<Key> = self.conns.keys().collect();
+            let mut receiving = Vec::new();
             for key in keys {
                 let Some(c) = self.conns.get_mut(key) else { continue };
                 if c.dormant {
@@ -144,23 +173,30 @@ impl Worker {
                     }
                 }
                 if c.rx.armed {
+                    receiving.push(key);
                     self.cancel(key.user_data(KIND_RECV));
                 }
             }
             if let Some(q) = self.quiet.as_mut() {
                 q.ready.clear();
             }
-            self.handover = Phase::Detaching { deadline, reply };
+            self.handover = Phase::Detaching { deadline, reply, waiting: receiving };
         }
-        if let Phase::Detaching { deadline, .. } = &self.handover {
+        if let Phase::Detaching { deadline, waiting, .. } = &mut self.handover {
             let deadline = *deadline;
-            let receiving = self.conns.iter_mut().any(|(_, c)| c.rx.armed);
-            let unsettled = self.conns.iter_mut().any(|(_, c)| handed_over(c) && !settled(c));
+            let mut list = std::mem::take(waiting);
+            list.retain(|&k| self.conns.get(k).is_some_and(|c| busy(c)));
+            if list.is_empty() {
+                list = self.conns.iter_mut().filter(|(_, c)| busy(c)).map(|(k, _)| k).collect();
+            }
             if now >= deadline {
                 self.resume_serving(now, Some("the connections did not stop receiving in time".into()));
                 return;
             }
-            if receiving || unsettled {
+            if !list.is_empty() {
+                if let Phase::Detaching { waiting, .. } = &mut self.handover {
+                    *waiting = list;
+                }
                 return;
             }
             let Phase::Detaching { reply, .. } = std::mem::take(&mut self.handover) else { return };
@@ -179,7 +215,7 @@ impl Worker {
                     self.handover = Phase::Exported;
                 }
                 Err(e) => {
-                    self.handover = Phase::Detaching { deadline, reply };
+                    self.handover = Phase::Detaching { deadline, reply, waiting: Vec::new() };
                     self.resume_serving(now, Some(e));
                 }
             }
