@@ -22,7 +22,8 @@
 //! keep-alive timeout and the time left of it, CC and CSTS, the enable generation, the granted I/O
 //! queues, the asynchronous event configuration, the events not yet reported and the Changed
 //! Namespace List, and whether its namespaces were taken away (prompt detach). Per connection: its
-//! phase, digests and PDU alignment, MAXR2T, the queue (QID, size, SQ head, SQ flow control), the
+//! phase, digests and PDU alignment, MAXR2T, the PDU data limits the host was told (MAXH2CDATA,
+//! in-capsule data), the queue (QID, size, SQ head, SQ flow control), the
 //! Asynchronous Event Requests the host has outstanding, whether the queue authenticated, and the
 //! commands that arrived while the handover was prepared (held, not started: they run in the new
 //! process, once). Commands that were started run to completion in the old process first: their
@@ -51,6 +52,9 @@ use crate::target::Target;
 
 /// The teardown reason of connections another process took over (not logged as a removal).
 pub(crate) const HANDED_OVER: &str = "handed over to another process";
+
+/// Largest PDU data size taken over from another process (16 MiB).
+const MAX_CARRIED_PDU_DATA: u32 = 16 << 20;
 
 /// The version of the handover format this build writes and reads.
 pub const HANDOVER_FORMAT_VERSION: u32 = 1;
@@ -251,6 +255,10 @@ pub struct ConnectionState {
     pub hpda: u8,
     /// R2Ts outstanding per command at most (the host's MAXR2T + 1, capped).
     pub max_r2t: u32,
+    /// Largest H2CData PDU data the host was told it may send (MAXH2CDATA in its ICResp).
+    pub maxh2cdata: u32,
+    /// Largest in-capsule data accepted (what the host learned from Identify: IOCCSZ).
+    pub max_capsule_data: u32,
     /// The admin Connect already had its subsystem activated.
     pub activation_tried: bool,
     /// The queue, once connected.
@@ -373,6 +381,8 @@ impl Connection {
             data_digest: self.encode.digests.data,
             hpda: self.encode.pda,
             max_r2t: self.max_r2t,
+            maxh2cdata: self.decoder.config().max_data_pdu,
+            max_capsule_data: self.decoder.config().max_capsule_data,
             activation_tried: self.activation_tried,
             queue,
             held,
@@ -545,13 +555,23 @@ impl Target {
                 .map_err(|_| HandoverError::Invalid("a held command's SQE is not 64 bytes"))?;
             held.push(CapsuleCmd { sqe, data: Payload::from(Bytes::copy_from_slice(&h.data)) });
         }
+        // What the host was told holds on: PDUs as large as the old process accepted are accepted
+        // here too (this build's limits may be lower; they hold from the host's next connection).
+        if state.maxh2cdata == 0
+            || state.maxh2cdata > MAX_CARRIED_PDU_DATA
+            || state.max_capsule_data > MAX_CARRIED_PDU_DATA
+        {
+            return Err(HandoverError::Invalid("PDU data limits out of range"));
+        }
+        let mut dc = *conn.decoder.config();
+        dc.max_data_pdu = dc.max_data_pdu.max(state.maxh2cdata);
+        dc.max_capsule_data = dc.max_capsule_data.max(state.max_capsule_data);
         if state.phase != ConnectionPhase::AwaitIcReq {
             conn.encode = EncodeOptions { digests, pda: state.hpda };
-            let mut dc = *conn.decoder.config();
             dc.digests = digests;
-            conn.decoder.set_config(dc);
             conn.max_r2t = state.max_r2t;
         }
+        conn.decoder.set_config(dc);
         conn.activation_tried = state.activation_tried;
         conn.holding = true;
         conn.held = held;

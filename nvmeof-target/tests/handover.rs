@@ -324,3 +324,26 @@ fn an_event_raised_before_the_handover_is_delivered_by_the_new_side() {
     assert_eq!(ev.cqe.dw0.get(), AsyncEvent::NAMESPACE_ATTRIBUTE_CHANGED.to_dw0());
     assert!(admin.pending_completions().is_empty(), "delivered once");
 }
+
+#[test]
+fn the_pdu_limits_the_host_was_told_hold_on_in_a_build_with_lower_ones() {
+    let now = Clock::new().0;
+    let mut big = TargetConfig::default();
+    big.maxh2cdata = 1 << 20;
+    let (old, backend) = target_with_config(big);
+    // The host takes one R2T at a time and sends the whole transfer as one H2CData PDU of up to
+    // MAXH2CDATA (1 MiB here).
+    let (mut admin, mut io, cntlid) = io_setup(&old, HostOptions::default(), 5_000, now);
+    admin.conn.begin_handover();
+    io.conn.begin_handover();
+    let state = export(&old, &mut [&mut admin, &mut io], cntlid, now);
+    assert_eq!(state.connections[1].maxh2cdata, 1 << 20);
+    // The new build announces 128 KiB to new hosts, but this one was told 1 MiB.
+    let new = successor(backend);
+    assert_eq!(new.config().maxh2cdata, 128 * 1024);
+    import(&new, &state, &mut [&mut admin, &mut io], now);
+    let data = vec![0x3c; 512 * 1024];
+    let c = write(&mut io, 64, data.clone(), now);
+    assert_eq!(c.status(), Status::SUCCESS, "closed: {:?}", io.closed);
+    assert_eq!(read(&mut io, 64, 1024, now).data.to_bytes().as_ref(), &data[..]);
+}
