@@ -117,6 +117,12 @@ impl Upgrader {
         }
     }
 
+    /// The binary an upgrade starts by default (the one the node was started from).
+    #[must_use]
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
     /// Lets the admin socket and gRPC server go (at shutdown).
     pub fn close_admin(&self) {
         self.admin_grpc.lock().take();

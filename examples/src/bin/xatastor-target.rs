@@ -1375,7 +1375,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let sig = loop {
         match next_event.recv() {
             Ok(Event::Signal(SIGHUP)) => {
-                eprintln!("xatastor-target: SIGHUP: upgrading to {}", upgrader_binary(&upgrader));
+                eprintln!("xatastor-target: SIGHUP: upgrading to {}", upgrader.binary().display());
                 let u = upgrader.clone();
                 std::thread::spawn(move || {
                     if let Err(e) = u.run(None) {
@@ -1425,10 +1425,6 @@ const BUILD: &str = concat!("xatastor-target ", env!("CARGO_PKG_VERSION"));
 
 /// The name of the listening sockets in systemd's fd store.
 const LISTEN_FDNAME: &str = "nvme-listen";
-
-fn upgrader_binary(u: &Upgrader) -> String {
-    format!("{u:?}")
-}
 
 /// Binds with `bind`, retrying for up to 5 s while the address is in use (a node that just handed
 /// over still holds it for a moment).
