@@ -51,8 +51,9 @@ pub struct Upgrader {
     admin_grpc: Mutex<Option<AdminServer>>,
     restore: Box<dyn Fn() -> (Option<AdminSocket>, Option<AdminServer>) + Send + Sync>,
     busy: AtomicBool,
-    /// Called when the connections are handed over: the process then exits.
-    on_done: Box<dyn Fn() + Send + Sync>,
+    /// Called when the connections are handed over (with whether the new process confirmed it
+    /// serves): the process then exits.
+    on_done: Box<dyn Fn(bool) + Send + Sync>,
 }
 
 impl std::fmt::Debug for Upgrader {
@@ -101,7 +102,7 @@ impl Upgrader {
         admin_socket: Option<AdminSocket>,
         admin_grpc: Option<AdminServer>,
         restore: Box<dyn Fn() -> (Option<AdminSocket>, Option<AdminServer>) + Send + Sync>,
-        on_done: Box<dyn Fn() + Send + Sync>,
+        on_done: Box<dyn Fn(bool) + Send + Sync>,
     ) -> Self {
         Self {
             server,
@@ -145,7 +146,7 @@ impl Upgrader {
         match &result {
             Ok(report) => {
                 tracing::info!(%report, "upgrade: the new process serves; this one exits");
-                (self.on_done)();
+                (self.on_done)(report["serving"].as_bool() == Some(true));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "upgrade did not happen; serving on");
@@ -210,6 +211,7 @@ impl Upgrader {
                 "listeners": r.listeners,
                 "quiesce_ms": (r.quiesce.as_secs_f64() * 1e4).round() / 10.0,
                 "pause_ms": (r.pause.as_secs_f64() * 1e4).round() / 10.0,
+                "serving": r.serving,
             })),
             Err(e) => {
                 if released.load(Ordering::Acquire) {

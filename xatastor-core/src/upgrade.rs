@@ -125,6 +125,10 @@ pub struct UpgradeReport {
     pub quiesce: Duration,
     /// From the start of the hold to the new process serving: the longest a command waited.
     pub pause: Duration,
+    /// The new process said it serves. If not (it died after the go), nobody serves the
+    /// connections: this process should exit with a failure, so that a service manager restarts
+    /// the node (hosts then reconnect).
+    pub serving: bool,
 }
 
 /// The rendezvous socket of a running node, for the new process to connect to.
@@ -347,13 +351,17 @@ pub fn hand_over(
     server.let_go();
     // The new process says when it serves (and has told the service manager it is the main
     // process now): only then may this one exit.
-    match ch.recv(MAX_CONTROL, 0).map_err(UpgradeError::from).and_then(|(b, _)| decode(&b)) {
-        Ok(Msg::Serving) => {}
+    let serving = match ch.recv(MAX_CONTROL, 0).map_err(UpgradeError::from).and_then(|(b, _)| decode(&b)) {
+        Ok(Msg::Serving) => true,
         Ok(other) => {
-            tracing::warn!(message = ?other, "the new process sent something unexpected after the go")
+            tracing::error!(message = ?other, "the new process sent something unexpected after the go");
+            false
         }
-        Err(e) => tracing::error!(error = %e, "the new process did not confirm it serves after the go"),
-    }
+        Err(e) => {
+            tracing::error!(error = %e, "the new process did not confirm it serves after the go");
+            false
+        }
+    };
     #[allow(clippy::disallowed_methods)] // control path
     let pause = t0.elapsed();
     tracing::info!(
@@ -379,6 +387,7 @@ pub fn hand_over(
         listeners: listener_fds.len(),
         quiesce,
         pause,
+        serving,
     })
 }
 

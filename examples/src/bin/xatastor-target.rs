@@ -1291,8 +1291,17 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
             Ok((socket, grpc))
         }
     };
-    let (admin_socket, admin_grpc) = bind_admin()?;
-    let admin_socket_path = admin_socket.path().to_owned();
+    let (admin_socket, admin_grpc) = match bind_admin() {
+        Ok((s, g)) => (Some(s), g),
+        // Serving the connections taken over matters more than the admin endpoints: say so and
+        // serve on (they come back with a restart or the next upgrade).
+        Err(e) if taking_over => {
+            tracing::error!(error = %e, "the admin endpoints could not be bound after the takeover; serving without them");
+            (None, None)
+        }
+        Err(e) => return Err(e),
+    };
+    let admin_socket_path = admin_socket.as_ref().map(|s| s.path().to_owned());
     let grpc_addr = admin_grpc.as_ref().map(grpc::AdminServer::local_addr);
     let shared: xatastor_examples::metrics::SharedServer =
         Arc::new(parking_lot::Mutex::new(Some(server.clone())));
@@ -1321,7 +1330,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         data_dir.clone(),
         binary,
         argv,
-        Some(admin_socket),
+        admin_socket,
         admin_grpc,
         Box::new(move || match bind_admin() {
             Ok((s, g)) => (Some(s), g),
@@ -1332,8 +1341,8 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
         }),
         Box::new({
             let events = events.clone();
-            move || {
-                let _ = events.send(Event::HandedOver);
+            move |serving| {
+                let _ = events.send(Event::HandedOver { serving });
             }
         }),
     ));
@@ -1345,7 +1354,9 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     let me = std::env::args().next().unwrap_or_else(|| "xatastor-target".into());
     let dd = data_dir.display();
     eprintln!("xatastor-target: serving {volumes} volume(s) ({backend} backend, data in {dd}) on {addr}");
-    eprintln!("  admin socket {}", admin_socket_path.display());
+    if let Some(p) = &admin_socket_path {
+        eprintln!("  admin socket {}", p.display());
+    }
     if let Some(g) = grpc_addr {
         eprintln!("  admin gRPC   {g} (authenticated)");
     }
@@ -1384,10 +1395,16 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
                 });
             }
             Ok(Event::Signal(sig)) => break sig,
-            Ok(Event::HandedOver) => {
+            Ok(Event::HandedOver { serving }) => {
                 // The answer to the upgrade request is being written: give it a moment, then go
                 // without closing anything (the new process has the connections).
                 std::thread::sleep(Duration::from_millis(200));
+                if !serving {
+                    // Nobody serves the connections: fail, so that the service manager restarts
+                    // the node (hosts reconnect).
+                    eprintln!("xatastor-target: handed over, but the new process did not confirm it serves; exiting with a failure");
+                    std::process::exit(1);
+                }
                 eprintln!("xatastor-target: handed over to the new process; exiting");
                 std::process::exit(0);
             }
@@ -1417,7 +1434,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
 /// What the main thread of `serve` waits for.
 enum Event {
     Signal(i32),
-    HandedOver,
+    HandedOver { serving: bool },
 }
 
 /// The build an upgrade reports.
