@@ -271,11 +271,8 @@ pub fn hand_over(
     let mut fds: Vec<std::os::fd::RawFd> = Vec::new();
     let mut conn_workers = Vec::new();
     let mut held_commands = 0;
-    let listeners: Vec<u32> = export.listeners.iter().map(|(i, _)| *i as u32).collect();
-    let mut listener_fds = Vec::new();
-    for (_, fd) in export.listeners {
-        listener_fds.push(fd);
-    }
+    let (listeners, listener_fds): (Vec<u32>, Vec<OwnedFd>) =
+        export.listeners.into_iter().map(|(i, fd)| (i as u32, fd)).unzip();
     for c in export.conns {
         if let Some(q) = &c.state.queue {
             let key = (q.subnqn.clone(), q.cntlid);

@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use nvmeof_target::{
-    Completer, Event, IoError, IoOp, IoRequest, IoToken, Namespace, Submitted, Target, TransportParams,
+    Completer, Connection, Event, IoError, IoOp, IoRequest, IoToken, Namespace, Submitted, Target,
+    TransportParams,
 };
 use parking_lot::Mutex;
 
@@ -646,6 +647,17 @@ impl Worker {
             // Accepted just before accepting stopped: handed over with the others.
             engine.begin_handover();
         }
+        let conn = self.new_conn(key, stream, peer_ip, engine);
+        let inserted = self.conns.insert(conn);
+        debug_assert_eq!(inserted, Some(key));
+        self.mailbox.stats.connections.store(self.conns.len(), Ordering::Relaxed);
+        self.mailbox.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.arm_recv(key);
+        self.after_engine(key, now); // arms the connect timeout
+    }
+
+    /// A connection for slab key `key`, its engine's notifier waking this worker through the mailbox.
+    fn new_conn(&self, key: Key, stream: TcpStream, peer_ip: IpAddr, mut engine: Connection) -> Box<Conn> {
         let woken = Arc::new(AtomicBool::new(false));
         let (flag, mailbox) = (woken.clone(), self.mailbox.clone());
         engine.set_notifier(Arc::new(move || {
@@ -654,12 +666,7 @@ impl Worker {
                 mailbox.signal();
             }
         }));
-        let inserted = self.conns.insert(Box::new(Conn::new(stream, peer_ip, engine, woken)));
-        debug_assert_eq!(inserted, Some(key));
-        self.mailbox.stats.connections.store(self.conns.len(), Ordering::Relaxed);
-        self.mailbox.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        self.arm_recv(key);
-        self.after_engine(key, now); // arms the connect timeout
+        Box::new(Conn::new(stream, peer_ip, engine, woken))
     }
 
     /// Gives receive buffers whose decoded PDUs are gone back to the kernel, and receives again on

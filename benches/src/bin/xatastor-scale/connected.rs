@@ -281,7 +281,8 @@ pub(crate) fn socket_from(k: u64, to: SocketAddr) -> std::io::Result<TcpStream> 
     Ok(s)
 }
 
-fn ok(c: std::io::Result<host::Completion>, what: &str) -> std::io::Result<host::Completion> {
+/// The completion if it succeeded, else an error naming `what` and its status.
+pub(crate) fn ok(c: std::io::Result<host::Completion>, what: &str) -> std::io::Result<host::Completion> {
     let c = c?;
     if c.status() == Status::SUCCESS {
         Ok(c)

@@ -43,7 +43,7 @@ use nvmeof_proto::nvme::registers::{offset, PropertyWidth};
 use nvmeof_proto::nvme::{Sqe, Status};
 use nvmeof_target::host::{self, BlockingHost, HostOptions};
 
-use super::connected::{keep_alive, pin, socket_from};
+use super::connected::{keep_alive, ok, pin, socket_from};
 
 /// Asynchronous Event Request (admin opcode 0x0C).
 const ASYNC_EVENT_REQUEST: u8 = 0x0C;
@@ -182,15 +182,6 @@ struct Admin {
     /// The Keep Alive of the final check is outstanding.
     waiting: bool,
     lost: bool,
-}
-
-fn ok(c: std::io::Result<host::Completion>, what: &str) -> std::io::Result<host::Completion> {
-    let c = c?;
-    if c.status() == Status::SUCCESS {
-        Ok(c)
-    } else {
-        Err(std::io::Error::other(format!("{what}: {:?}", c.status())))
-    }
 }
 
 fn connect_admin(

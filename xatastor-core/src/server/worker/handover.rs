@@ -16,9 +16,8 @@
 //! ```
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Conn, Key, RxMode, Worker, KIND_RECV};
@@ -278,7 +277,7 @@ impl Worker {
     #[allow(clippy::disallowed_methods)] // the driver owns the clock
     pub(in crate::server) fn install(&mut self, imported: Vec<Imported>) {
         let now = Instant::now();
-        for Imported { stream, mut engine, unread, .. } in imported {
+        for Imported { stream, engine, unread, .. } in imported {
             let Some(key) = self.conns.next_key() else {
                 tracing::warn!("no room for a connection taken over: closing it");
                 continue;
@@ -287,17 +286,9 @@ impl Worker {
                 stream.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.ip().to_canonical());
             *self.peers.lock().entry(peer_ip).or_insert(0) += 1;
             let _ = stream.set_nodelay(true);
-            let woken = Arc::new(AtomicBool::new(false));
-            let (flag, mailbox) = (woken.clone(), self.mailbox.clone());
-            engine.set_notifier(Arc::new(move || {
-                if !flag.swap(true, Ordering::AcqRel) {
-                    mailbox.woken.lock().push(key.to_u64());
-                    mailbox.signal();
-                }
-            }));
-            let mut conn = Conn::new(stream, peer_ip, engine, woken);
+            let mut conn = self.new_conn(key, stream, peer_ip, engine);
             conn.rx.buf.extend_from_slice(&unread);
-            let inserted = self.conns.insert(Box::new(conn));
+            let inserted = self.conns.insert(conn);
             debug_assert_eq!(inserted, Some(key));
             if let Some(c) = self.conns.get_mut(key) {
                 c.engine.end_handover(now);
