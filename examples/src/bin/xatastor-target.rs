@@ -176,9 +176,10 @@ struct ServeArgs {
     /// [default: 10].
     #[arg(long)]
     admin_batch_window_ms: Option<u64>,
-    /// Volume operations one connection keeps in flight at most while other connections on its
-    /// worker have some too (file, zvol and other file-descriptor volumes); lower favours the
-    /// latency of the other tenants over a deep queue's throughput; 0: no limit [default: 16].
+    /// Volume operations (file, zvol and other file-descriptor volumes) one connection keeps in
+    /// flight at least while other connections on its worker have some too; beyond this it keeps
+    /// as many as the others together ask for. Lower favours light tenants' latency over a deep
+    /// queue's throughput next to them; 0: no limit [default: 4].
     #[arg(long)]
     disk_share: Option<usize>,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter) [default: info].
@@ -1200,7 +1201,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<(), String> {
     config.poll_window = poll_window;
     config.blocking_threads = blocking_threads;
     config.admin_batch_window = admin_batch_window;
-    config.disk_share = args.disk_share.or(file.disk_share).unwrap_or(16);
+    config.disk_share = args.disk_share.or(file.disk_share).unwrap_or(4);
     let taking_over = takeover.is_some();
     let server = match takeover {
         Some((t, received)) => {

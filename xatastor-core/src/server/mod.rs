@@ -110,13 +110,14 @@ pub struct ServerConfig {
     /// commands are answered up to this much later; the first command that follows another within
     /// a second brings the queue back. I/O queues are never delayed. Zero turns this off.
     pub admin_batch_window: Duration,
-    /// Backend operations (of file-descriptor volumes, on the ring) one connection keeps in flight
-    /// at most while other connections of the worker have some in flight too; the rest wait in the
-    /// connection, in order. A deep queue then does not put all its requests in front of another
-    /// tenant's one request (in the kernel's queues, or its workers for files that cannot read
-    /// without blocking). Alone, a connection is not limited. Lower: the other tenants' latency
-    /// gets closer to what they see alone, and a deep queue next to them gets less throughput.
-    /// Zero: no limit.
+    /// The share of the ring's backend operations (of file-descriptor volumes) a connection keeps
+    /// while other connections of the worker have some in flight too: at most as many as the others
+    /// together have in flight or waiting, but never fewer than this. The rest wait in the
+    /// connection, in order. A deep queue next to a queue-depth-1 tenant then keeps this many in
+    /// front of the tenant's request (in the kernel's queues, or its workers for files that cannot
+    /// read without blocking) instead of all of its own; two deep queues are not held back by each
+    /// other, and a connection alone is not limited. Lower: a light tenant's latency gets closer to
+    /// what it sees alone, and a deep queue next to it gets less throughput. Zero: no limit.
     pub disk_share: usize,
 }
 
@@ -140,7 +141,7 @@ impl ServerConfig {
             poll_window: Duration::from_micros(50),
             blocking_threads: 4,
             admin_batch_window: Duration::from_millis(10),
-            disk_share: 16,
+            disk_share: 4,
         }
     }
 }

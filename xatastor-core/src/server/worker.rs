@@ -83,6 +83,19 @@ const RX_HOLD_BYTES: usize = 256 * 1024;
 
 /// Bytes the PDU at the front of `buf` still lacks (its common header first, then the rest up to its
 /// PLEN); all the bytes there are if PLEN is not one a PDU can have (the decoder reports that).
+/// Backend operations a connection may keep on the ring while others have some there too: as many
+/// as all the other connections together have in flight or waiting, and at least `floor`
+/// ([`super::ServerConfig::disk_share`]; 0: no limit). `own` is the connection's own demand (in
+/// flight and waiting), `total` every connection's. A deep queue next to a queue-depth-1 tenant
+/// keeps `floor`, so the tenant's request finds few of its operations ahead of it; two deep queues
+/// are not held back by each other.
+fn disk_limit(floor: usize, own: usize, total: usize) -> usize {
+    if floor == 0 {
+        return usize::MAX;
+    }
+    floor.max(total.saturating_sub(own))
+}
+
 fn missing(buf: &[u8]) -> usize {
     missing_of(buf, buf.len())
 }
@@ -210,6 +223,8 @@ pub(super) struct Worker {
     shared_turn: u64,
     /// Connections share the ring's backend operations until then (see [`DISK_CONTENTION`]).
     disk_contended_until: Option<Instant>,
+    /// Backend requests waiting in all connections for their share of the ring.
+    disk_waiting_total: usize,
     /// Quiet admin queues (None when the batch window is zero). Declared after `ring`: the timer
     /// it holds outlives the ring's operations.
     quiet: Option<Quiet>,
@@ -314,6 +329,7 @@ impl Worker {
             recv_left: 0,
             shared_turn: 0,
             disk_contended_until: None,
+            disk_waiting_total: 0,
             epoch: Instant::now(),
             index,
             handover: handover::Phase::Off,
@@ -1292,11 +1308,14 @@ impl Worker {
     /// backend itself.
     fn start_io(&mut self, conn: Key, req: IoRequest, now: Instant) {
         let contended = self.disk_contended_until.is_some_and(|t| now < t);
-        let share = self.config.disk_share;
+        let (floor, total) = (self.config.disk_share, self.disk.len() + self.disk_waiting_total);
         if let Some(c) = self.conns.get_mut(conn) {
             let ring = req.namespace.backend().raw_device().is_some();
-            if ring && (!c.disk_waiting.is_empty() || (contended && share > 0 && c.disk_inflight >= share)) {
+            let held = contended
+                && c.disk_inflight >= disk_limit(floor, c.disk_inflight + c.disk_waiting.len(), total);
+            if ring && (!c.disk_waiting.is_empty() || held) {
                 c.disk_waiting.push_back(req);
+                self.disk_waiting_total += 1;
                 self.mailbox.stats.disk_waits.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -1306,14 +1325,17 @@ impl Worker {
 
     /// Starts the connection's waiting backend requests while its share of the ring allows.
     fn start_waiting(&mut self, conn: Key, now: Instant) {
-        let share = self.config.disk_share;
+        let floor = self.config.disk_share;
         loop {
             let contended = self.disk_contended_until.is_some_and(|t| now < t);
+            let total = self.disk.len() + self.disk_waiting_total;
             let Some(c) = self.conns.get_mut(conn) else { return };
-            if c.disk_waiting.is_empty() || (contended && share > 0 && c.disk_inflight >= share) {
+            let own = c.disk_inflight + c.disk_waiting.len();
+            if c.disk_waiting.is_empty() || (contended && c.disk_inflight >= disk_limit(floor, own, total)) {
                 return;
             }
             let Some(req) = c.disk_waiting.pop_front() else { return };
+            self.disk_waiting_total -= 1;
             self.start_io_now(conn, req, now);
         }
     }
@@ -1625,4 +1647,30 @@ fn new_ring(entries: u32) -> io::Result<IoUring> {
 
 fn timespec(d: Duration) -> types::Timespec {
     types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disk_limit;
+
+    #[test]
+    fn a_deep_queue_next_to_a_shallow_one_keeps_the_floor() {
+        // 128 of its own, one request of another tenant.
+        assert_eq!(disk_limit(4, 128, 129), 4);
+        // The other tenant has nothing on the ring at this moment: still the floor.
+        assert_eq!(disk_limit(4, 128, 128), 4);
+    }
+
+    #[test]
+    fn deep_queues_next_to_each_other_keep_what_the_others_ask_for() {
+        // Two tenants asking for 128 each: each may keep 128, so neither is held back.
+        assert_eq!(disk_limit(4, 128, 256), 128);
+        // Ten queue-depth-1 tenants next to a deep one: it keeps as many as they have together.
+        assert_eq!(disk_limit(4, 128, 138), 10);
+    }
+
+    #[test]
+    fn a_zero_floor_turns_the_limit_off() {
+        assert_eq!(disk_limit(0, 128, 129), usize::MAX);
+    }
 }
