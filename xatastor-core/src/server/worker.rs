@@ -45,6 +45,7 @@ use super::disk::{self, DiskOp, Outcome, Plan};
 use super::pool::ReadPool;
 use super::slab::{Key, Slab};
 use super::{Mailbox, ServerConfig};
+use crate::ratelimit::RateLimit;
 
 mod handover;
 
@@ -188,6 +189,12 @@ pub(super) struct Worker {
     /// [`ACCEPT_REPORT_EVERY`] at most).
     accept_failures: u64,
     accept_reported_at: Option<Instant>,
+    /// Warnings a peer can trigger once per connection or per attempt (connection limits, failed
+    /// accepts, unknown engine events): at most one line per [`ACCEPT_REPORT_EVERY`] each, with
+    /// the count of the others.
+    refused_log: RateLimit,
+    accept_error_log: RateLimit,
+    event_log: RateLimit,
     /// Engine deadlines: (when, connection). Entries whose connection has since moved its deadline
     /// are skipped when they come up.
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
@@ -312,6 +319,9 @@ impl Worker {
             accept_paused_until: None,
             accept_failures: 0,
             accept_reported_at: None,
+            refused_log: RateLimit::new(ACCEPT_REPORT_EVERY),
+            accept_error_log: RateLimit::new(ACCEPT_REPORT_EVERY),
+            event_log: RateLimit::new(ACCEPT_REPORT_EVERY),
             timers: BinaryHeap::new(),
             backlog: VecDeque::new(),
             cqes: Vec::new(),
@@ -629,7 +639,9 @@ impl Worker {
         }
         if res < 0 {
             if res != -libc::ECANCELED || (self.accepting && !self.handing_over()) {
-                tracing::warn!(error = %io::Error::from_raw_os_error(-res), "accept failed");
+                if let Some(more) = self.accept_error_log.check(now) {
+                    tracing::warn!(error = %io::Error::from_raw_os_error(-res), more, "accept failed ({more} more since the last report)");
+                }
             }
             return;
         }
@@ -640,7 +652,9 @@ impl Worker {
         }
         let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) else { return };
         if self.conns.len() >= self.config.max_connections_per_worker {
-            tracing::warn!(%peer, limit = self.config.max_connections_per_worker, "connection limit of the worker reached: closing a new connection");
+            if let Some(more) = self.refused_log.check(now) {
+                tracing::warn!(%peer, limit = self.config.max_connections_per_worker, more, "connection limit of the worker reached: closing a new connection ({more} more refused since the last report)");
+            }
             self.mailbox.stats.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -650,7 +664,9 @@ impl Worker {
             let mut peers = self.peers.lock();
             let n = peers.entry(peer_ip).or_insert(0);
             if *n >= self.config.max_connections_per_peer {
-                tracing::warn!(%peer, limit = self.config.max_connections_per_peer, "connection limit of the peer address reached: closing a new connection");
+                if let Some(more) = self.refused_log.check(now) {
+                    tracing::warn!(%peer, limit = self.config.max_connections_per_peer, more, "connection limit of the peer address reached: closing a new connection ({more} more refused since the last report)");
+                }
                 self.mailbox.stats.refused.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -1288,7 +1304,9 @@ impl Worker {
                     // An event of a newer engine this driver does not know: the connection's
                     // state can no longer be kept right, so it ends.
                     other => {
-                        tracing::warn!(event = ?other, "unknown engine event: closing the connection");
+                        if let Some(more) = self.event_log.check(now) {
+                            tracing::warn!(event = ?other, more, "unknown engine event: closing the connection ({more} more since the last report)");
+                        }
                         c.closing = true;
                     }
                 }

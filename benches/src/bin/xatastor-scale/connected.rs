@@ -233,15 +233,9 @@ impl TargetProcess {
         super::rss_kib_of(&self.child.id().to_string())
     }
 
-    /// CPU time of all the target's threads, in nanoseconds (schedstat: time on a CPU).
+    /// CPU time of all the target's threads, in nanoseconds.
     fn cpu_ns(&self) -> u64 {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else { return 0 };
-        tasks
-            .filter_map(|t| {
-                let s = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
-                s.split_whitespace().next()?.parse::<u64>().ok()
-            })
-            .sum()
+        super::cpu_ns_of(self.child.id())
     }
 
     fn warnings(&self) -> usize {

@@ -17,7 +17,9 @@
 //! ```
 //!
 //! With `--connected N,…` it measures connected-idle controllers instead (see `connected.rs`), with
-//! `--upgrade N,…` a zero-downtime upgrade against the number of connections (see `upgrade.rs`).
+//! `--keep-alive-floor N,…` what the same keep-alives cost a bare epoll + recv + send server (see
+//! `floor.rs`), with `--upgrade N,…` a zero-downtime upgrade against the number of connections (see
+//! `upgrade.rs`).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -25,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod connected;
+mod floor;
 mod upgrade;
 
 use clap::Parser;
@@ -98,6 +101,14 @@ struct Args {
     /// over.
     #[arg(long, value_delimiter = ',')]
     upgrade: Vec<u64>,
+    /// Measure the floor for `--connected` instead: the CPU per keep-alive of a bare epoll + recv +
+    /// send server (no NVMe, no io_uring) holding this many TCP connections, with the same rate
+    /// (`--kato-ms`), hold, cores and batch window.
+    #[arg(long, value_delimiter = ',')]
+    keep_alive_floor: Vec<u64>,
+    /// Internal: serve this many bare connections for `--keep-alive-floor`.
+    #[arg(long, hide = true)]
+    serve_floor: Option<u64>,
     /// Internal: serve this many loaded volumes for `--connected`.
     #[arg(long, hide = true)]
     serve_connected: Option<u64>,
@@ -129,6 +140,17 @@ fn rss_kib_of(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time of all the threads of process `pid`, in nanoseconds (schedstat: time on a CPU).
+fn cpu_ns_of(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| {
+            let s = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 fn name(i: u64) -> String {
     format!("vol{i:07}")
 }
@@ -151,6 +173,21 @@ fn main() {
             cpu: args.target_cpu,
             nofile: args.target_nofile,
             admin_batch_window: Duration::from_millis(args.admin_batch_window_ms),
+        });
+        return;
+    }
+    if let Some(n) = args.serve_floor {
+        floor::serve(n, args.target_cpu, Duration::from_millis(args.admin_batch_window_ms));
+        return;
+    }
+    if !args.keep_alive_floor.is_empty() {
+        floor::run(&floor::Options {
+            counts: args.keep_alive_floor.clone(),
+            hold_secs: args.hold_secs,
+            kato_ms: args.kato_ms,
+            target_cpu: args.target_cpu,
+            client_cpu: args.client_cpu,
+            window_ms: args.admin_batch_window_ms,
         });
         return;
     }
