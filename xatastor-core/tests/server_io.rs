@@ -768,45 +768,63 @@ fn a_window_with_more_quiet_queues_than_receive_buffers_answers_them_all() {
     srv.shutdown().unwrap();
 }
 
-/// A deep queue's operations on a file volume do not all go to the ring ahead of another
-/// connection's: while another connection has operations there, a connection keeps 16 on the ring
-/// and the rest wait their turn; alone it is not limited. The data are right either way.
-#[test]
-fn a_deep_queue_shares_the_ring_with_another_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shared.img");
-    // Every sector holds its own number: a read of the wrong block shows.
+/// A file volume in which every sector holds its own number (a read of the wrong block shows), and
+/// the expected bytes of a 4 KiB read at `slba`.
+fn numbered_volume(dir: &std::path::Path, name: &str) -> (Arc<FileBackend>, Vec<u8>) {
+    let path = dir.join(name);
     let data: Vec<u8> = (0..(16u32 << 11)).flat_map(|k| k.to_le_bytes().repeat(128)).collect();
     std::fs::write(&path, &data).unwrap();
-    let target = target_with(Arc::new(FileBackend::open(&path, 512).unwrap()));
+    (Arc::new(FileBackend::open(&path, 512).unwrap()), data)
+}
+
+/// 64 reads in flight on `deep` (checked), and meanwhile one read on `other` if given.
+fn deep_round(deep: &mut Host, other: Option<&mut Host>, r: u64, data: &[u8]) {
+    let expect = |slba: u64| &data[(slba * 512) as usize..(slba * 512) as usize + 4096];
+    let mut cids = std::collections::HashMap::new();
+    for i in 0..64 {
+        let slba = ((r * 64 + i) * 8) % (16 << 11);
+        cids.insert(deep.submit(rw(0x02, slba, 8), None, 4096).unwrap(), slba);
+    }
+    if let Some(o) = other {
+        let slba = (r * 8 + 4096) % (16 << 11);
+        assert_eq!(read(o, slba, 4096), expect(slba));
+    }
+    for _ in 0..64 {
+        let c = deep.next_completion().unwrap();
+        assert_eq!(c.status(), Status::SUCCESS);
+        let slba = cids.remove(&c.cqe.cid.get()).expect("a completion of a command in flight");
+        assert_eq!(c.data.to_bytes().as_ref(), expect(slba), "block {slba}");
+    }
+}
+
+/// A deep queue's operations on a file volume do not all go to the ring ahead of another tenant's:
+/// while a connection to another volume has operations there, a connection keeps its share on the
+/// ring and the rest wait their turn; alone it is not limited. The data are right either way.
+#[test]
+fn a_deep_queue_shares_the_ring_with_another_connection() {
+    const OTHER_NQN: &str = "nqn.2026-01.io.xatastor:server-io-other";
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, data) = numbered_volume(dir.path(), "shared.img");
+    let (other_backend, _) = numbered_volume(dir.path(), "other.img");
+    let target = target_with(backend);
+    let mut sc = SubsystemConfig::new(OTHER_NQN, "SIO2");
+    sc.access = HostAccess::DenyAllExcept;
+    sc.allowed_hosts.push(HOSTNQN.into());
+    target.add_subsystem(sc).unwrap();
+    target.add_namespace(OTHER_NQN, NamespaceConfig::derived(OTHER_NQN, 1, other_backend)).unwrap();
     let srv = server(&target, 1, |_| {});
     let (_adm, cntlid) = admin(srv.local_addr(), 0);
     let mut deep = io_queue(srv.local_addr(), 1, cntlid);
-    let mut other = io_queue(srv.local_addr(), 2, cntlid);
-    let expect = |slba: u64| &data[(slba * 512) as usize..(slba * 512) as usize + 4096];
-    let round = |deep: &mut Host, other: Option<&mut Host>, r: u64| {
-        let mut cids = std::collections::HashMap::new();
-        for i in 0..64 {
-            let slba = ((r * 64 + i) * 8) % (16 << 11);
-            cids.insert(deep.submit(rw(0x02, slba, 8), None, 4096).unwrap(), slba);
-        }
-        if let Some(o) = other {
-            let slba = (r * 8 + 4096) % (16 << 11);
-            assert_eq!(read(o, slba, 4096), expect(slba));
-        }
-        for _ in 0..64 {
-            let c = deep.next_completion().unwrap();
-            assert_eq!(c.status(), Status::SUCCESS);
-            let slba = cids.remove(&c.cqe.cid.get()).expect("a completion of a command in flight");
-            assert_eq!(c.data.to_bytes().as_ref(), expect(slba), "block {slba}");
-        }
-    };
+    let (mut other_adm, other_cntlid) =
+        common::connect_admin(srv.local_addr(), OTHER_NQN, HOSTNQN, 0).unwrap();
+    common::set_queue_count(&mut other_adm, 4);
+    let mut other = common::connect_io(srv.local_addr(), OTHER_NQN, HOSTNQN, 1, other_cntlid);
     for r in 0..20 {
-        round(&mut deep, None, r);
+        deep_round(&mut deep, None, r, &data);
     }
     assert_eq!(srv.worker_stats()[0].disk_share_waits, 0, "a connection alone is not limited");
     for r in 20..400 {
-        round(&mut deep, Some(&mut other), r);
+        deep_round(&mut deep, Some(&mut other), r, &data);
         if srv.worker_stats()[0].disk_share_waits > 0 {
             break;
         }
@@ -815,7 +833,25 @@ fn a_deep_queue_shares_the_ring_with_another_connection() {
     // Alone again: after the contention window, all 64 go to the ring.
     std::thread::sleep(Duration::from_millis(50));
     let waits = srv.worker_stats()[0].disk_share_waits;
-    round(&mut deep, None, 500);
+    deep_round(&mut deep, None, 500, &data);
     assert_eq!(srv.worker_stats()[0].disk_share_waits, waits);
+    srv.shutdown().unwrap();
+}
+
+/// Queues of one volume (a host's I/O queues, one deep and one with a request at a time) are not
+/// held back by each other: the share is between volumes.
+#[test]
+fn queues_of_one_volume_do_not_share_the_ring_against_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, data) = numbered_volume(dir.path(), "one.img");
+    let target = target_with(backend);
+    let srv = server(&target, 1, |_| {});
+    let (_adm, cntlid) = admin(srv.local_addr(), 0);
+    let mut deep = io_queue(srv.local_addr(), 1, cntlid);
+    let mut other = io_queue(srv.local_addr(), 2, cntlid);
+    for r in 0..100 {
+        deep_round(&mut deep, Some(&mut other), r, &data);
+    }
+    assert_eq!(srv.worker_stats()[0].disk_share_waits, 0, "queues of one volume were held to a share");
     srv.shutdown().unwrap();
 }

@@ -177,8 +177,8 @@ struct ServeArgs {
     #[arg(long)]
     admin_batch_window_ms: Option<u64>,
     /// Volume operations (file, zvol and other file-descriptor volumes) one connection keeps in
-    /// flight at least while other connections on its worker have some too; beyond this it keeps
-    /// as many as the others together ask for. Lower favours light tenants' latency over a deep
+    /// flight at least while its worker's connections to other volumes have some too; beyond this
+    /// it keeps as many as those together ask for. Lower favours light tenants' latency over a deep
     /// queue's throughput next to them; 0: no limit [default: 4].
     #[arg(long)]
     disk_share: Option<usize>,

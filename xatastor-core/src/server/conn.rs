@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, TcpStream};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -76,9 +76,29 @@ pub(super) struct Conn {
     /// Backend requests waiting for this connection's share of the ring (see
     /// `ServerConfig::disk_share`), in arrival order.
     pub(super) disk_waiting: VecDeque<IoRequest>,
+    /// The ring demand (operations in flight and waiting) of all the worker's connections to the
+    /// volume of this connection's first ring request: the connections of one volume share a
+    /// count, so that they are not held back by each other (see `ServerConfig::disk_share`).
+    pub(super) ring_group: Option<Arc<AtomicUsize>>,
 }
 
 impl Conn {
+    /// The ring demand of this connection's volume on its worker (its own, before it joined one).
+    pub(super) fn group_demand(&self) -> usize {
+        self.ring_group
+            .as_ref()
+            .map_or(self.disk_inflight + self.disk_waiting.len(), |g| g.load(Ordering::Relaxed))
+    }
+
+    /// One more (`up`) or one fewer ring operation of this connection's volume, in flight or
+    /// waiting. Only the connection's worker touches the count.
+    pub(super) fn group_add(&self, up: bool) {
+        if let Some(g) = &self.ring_group {
+            let n = g.load(Ordering::Relaxed);
+            g.store(if up { n + 1 } else { n.saturating_sub(1) }, Ordering::Relaxed);
+        }
+    }
+
     pub(super) fn new(
         stream: TcpStream,
         peer_ip: IpAddr,
@@ -106,6 +126,7 @@ impl Conn {
             dormant: false,
             disk_inflight: 0,
             disk_waiting: VecDeque::new(),
+            ring_group: None,
         }
     }
 }

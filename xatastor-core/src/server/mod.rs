@@ -111,13 +111,14 @@ pub struct ServerConfig {
     /// a second brings the queue back. I/O queues are never delayed. Zero turns this off.
     pub admin_batch_window: Duration,
     /// The share of the ring's backend operations (of file-descriptor volumes) a connection keeps
-    /// while other connections of the worker have some in flight too: at most as many as the others
-    /// together have in flight or waiting, but never fewer than this. The rest wait in the
+    /// while the worker's connections to other volumes have some in flight too: at most as many as
+    /// those together have in flight or waiting, but never fewer than this. The rest wait in the
     /// connection, in order. A deep queue next to a queue-depth-1 tenant then keeps this many in
     /// front of the tenant's request (in the kernel's queues, or its workers for files that cannot
     /// read without blocking) instead of all of its own; two deep queues are not held back by each
-    /// other, and a connection alone is not limited. Lower: a light tenant's latency gets closer to
-    /// what it sees alone, and a deep queue next to it gets less throughput. Zero: no limit.
+    /// other, nor are the queues of one volume (a host's queues), and a connection alone is not
+    /// limited. Lower: a light tenant's latency gets closer to what it sees alone, and a deep queue
+    /// next to it gets less throughput. Zero: no limit.
     pub disk_share: usize,
 }
 

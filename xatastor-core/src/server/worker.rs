@@ -26,7 +26,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,12 +84,12 @@ const RX_HOLD_BYTES: usize = 256 * 1024;
 
 /// Bytes the PDU at the front of `buf` still lacks (its common header first, then the rest up to its
 /// PLEN); all the bytes there are if PLEN is not one a PDU can have (the decoder reports that).
-/// Backend operations a connection may keep on the ring while others have some there too: as many
-/// as all the other connections together have in flight or waiting, and at least `floor`
-/// ([`super::ServerConfig::disk_share`]; 0: no limit). `own` is the connection's own demand (in
-/// flight and waiting), `total` every connection's. A deep queue next to a queue-depth-1 tenant
-/// keeps `floor`, so the tenant's request finds few of its operations ahead of it; two deep queues
-/// are not held back by each other.
+/// Backend operations a connection may keep on the ring while connections to other volumes have
+/// some there too: as many as those together have in flight or waiting, and at least `floor`
+/// ([`super::ServerConfig::disk_share`]; 0: no limit). `own` is the demand (in flight and waiting)
+/// of the connection's volume on the worker, `total` every connection's. A deep queue next to a
+/// queue-depth-1 tenant keeps `floor`, so the tenant's request finds few of its operations ahead of
+/// it; two deep queues are not held back by each other.
 fn disk_limit(floor: usize, own: usize, total: usize) -> usize {
     if floor == 0 {
         return usize::MAX;
@@ -154,7 +154,8 @@ const PDU_SHARE: u32 = 8;
 /// See [`PDU_SHARE`].
 const SHARED_TURNS: u64 = 16;
 /// How long connections share the ring's backend operations (see
-/// [`super::ServerConfig::disk_share`]) after one started while another connection had some there.
+/// [`super::ServerConfig::disk_share`]) after one started while a connection to another volume had
+/// some there.
 const DISK_CONTENTION: Duration = Duration::from_millis(10);
 
 /// A backend request that will complete through the mailbox.
@@ -232,6 +233,9 @@ pub(super) struct Worker {
     disk_contended_until: Option<Instant>,
     /// Backend requests waiting in all connections for their share of the ring.
     disk_waiting_total: usize,
+    /// The shared ring-demand count of each volume that connections of this worker use, by the
+    /// address of its namespace (see `Conn::ring_group`).
+    ring_groups: HashMap<usize, Arc<AtomicUsize>>,
     /// Quiet admin queues (None when the batch window is zero). Declared after `ring`: the timer
     /// it holds outlives the ring's operations.
     quiet: Option<Quiet>,
@@ -340,6 +344,7 @@ impl Worker {
             shared_turn: 0,
             disk_contended_until: None,
             disk_waiting_total: 0,
+            ring_groups: HashMap::new(),
             epoch: Instant::now(),
             index,
             handover: handover::Phase::Off,
@@ -1325,20 +1330,43 @@ impl Worker {
     /// Runs a backend request: on the ring for file-descriptor backends, otherwise through the
     /// backend itself.
     fn start_io(&mut self, conn: Key, req: IoRequest, now: Instant) {
+        let ring = req.namespace.backend().raw_device().is_some();
+        if ring {
+            self.join_ring_group(conn, &req.namespace);
+        }
         let contended = self.disk_contended_until.is_some_and(|t| now < t);
         let (floor, total) = (self.config.disk_share, self.disk.len() + self.disk_waiting_total);
         if let Some(c) = self.conns.get_mut(conn) {
-            let ring = req.namespace.backend().raw_device().is_some();
-            let held = contended
-                && c.disk_inflight >= disk_limit(floor, c.disk_inflight + c.disk_waiting.len(), total);
+            let held = contended && c.disk_inflight >= disk_limit(floor, c.group_demand(), total);
             if ring && (!c.disk_waiting.is_empty() || held) {
                 c.disk_waiting.push_back(req);
+                c.group_add(true);
                 self.disk_waiting_total += 1;
                 self.mailbox.stats.disk_waits.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
         self.start_io_now(conn, req, now);
+    }
+
+    /// Puts the connection in the ring group of the volume of its first ring request.
+    fn join_ring_group(&mut self, conn: Key, namespace: &Arc<Namespace>) {
+        let Some(c) = self.conns.get_mut(conn) else { return };
+        if c.ring_group.is_some() {
+            return;
+        }
+        if self.ring_groups.len() >= 2 * self.conns.len() + 64 {
+            // Groups whose connections are all gone (bounded: the map stays within a few times
+            // the number of connections).
+            self.ring_groups.retain(|_, g| Arc::strong_count(g) > 1);
+        }
+        let key = Arc::as_ptr(namespace) as usize;
+        let group = self.ring_groups.entry(key).or_default().clone();
+        if let Some(c) = self.conns.get_mut(conn) {
+            // Its operations so far (none on the ring before its first ring request).
+            group.fetch_add(c.disk_inflight + c.disk_waiting.len(), Ordering::Relaxed);
+            c.ring_group = Some(group);
+        }
     }
 
     /// Starts the connection's waiting backend requests while its share of the ring allows.
@@ -1348,11 +1376,13 @@ impl Worker {
             let contended = self.disk_contended_until.is_some_and(|t| now < t);
             let total = self.disk.len() + self.disk_waiting_total;
             let Some(c) = self.conns.get_mut(conn) else { return };
-            let own = c.disk_inflight + c.disk_waiting.len();
-            if c.disk_waiting.is_empty() || (contended && c.disk_inflight >= disk_limit(floor, own, total)) {
+            if c.disk_waiting.is_empty()
+                || (contended && c.disk_inflight >= disk_limit(floor, c.group_demand(), total))
+            {
                 return;
             }
             let Some(req) = c.disk_waiting.pop_front() else { return };
+            c.group_add(false);
             self.disk_waiting_total -= 1;
             self.start_io_now(conn, req, now);
         }
@@ -1384,11 +1414,12 @@ impl Worker {
                     self.fail_io(conn, token, io::Error::other("too many operations in flight"), now);
                     return;
                 };
-                let total = self.disk.len();
+                let total = self.disk.len() + self.disk_waiting_total;
                 if let Some(c) = self.conns.get_mut(conn) {
                     c.disk_inflight += 1;
-                    if total > c.disk_inflight {
-                        // Another connection has operations on the ring too.
+                    c.group_add(true);
+                    if total > c.group_demand() {
+                        // A connection to another volume has operations on the ring too.
                         self.disk_contended_until = Some(now + DISK_CONTENTION);
                     }
                 }
@@ -1478,6 +1509,7 @@ impl Worker {
         let Some(DiskOp { conn, token, namespace, .. }) = self.disk.remove(key) else { return };
         if let Some(c) = self.conns.get_mut(conn) {
             c.disk_inflight = c.disk_inflight.saturating_sub(1);
+            c.group_add(false);
         }
         let result = match outcome {
             Outcome::Pending => return,
