@@ -19,7 +19,9 @@
 #   + QD128 reads               another connection keeps 128 random 4 KiB reads in flight on `noisy`
 #   + cold activations          100 times a second a host connects to a volume that is not loaded
 #                               (short nvmf-perf runs on volumes cold0, cold1, ...)
-# and prints each p99 as a multiple of the quiet p99. The measured stream runs at real-time priority
+# and prints each p99 as a multiple of the quiet p99. Then it measures what the sharing costs two
+# deep tenants: QD64 4 KiB random reads on `quiet` and `noisy` at once (two connections, both on
+# core 1), reads/s of each; compare with --serve-args "--disk-share 0" (no sharing). The measured stream runs at real-time priority
 # (it shares core 1 with the background client). Loopback only; figures are comparable within one
 # run only.
 set -euo pipefail
@@ -89,6 +91,15 @@ BG=$!; sleep 1
 P[cold]=$(measure)
 wait $BG || true
 
+# two deep tenants at once
+DEEP=
+for v in QUIET NOISY; do
+  perf --nqn "${!v}" --workload randread --qd 64 --bs-bytes 4096 --time-secs "$SECS" --warmup-secs 1 \
+    >"$DIR/deep-$v.json" 2>&1 &
+  DEEP="$DEEP $!"
+done
+wait $DEEP || true
+
 printf '%-34s %10s %10s %10s %10s %12s\n' "QD1 4K randread on quiet" "p50 us" "p99 us" "p99.9 us" "IOPS" "p99 / alone"
 base=$(echo "${P[alone]}" | awk '{print $2}')
 for k in alone:alone wz:"+ write zeroes 32M loop" qd128:"+ QD128 reads (other conn)" cold:"+ 100 cold activations/s"; do
@@ -96,12 +107,12 @@ for k in alone:alone wz:"+ write zeroes 32M loop" qd128:"+ QD128 reads (other co
   set -- ${P[$t]}
   printf '%-34s %10s %10s %10s %10s %11sx\n' "$n" "$1" "$2" "$3" "$4" "$(echo "scale=2; $2 / $base" | bc)"
 done
-python3 - "$DIR/wz.json" "$DIR/qd128.json" <<'EOF'
+python3 - "$DIR/wz.json" "$DIR/qd128.json" "$DIR/deep-QUIET.json" "$DIR/deep-NOISY.json" <<'EOF'
 import json, sys
-for path, what in zip(sys.argv[1:], ["write zeroes 32 MiB", "QD128 reads"]):
+for path, what in zip(sys.argv[1:], ["background write zeroes 32 MiB", "background QD128 reads", "two deep tenants at once: QD64 reads on quiet", "two deep tenants at once: QD64 reads on noisy"]):
     try:
         d = json.loads(open(path).read().strip().splitlines()[-1])
-        print(f"background {what}: {d['iops']:.0f} ops/s, p99 {d['lat_us']['p99']:.0f} us, errors {d['errors']}")
+        print(f"{what}: {d['iops']:.0f} ops/s, p99 {d['lat_us']['p99']:.0f} us, errors {d['errors']}")
     except Exception as e:
-        print(f"background {what}: no result ({e})")
+        print(f"{what}: no result ({e})")
 EOF
