@@ -82,8 +82,6 @@ const QUIET_BATCH: usize = 1024;
 /// make the worker cancel its receive until the peer reads.
 const RX_HOLD_BYTES: usize = 256 * 1024;
 
-/// Bytes the PDU at the front of `buf` still lacks (its common header first, then the rest up to its
-/// PLEN); all the bytes there are if PLEN is not one a PDU can have (the decoder reports that).
 /// Backend operations a connection may keep on the ring while connections to other volumes have
 /// some there too: as many as those together have in flight or waiting, and at least `floor`
 /// ([`super::ServerConfig::disk_share`]; 0: no limit). `own` is the demand (in flight and waiting)
@@ -97,6 +95,8 @@ fn disk_limit(floor: usize, own: usize, total: usize) -> usize {
     floor.max(total.saturating_sub(own))
 }
 
+/// Bytes the PDU at the front of `buf` still lacks (its common header first, then the rest up to its
+/// PLEN); all the bytes there are if PLEN is not one a PDU can have (the decoder reports that).
 fn missing(buf: &[u8]) -> usize {
     missing_of(buf, buf.len())
 }
