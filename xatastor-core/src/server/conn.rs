@@ -93,9 +93,18 @@ impl Conn {
     /// One more (`up`) or one fewer ring operation of this connection's volume, in flight or
     /// waiting. Only the connection's worker touches the count.
     pub(super) fn group_add(&self, up: bool) {
+        if up {
+            self.group_change(1, 0);
+        } else {
+            self.group_change(0, 1);
+        }
+    }
+
+    /// Adds `up` to and takes `down` from the ring demand of this connection's volume.
+    pub(super) fn group_change(&self, up: usize, down: usize) {
         if let Some(g) = &self.ring_group {
             let n = g.load(Ordering::Relaxed);
-            g.store(if up { n + 1 } else { n.saturating_sub(1) }, Ordering::Relaxed);
+            g.store((n + up).saturating_sub(down), Ordering::Relaxed);
         }
     }
 

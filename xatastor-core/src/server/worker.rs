@@ -1584,6 +1584,10 @@ impl Worker {
         }
         if flushed && !c.rx.armed && !c.tx.inflight && c.engine.is_drained() {
             let Some(c) = self.conns.remove(key) else { return };
+            // A drained connection has nothing on the ring or waiting for it; should the engine
+            // ever let one go with some, they no longer count against the other connections.
+            self.disk_waiting_total = self.disk_waiting_total.saturating_sub(c.disk_waiting.len());
+            c.group_change(0, c.disk_inflight + c.disk_waiting.len());
             if c.dormant {
                 if let Some(q) = self.quiet.as_mut() {
                     let _ = rustix::event::epoll::delete(&q.epoll, &c.stream);
