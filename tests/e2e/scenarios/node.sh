@@ -164,7 +164,8 @@ server_start() {
             --metrics-listen off --log info &
         echo $! > "$STATE/server.pid"
         wait $!
-        echo $? > "$STATE/server.rc"
+        # Written whole or not at all: a reader never sees an empty status.
+        echo $? > "$STATE/server.rc.tmp" && mv "$STATE/server.rc.tmp" "$STATE/server.rc"
     ) >> "$SERVER_LOG" 2>&1 < /dev/null &
     for i in $(seq 1 300); do
         [[ -s $STATE/server.pid ]] && (( $(grep -c '^xatastor-target: serving ' "$SERVER_LOG") > n )) && break
@@ -186,6 +187,9 @@ server_stop() {
     pid=$(server_pid) || return 0
     x kill -"$sig" "$pid" >&2
     for i in $(seq 1 300); do { [[ -e $STATE/server.rc ]] || ! pid_alive "$pid"; } && break; sleep 0.2; done
+    # The wrapper writes the status just after the process is gone (at once after a SIGKILL): give
+    # it a moment before calling the status unknown.
+    for i in $(seq 1 50); do [[ -e $STATE/server.rc ]] && break; pid_alive "$pid" && break; sleep 0.1; done
     if [[ ! -e $STATE/server.rc ]]; then
         pid_alive "$pid" && { server_log_tail 30 >&2; fail "xatastor-target (pid $pid) still running 60s after SIG$sig"; }
         echo unknown > "$STATE/server.rc"
