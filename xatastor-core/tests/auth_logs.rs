@@ -4,9 +4,8 @@
 //! that are broken or too open, and removed; then no secret may appear in the capture, while the
 //! lines that say what happened must.
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nvmeof_target::auth::DhchapSecret;
@@ -18,22 +17,9 @@ use xatastor_core::{
 };
 
 mod common;
-use common::{authenticate, connect_admin_only, enable};
+use common::{authenticate, connect_admin_only, enable, LogCapture};
 
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:logs-test-host";
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The parts of a secret that must never be shown: the DHHC-1 string and runs of its base64 key.
 fn forbidden(s: &DhchapSecret) -> Vec<String> {
@@ -44,13 +30,7 @@ fn forbidden(s: &DhchapSecret) -> Vec<String> {
 
 #[test]
 fn no_secret_in_logs_or_debug_output() {
-    let capture = Capture::default();
-    let sink = capture.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .init();
+    let capture = LogCapture::install(tracing::Level::TRACE);
 
     let tmp = tempfile::tempdir().unwrap();
     let target = Target::new(TargetConfig::default());
@@ -132,7 +112,7 @@ fn no_secret_in_logs_or_debug_output() {
     node.delete_volume("logclone", true).unwrap();
     server.shutdown().unwrap();
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     for s in &secrets {
         for needle in forbidden(s) {
             assert!(!logs.contains(&needle), "a secret in the logs:\n{logs}");

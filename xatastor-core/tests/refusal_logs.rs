@@ -4,37 +4,20 @@
 //!
 //! Its own test binary: it installs the process's log subscriber.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nvmeof_target::{Target, TargetConfig};
 use xatastor_core::{Server, ServerConfig};
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+mod common;
+use common::LogCapture;
 
 #[test]
 #[allow(clippy::disallowed_methods)] // the test's clock: how many report intervals the run spans
 fn refused_connections_are_counted_and_logged_at_most_once_per_interval() {
-    let capture = Capture::default();
-    let sink = capture.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .init();
+    let capture = LogCapture::install(tracing::Level::WARN);
 
     let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     config.workers = 1;
@@ -58,7 +41,7 @@ fn refused_connections_are_counted_and_logged_at_most_once_per_interval() {
     let elapsed = started.elapsed();
     assert_eq!(server.worker_stats()[0].refused, ATTEMPTS, "every refused connection is counted");
 
-    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let log = capture.text();
     let lines: Vec<&str> =
         log.lines().filter(|l| l.contains("connection limit of the peer address")).collect();
     // One report per started 10 s of the run, however many attempts there were.

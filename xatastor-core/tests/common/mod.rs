@@ -143,3 +143,37 @@ pub(crate) fn enable(a: &mut Host) {
     let c = a.command(host::property_set(offset::CC, PropertyWidth::Four, 0x0046_0001), None, 0).unwrap();
     assert_eq!(c.status(), Status::SUCCESS, "CC.EN");
 }
+
+/// Every log line of the process, captured from the moment [`LogCapture::install`] is called (a
+/// test binary of its own: the subscriber is the process's).
+#[derive(Clone, Default)]
+pub(crate) struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    /// Installs the process's log subscriber at `level`, writing into the returned capture.
+    pub(crate) fn install(level: tracing::Level) -> Self {
+        let capture = Self::default();
+        let sink = capture.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .init();
+        capture
+    }
+
+    /// What was logged so far.
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
