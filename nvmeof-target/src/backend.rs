@@ -458,6 +458,14 @@ impl AsRef<[u8]> for SharedChunk {
     }
 }
 
+/// Writes of at least this many bytes are *streaming* writes: their whole chunks are copied with
+/// the volume's [`StreamCopy`], if it has one.
+const STREAM_WRITE: usize = 32 * 1024;
+
+/// Copies the 4 KiB of a whole chunk of a streaming write (one of at least 32 KiB) into the chunk's
+/// memory: `dst` is the chunk, `src` the written data. See [`MemoryBackend::with_stream_copy`].
+pub type StreamCopy = fn(dst: &mut [u8; 4096], src: &[u8; 4096]);
+
 /// 4 KiB of zeros: what unwritten chunks read as.
 static ZERO_CHUNK: [u8; CHUNK] = [0; CHUNK];
 
@@ -472,6 +480,7 @@ pub struct MemoryBackend {
     block_size: u32,
     size: AtomicU64,
     chunks: Mutex<ChunkMap>,
+    stream_copy: Option<StreamCopy>,
 }
 
 impl MemoryBackend {
@@ -485,7 +494,21 @@ impl MemoryBackend {
             block_size,
             size: AtomicU64::new(size_bytes - size_bytes % u64::from(block_size)),
             chunks: Mutex::new(ChunkMap::default()),
+            stream_copy: None,
         }
+    }
+
+    /// Copies the whole chunks of streaming writes (at least 32 KiB) with `copy` instead of an
+    /// ordinary copy. A large sequential write goes to memory that has not been touched for a while
+    /// (a volume larger than the caches): an ordinary copy first reads every destination line into
+    /// the cache, and a copy with non-temporal stores (which this crate, free of `unsafe`, does not
+    /// provide; the `xatastor-core` server passes one) writes them without reading them and leaves
+    /// the caches to the data being worked on. Snapshots and clones of the volume keep the setting.
+    /// Short writes and partial chunks are always copied the ordinary way.
+    #[must_use]
+    pub fn with_stream_copy(mut self, copy: StreamCopy) -> Self {
+        self.stream_copy = Some(copy);
+        self
     }
 
     /// Bytes of memory holding data (allocated chunks × 4 KiB).
@@ -542,6 +565,7 @@ impl MemoryBackend {
             block_size: self.block_size,
             size: AtomicU64::new(self.size_bytes()),
             chunks: Mutex::new(chunks.share_all()),
+            stream_copy: self.stream_copy,
         }
     }
 
@@ -603,11 +627,12 @@ impl MemoryBackend {
     /// Writes synchronously.
     pub fn write(&self, offset: u64, data: &Payload) -> Result<(), IoError> {
         check_range(offset, data.len() as u64, self.size_bytes())?;
+        let copy = self.stream_copy.filter(|_| data.len() >= STREAM_WRITE);
         let mut chunks = self.chunks.lock();
         self.for_each_piece(offset, data.len() as u64, |chunk_no, in_chunk, at, n| {
             match contiguous(data, at, n).and_then(|src| <&[u8; CHUNK]>::try_from(src).ok()) {
                 // A whole chunk in one segment: no need to keep the old bytes.
-                Some(src) => chunks.overwrite(chunk_no, src),
+                Some(src) => chunks.overwrite(chunk_no, src, copy),
                 None => Self::modify_chunk(&mut chunks, chunk_no, |c| {
                     if let Some(dst) = c.get_mut(in_chunk..in_chunk + n) {
                         copy_out(data, at, dst);
@@ -977,6 +1002,42 @@ mod tests {
             IoOutput::Data(d) => d.to_bytes().to_vec(),
             IoOutput::Done => panic!("a read returns data"),
         }
+    }
+
+    static STREAM_COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn counting_copy(dst: &mut [u8; 4096], src: &[u8; 4096]) {
+        STREAM_COPIES.fetch_add(1, Ordering::Relaxed);
+        dst.copy_from_slice(src);
+    }
+
+    #[test]
+    fn streaming_writes_copy_whole_chunks_with_the_stream_copy_and_clones_keep_it() {
+        let b = MemoryBackend::new(1 << 20, 512).with_stream_copy(counting_copy);
+        let copies = || STREAM_COPIES.load(Ordering::Relaxed);
+        let write = |b: &MemoryBackend, offset: u64, data: Vec<u8>| {
+            b.write(offset, &Bytes::from(data).into()).unwrap();
+        };
+        // Chunks are overwritten in place once written: fill the first 128 KiB.
+        write(&b, 0, vec![1; 128 * 1024]);
+        let before = copies();
+        // A 4 KiB write is not a streaming write.
+        write(&b, 4096, vec![2; 4096]);
+        assert_eq!(copies(), before);
+        // 64 KiB starting 512 bytes into a chunk: 15 whole chunks, and two partial ones copied the
+        // ordinary way.
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        write(&b, 512, data.clone());
+        assert_eq!(copies(), before + 15);
+        assert_eq!(read(&b, 512, 64 * 1024), data);
+        assert_eq!(read(&b, 0, 512), vec![1; 512]);
+        // A snapshot keeps the setting; its own chunks are shared until written, then private.
+        let snap = b.duplicate();
+        write(&snap, 0, vec![3; 64 * 1024]);
+        write(&snap, 0, vec![4; 64 * 1024]);
+        assert_eq!(copies(), before + 15 + 16, "the second write overwrote 16 private chunks");
+        assert_eq!(read(&snap, 0, 4096), vec![4; 4096]);
+        assert_eq!(read(&b, 0, 512), vec![1; 512], "the volume keeps its data");
     }
 
     #[test]

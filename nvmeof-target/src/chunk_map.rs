@@ -138,8 +138,9 @@ impl ChunkMap {
     }
 
     /// Replaces all of chunk `no` with `src` (`CHUNK` bytes): in its memory if no other volume holds
-    /// it, else (or if it was never written) in new memory, without copying the old bytes first.
-    pub(crate) fn overwrite(&mut self, no: u64, src: &Data) {
+    /// it (with `copy`, if given), else (or if it was never written) in new memory, without copying
+    /// the old bytes first.
+    pub(crate) fn overwrite(&mut self, no: u64, src: &Data, copy: Option<fn(&mut Data, &Data)>) {
         let slot = self.leaves.get_mut(&(no / LEAF)).and_then(|l| l.slots.get_mut((no % LEAF) as usize));
         if let Some(slot) = slot {
             let own = match slot.take() {
@@ -148,7 +149,10 @@ impl ChunkMap {
                 None => None,
             };
             if let Some(mut d) = own {
-                d.copy_from_slice(src);
+                match copy {
+                    Some(copy) => copy(&mut d, src),
+                    None => d.copy_from_slice(src),
+                }
                 *slot = Some(Chunk::Own(d));
                 return;
             }

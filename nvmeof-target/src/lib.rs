@@ -87,7 +87,7 @@ mod target;
 
 pub use backend::{
     execute_blocking, BackendInfo, BlockBackend, ByteRange, Completer, CompletionSink, FileBackend, IoError,
-    IoOp, IoOutput, IoResult, IoToken, MemoryBackend, RawDevice, Submitted,
+    IoOp, IoOutput, IoResult, IoToken, MemoryBackend, RawDevice, StreamCopy, Submitted,
 };
 pub use config::{TargetConfig, TransportParams};
 pub use connection::{CloseReason, Connection, Event, IoRequest};

@@ -62,6 +62,7 @@ pub mod provisioners;
 pub mod ratelimit;
 pub mod secrets;
 pub mod server;
+mod stream;
 pub mod upgrade;
 
 pub use node::{

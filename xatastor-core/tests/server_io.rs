@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nvmeof_proto::nvme::{Sqe, Status};
 use nvmeof_proto::{Digests, Payload};
-use nvmeof_target::host::{self, HostOptions};
+use nvmeof_target::host::{self, BlockingHost, HostOptions};
 use nvmeof_target::{
     BackendInfo, BlockBackend, Completer, FileBackend, HostAccess, IoOp, MemoryBackend, NamespaceConfig,
     RawDevice, Submitted, SubsystemConfig, Target, TargetConfig,
@@ -845,5 +845,63 @@ fn a_deep_queue_shares_the_ring_with_another_volume_but_not_with_its_own() {
     let before = waits();
     deep_round(&mut deep, None, 900, &data);
     assert_eq!(waits(), before);
+    srv.shutdown().unwrap();
+}
+
+/// A host stream that sends the first 4 bytes of every H2CData PDU alone and the rest 50 ms later,
+/// so that one of the server's receives ends inside the PDU's common header.
+struct SplitHeaders(std::net::TcpStream);
+
+impl std::io::Read for SplitHeaders {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for SplitHeaders {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // `BlockingHost::flush` writes each PDU's header as one chunk: H2CData is type 0x06.
+        if buf.len() >= 24 && buf[0] == 0x06 {
+            self.0.write_all(&buf[..4])?;
+            self.0.flush()?;
+            std::thread::sleep(Duration::from_millis(50));
+            self.0.write_all(&buf[4..])?;
+            return Ok(buf.len());
+        }
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A long PDU whose first bytes arrived alone (waiting in the reassembly buffer for the rest of its
+/// header) continues as slices of the receive buffers: only the few header bytes are copied, not
+/// the 128 KiB behind them.
+#[test]
+fn a_long_pdu_split_inside_its_header_is_not_copied_whole() {
+    let target = target_with(Arc::new(MemoryBackend::new(16 << 20, 512)));
+    let srv = server(&target, 1, |_| {});
+    let (_adm, cntlid) = admin(srv.local_addr(), 0);
+    let mut q = BlockingHost::new(SplitHeaders(tcp(srv.local_addr())), HostOptions::default()).unwrap();
+    let (sqe, data) = host::connect_command(1, 128, 0, cntlid, [7; 16], NQN, HOSTNQN);
+    assert_eq!(q.command(sqe, Some(data), 0).unwrap().status(), Status::SUCCESS);
+    let data = pattern(128 * 1024, 9);
+    let before = srv.worker_stats()[0].received_bytes_copied;
+    for round in 0..3u64 {
+        let c = q.command(rw(0x01, 256 * round, 256), Some(Payload::from(data.clone())), 0).unwrap();
+        assert_eq!(c.status(), Status::SUCCESS);
+    }
+    let copied = srv.worker_stats()[0].received_bytes_copied - before;
+    assert!(
+        copied < 3 * 4096,
+        "{copied} bytes of three 128 KiB writes were copied out of the receive buffers"
+    );
+    let mut plain = io_queue(srv.local_addr(), 2, cntlid);
+    for round in 0..3u64 {
+        assert_eq!(read(&mut plain, 256 * round, 128 * 1024), data);
+    }
+    drop(q);
+    drop(plain);
     srv.shutdown().unwrap();
 }

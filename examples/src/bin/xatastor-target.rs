@@ -158,8 +158,9 @@ struct ServeArgs {
     #[arg(long)]
     max_connections_per_peer: Option<usize>,
     /// Microseconds a worker polls for the next request of a busy connection before it sleeps
-    /// (lower latency for a host keeping a queue busy; idle workers and sparse traffic never poll;
-    /// 0: never poll) [default: 50].
+    /// (lower latency for a host keeping a queue busy; a worker woken soon after it stopped polling
+    /// polls up to four times as long; idle workers and sparse traffic never poll; 0: never poll)
+    /// [default: 50].
     #[arg(long)]
     poll_window_us: Option<u64>,
     /// Threads that run the volume operations a worker must not wait for (zeroing a range on a file

@@ -131,7 +131,9 @@ impl VolumeProvisioner for MemoryProvisioner {
         if volumes.contains_key(&spec.name) {
             return Err(ProvisionError::AlreadyExists(spec.name.to_string()));
         }
-        let backend = Arc::new(MemoryBackend::new(spec.size_bytes, spec.block_size));
+        let backend = Arc::new(
+            MemoryBackend::new(spec.size_bytes, spec.block_size).with_stream_copy(crate::stream::stream_copy),
+        );
         volumes.insert(spec.name.clone(), Volume { backend, origin: None, snapshots: Vec::new() });
         Ok(())
     }

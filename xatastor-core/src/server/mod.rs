@@ -96,8 +96,9 @@ pub struct ServerConfig {
     pub recv_buffers: u16,
     /// How long a worker polls its ring before blocking after input on a *hot* connection (one whose
     /// requests follow each other within four windows): a busy host's next request is then served
-    /// without a wake-up. Zero turns polling off. Idle workers and sparse traffic (keep-alives)
-    /// never poll.
+    /// without a wake-up. A worker woken within four windows after it gave up polling polls twice
+    /// as long the next time, up to four windows; a longer sleep resets it to this value. Zero turns
+    /// polling off. Idle workers and sparse traffic (keep-alives) never poll.
     pub poll_window: Duration,
     /// Threads that run the backend requests the ring cannot (zeroing on devices without
     /// `fallocate`, `BLKDISCARD`, misaligned `O_DIRECT` requests), shared by all workers, so that

@@ -18,8 +18,10 @@
 //! **Poll window.** A worker that just served a *hot* connection (one whose input arrives again
 //! within a few poll windows, such as a host keeping a queue busy) spins on the ring for up to
 //! [`super::ServerConfig::poll_window`] before it blocks: the next request of a busy host is then
-//! picked up without a wake-up (a cross-core interrupt, tens of µs on a VM). A worker whose
-//! connections are idle, or only see sparse traffic like keep-alives, blocks at once and uses no CPU.
+//! picked up without a wake-up (a cross-core interrupt, tens of µs on a VM). The window adapts
+//! ([`next_window`]): a worker woken soon after it stopped polling polls longer the next time, up to
+//! four windows. A worker whose connections are idle, or only see sparse traffic like keep-alives,
+//! blocks at once and uses no CPU.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -121,6 +123,11 @@ fn missing_of(front: &[u8], total: usize) -> usize {
     }
 }
 
+/// PLEN of the PDU whose common header starts `front` (0 while fewer than 8 bytes are there).
+fn pdu_len(front: &[u8]) -> usize {
+    front.get(4..8).and_then(|p| <[u8; 4]>::try_from(p).ok()).map_or(0, |p| u32::from_le_bytes(p) as usize)
+}
+
 /// Lists `key` in `list` unless `listed` says it is there already.
 fn list_once(listed: &mut bool, list: &mut Vec<Key>, key: Key) {
     if !*listed {
@@ -139,6 +146,22 @@ fn keep_rest(buf: &mut BytesMut, chunk: &mut Bytes, stats: &super::Counters) {
 
 /// A connection whose input arrives again within this many poll windows is hot.
 const HOT_WINDOWS: u32 = 4;
+
+/// The poll window after a sleep of `slept` that began when a poll of `window` found nothing.
+///
+/// A sleep that ended within [`HOT_WINDOWS`] base windows means the window was too short for this
+/// host's pace: the next input came soon, and waking the worker for it (a cross-core interrupt,
+/// paid by the sender's core too) cost more than polling on would have. The window doubles, up to
+/// `HOT_WINDOWS` × `base` (the longest gap at which a connection counts as hot at all, so a worker
+/// never polls for traffic sparser than that). A longer sleep means the host paused: back to `base`.
+fn next_window(window: Duration, base: Duration, slept: Duration) -> Duration {
+    let max = base * HOT_WINDOWS;
+    if slept < max {
+        (window * 2).min(max)
+    } else {
+        base
+    }
+}
 
 /// PDUs one connection decodes per loop turn at most. A host keeping 128 commands in flight gets them
 /// served in rounds of this many, and another connection's request waits for one round, not for all
@@ -212,6 +235,10 @@ pub(super) struct Worker {
     no_fallocate: HashSet<usize>,
     /// Spin instead of blocking until then (a hot connection had input).
     spin_until: Option<Instant>,
+    /// The poll window in use (see [`next_window`]).
+    window: Duration,
+    /// When the worker went to sleep after a poll that found nothing (see [`next_window`]).
+    slept_after_poll: Option<Instant>,
     /// Aligned read buffers for `O_DIRECT` devices.
     read_pool: Arc<ReadPool>,
     /// Connections whose receive ended for want of buffers.
@@ -225,7 +252,8 @@ pub(super) struct Worker {
     turn: u64,
     /// Connections with decoded-later input waiting (see [`PDU_BUDGET`]).
     deferred: Vec<Key>,
-    /// Receive completions of this turn's batch not handled yet (other connections' input waits).
+    /// Receive completions of this turn's batch not handled yet, counted only when more than one
+    /// connection has some in the batch (other connections' input waits).
     recv_left: usize,
     /// The last loop turn in which more than one connection had input.
     shared_turn: u64,
@@ -299,6 +327,7 @@ impl Worker {
     ) -> io::Result<Self> {
         let ring = new_ring(config.ring_entries.max(64))?;
         let quiet = Quiet::new(config.admin_batch_window)?;
+        let window = config.poll_window;
         let bufs = BufRing::new(config.recv_buffers, config.recv_buffer_bytes.max(4096))?;
         // SAFETY: the ring memory is page aligned, holds `entries` initialised entries and stays
         // allocated until after `ring` is dropped (field order of `Worker`).
@@ -333,6 +362,8 @@ impl Worker {
             dirty: Vec::new(),
             no_fallocate: HashSet::new(),
             spin_until: None,
+            window,
+            slept_after_poll: None,
             read_pool: Arc::new(ReadPool::default()),
             starved: Vec::new(),
             blocking,
@@ -428,16 +459,29 @@ impl Worker {
             self.wait()?;
             self.turn = self.turn.wrapping_add(1);
             let now = Instant::now();
+            if let Some(slept) = self.slept_after_poll.take() {
+                let base = self.config.poll_window;
+                self.window = next_window(self.window, base, now.saturating_duration_since(slept));
+            }
             let mut cqes = std::mem::take(&mut self.cqes);
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
-            self.recv_left = cqes.iter().filter(|&&(ud, _, _)| (ud >> 56) as u8 == KIND_RECV).count();
+            // Receive completions still to handle count as other connections' input waiting only
+            // when more than one connection has them in this batch: a connection alone is not cut
+            // short by its own next receive.
             let mut first = None;
+            let mut shared = false;
             for &(ud, _, _) in &cqes {
                 if (ud >> 56) as u8 == KIND_RECV && *first.get_or_insert(ud) != ud {
                     self.shared_turn = self.turn;
+                    shared = true;
                     break;
                 }
             }
+            self.recv_left = if shared {
+                cqes.iter().filter(|&&(ud, _, _)| (ud >> 56) as u8 == KIND_RECV).count()
+            } else {
+                0
+            };
             for &(ud, res, flags) in &cqes {
                 let (kind, key) = Key::from_user_data(ud);
                 match kind {
@@ -501,6 +545,9 @@ impl Worker {
             }
             self.note_spin(start, false);
             self.spin_until = None;
+            #[allow(clippy::disallowed_methods)] // the driver owns the clock
+            let now = Instant::now();
+            self.slept_after_poll = Some(now);
         }
         // About to sleep: nothing is waiting, a good time to tidy up.
         self.release_idle_memory();
@@ -818,8 +865,7 @@ impl Worker {
             let skip = if c.rx.buf.is_empty() { 0 } else { missing(&c.rx.buf).min(chunk.len()) };
             let batch = chunk.get(skip..).unwrap_or_default();
             // Worth it for a batch only (one command waits for its own lookup either way).
-            let first = batch.get(4..8).and_then(|p| p.try_into().ok()).map_or(0, u32::from_le_bytes);
-            if batch.len() > first as usize {
+            if batch.len() > pdu_len(batch) {
                 c.engine.prefetch_input(batch);
             }
         }
@@ -844,6 +890,15 @@ impl Worker {
                 // Complete the waiting PDU (or, held back or deferred, just queue everything behind
                 // what waits).
                 let behind = c.rx.held || c.deferred;
+                let plen = pdu_len(&c.rx.buf);
+                if !behind && plen >= CHAIN_MIN_PDU && c.rx.buf.len() < plen {
+                    // A long PDU whose header waited here (a receive ended inside it): its front
+                    // starts the chain, and the rest joins as slices of the receive buffers rather
+                    // than being copied behind it.
+                    let front = std::mem::take(&mut c.rx.buf).freeze();
+                    c.rx.chain.push(front);
+                    continue;
+                }
                 let take = if behind { chunk.len() } else { missing(&c.rx.buf).min(chunk.len()) };
                 c.rx.buf.extend_from_slice(chunk.get(..take).unwrap_or_default());
                 chunk.advance(take);
@@ -877,8 +932,7 @@ impl Worker {
                 // A partial PDU: a long one waits for the rest as slices of the receive buffers
                 // (a chain: no copy), a short one in the reassembly buffer.
                 if let Some(c) = self.conns.get_mut(key) {
-                    let plen = chunk.get(4..8).and_then(|p| p.try_into().ok()).map_or(0, u32::from_le_bytes);
-                    if plen as usize >= CHAIN_MIN_PDU {
+                    if pdu_len(chunk) >= CHAIN_MIN_PDU {
                         c.rx.chain.push(std::mem::take(chunk));
                     } else {
                         keep_rest(&mut c.rx.buf, chunk, &self.mailbox.stats);
@@ -990,7 +1044,7 @@ impl Worker {
                 .is_some_and(|p| now.saturating_duration_since(p) < self.config.poll_window * HOT_WINDOWS)
         {
             // A hot connection: keep polling for a while before blocking.
-            self.spin_until = Some(now + self.config.poll_window);
+            self.spin_until = Some(now + self.window);
         }
         let direct = c.rx.is_direct();
         if res == -libc::ENOBUFS && c.dormant {
@@ -1705,7 +1759,24 @@ fn timespec(d: Duration) -> types::Timespec {
 
 #[cfg(test)]
 mod tests {
-    use super::disk_limit;
+    use std::time::Duration;
+
+    use super::{disk_limit, next_window};
+
+    #[test]
+    fn the_poll_window_grows_while_sleeps_end_soon_and_resets_after_a_pause() {
+        let base = Duration::from_micros(50);
+        let us = Duration::from_micros;
+        // Woken 30 µs after giving up: poll twice as long next time, up to four windows.
+        assert_eq!(next_window(base, base, us(30)), us(100));
+        assert_eq!(next_window(us(100), base, us(120)), us(200));
+        assert_eq!(next_window(us(200), base, us(10)), us(200), "never past four base windows");
+        // A sleep of four windows or more: the host paused, back to the base window.
+        assert_eq!(next_window(us(200), base, us(200)), base);
+        assert_eq!(next_window(us(100), base, Duration::from_secs(3)), base);
+        // Polling off stays off.
+        assert_eq!(next_window(Duration::ZERO, Duration::ZERO, Duration::ZERO), Duration::ZERO);
+    }
 
     #[test]
     fn a_deep_queue_next_to_a_shallow_one_keeps_the_floor() {
