@@ -164,6 +164,8 @@ pub(super) struct Direct {
     ch_len: usize,
     /// Length of the PDU being assembled in [`Rx::buf`] (0: the common header is being read).
     plen: usize,
+    /// The PDU being assembled carries data (placed for the device's alignment).
+    data: bool,
 }
 
 /// What a direct-mode receive completion led to.
@@ -220,7 +222,7 @@ impl Rx {
             return DirectStep::Fallback;
         }
         let leftover = std::mem::take(&mut self.buf);
-        let mut d = Direct { align, ch: [0; CH_LEN], ch_len: 0, plen: 0 };
+        let mut d = Direct { align, ch: [0; CH_LEN], ch_len: 0, plen: 0, data: false };
         let n = leftover.len().min(CH_LEN);
         if let (Some(dst), Some(src)) = (d.ch.get_mut(..n), leftover.get(..n)) {
             dst.copy_from_slice(src);
@@ -321,6 +323,7 @@ impl Rx {
         self.buf.advance(pad);
         self.buf.extend_from_slice(&d.ch);
         d.plen = plen;
+        d.data = data_at > 0;
         d.ch_len = 0;
         if plen == CH_LEN {
             return DirectStep::Pdu;
@@ -344,6 +347,13 @@ impl Rx {
             RxMode::Direct(d) if d.plen == 0 => Some(d.ch.get(..d.ch_len).unwrap_or_default().to_vec()),
             RxMode::Direct(_) => Some(self.buf.to_vec()),
         }
+    }
+
+    /// Direct mode, and the PDU in [`Rx::buf`] carries data: its buffer must go with the PDU. A
+    /// PDU without data (a read's command capsule, say) is decoded from the buffer, which stays for
+    /// the next PDU.
+    pub(super) fn direct_pdu_has_data(&self) -> bool {
+        matches!(&self.mode, RxMode::Direct(d) if d.data)
     }
 
     /// True while direct mode waits for a common header with nothing of a PDU received.

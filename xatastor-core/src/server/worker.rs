@@ -827,6 +827,10 @@ impl Worker {
             }
             let taken = if from_chain {
                 c.engine.handle_input_pdus(&mut c.rx.chain, now, 1)
+            } else if direct && !c.rx.direct_pdu_has_data() {
+                // No data to carry away: decoded from the placed buffer, which is reused for the
+                // next PDU (no allocation per command capsule).
+                c.engine.handle_input_pdus(&mut c.rx.buf, now, 1)
             } else if direct {
                 // The PDU's own placed buffer: its memory moves into the PDU's data (no reference
                 // count to share, no allocation).
