@@ -155,6 +155,11 @@ pub(super) enum RxMode {
     Direct(Direct),
 }
 
+/// PLEN of the PDU whose common header starts `front` (`None` while fewer than 8 bytes are there).
+pub(super) fn pdu_len(front: &[u8]) -> Option<usize> {
+    front.get(4..8).and_then(|p| <[u8; 4]>::try_from(p).ok()).map(|p| u32::from_le_bytes(p) as usize)
+}
+
 /// Direct-mode state: which part of a PDU the next receive reads.
 #[derive(Debug)]
 pub(super) struct Direct {
@@ -212,11 +217,7 @@ impl Rx {
     /// once into the placed buffer. If a whole PDU is waiting (or the header is not one to place), the
     /// connection stays in ring mode ([`DirectStep::Fallback`]).
     pub(super) fn start_direct(&mut self, align: usize, max_pdu: usize) -> DirectStep {
-        let plen = self
-            .buf
-            .get(4..8)
-            .and_then(|p| <[u8; 4]>::try_from(p).ok())
-            .map(|p| u32::from_le_bytes(p) as usize);
+        let plen = pdu_len(&self.buf);
         if plen.is_some_and(|plen| self.buf.len() >= plen || !(CH_LEN..=max_pdu).contains(&plen)) {
             self.mode = RxMode::Ring;
             return DirectStep::Fallback;

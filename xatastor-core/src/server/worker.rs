@@ -42,7 +42,7 @@ use parking_lot::Mutex;
 
 use super::blocking::BlockingPool;
 use super::bufring::{BufRing, BUF_GROUP};
-use super::conn::{Conn, DirectStep, RxMode};
+use super::conn::{pdu_len, Conn, DirectStep, RxMode};
 use super::disk::{self, DiskOp, Outcome, Plan};
 use super::pool::ReadPool;
 use super::slab::{Key, Slab};
@@ -110,22 +110,11 @@ const CHAIN_MIN_PDU: usize = 16 * 1024;
 /// [`missing`] for input of `total` bytes whose first part is `front`.
 fn missing_of(front: &[u8], total: usize) -> usize {
     const CH: usize = 8;
-    match front.get(4..8).and_then(|p| <[u8; 4]>::try_from(p).ok()) {
+    match pdu_len(front) {
         None => CH.saturating_sub(total),
-        Some(p) => {
-            let plen = u32::from_le_bytes(p) as usize;
-            if plen < CH {
-                usize::MAX
-            } else {
-                plen.saturating_sub(total)
-            }
-        }
+        Some(plen) if plen < CH => usize::MAX,
+        Some(plen) => plen.saturating_sub(total),
     }
-}
-
-/// PLEN of the PDU whose common header starts `front` (0 while fewer than 8 bytes are there).
-fn pdu_len(front: &[u8]) -> usize {
-    front.get(4..8).and_then(|p| <[u8; 4]>::try_from(p).ok()).map_or(0, |p| u32::from_le_bytes(p) as usize)
 }
 
 /// Lists `key` in `list` unless `listed` says it is there already.
@@ -869,7 +858,7 @@ impl Worker {
             let skip = if c.rx.buf.is_empty() { 0 } else { missing(&c.rx.buf).min(chunk.len()) };
             let batch = chunk.get(skip..).unwrap_or_default();
             // Worth it for a batch only (one command waits for its own lookup either way).
-            if batch.len() > pdu_len(batch) {
+            if batch.len() > pdu_len(batch).unwrap_or(0) {
                 c.engine.prefetch_input(batch);
             }
         }
@@ -894,7 +883,7 @@ impl Worker {
                 // Complete the waiting PDU (or, held back or deferred, just queue everything behind
                 // what waits).
                 let behind = c.rx.held || c.deferred;
-                let plen = pdu_len(&c.rx.buf);
+                let plen = pdu_len(&c.rx.buf).unwrap_or(0);
                 if !behind && plen >= CHAIN_MIN_PDU && c.rx.buf.len() < plen {
                     // A long PDU whose header waited here (a receive ended inside it): its front
                     // starts the chain, and the rest joins as slices of the receive buffers rather
@@ -936,7 +925,7 @@ impl Worker {
                 // A partial PDU: a long one waits for the rest as slices of the receive buffers
                 // (a chain: no copy), a short one in the reassembly buffer.
                 if let Some(c) = self.conns.get_mut(key) {
-                    if pdu_len(chunk) >= CHAIN_MIN_PDU {
+                    if pdu_len(chunk).is_some_and(|plen| plen >= CHAIN_MIN_PDU) {
                         c.rx.chain.push(std::mem::take(chunk));
                     } else {
                         keep_rest(&mut c.rx.buf, chunk, &self.mailbox.stats);
