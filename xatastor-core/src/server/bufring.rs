@@ -2,98 +2,43 @@
 //!
 //! `entries` buffers of `size` bytes are shared by all the connections of a worker. For each
 //! multishot receive completion the kernel picks a buffer and hands it to the worker, which either
-//! decodes PDUs from it in place ([`BufRing::take`]: the buffer becomes a `Bytes` whose PDUs' data
-//! are slices of it, and goes back to the kernel when the last of them is dropped) or copies the
-//! bytes out and hands it back at once ([`BufRing::get`] + [`BufRing::recycle`]). An idle connection
-//! holds no receive buffer.
+//! decodes PDUs from it in place ([`BufRing::take`]: a slice of the buffer's `Bytes`, whose PDUs'
+//! data are slices of it in turn) or copies the bytes out and hands it back at once
+//! ([`BufRing::get`] + [`BufRing::recycle`]). An idle connection holds no receive buffer.
+//!
+//! Each buffer is a `Bytes` made once, when the ring is built. Taking a buffer clones it (a
+//! reference count, no allocation); [`BufRing::reclaim`] gives a taken buffer back to the kernel
+//! once the ring's own handle is the only one left.
 //!
 //! All of this module's `unsafe` is the memory shared with the kernel. The kernel writes a buffer
-//! only while it is in the ring (between [`BufRing::recycle`] and the completion that names it);
-//! the worker reads a buffer only between that completion and its recycling, so the two never touch
-//! the same buffer at the same time.
+//! only while it is in the ring (between [`BufRing::recycle`] or [`BufRing::reclaim`] and the
+//! completion that names it); the worker reads a buffer only between that completion and its
+//! return to the ring, so the two never touch the same buffer at the same time.
 
 use std::io;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use bytes::Bytes;
 use io_uring::types::BufRingEntry;
-use parking_lot::Mutex;
 
 /// The buffer group of the receive buffers.
 pub(super) const BUF_GROUP: u16 = 0;
 
-/// The buffers' memory, shared with the `Bytes` handed out by [`BufRing::take`]: it lives until the
-/// last of them is dropped, even if the worker is gone.
-struct Memory {
-    ptr: NonNull<u8>,
-    layout: std::alloc::Layout,
-    size: usize,
-    /// Buffers whose `Bytes` were dropped, to be given back to the kernel by the worker.
-    returned: Mutex<Vec<u16>>,
-    /// Buffers out as `Bytes` and not returned yet.
-    held: AtomicUsize,
-}
-
-// SAFETY: the memory is plain bytes; access is coordinated as the module documentation says (a
-// buffer is read by the worker and its `Bytes` only while the kernel does not write it).
-unsafe impl Send for Memory {}
-// SAFETY: as for `Send`: shared access only ever reads buffers the kernel is done with.
-unsafe impl Sync for Memory {}
-
-impl Memory {
-    /// The first `len` bytes of buffer `bid`.
-    ///
-    /// # Safety
-    /// The buffer must not be in the ring (the kernel must not be writing it) for as long as the
-    /// returned slice lives.
-    unsafe fn slice(&self, bid: u16, len: usize) -> &[u8] {
-        let len = len.min(self.size);
-        // SAFETY: `bid * size + len` is inside the allocation (bid < entries, len ≤ size, checked by
-        // the callers and here); the caller guarantees nobody writes it meanwhile.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(usize::from(bid) * self.size), len) }
-    }
-}
-
-impl Drop for Memory {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `BufRing::new` with this layout; the last reference is gone, and the
-        // io_uring that wrote into it was dropped before the worker's `BufRing` (field order).
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
-}
-
-/// A received buffer decoded in place; returns it to the ring when dropped.
-struct RingSlice {
-    memory: Arc<Memory>,
-    bid: u16,
-    len: usize,
-}
-
-impl AsRef<[u8]> for RingSlice {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: the buffer left the ring with the completion that named it and goes back only when
-        // this `RingSlice` is dropped: the kernel does not write it while this borrow lives.
-        unsafe { self.memory.slice(self.bid, self.len) }
-    }
-}
-
-impl Drop for RingSlice {
-    fn drop(&mut self) {
-        self.memory.returned.lock().push(self.bid);
-        self.memory.held.fetch_sub(1, Ordering::Release);
-    }
-}
-
 pub(super) struct BufRing {
     ring: NonNull<BufRingEntry>,
     layout: std::alloc::Layout,
-    memory: Arc<Memory>,
+    /// The buffers, by buffer id. A buffer in the ring is never dereferenced: the kernel may be
+    /// writing it. Handles to a taken buffer keep its memory alive after the ring is gone.
+    buffers: Vec<Bytes>,
+    /// Where each buffer's memory starts, as the kernel is told it.
+    addrs: Vec<u64>,
+    /// Each buffer's size.
+    size: usize,
     entries: u16,
     tail: u16,
-    /// Reused list of returned buffers (no allocation per reclaim).
-    scratch: Vec<u16>,
+    /// Buffers out as `Bytes` ([`BufRing::take`]) and not back in the ring yet.
+    out: Vec<u16>,
 }
 
 impl BufRing {
@@ -106,25 +51,43 @@ impl BufRing {
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let ring = NonNull::new(raw.cast::<BufRingEntry>())
             .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "cannot allocate the buffer ring"))?;
-        let total = usize::from(entries).checked_mul(size).filter(|&t| t > 0).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "receive buffers: size × count is out of range")
-        })?;
-        let buffers_layout = std::alloc::Layout::from_size_align(total, 4096).map_err(io::Error::other)?;
-        // SAFETY: the layout has a non-zero size (checked above).
-        let buffers = unsafe { std::alloc::alloc_zeroed(buffers_layout) };
-        let Some(ptr) = NonNull::new(buffers) else {
+        if size == 0 || usize::from(entries).checked_mul(size).is_none() {
             // SAFETY: allocated just above with this layout.
             unsafe { std::alloc::dealloc(raw, layout) };
-            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "cannot allocate the receive buffers"));
-        };
-        let memory = Arc::new(Memory {
-            ptr,
-            layout: buffers_layout,
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "receive buffers: size × count is out of range",
+            ));
+        }
+        let mut buffers = Vec::with_capacity(usize::from(entries));
+        let mut addrs = Vec::with_capacity(usize::from(entries));
+        for _ in 0..entries {
+            let mut memory = vec![0u8; size];
+            // The address the kernel writes to, taken from the vector that owns the memory; turning
+            // it into `Bytes` keeps the same allocation (its length equals its capacity).
+            let addr = memory.as_mut_ptr() as u64;
+            let buffer = Bytes::from(memory);
+            if buffer.as_ptr() as u64 != addr {
+                // SAFETY: allocated just above with this layout.
+                unsafe { std::alloc::dealloc(raw, layout) };
+                return Err(io::Error::other("receive buffer moved when shared"));
+            }
+            // Share it once now, so that taking it later clones a reference count and never
+            // allocates.
+            drop(buffer.clone());
+            buffers.push(buffer);
+            addrs.push(addr);
+        }
+        let mut r = Self {
+            ring,
+            layout,
+            buffers,
+            addrs,
             size,
-            returned: Mutex::new(Vec::new()),
-            held: AtomicUsize::new(0),
-        });
-        let mut r = Self { ring, layout, memory, entries, tail: 0, scratch: Vec::new() };
+            entries,
+            tail: 0,
+            out: Vec::with_capacity(usize::from(entries)),
+        };
         for bid in 0..entries {
             r.put(bid);
         }
@@ -144,18 +107,23 @@ impl BufRing {
 
     /// Buffers out as `Bytes` ([`BufRing::take`]) and not back in the ring yet.
     pub(super) fn held(&self) -> usize {
-        self.memory.held.load(Ordering::Acquire)
+        self.out.len()
     }
 
     /// Writes buffer `bid` into the next free ring entry (made visible by [`BufRing::publish`]).
+    ///
+    /// From then on the kernel may write the buffer, until the completion that names it. The
+    /// callers hand over only buffers nobody reads: fresh ones, ones whose [`BufRing::get`] borrow
+    /// has ended, and taken ones whose handles [`BufRing::reclaim`] found all dropped. The ring's own
+    /// handle is never dereferenced while the buffer is in the ring.
     fn put(&mut self, bid: u16) {
         let index = usize::from(self.tail & (self.entries - 1));
+        let Some(&addr) = self.addrs.get(usize::from(bid)) else { return };
         // SAFETY: `index` < `entries`, the number of entries allocated; the kernel only reads entries
         // between its head and the published tail, and this one is past the published tail.
         let entry = unsafe { &mut *self.ring.as_ptr().add(index) };
-        let addr = self.memory.ptr.as_ptr() as u64 + u64::from(bid) * self.memory.size as u64;
         entry.set_addr(addr);
-        entry.set_len(self.memory.size as u32);
+        entry.set_len(self.size as u32);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
     }
@@ -173,23 +141,25 @@ impl BufRing {
     /// The first `len` bytes of buffer `bid`, which a receive completion just handed over; call
     /// [`BufRing::recycle`] when done with them.
     pub(super) fn get(&self, bid: u16, len: usize) -> &[u8] {
-        if bid >= self.entries {
-            return &[];
+        match self.buffers.get(usize::from(bid)) {
+            // The buffer left the ring with the completion that named it, and goes back only through
+            // `&mut self`, which this borrow prevents while it lives.
+            Some(buffer) => buffer.get(..len.min(self.size)).unwrap_or_default(),
+            None => &[],
         }
-        // SAFETY: the buffer was handed over by a completion and is recycled only through
-        // `&mut self`, which this borrow prevents while it lives.
-        unsafe { self.memory.slice(bid, len) }
     }
 
     /// Buffer `bid`, which a receive completion just handed over with `len` bytes, as `Bytes` to
     /// decode in place; it returns to the ring (through [`BufRing::reclaim`]) once every `Bytes`
-    /// made from it is dropped.
-    pub(super) fn take(&self, bid: u16, len: usize) -> Bytes {
-        if bid >= self.entries {
-            return Bytes::new();
+    /// made from it is dropped. Allocates nothing.
+    pub(super) fn take(&mut self, bid: u16, len: usize) -> Bytes {
+        match self.buffers.get(usize::from(bid)) {
+            Some(buffer) => {
+                self.out.push(bid);
+                buffer.slice(..len.min(self.size))
+            }
+            None => Bytes::new(),
         }
-        self.memory.held.fetch_add(1, Ordering::AcqRel);
-        Bytes::from_owner(RingSlice { memory: self.memory.clone(), bid, len: len.min(self.memory.size) })
     }
 
     /// Gives buffer `bid` back to the kernel.
@@ -200,20 +170,27 @@ impl BufRing {
         }
     }
 
-    /// Gives the buffers whose `Bytes` were dropped back to the kernel; returns how many.
+    /// Gives the taken buffers whose `Bytes` were all dropped back to the kernel; returns how many.
     pub(super) fn reclaim(&mut self) -> usize {
-        let mut returned = std::mem::take(&mut self.scratch);
-        std::mem::swap(&mut *self.memory.returned.lock(), &mut returned);
-        let n = returned.len();
-        for bid in returned.drain(..) {
-            if bid < self.entries {
-                self.put(bid);
+        let mut out = std::mem::take(&mut self.out);
+        let before = out.len();
+        out.retain(|&bid| {
+            match self.buffers.get(usize::from(bid)) {
+                Some(buffer) if !buffer.is_unique() => return true,
+                Some(_) => {}
+                None => return false,
             }
-        }
+            // The last other handle may have been dropped on another thread: order its reads of
+            // the buffer before the kernel's next write into it (the drop released the count).
+            fence(Ordering::Acquire);
+            self.put(bid);
+            false
+        });
+        let n = before - out.len();
+        self.out = out;
         if n > 0 {
             self.publish();
         }
-        self.scratch = returned;
         n
     }
 }
@@ -223,5 +200,45 @@ impl Drop for BufRing {
         // SAFETY: allocated in `new` with this layout; the io_uring that used it was dropped first
         // (the worker declares its ring before its buffer ring).
         unsafe { std::alloc::dealloc(self.ring.as_ptr().cast(), self.layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_buffer_goes_back_once_every_handle_is_dropped() {
+        let mut ring = BufRing::new(4, 4096).unwrap();
+        assert_eq!(ring.entries(), 4);
+        let taken = ring.take(2, 100);
+        assert_eq!(taken.len(), 100);
+        let pdu = taken.slice(10..20);
+        assert_eq!(ring.held(), 1);
+        drop(taken);
+        assert_eq!(ring.reclaim(), 0, "a slice of it is still alive");
+        assert_eq!(ring.held(), 1);
+        drop(pdu);
+        assert_eq!(ring.reclaim(), 1);
+        assert_eq!(ring.held(), 0);
+        assert_eq!(ring.reclaim(), 0, "given back once");
+    }
+
+    #[test]
+    fn lengths_and_ids_out_of_range_are_clamped_or_empty() {
+        let mut ring = BufRing::new(2, 4096).unwrap();
+        assert_eq!(ring.get(1, 1 << 20).len(), 4096);
+        assert!(ring.get(7, 10).is_empty());
+        assert!(ring.take(7, 10).is_empty());
+        assert_eq!(ring.held(), 0);
+        assert_eq!(ring.take(0, 1 << 20).len(), 4096);
+    }
+
+    #[test]
+    fn taken_bytes_outlive_the_ring() {
+        let mut ring = BufRing::new(2, 4096).unwrap();
+        let taken = ring.take(1, 64);
+        drop(ring);
+        assert_eq!(&taken[..], &[0u8; 64][..]);
     }
 }

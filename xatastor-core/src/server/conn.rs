@@ -52,6 +52,9 @@ pub(super) struct Conn {
     pub(super) queued: Option<Instant>,
     /// When input last arrived (for the worker's poll window).
     pub(super) last_input: Option<Instant>,
+    /// The last input came within the worker's trim delay of the one before: the host keeps this
+    /// queue busy (its burst memory is kept while it stays so).
+    pub(super) busy: bool,
     /// Listed in the worker's list of connections with something to send.
     pub(super) dirty: bool,
     /// Listed in the worker's list of connections to trim when it next goes idle.
@@ -124,6 +127,7 @@ impl Conn {
             timer: None,
             queued: None,
             last_input: None,
+            busy: false,
             dirty: false,
             active: false,
             turn: 0,

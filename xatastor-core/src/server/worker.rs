@@ -22,6 +22,12 @@
 //! ([`next_window`]): a worker woken soon after it stopped polling polls longer the next time, up to
 //! four windows. A worker whose connections are idle, or only see sparse traffic like keep-alives,
 //! blocks at once and uses no CPU.
+//!
+//! **Burst memory.** When the worker is about to block, the connections that were active since it
+//! last did give back what a burst made them hold (send and receive vectors, the engine's tables),
+//! so an idle connected queue costs only its fixed state. A busy connection (input within
+//! [`TRIM_AFTER`] of its previous input) keeps it through sleeps shorter than that, and the worker
+//! wakes to take it back [`TRIM_AFTER`] after its last input.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -136,6 +142,18 @@ fn keep_rest(buf: &mut BytesMut, chunk: &mut Bytes, stats: &super::Counters) {
 /// A connection whose input arrives again within this many poll windows is hot.
 const HOT_WINDOWS: u32 = 4;
 
+/// A busy connection (its last two inputs came within this long of each other) keeps its burst
+/// memory (send and receive vectors, the engine's tables) through the worker's short sleeps between
+/// its requests; it gives it back once it has had no input for this long. Under load every sleep
+/// would otherwise free what the next request allocates again.
+const TRIM_AFTER: Duration = Duration::from_millis(1);
+
+/// When a connection that was active keeps its burst memory through a sleep starting `now`: until
+/// the returned instant if it is busy and had input within [`TRIM_AFTER`]; `None`: give it back now.
+fn keep_burst_memory(busy: bool, last_input: Option<Instant>, now: Instant) -> Option<Instant> {
+    last_input.map(|t| t + TRIM_AFTER).filter(|&due| busy && due > now)
+}
+
 /// The poll window after a sleep of `slept` that began when a poll of `window` found nothing.
 ///
 /// A sleep that ended within [`HOT_WINDOWS`] base windows means the window was too short for this
@@ -237,6 +255,9 @@ pub(super) struct Worker {
     /// Connections that had any activity since the worker was last idle: when it goes idle, those
     /// that are quiet give back what a burst made them hold.
     active: Vec<Key>,
+    /// When the busy connections that kept their burst memory at the last sleep are due to give it
+    /// back (see [`TRIM_AFTER`]).
+    trim_at: Option<Instant>,
     /// Loop turns so far (for the per-connection budget of PDUs per turn).
     turn: u64,
     /// Connections with decoded-later input waiting (see [`PDU_BUDGET`]).
@@ -357,6 +378,7 @@ impl Worker {
             starved: Vec::new(),
             blocking,
             active: Vec::new(),
+            trim_at: None,
             turn: 0,
             deferred: Vec::new(),
             quiet,
@@ -512,6 +534,7 @@ impl Worker {
         if !self.ring.completion().is_empty() || !self.deferred.is_empty() || !self.backlog.is_empty() {
             return self.enter(|ring| ring.submit().map(drop));
         }
+        let mut polled = false;
         if let Some(until) = self.spin_until {
             self.enter(|ring| ring.submit().map(drop))?;
             let start = Instant::now();
@@ -534,12 +557,15 @@ impl Worker {
             }
             self.note_spin(start, false);
             self.spin_until = None;
-            #[allow(clippy::disallowed_methods)] // the driver owns the clock
-            let now = Instant::now();
+            polled = true;
+        }
+        #[allow(clippy::disallowed_methods)] // the driver owns the clock
+        let now = Instant::now();
+        if polled {
             self.slept_after_poll = Some(now);
         }
         // About to sleep: nothing is waiting, a good time to tidy up.
-        self.release_idle_memory();
+        self.release_idle_memory(now);
         let tick = |t: Instant| {
             let ticks = t.saturating_duration_since(self.epoch).as_nanos().div_ceil(TIMER_TICK.as_nanos());
             self.epoch + TIMER_TICK * u32::try_from(ticks).unwrap_or(u32::MAX)
@@ -547,6 +573,10 @@ impl Worker {
         // Engine deadlines do not run while the connections are written down for a handover.
         let timer = if self.rx_frozen() { None } else { self.timers.peek().map(|Reverse((t, _))| tick(*t)) };
         let deadline = match (timer, self.accept_paused_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = match (deadline, self.trim_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -577,10 +607,17 @@ impl Worker {
     /// Connections that were active and are quiet now give back their burst memory (receive and send
     /// vectors, the engine's tables): an idle connected queue holds only its fixed state. Runs when
     /// the worker is about to sleep, over the connections that had any activity since it last did.
-    fn release_idle_memory(&mut self) {
+    /// A busy connection with input in the last [`TRIM_AFTER`] keeps its memory until then (the
+    /// worker's sleep ends by [`Worker::trim_at`] to give it back).
+    fn release_idle_memory(&mut self, now: Instant) {
         let mut active = std::mem::take(&mut self.active);
-        for key in active.drain(..) {
-            let Some(c) = self.conns.get_mut(key) else { continue };
+        self.trim_at = None;
+        active.retain(|&key| {
+            let Some(c) = self.conns.get_mut(key) else { return false };
+            if let Some(due) = keep_burst_memory(c.busy, c.last_input, now) {
+                self.trim_at = Some(self.trim_at.map_or(due, |t| t.min(due)));
+                return true;
+            }
             c.active = false;
             c.rx.release_idle();
             c.tx.release_idle();
@@ -588,8 +625,13 @@ impl Worker {
             if c.disk_waiting.is_empty() {
                 c.disk_waiting = VecDeque::new();
             }
-        }
+            false
+        });
+        let kept = !active.is_empty();
         self.active = active;
+        if kept {
+            return;
+        }
         // The worker's own vectors, sized by the last burst (a few entries are kept).
         self.active.shrink_to(64);
         self.cqes.shrink_to(64);
@@ -1038,6 +1080,9 @@ impl Worker {
         {
             // A hot connection: keep polling for a while before blocking.
             self.spin_until = Some(now + self.window);
+        }
+        if res > 0 {
+            c.busy = previous.is_some_and(|p| now.saturating_duration_since(p) < TRIM_AFTER);
         }
         let direct = c.rx.is_direct();
         if res == -libc::ENOBUFS && c.dormant {
@@ -1754,7 +1799,7 @@ fn timespec(d: Duration) -> types::Timespec {
 mod tests {
     use std::time::Duration;
 
-    use super::{disk_limit, next_window};
+    use super::{disk_limit, keep_burst_memory, next_window, TRIM_AFTER};
 
     #[test]
     fn the_poll_window_grows_while_sleeps_end_soon_and_resets_after_a_pause() {
@@ -1769,6 +1814,20 @@ mod tests {
         assert_eq!(next_window(us(100), base, Duration::from_secs(3)), base);
         // Polling off stays off.
         assert_eq!(next_window(Duration::ZERO, Duration::ZERO, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_a_busy_connection_with_recent_input_keeps_its_burst_memory() {
+        #[allow(clippy::disallowed_methods)] // a fixed origin for the arithmetic below
+        let t0 = std::time::Instant::now();
+        let soon = t0 + TRIM_AFTER / 2;
+        // Busy host, input half a trim delay ago: kept until a trim delay after that input.
+        assert_eq!(keep_burst_memory(true, Some(t0), soon), Some(t0 + TRIM_AFTER));
+        // The same input pattern, later: given back.
+        assert_eq!(keep_burst_memory(true, Some(t0), t0 + TRIM_AFTER), None);
+        // Sparse traffic (a keep-alive now and then) never keeps anything.
+        assert_eq!(keep_burst_memory(false, Some(t0), soon), None);
+        assert_eq!(keep_burst_memory(true, None, soon), None);
     }
 
     #[test]
