@@ -905,3 +905,57 @@ fn a_long_pdu_split_inside_its_header_is_not_copied_whole() {
     drop(plain);
     srv.shutdown().unwrap();
 }
+
+/// A response of one command goes out with a system call of its own when it is the worker's only
+/// output; when the socket takes only part of it, or nothing (the host reads nothing for a while
+/// and its receive window is small), the rest goes through the ring, and everything arrives whole
+/// and in order.
+#[test]
+fn responses_the_socket_takes_in_part_arrive_whole_and_in_order() {
+    let target = target_with(Arc::new(MemoryBackend::new(64 << 20, 512)));
+    let srv = server(&target, 1, |_| {});
+    let (_adm, cntlid) = admin(srv.local_addr(), 0);
+    // One data PDU and the completion per read.
+    let len = 128 * 1024;
+    let blocks = (len / 512) as u64;
+    let reads = 24u64;
+    {
+        let mut q = io_queue(srv.local_addr(), 1, cntlid);
+        for i in 0..reads {
+            assert_eq!(write(&mut q, i * blocks, &pattern(len, i as u8)), Status::SUCCESS);
+        }
+    }
+    // A host socket with a small receive buffer (set before connecting, so the window stays small).
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&srv.local_addr().into()).unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut q = BlockingHost::new(stream, HostOptions::default()).unwrap();
+    let (sqe, connect) = host::connect_command(1, 128, 0, cntlid, [7; 16], NQN, HOSTNQN);
+    assert_eq!(q.command(sqe, Some(connect), 0).unwrap().status(), Status::SUCCESS);
+    for round in 0..2 {
+        // 3 MiB of responses and nothing read for a while: the socket fills part-way through one.
+        // The reads come one at a time, so that each response is the worker's only output.
+        for i in 0..reads {
+            q.submit(rw(0x02, i * blocks, blocks as u32), None, len as u32).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut seen = Vec::new();
+        for _ in 0..reads {
+            let c = q.next_completion().unwrap();
+            assert_eq!(c.status(), Status::SUCCESS, "round {round}");
+            let i = c.data.to_bytes().first().map_or(u64::MAX, |&b| u64::from(b)); // the pattern's seed
+            assert!(c.data.to_bytes() == pattern(len, i as u8), "round {round}: read {i} arrived changed");
+            seen.push(i);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..reads).collect::<Vec<_>>(), "round {round}: every read answered once");
+        // Queue depth 1 afterwards.
+        assert_eq!(read(&mut q, 5 * blocks, len), pattern(len, 5), "round {round}: the next response");
+    }
+    drop(q);
+    srv.shutdown().unwrap();
+}

@@ -398,6 +398,11 @@ impl Tx {
         self.queued.push_back(pdu);
     }
 
+    /// PDUs queued or being sent.
+    pub(super) fn pdus(&self) -> usize {
+        self.queued.len() + self.sending.len()
+    }
+
     /// Nothing queued, nothing being sent.
     pub(super) fn is_empty(&self) -> bool {
         !self.inflight && self.sending.is_empty() && self.queued.is_empty()

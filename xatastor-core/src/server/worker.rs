@@ -139,6 +139,10 @@ fn keep_rest(buf: &mut BytesMut, chunk: &mut Bytes, stats: &super::Counters) {
     chunk.clear();
 }
 
+/// A send of at most this many PDUs (one command's response: data and completion) by the turn's only
+/// connection with output goes out with a system call of its own (see `Worker::send_alone`).
+const SEND_ALONE_PDUS: usize = 2;
+
 /// A connection whose input arrives again within this many poll windows is hot.
 const HOT_WINDOWS: u32 = 4;
 
@@ -511,6 +515,7 @@ impl Worker {
             cqes.clear();
             self.cqes = cqes;
             self.run_deferred(now);
+            self.send_alone(now);
             self.flush_sends();
             self.run_timers(now);
             self.resume_accept(now);
@@ -536,7 +541,15 @@ impl Worker {
         }
         let mut polled = false;
         if let Some(until) = self.spin_until {
-            self.enter(|ring| ring.submit().map(drop))?;
+            // Submit what is queued; with nothing queued (the response went out with a system call
+            // of its own) there is nothing to enter the kernel for.
+            let queued = {
+                let sq = self.ring.submission();
+                !sq.is_empty() || sq.cq_overflow()
+            };
+            if queued {
+                self.enter(|ring| ring.submit().map(drop))?;
+            }
             let start = Instant::now();
             let mut spins = 0u32;
             loop {
@@ -1638,6 +1651,50 @@ impl Worker {
     }
 
     /// Starts a `writev` on every connection that has output and none in flight.
+    /// When one connection alone has output this turn, and it is one command's response (at most
+    /// [`SEND_ALONE_PDUS`] PDUs: a host waiting for each response, queue depth 1), sends it with a
+    /// non-blocking `sendmsg` right away instead of through the ring: one system call either way,
+    /// minus the ring's send operation and the completion the next turn would handle. A larger
+    /// batch goes through the ring, with the system call the worker makes anyway to receive more;
+    /// so does what the socket does not take at once.
+    fn send_alone(&mut self, now: Instant) {
+        let [key] = self.dirty[..] else { return };
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if c.dead || c.tx.pdus() > SEND_ALONE_PDUS {
+            return;
+        }
+        self.dirty.clear();
+        c.dirty = false;
+        let Some((iov, n)) = c.tx.prepare() else { return };
+        // SAFETY: a zeroed `msghdr` is valid (no name, no control data); it points at the `n`
+        // iovecs `prepare` just built, which stay valid (with the `Bytes` they point into) until the
+        // send is completed or failed below or the ring's write of them completes.
+        let sent = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.cast_mut();
+            msg.msg_iovlen = n as usize;
+            libc::sendmsg(c.stream.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if sent >= 0 {
+            // Handled as the ring's completion would be; anything left is listed again and goes
+            // through the ring in `flush_sends`.
+            self.on_send(key, i32::try_from(sent).unwrap_or(i32::MAX), now);
+            return;
+        }
+        let err = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        if err == libc::EAGAIN || err == libc::EINTR {
+            // The socket is full: the ring waits for room (the iovecs are still the ones prepared).
+            let e = opcode::Writev::new(types::Fd(c.stream.as_raw_fd()), iov, n)
+                .build()
+                .user_data(key.user_data(KIND_SEND));
+            // SAFETY: as in `start_send`: the iovecs and their bytes stay untouched until this write
+            // completes (`Tx::inflight` is set), and the connection is not freed before then.
+            unsafe { self.push(e) };
+        } else {
+            self.on_send(key, -err, now);
+        }
+    }
+
     fn flush_sends(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
         for key in dirty.drain(..) {
