@@ -937,10 +937,11 @@ fn responses_the_socket_takes_in_part_arrive_whole_and_in_order() {
     assert_eq!(q.command(sqe, Some(connect), 0).unwrap().status(), Status::SUCCESS);
     for round in 0..2 {
         // 3 MiB of responses and nothing read for a while: the socket fills part-way through one.
-        // The reads come one at a time, so that each response is the worker's only output.
+        // The reads come one at a time, soon after each other (the worker polls for the next one),
+        // so that each response is the worker's only output.
         for i in 0..reads {
             q.submit(rw(0x02, i * blocks, blocks as u32), None, len as u32).unwrap();
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_micros(100));
         }
         std::thread::sleep(Duration::from_millis(100));
         let mut seen = Vec::new();

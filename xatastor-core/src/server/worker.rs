@@ -1650,14 +1650,19 @@ impl Worker {
         self.after_engine(conn, now);
     }
 
-    /// Starts a `writev` on every connection that has output and none in flight.
     /// When one connection alone has output this turn, and it is one command's response (at most
-    /// [`SEND_ALONE_PDUS`] PDUs: a host waiting for each response, queue depth 1), sends it with a
-    /// non-blocking `sendmsg` right away instead of through the ring: one system call either way,
-    /// minus the ring's send operation and the completion the next turn would handle. A larger
-    /// batch goes through the ring, with the system call the worker makes anyway to receive more;
-    /// so does what the socket does not take at once.
+    /// [`SEND_ALONE_PDUS`] PDUs: a host waiting for each response, queue depth 1), and the worker
+    /// is going to poll (a hot connection), sends it with a non-blocking `sendmsg` right away
+    /// instead of through the ring: one system call either way, minus the ring's send operation and
+    /// the completion the next turn would handle. A larger batch goes through the ring, with the
+    /// system call the worker makes anyway to receive more; so does what the socket does not take
+    /// at once, and the output of a worker about to sleep (it submits with the call it sleeps in).
     fn send_alone(&mut self, now: Instant) {
+        // A worker about to sleep submits the ring write with the system call it sleeps in (sparse
+        // traffic such as keep-alives): one system call, not two.
+        if self.spin_until.is_none() {
+            return;
+        }
         let [key] = self.dirty[..] else { return };
         let Some(c) = self.conns.get_mut(key) else { return };
         if c.dead || c.tx.pdus() > SEND_ALONE_PDUS {
@@ -1695,6 +1700,7 @@ impl Worker {
         }
     }
 
+    /// Starts a `writev` on every connection that has output and none in flight.
     fn flush_sends(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
         for key in dirty.drain(..) {
