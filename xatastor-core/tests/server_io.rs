@@ -929,12 +929,7 @@ fn responses_the_socket_takes_in_part_arrive_whole_and_in_order() {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(&srv.local_addr().into()).unwrap();
-    let stream: std::net::TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    stream.set_nodelay(true).unwrap();
-    let mut q = BlockingHost::new(stream, HostOptions::default()).unwrap();
-    let (sqe, connect) = host::connect_command(1, 128, 0, cntlid, [7; 16], NQN, HOSTNQN);
-    assert_eq!(q.command(sqe, Some(connect), 0).unwrap().status(), Status::SUCCESS);
+    let mut q = common::connect_io_over(common::tune(socket.into()), NQN, HOSTNQN, 1, cntlid);
     for round in 0..2 {
         // 3 MiB of responses and nothing read for a while: the socket fills part-way through one.
         // The reads come one at a time, soon after each other (the worker polls for the next one),

@@ -585,28 +585,16 @@ impl Worker {
         };
         // Engine deadlines do not run while the connections are written down for a handover.
         let timer = if self.rx_frozen() { None } else { self.timers.peek().map(|Reverse((t, _))| tick(*t)) };
-        let deadline = match (timer, self.accept_paused_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let deadline = match (deadline, self.trim_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         // Quiet queues whose poll could not be armed (no room in the ring): back within a window.
-        let unarmed = self.quiet.as_ref().filter(|q| q.count > 0 && !q.armed).map(|_| {
-            #[allow(clippy::disallowed_methods)] // the driver owns the clock
-            let now = Instant::now();
-            now + self.config.admin_batch_window
-        });
-        let deadline = match (deadline, unarmed) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let deadline = match (deadline, self.handover_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let unarmed = self
+            .quiet
+            .as_ref()
+            .filter(|q| q.count > 0 && !q.armed)
+            .map(|_| now + self.config.admin_batch_window);
+        let deadline = [timer, self.accept_paused_until, self.trim_at, unarmed, self.handover_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
         match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
             Some(d) => {
                 let ts = timespec(d);
@@ -1689,12 +1677,10 @@ impl Worker {
         let err = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
         if err == libc::EAGAIN || err == libc::EINTR {
             // The socket is full: the ring waits for room (the iovecs are still the ones prepared).
-            let e = opcode::Writev::new(types::Fd(c.stream.as_raw_fd()), iov, n)
-                .build()
-                .user_data(key.user_data(KIND_SEND));
-            // SAFETY: as in `start_send`: the iovecs and their bytes stay untouched until this write
-            // completes (`Tx::inflight` is set), and the connection is not freed before then.
-            unsafe { self.push(e) };
+            let fd = c.stream.as_raw_fd();
+            // SAFETY: `iov` and `n` come from this connection's `prepare` above; the failed
+            // `sendmsg` left the send queue as it was.
+            unsafe { self.push_writev(key, fd, iov, n) };
         } else {
             self.on_send(key, -err, now);
         }
@@ -1716,12 +1702,21 @@ impl Worker {
             return;
         }
         let Some((iov, n)) = c.tx.prepare() else { return };
-        let e = opcode::Writev::new(types::Fd(c.stream.as_raw_fd()), iov, n)
-            .build()
-            .user_data(key.user_data(KIND_SEND));
-        // SAFETY: the iovecs and the bytes they point to (the PDUs in the send queue's `sending`,
-        // reference-counted `Bytes` that nothing frees while they are held there) stay untouched
-        // until this write completes (`Tx::inflight`), and the connection is not freed before then.
+        let fd = c.stream.as_raw_fd();
+        // SAFETY: `iov` and `n` come from this connection's `prepare` just above.
+        unsafe { self.push_writev(key, fd, iov, n) };
+    }
+
+    /// Queues the ring write of the `n` iovecs at `iov` to connection `key`'s socket `fd`.
+    ///
+    /// # Safety
+    /// `iov` and `n` must be what [`Tx::prepare`] of that connection just returned: the iovecs
+    /// and the bytes they point to (the PDUs in the send queue's `sending`, reference-counted
+    /// `Bytes` that nothing frees while they are held there) stay untouched until this write
+    /// completes (`Tx::inflight`), and the connection is not freed before then.
+    unsafe fn push_writev(&mut self, key: Key, fd: libc::c_int, iov: *const libc::iovec, n: u32) {
+        let e = opcode::Writev::new(types::Fd(fd), iov, n).build().user_data(key.user_data(KIND_SEND));
+        // SAFETY: the caller's guarantee above is what `push` needs of the entry's buffers.
         unsafe { self.push(e) };
     }
 

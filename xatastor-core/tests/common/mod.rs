@@ -19,7 +19,11 @@ pub(crate) type Host = BlockingHost<TcpStream>;
 /// A TCP connection with a read timeout (a hung server fails the test instead of hanging it) and
 /// no Nagle delay (a host sends each PDU at once, as the Linux initiator does).
 pub(crate) fn tcp(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
+    tune(TcpStream::connect(addr).unwrap())
+}
+
+/// Gives a connected stream the read timeout and the no-Nagle setting of [`tcp`].
+pub(crate) fn tune(s: TcpStream) -> TcpStream {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.set_nodelay(true).unwrap();
     s
@@ -57,7 +61,12 @@ pub(crate) fn set_queue_count(a: &mut Host, n: u16) {
 
 /// Connects I/O queue `qid` of controller `cntlid`.
 pub(crate) fn connect_io(addr: SocketAddr, subnqn: &str, hostnqn: &str, qid: u16, cntlid: u16) -> Host {
-    let mut q = Host::new(tcp(addr), HostOptions::default()).unwrap();
+    connect_io_over(tcp(addr), subnqn, hostnqn, qid, cntlid)
+}
+
+/// Connects I/O queue `qid` of controller `cntlid` over a stream the caller connected.
+pub(crate) fn connect_io_over(stream: TcpStream, subnqn: &str, hostnqn: &str, qid: u16, cntlid: u16) -> Host {
+    let mut q = Host::new(stream, HostOptions::default()).unwrap();
     let (sqe, data) = host::connect_command(qid, 128, 0, cntlid, [7; 16], subnqn, hostnqn);
     assert_eq!(q.command(sqe, Some(data), 0).unwrap().status(), Status::SUCCESS);
     q
