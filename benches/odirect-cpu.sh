@@ -23,7 +23,12 @@ while [ $# -gt 0 ]; do case $1 in
 [ -x "$BIN" ] || cargo build --release -q -p xatastor-examples --bin nvmeof-blocking-target
 W=$(mktemp -d /var/tmp/odirect-cpu.XXXX)
 LOOP=; PID=
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; [ -n "$LOOP" ] && losetup -d "$LOOP"; rm -rf "$W"; }
+# (Each step may fail without stopping the others: the server's exit status is a signal's.)
+cleanup() {
+  if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
+  if [ -n "$LOOP" ]; then losetup -d "$LOOP" || true; fi
+  rm -rf "$W"
+}
 trap cleanup EXIT
 truncate -s 2G "$W/disk.img"
 LOOP=$(losetup --find --show --direct-io=on --sector-size "$BS" "$W/disk.img")

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   scrape ──▶ NodeCollector::encode ──▶ node gauges, capacity, I/O totals (catalog + target)
-//!                                    ├─▶ per worker: connections (server)
+//!                                    ├─▶ per worker: connections, polling, copies (server)
 //!                                    └─▶ per *loaded* volume: I/O counters, size, latency histogram
 //! ```
 //!
@@ -16,6 +16,10 @@
 //!   an unloaded volume would cost memory per idle volume, which the node avoids. Prometheus reads
 //!   the drop as a counter reset (`rate()`/`increase()` handle it); the node-wide totals above stay
 //!   monotonic across unloads.
+//! - **Per worker:** open connections, connections refused by a limit, the CPU time spent in poll
+//!   windows (`xatastor_worker_poll_seconds_total`: a worker's CPU time less this is its work) and
+//!   how the windows ended, bytes copied out of the shared receive buffers, bounced `O_DIRECT`
+//!   writes, requests sent to the blocking pool, failed accepts.
 //! - **Latency** (`xatastor_volume_latency_seconds`): the target's own time for a command, from the
 //!   moment the command was decoded to its completion being queued for sending, as the engine
 //!   measures it. It does not include the network, the host's stack or the time the command waited
@@ -33,7 +37,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use xatastor_core::{Node, Server};
+use xatastor_core::{Node, Server, WorkerStats};
 
 /// The server handle the metrics read worker gauges from (`None` while it shuts down).
 pub type SharedServer = Arc<parking_lot::Mutex<Option<Arc<Server>>>>;
@@ -96,6 +100,22 @@ fn family<'a, T: 'a>(
             MetricType::Counter => s.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
             _ => s.encode_gauge(&i64::try_from(v).unwrap_or(i64::MAX))?,
         }
+    }
+    Ok(())
+}
+
+/// One counter in seconds per label value.
+fn family_seconds<'a, T: 'a>(
+    e: &mut DescriptorEncoder<'_>,
+    (name, help): (&str, &str),
+    label: &str,
+    items: impl IntoIterator<Item = (&'a str, T)>,
+    value: impl Fn(&T) -> Duration,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Counter)?;
+    for (l, item) in items {
+        let labels = [(label, l)];
+        m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(&value(&item).as_secs_f64(), None)?;
     }
     Ok(())
 }
@@ -236,6 +256,62 @@ impl Collector for NodeCollector {
                 by_worker(),
                 |w| w.refused,
             )?;
+            family_seconds(
+                &mut e,
+                (
+                    "xatastor_worker_poll",
+                    "CPU time the worker spent polling for the next request after activity (the cost \
+                     of the poll window; the rest of its CPU time is work).",
+                ),
+                "worker",
+                by_worker(),
+                |w| w.poll_time,
+            )?;
+            type WorkerGet = fn(&WorkerStats) -> u64;
+            let counters: [(&str, &str, Option<Unit>, WorkerGet); 6] = [
+                (
+                    "xatastor_worker_polls_found_work",
+                    "Poll windows that found a request before they ran out.",
+                    None,
+                    |w| w.poll_hits,
+                ),
+                (
+                    "xatastor_worker_polls_expired",
+                    "Poll windows that ran out (the worker then slept until the next completion).",
+                    None,
+                    |w| w.poll_misses,
+                ),
+                (
+                    "xatastor_worker_receive_copied",
+                    "Bytes copied from the shared receive buffers into connections' reassembly \
+                     buffers (queues of O_DIRECT volumes receive into their own buffers instead).",
+                    Some(Unit::Bytes),
+                    |w| w.received_bytes_copied,
+                ),
+                (
+                    "xatastor_worker_bounced_writes",
+                    "Writes to O_DIRECT devices whose data was not aligned and was copied into an \
+                     aligned buffer first.",
+                    None,
+                    |w| w.bounced_writes,
+                ),
+                (
+                    "xatastor_worker_blocking_pool_requests",
+                    "Requests of file-descriptor volumes the ring cannot do, run on the blocking pool.",
+                    None,
+                    |w| w.pool_requests,
+                ),
+                (
+                    "xatastor_worker_accept_failures",
+                    "Accepts that failed for lack of file descriptors or memory (accepting pauses \
+                     for 100 ms each time).",
+                    None,
+                    |w| w.accept_failures,
+                ),
+            ];
+            for (name, help, unit, get) in counters {
+                family(&mut e, (name, help, unit, Counter), "worker", by_worker(), |w| get(w))?;
+            }
         }
 
         // Loaded volumes.

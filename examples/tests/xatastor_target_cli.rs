@@ -279,6 +279,27 @@ fn operator_workflow() {
     assert!((0.0..60.0).contains(&sum), "{sum}");
     assert!(body.contains("# HELP xatastor_volume_latency_seconds The target's time per command"), "{body}");
     assert!(body.contains("le=\"1.28e-7\""), "a 128 ns first bucket (finer than a microsecond): {body}");
+    // Per worker: the poll window's CPU time (seconds, a float) and how the windows ended.
+    let worker_value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{worker=\"0\"}} ")))
+            .unwrap_or_else(|| panic!("no {name}: {body}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}: {body}"))
+    };
+    let polled = worker_value("xatastor_worker_poll_seconds_total");
+    assert!((0.0..60.0).contains(&polled), "{polled}");
+    for name in [
+        "xatastor_worker_polls_found_work_total",
+        "xatastor_worker_polls_expired_total",
+        "xatastor_worker_receive_copied_bytes_total",
+        "xatastor_worker_blocking_pool_requests_total",
+        "xatastor_worker_accept_failures_total",
+    ] {
+        let v = worker_value(name);
+        assert!(v >= 0.0 && v.fract() == 0.0, "{name} {v}");
+    }
+    assert_eq!(worker_value("xatastor_worker_bounced_writes_total"), 0.0, "memory volumes bounce nothing");
     for path in ["/", "/favicon.ico", "/metricsx"] {
         let r = http_get(&served.metrics, path);
         assert!(r.starts_with("HTTP/1.1 404"), "{path}: {r}");
