@@ -8,6 +8,9 @@
 //! PDU's 8-byte common header, then the rest of the PDU (plus the next common header) into memory
 //! placed so that the PDU's data starts at an address aligned for the device. The write then goes
 //! to the device straight from that memory: the kernel's copy out of the socket is the only copy.
+//! A PDU with data of up to [`POOLED_PDU_MAX`] bytes (4 KiB and 8 KiB writes) is placed in a buffer
+//! of the worker's pool, which comes back when the device is done with it: its only allocation is
+//! the `Bytes` handle. Larger ones, and any past the buffers the pool keeps, get memory of their own.
 //!
 //! ```text
 //!  ring:    RecvMulti ─▶ provided buffer ─copy─▶ buf ─▶ decode ─▶ (write data copied again for O_DIRECT)
@@ -24,9 +27,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use nvmeof_proto::{BytesChain, EncodedPdu};
 use nvmeof_target::{Connection, IoRequest};
+
+use super::pool::{Pooled, ReadPool, MIN_CLASS};
 
 /// Send at most this many PDUs in one `writev`.
 const MAX_PDUS_PER_SEND: usize = 256;
@@ -37,6 +42,11 @@ const MAX_IOVECS: usize = 1024;
 
 /// Length of a PDU's common header.
 const CH_LEN: usize = 8;
+
+/// Direct mode places a PDU with data in a pooled buffer when it needs at most this many bytes
+/// (alignment padding, the PDU and the next common header): the pool's 4, 8 and 16 KiB classes,
+/// which keep 256, 128 and 64 buffers. Larger PDUs are rarer per byte and get their own buffer.
+pub(super) const POOLED_PDU_MAX: usize = 16 * 1024;
 
 pub(super) struct Conn {
     pub(super) stream: TcpStream,
@@ -168,10 +178,13 @@ pub(super) fn pdu_len(front: &[u8]) -> Option<usize> {
 #[derive(Debug)]
 pub(super) struct Direct {
     align: usize,
+    /// The worker's pool of aligned buffers, for PDUs with data.
+    pool: Arc<ReadPool>,
     /// The next PDU's common header, as far as received.
     ch: [u8; CH_LEN],
     ch_len: usize,
-    /// Length of the PDU being assembled in [`Rx::buf`] (0: the common header is being read).
+    /// Length of the PDU being assembled in [`Rx::buf`] or [`Rx::placed`] (0: the common header is
+    /// being read).
     plen: usize,
     /// The PDU being assembled carries data (placed for the device's alignment).
     data: bool,
@@ -182,17 +195,35 @@ pub(super) struct Direct {
 pub(super) enum DirectStep {
     /// Receive again.
     More,
-    /// [`Rx::buf`] holds exactly one whole PDU: decode it, then call [`Rx::direct_next`].
+    /// One whole PDU is in: in [`Rx::buf`] if it has no data (decode it from there), else taken
+    /// with [`Rx::take_data_pdu`]; then call [`Rx::direct_next`].
     Pdu,
     /// The common header is not one to place (length out of bounds): the connection went back to
     /// ring mode with the bytes in [`Rx::buf`], where the decoder reports the error.
     Fallback,
 }
 
+/// A PDU with data being assembled in a pooled buffer (direct mode). The PDU starts at `start`,
+/// placed so that its data lands aligned; the buffer shows (its length) what was received of it.
+#[derive(Debug)]
+pub(super) struct Placed {
+    buf: Pooled,
+    start: usize,
+}
+
+impl Placed {
+    /// Bytes received of the PDU (and possibly of the next common header).
+    fn filled(&self) -> usize {
+        self.buf.as_ref().len() - self.start
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Rx {
-    /// Undecoded input (ring mode) or the PDU being assembled (direct mode).
+    /// Undecoded input (ring mode) or the PDU being assembled (direct mode) unless it is `placed`.
     pub(super) buf: BytesMut,
+    /// Direct mode: the PDU with data being assembled, when it is in a pooled buffer.
+    pub(super) placed: Option<Placed>,
     /// Ring mode: a long PDU arriving over several receive buffers, kept as slices of them (and,
     /// once started, everything received after it, in order). Decoded before `buf`.
     pub(super) chain: BytesChain,
@@ -220,14 +251,14 @@ impl Rx {
     /// Starts direct mode with whatever ring mode left in [`Rx::buf`]: at most one partial PDU, copied
     /// once into the placed buffer. If a whole PDU is waiting (or the header is not one to place), the
     /// connection stays in ring mode ([`DirectStep::Fallback`]).
-    pub(super) fn start_direct(&mut self, align: usize, max_pdu: usize) -> DirectStep {
+    pub(super) fn start_direct(&mut self, align: usize, max_pdu: usize, pool: Arc<ReadPool>) -> DirectStep {
         let plen = pdu_len(&self.buf);
         if plen.is_some_and(|plen| self.buf.len() >= plen || !(CH_LEN..=max_pdu).contains(&plen)) {
             self.mode = RxMode::Ring;
             return DirectStep::Fallback;
         }
         let leftover = std::mem::take(&mut self.buf);
-        let mut d = Direct { align, ch: [0; CH_LEN], ch_len: 0, plen: 0, data: false };
+        let mut d = Direct { align, pool, ch: [0; CH_LEN], ch_len: 0, plen: 0, data: false };
         let n = leftover.len().min(CH_LEN);
         if let (Some(dst), Some(src)) = (d.ch.get_mut(..n), leftover.get(..n)) {
             dst.copy_from_slice(src);
@@ -240,8 +271,19 @@ impl Rx {
         if self.place(max_pdu) == DirectStep::Pdu {
             return DirectStep::Pdu;
         }
-        // The rest of the partial PDU ring mode had received (a one-time copy at the switch).
-        self.buf.extend_from_slice(leftover.get(CH_LEN..).unwrap_or_default());
+        // The rest of the partial PDU ring mode had received (a one-time copy at the switch; it is
+        // shorter than the PDU, so it fits where the PDU goes).
+        let rest = leftover.get(CH_LEN..).unwrap_or_default();
+        match &mut self.placed {
+            Some(p) => {
+                let at = p.start + p.filled();
+                if let Some(dst) = p.buf.as_mut_full().get_mut(at..at + rest.len()) {
+                    dst.copy_from_slice(rest);
+                    p.buf.set_len(at + rest.len());
+                }
+            }
+            None => self.buf.extend_from_slice(rest),
+        }
         self.after_body()
     }
 
@@ -253,6 +295,12 @@ impl Rx {
             return Some((rest.as_mut_ptr(), rest.len()));
         }
         // The rest of this PDU and the next common header (a short read is fine).
+        if let Some(p) = &mut self.placed {
+            let at = p.start + p.filled();
+            let want = (d.plen + CH_LEN).saturating_sub(p.filled());
+            let room = p.buf.as_mut_full().get_mut(at..at + want)?;
+            return (want > 0).then_some((room.as_mut_ptr(), want));
+        }
         let want = (d.plen + CH_LEN).saturating_sub(self.buf.len());
         let spare = self.buf.spare_capacity_mut();
         (spare.len() >= want && want > 0).then(|| (spare.as_mut_ptr().cast::<u8>(), want))
@@ -272,6 +320,13 @@ impl Rx {
             }
             return self.place(max_pdu);
         }
+        if let Some(p) = &mut self.placed {
+            // The bytes are initialised memory of the buffer either way; the length says which
+            // of them are the PDU's.
+            let len = p.buf.as_ref().len() + n;
+            p.buf.set_len(len);
+            return self.after_body();
+        }
         let len = (self.buf.len() + n).min(self.buf.capacity());
         // SAFETY: the caller guarantees the kernel initialised these `n` bytes of spare capacity
         // right after the current length (and `len` is capped by the capacity).
@@ -283,15 +338,22 @@ impl Rx {
     /// out of the buffer), or more is needed.
     fn after_body(&mut self) -> DirectStep {
         let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
-        if self.buf.len() < d.plen {
+        let pdu = match &self.placed {
+            Some(p) => p.buf.as_ref().get(p.start..).unwrap_or_default(),
+            None => &self.buf[..],
+        };
+        if pdu.len() < d.plen {
             return DirectStep::More;
         }
-        let extra = self.buf.get(d.plen..).unwrap_or_default();
+        let extra = pdu.get(d.plen..).unwrap_or_default();
         d.ch_len = extra.len().min(CH_LEN);
         if let (Some(dst), Some(src)) = (d.ch.get_mut(..d.ch_len), extra.get(..d.ch_len)) {
             dst.copy_from_slice(src);
         }
-        self.buf.truncate(d.plen);
+        match &mut self.placed {
+            Some(p) => p.buf.set_len(p.start + d.plen),
+            None => self.buf.truncate(d.plen),
+        }
         DirectStep::Pdu
     }
 
@@ -319,17 +381,32 @@ impl Rx {
         let pdo = usize::from(d.ch[3]);
         let data_at = if pdo >= CH_LEN && pdo < plen { pdo } else { 0 };
         let align = if data_at > 0 { d.align } else { 1 };
-        // A buffer of our own per PDU with data (the data leaves with it); a data-less PDU reuses it.
+        d.plen = plen;
+        d.data = data_at > 0;
+        d.ch_len = 0;
         self.buf.clear();
+        self.placed = None;
+        // A small PDU with data goes into a pooled buffer (4096-aligned, so padding the header to
+        // the device's alignment aligns the data), which goes back to the pool after the write.
+        let pad = (align - data_at % align) % align;
+        let need = pad + plen + CH_LEN;
+        if data_at > 0 && align <= MIN_CLASS && need <= POOLED_PDU_MAX {
+            if let Some(mut buf) = d.pool.take_kept(need) {
+                if let Some(dst) = buf.as_mut_full().get_mut(pad..pad + CH_LEN) {
+                    dst.copy_from_slice(&d.ch);
+                    buf.set_len(pad + CH_LEN);
+                    self.placed = Some(Placed { buf, start: pad });
+                    return if plen == CH_LEN { DirectStep::Pdu } else { DirectStep::More };
+                }
+            }
+        }
+        // A buffer of our own per PDU with data (the data leaves with it); a data-less PDU reuses it.
         self.buf.reserve(plen + CH_LEN + align);
         let base = self.buf.as_ptr() as usize;
         let pad = (align - (base + data_at) % align) % align;
         self.buf.resize(pad, 0);
         self.buf.advance(pad);
         self.buf.extend_from_slice(&d.ch);
-        d.plen = plen;
-        d.data = data_at > 0;
-        d.ch_len = 0;
         if plen == CH_LEN {
             return DirectStep::Pdu;
         }
@@ -350,7 +427,10 @@ impl Rx {
             }
             // A common header being read, or a PDU being assembled (its header is at the front).
             RxMode::Direct(d) if d.plen == 0 => Some(d.ch.get(..d.ch_len).unwrap_or_default().to_vec()),
-            RxMode::Direct(_) => Some(self.buf.to_vec()),
+            RxMode::Direct(_) => Some(match &self.placed {
+                Some(p) => p.buf.as_ref().get(p.start..).unwrap_or_default().to_vec(),
+                None => self.buf.to_vec(),
+            }),
         }
     }
 
@@ -359,6 +439,24 @@ impl Rx {
     /// the next PDU.
     pub(super) fn direct_pdu_has_data(&self) -> bool {
         matches!(&self.mode, RxMode::Direct(d) if d.data)
+    }
+
+    /// Direct mode, a whole PDU with data is in ([`DirectStep::Pdu`]): takes it, with the memory it
+    /// is in (a pooled buffer goes back to the pool when the last slice of it is dropped).
+    pub(super) fn take_data_pdu(&mut self) -> Bytes {
+        match self.placed.take() {
+            Some(Placed { buf, start }) => {
+                let mut pdu = Bytes::from_owner(buf);
+                pdu.advance(start);
+                pdu
+            }
+            None => std::mem::take(&mut self.buf).freeze(),
+        }
+    }
+
+    /// Decoded input waits: a PDU or part of one, in any of the buffers.
+    pub(super) fn has_input(&self) -> bool {
+        !self.buf.is_empty() || !self.chain.is_empty() || self.placed.is_some()
     }
 
     /// True while direct mode waits for a common header with nothing of a PDU received.
@@ -499,7 +597,11 @@ mod tests {
             // SAFETY: n bytes were just written at the target.
             let mut step_now = unsafe { rx.direct_received(n, 1 << 20) };
             while step_now == DirectStep::Pdu {
-                pdus.push(rx.buf.to_vec());
+                if rx.direct_pdu_has_data() {
+                    pdus.push(rx.take_data_pdu().to_vec());
+                } else {
+                    pdus.push(rx.buf.to_vec());
+                }
                 rx.buf.clear();
                 step_now = rx.direct_next(1 << 20);
             }
@@ -508,16 +610,22 @@ mod tests {
         pdus
     }
 
+    fn pool() -> Arc<ReadPool> {
+        Arc::new(ReadPool::default())
+    }
+
     #[test]
     fn direct_mode_places_each_pdus_data_aligned() {
         for align in [512usize, 4096] {
             let mut rx = Rx::default();
-            assert_eq!(rx.start_direct(align, 1 << 20), DirectStep::More);
-            // A capsule with 4 KiB of in-capsule data (PDO 72), a capsule without data, and an
-            // H2CData with 8 KiB (PDO 24), back to back.
+            assert_eq!(rx.start_direct(align, 1 << 20, pool()), DirectStep::More);
+            // A capsule with 4 KiB of in-capsule data (PDO 72), a capsule without data, an
+            // H2CData with 8 KiB (PDO 24) and one with 64 KiB (too large for the pool), back to back.
             let mut stream = Vec::new();
             let mut expect = Vec::new();
-            for (t, pdo, hlen, dlen) in [(4u8, 72u8, 72usize, 4096usize), (4, 0, 72, 0), (6, 24, 24, 8192)] {
+            for (t, pdo, hlen, dlen) in
+                [(4u8, 72u8, 72usize, 4096usize), (4, 0, 72, 0), (6, 24, 24, 8192), (6, 24, 24, 65536)]
+            {
                 let plen = hlen + dlen;
                 let mut pdu = header(t, pdo, plen as u32).to_vec();
                 pdu.resize(hlen, 0xAA);
@@ -527,7 +635,7 @@ mod tests {
             }
             for step in [1usize, 7, 100, 1 << 20] {
                 let mut rx2 = Rx::default();
-                rx2.start_direct(align, 1 << 20);
+                rx2.start_direct(align, 1 << 20, pool());
                 let pdus = receive(&mut rx2, &stream, step);
                 assert_eq!(pdus, expect, "align {align}, reads of {step} bytes");
             }
@@ -538,8 +646,56 @@ mod tests {
             unsafe { std::ptr::copy_nonoverlapping(pdu.as_ptr(), ptr, 8.min(room)) };
             // SAFETY: 8 bytes written.
             assert_eq!(unsafe { rx.direct_received(8, 1 << 20) }, DirectStep::More);
-            assert_eq!((rx.buf.as_ptr() as usize + 72) % align, 0, "data lands aligned");
+            let (at, _) = rx.direct_target().unwrap();
+            assert_eq!((at as usize + 72 - 8) % align, 0, "data lands aligned");
         }
+    }
+
+    #[test]
+    fn small_data_pdus_are_placed_in_pooled_buffers_that_come_back() {
+        let pool = pool();
+        let mut rx = Rx::default();
+        rx.start_direct(512, 1 << 20, pool.clone());
+        let mut pdu = header(4, 72, 72 + 4096).to_vec();
+        pdu.resize(72, 3);
+        pdu.extend((0..4096).map(|i| (i % 13) as u8));
+        let mut stream = pdu.clone();
+        stream.extend_from_slice(&pdu);
+        let mut taken = Vec::new();
+        let mut bytes = &stream[..];
+        while !bytes.is_empty() {
+            let (ptr, room) = rx.direct_target().unwrap();
+            let n = room.min(bytes.len());
+            // SAFETY: `ptr` has room for `room` ≥ n bytes.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, n) };
+            bytes = &bytes[n..];
+            // SAFETY: n bytes were just written at the target.
+            let mut step = unsafe { rx.direct_received(n, 1 << 20) };
+            while step == DirectStep::Pdu {
+                assert!(rx.placed.is_some(), "a 4 KiB write is placed in a pooled buffer");
+                let got = rx.take_data_pdu();
+                assert_eq!(&got[..], &pdu[..]);
+                assert_eq!((got.as_ptr() as usize + 72) % 512, 0, "its data is aligned");
+                taken.push(got);
+                rx.buf.clear();
+                step = rx.direct_next(1 << 20);
+            }
+        }
+        assert_eq!(taken.len(), 2);
+        let (first, second) = (taken[0].as_ptr(), taken[1].as_ptr());
+        drop(taken);
+        assert_eq!(pool.held(), 2, "both buffers went back to the pool");
+        // The next PDU reuses one of them.
+        let (ptr, room) = rx.direct_target().unwrap();
+        assert_eq!(room, 8, "a common header is read first");
+        // SAFETY: 8 bytes of room.
+        unsafe { std::ptr::copy_nonoverlapping(pdu.as_ptr(), ptr, 8) };
+        // SAFETY: 8 bytes written.
+        assert_eq!(unsafe { rx.direct_received(8, 1 << 20) }, DirectStep::More);
+        assert_eq!(pool.held(), 1, "the next PDU took a buffer from the pool");
+        let placed = rx.placed.as_ref().unwrap();
+        let reused = placed.buf.as_ref().as_ptr().wrapping_add(placed.start);
+        assert!(reused == first || reused == second, "one of the two buffers came back");
     }
 
     #[test]
@@ -549,12 +705,13 @@ mod tests {
         pdu.extend([9u8; 512]);
         let mut rx = Rx::default();
         rx.buf.extend_from_slice(&pdu[..100]);
-        assert_eq!(rx.start_direct(512, 1 << 20), DirectStep::More);
+        assert_eq!(rx.start_direct(512, 1 << 20, pool()), DirectStep::More);
+        assert!(rx.placed.is_some(), "the rest of the PDU goes into a pooled buffer");
         let pdus = receive(&mut rx, &pdu[100..], 1 << 20);
         assert_eq!(pdus, vec![pdu.clone()]);
 
         let mut rx = Rx::default();
-        rx.start_direct(512, 4096);
+        rx.start_direct(512, 4096, pool());
         let bad = header(4, 72, 1 << 30);
         let (ptr, _) = rx.direct_target().unwrap();
         // SAFETY: the header target has room for 8 bytes.

@@ -836,7 +836,7 @@ impl Worker {
         loop {
             let Some(c) = self.conns.get_mut(key) else { return };
             let from_chain = !c.rx.chain.is_empty();
-            if c.closing || (c.rx.buf.is_empty() && !from_chain) {
+            if c.closing || !c.rx.has_input() {
                 break;
             }
             if c.tx.queued_bytes > limit {
@@ -864,9 +864,8 @@ impl Worker {
                 // next PDU (no allocation per command capsule).
                 c.engine.handle_input_pdus(&mut c.rx.buf, now, 1)
             } else if direct {
-                // The PDU's own placed buffer: its memory moves into the PDU's data (no reference
-                // count to share, no allocation).
-                let mut pdu = std::mem::take(&mut c.rx.buf).freeze();
+                // The PDU's placed buffer: its memory moves into the PDU's data (no copy).
+                let mut pdu = c.rx.take_data_pdu();
                 c.engine.handle_input_pdus(&mut pdu, now, 1)
             } else {
                 c.engine.handle_input_pdus(&mut c.rx.buf, now, 1)
@@ -1055,7 +1054,7 @@ impl Worker {
         let max = self.max_pdu(key);
         let Some(c) = self.conns.get_mut(key) else { return };
         let RxMode::Switching { align } = c.rx.mode else { return };
-        match c.rx.start_direct(align, max) {
+        match c.rx.start_direct(align, max, self.read_pool.clone()) {
             DirectStep::Pdu => self.feed(key, now),
             DirectStep::More | DirectStep::Fallback => {}
         }
