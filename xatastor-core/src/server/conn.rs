@@ -165,8 +165,9 @@ pub(super) enum RxMode {
         /// The alignment direct mode will use.
         align: usize,
     },
-    /// Plain receives into memory placed for the data's alignment.
-    Direct(Direct),
+    /// Plain receives into memory placed for the data's alignment (boxed: most connections never
+    /// use it, and each keeps its `RxMode`).
+    Direct(Box<Direct>),
 }
 
 /// PLEN of the PDU whose common header starts `front` (`None` while fewer than 8 bytes are there).
@@ -183,11 +184,13 @@ pub(super) struct Direct {
     /// The next PDU's common header, as far as received.
     ch: [u8; CH_LEN],
     ch_len: usize,
-    /// Length of the PDU being assembled in [`Rx::buf`] or [`Rx::placed`] (0: the common header is
-    /// being read).
+    /// Length of the PDU being assembled in [`Rx::buf`] or `placed` (0: the common header is being
+    /// read).
     plen: usize,
     /// The PDU being assembled carries data (placed for the device's alignment).
     data: bool,
+    /// The PDU with data being assembled, when it is in a pooled buffer (else it is in [`Rx::buf`]).
+    placed: Option<Placed>,
 }
 
 /// What a direct-mode receive completion led to.
@@ -220,10 +223,9 @@ impl Placed {
 
 #[derive(Debug, Default)]
 pub(super) struct Rx {
-    /// Undecoded input (ring mode) or the PDU being assembled (direct mode) unless it is `placed`.
+    /// Undecoded input (ring mode) or the PDU being assembled (direct mode) unless it is placed in
+    /// a pooled buffer.
     pub(super) buf: BytesMut,
-    /// Direct mode: the PDU with data being assembled, when it is in a pooled buffer.
-    pub(super) placed: Option<Placed>,
     /// Ring mode: a long PDU arriving over several receive buffers, kept as slices of them (and,
     /// once started, everything received after it, in order). Decoded before `buf`.
     pub(super) chain: BytesChain,
@@ -258,7 +260,8 @@ impl Rx {
             return DirectStep::Fallback;
         }
         let leftover = std::mem::take(&mut self.buf);
-        let mut d = Direct { align, pool, ch: [0; CH_LEN], ch_len: 0, plen: 0, data: false };
+        let mut d =
+            Box::new(Direct { align, pool, ch: [0; CH_LEN], ch_len: 0, plen: 0, data: false, placed: None });
         let n = leftover.len().min(CH_LEN);
         if let (Some(dst), Some(src)) = (d.ch.get_mut(..n), leftover.get(..n)) {
             dst.copy_from_slice(src);
@@ -274,7 +277,8 @@ impl Rx {
         // The rest of the partial PDU ring mode had received (a one-time copy at the switch; it is
         // shorter than the PDU, so it fits where the PDU goes).
         let rest = leftover.get(CH_LEN..).unwrap_or_default();
-        match &mut self.placed {
+        let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
+        match &mut d.placed {
             Some(p) => {
                 let at = p.start + p.filled();
                 if let Some(dst) = p.buf.as_mut_full().get_mut(at..at + rest.len()) {
@@ -295,7 +299,7 @@ impl Rx {
             return Some((rest.as_mut_ptr(), rest.len()));
         }
         // The rest of this PDU and the next common header (a short read is fine).
-        if let Some(p) = &mut self.placed {
+        if let Some(p) = &mut d.placed {
             let at = p.start + p.filled();
             let want = (d.plen + CH_LEN).saturating_sub(p.filled());
             let room = p.buf.as_mut_full().get_mut(at..at + want)?;
@@ -320,7 +324,7 @@ impl Rx {
             }
             return self.place(max_pdu);
         }
-        if let Some(p) = &mut self.placed {
+        if let Some(p) = &mut d.placed {
             // The bytes are initialised memory of the buffer either way; the length says which
             // of them are the PDU's.
             let len = p.buf.as_ref().len() + n;
@@ -338,7 +342,7 @@ impl Rx {
     /// out of the buffer), or more is needed.
     fn after_body(&mut self) -> DirectStep {
         let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
-        let pdu = match &self.placed {
+        let pdu = match &d.placed {
             Some(p) => p.buf.as_ref().get(p.start..).unwrap_or_default(),
             None => &self.buf[..],
         };
@@ -350,7 +354,7 @@ impl Rx {
         if let (Some(dst), Some(src)) = (d.ch.get_mut(..d.ch_len), extra.get(..d.ch_len)) {
             dst.copy_from_slice(src);
         }
-        match &mut self.placed {
+        match &mut d.placed {
             Some(p) => p.buf.set_len(p.start + d.plen),
             None => self.buf.truncate(d.plen),
         }
@@ -385,7 +389,7 @@ impl Rx {
         d.data = data_at > 0;
         d.ch_len = 0;
         self.buf.clear();
-        self.placed = None;
+        d.placed = None;
         // A small PDU with data goes into a pooled buffer (4096-aligned, so padding the header to
         // the device's alignment aligns the data), which goes back to the pool after the write.
         let pad = (align - data_at % align) % align;
@@ -395,7 +399,7 @@ impl Rx {
                 if let Some(dst) = buf.as_mut_full().get_mut(pad..pad + CH_LEN) {
                     dst.copy_from_slice(&d.ch);
                     buf.set_len(pad + CH_LEN);
-                    self.placed = Some(Placed { buf, start: pad });
+                    d.placed = Some(Placed { buf, start: pad });
                     return if plen == CH_LEN { DirectStep::Pdu } else { DirectStep::More };
                 }
             }
@@ -427,7 +431,7 @@ impl Rx {
             }
             // A common header being read, or a PDU being assembled (its header is at the front).
             RxMode::Direct(d) if d.plen == 0 => Some(d.ch.get(..d.ch_len).unwrap_or_default().to_vec()),
-            RxMode::Direct(_) => Some(match &self.placed {
+            RxMode::Direct(d) => Some(match &d.placed {
                 Some(p) => p.buf.as_ref().get(p.start..).unwrap_or_default().to_vec(),
                 None => self.buf.to_vec(),
             }),
@@ -444,7 +448,11 @@ impl Rx {
     /// Direct mode, a whole PDU with data is in ([`DirectStep::Pdu`]): takes it, with the memory it
     /// is in (a pooled buffer goes back to the pool when the last slice of it is dropped).
     pub(super) fn take_data_pdu(&mut self) -> Bytes {
-        match self.placed.take() {
+        let placed = match &mut self.mode {
+            RxMode::Direct(d) => d.placed.take(),
+            _ => None,
+        };
+        match placed {
             Some(Placed { buf, start }) => {
                 let mut pdu = Bytes::from_owner(buf);
                 pdu.advance(start);
@@ -456,7 +464,9 @@ impl Rx {
 
     /// Decoded input waits: a PDU or part of one, in any of the buffers.
     pub(super) fn has_input(&self) -> bool {
-        !self.buf.is_empty() || !self.chain.is_empty() || self.placed.is_some()
+        !self.buf.is_empty()
+            || !self.chain.is_empty()
+            || matches!(&self.mode, RxMode::Direct(d) if d.placed.is_some())
     }
 
     /// True while direct mode waits for a common header with nothing of a PDU received.
@@ -614,6 +624,13 @@ mod tests {
         Arc::new(ReadPool::default())
     }
 
+    fn placed(rx: &Rx) -> Option<&Placed> {
+        match &rx.mode {
+            RxMode::Direct(d) => d.placed.as_ref(),
+            _ => None,
+        }
+    }
+
     #[test]
     fn direct_mode_places_each_pdus_data_aligned() {
         for align in [512usize, 4096] {
@@ -672,7 +689,7 @@ mod tests {
             // SAFETY: n bytes were just written at the target.
             let mut step = unsafe { rx.direct_received(n, 1 << 20) };
             while step == DirectStep::Pdu {
-                assert!(rx.placed.is_some(), "a 4 KiB write is placed in a pooled buffer");
+                assert!(placed(&rx).is_some(), "a 4 KiB write is placed in a pooled buffer");
                 let got = rx.take_data_pdu();
                 assert_eq!(&got[..], &pdu[..]);
                 assert_eq!((got.as_ptr() as usize + 72) % 512, 0, "its data is aligned");
@@ -693,8 +710,8 @@ mod tests {
         // SAFETY: 8 bytes written.
         assert_eq!(unsafe { rx.direct_received(8, 1 << 20) }, DirectStep::More);
         assert_eq!(pool.held(), 1, "the next PDU took a buffer from the pool");
-        let placed = rx.placed.as_ref().unwrap();
-        let reused = placed.buf.as_ref().as_ptr().wrapping_add(placed.start);
+        let p = placed(&rx).unwrap();
+        let reused = p.buf.as_ref().as_ptr().wrapping_add(p.start);
         assert!(reused == first || reused == second, "one of the two buffers came back");
     }
 
@@ -706,7 +723,7 @@ mod tests {
         let mut rx = Rx::default();
         rx.buf.extend_from_slice(&pdu[..100]);
         assert_eq!(rx.start_direct(512, 1 << 20, pool()), DirectStep::More);
-        assert!(rx.placed.is_some(), "the rest of the PDU goes into a pooled buffer");
+        assert!(placed(&rx).is_some(), "the rest of the PDU goes into a pooled buffer");
         let pdus = receive(&mut rx, &pdu[100..], 1 << 20);
         assert_eq!(pdus, vec![pdu.clone()]);
 
