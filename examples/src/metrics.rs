@@ -16,8 +16,9 @@
 //!   an unloaded volume would cost memory per idle volume, which the node avoids. Prometheus reads
 //!   the drop as a counter reset (`rate()`/`increase()` handle it); the node-wide totals above stay
 //!   monotonic across unloads.
-//! - **Per worker:** open connections, connections refused by a limit, the CPU time spent in poll
-//!   windows (`xatastor_worker_poll_seconds_total`: a worker's CPU time less this is its work) and
+//! - **Per worker:** open connections, connections refused by a limit, the time spent in poll
+//!   windows (`xatastor_worker_poll_seconds_total`, measured by the clock around the busy loop: CPU
+//!   time unless the thread was preempted; a worker's CPU time less this is about its work) and
 //!   how the windows ended, bytes copied out of the shared receive buffers, bounced `O_DIRECT`
 //!   writes, requests sent to the blocking pool, failed accepts.
 //! - **Latency** (`xatastor_volume_latency_seconds`): the target's own time for a command, from the
@@ -260,8 +261,9 @@ impl Collector for NodeCollector {
                 &mut e,
                 (
                     "xatastor_worker_poll",
-                    "CPU time the worker spent polling for the next request after activity (the cost \
-                     of the poll window; the rest of its CPU time is work).",
+                    "Time the worker spent polling for the next request after activity, by the clock \
+                     around its busy loop (the poll window's CPU cost unless the thread was \
+                     preempted; the rest of its CPU time is about its work).",
                 ),
                 "worker",
                 by_worker(),

@@ -45,7 +45,9 @@ const CH_LEN: usize = 8;
 
 /// Direct mode places a PDU with data in a pooled buffer when it needs at most this many bytes
 /// (alignment padding, the PDU and the next common header): the pool's 4, 8 and 16 KiB classes,
-/// which keep 256, 128 and 64 buffers. Larger PDUs are rarer per byte and get their own buffer.
+/// which keep 256, 128 and 64 buffers. A 4 KiB write takes an 8 KiB buffer on a device with
+/// 512-byte alignment, a 16 KiB one with 4096-byte alignment (the padding in front of its header
+/// is then 4024 bytes). Larger PDUs are rarer per byte and get their own buffer.
 pub(super) const POOLED_PDU_MAX: usize = 16 * 1024;
 
 pub(super) struct Conn {
@@ -189,6 +191,9 @@ pub(super) struct Direct {
     plen: usize,
     /// The PDU being assembled carries data (placed for the device's alignment).
     data: bool,
+    /// The PDU is whole ([`DirectStep::Pdu`] was returned) and not decoded yet: only then may it be
+    /// decoded (before, a receive may be writing into its buffer).
+    ready: bool,
     /// The PDU with data being assembled, when it is in a pooled buffer (else it is in [`Rx::buf`]).
     placed: Option<Placed>,
 }
@@ -260,8 +265,16 @@ impl Rx {
             return DirectStep::Fallback;
         }
         let leftover = std::mem::take(&mut self.buf);
-        let mut d =
-            Box::new(Direct { align, pool, ch: [0; CH_LEN], ch_len: 0, plen: 0, data: false, placed: None });
+        let mut d = Box::new(Direct {
+            align,
+            pool,
+            ch: [0; CH_LEN],
+            ch_len: 0,
+            plen: 0,
+            data: false,
+            ready: false,
+            placed: None,
+        });
         let n = leftover.len().min(CH_LEN);
         if let (Some(dst), Some(src)) = (d.ch.get_mut(..n), leftover.get(..n)) {
             dst.copy_from_slice(src);
@@ -358,6 +371,7 @@ impl Rx {
             Some(p) => p.buf.set_len(p.start + d.plen),
             None => self.buf.truncate(d.plen),
         }
+        d.ready = true;
         DirectStep::Pdu
     }
 
@@ -365,6 +379,7 @@ impl Rx {
     pub(super) fn direct_next(&mut self, max_pdu: usize) -> DirectStep {
         let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
         d.plen = 0;
+        d.ready = false;
         if d.ch_len < CH_LEN {
             return DirectStep::More;
         }
@@ -400,7 +415,8 @@ impl Rx {
                     dst.copy_from_slice(&d.ch);
                     buf.set_len(pad + CH_LEN);
                     d.placed = Some(Placed { buf, start: pad });
-                    return if plen == CH_LEN { DirectStep::Pdu } else { DirectStep::More };
+                    d.ready = plen == CH_LEN;
+                    return if d.ready { DirectStep::Pdu } else { DirectStep::More };
                 }
             }
         }
@@ -411,7 +427,8 @@ impl Rx {
         self.buf.resize(pad, 0);
         self.buf.advance(pad);
         self.buf.extend_from_slice(&d.ch);
-        if plen == CH_LEN {
+        d.ready = plen == CH_LEN;
+        if d.ready {
             return DirectStep::Pdu;
         }
         DirectStep::More
@@ -462,11 +479,13 @@ impl Rx {
         }
     }
 
-    /// Decoded input waits: a PDU or part of one, in any of the buffers.
+    /// Input waits to be decoded: in ring mode any bytes (the decoder takes whole PDUs and leaves
+    /// a partial one); in direct mode only a whole PDU (a partial one may be in a receive's buffer).
     pub(super) fn has_input(&self) -> bool {
-        !self.buf.is_empty()
-            || !self.chain.is_empty()
-            || matches!(&self.mode, RxMode::Direct(d) if d.placed.is_some())
+        match &self.mode {
+            RxMode::Direct(d) => d.ready,
+            _ => !self.buf.is_empty() || !self.chain.is_empty(),
+        }
     }
 
     /// True while direct mode waits for a common header with nothing of a PDU received.
@@ -682,12 +701,14 @@ mod tests {
         let mut bytes = &stream[..];
         while !bytes.is_empty() {
             let (ptr, room) = rx.direct_target().unwrap();
-            let n = room.min(bytes.len());
+            // Short reads: the PDU is assembled over several receives.
+            let n = room.min(bytes.len()).min(1000);
             // SAFETY: `ptr` has room for `room` ≥ n bytes.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, n) };
             bytes = &bytes[n..];
             // SAFETY: n bytes were just written at the target.
             let mut step = unsafe { rx.direct_received(n, 1 << 20) };
+            assert_eq!(rx.has_input(), step == DirectStep::Pdu, "only a whole PDU is input to decode");
             while step == DirectStep::Pdu {
                 assert!(placed(&rx).is_some(), "a 4 KiB write is placed in a pooled buffer");
                 let got = rx.take_data_pdu();
@@ -696,6 +717,7 @@ mod tests {
                 taken.push(got);
                 rx.buf.clear();
                 step = rx.direct_next(1 << 20);
+                assert_eq!(rx.has_input(), step == DirectStep::Pdu);
             }
         }
         assert_eq!(taken.len(), 2);

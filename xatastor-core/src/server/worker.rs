@@ -876,10 +876,12 @@ impl Worker {
                 let max = self.max_pdu(key);
                 let Some(c) = self.conns.get_mut(key) else { return };
                 c.rx.buf.clear();
-                if c.rx.direct_next(max) != DirectStep::Pdu {
-                    break;
+                match c.rx.direct_next(max) {
+                    // Back in ring mode with the header in the buffer: decode it (the decoder
+                    // rejects its length) now, not when more bytes come.
+                    DirectStep::Pdu | DirectStep::Fallback => continue,
+                    DirectStep::More => break,
                 }
-                continue;
             }
             if taken == 0 {
                 break;
@@ -1025,9 +1027,11 @@ impl Worker {
     /// A live I/O queue of an `O_DIRECT` volume leaves ring mode (once), so its data lands aligned.
     fn maybe_go_direct(&mut self, key: Key, now: Instant) {
         let Some(c) = self.conns.get_mut(key) else { return };
+        // A deferred connection has whole PDUs waiting for its next round: switch after them.
         if c.alignment_checked
             || c.closing
             || c.dead
+            || c.deferred
             || !matches!(c.rx.mode, RxMode::Ring)
             || !c.rx.chain.is_empty()
         {
