@@ -220,9 +220,22 @@ pub(super) struct Placed {
 }
 
 impl Placed {
-    /// Bytes received of the PDU (and possibly of the next common header).
-    fn filled(&self) -> usize {
-        self.buf.as_ref().len() - self.start
+    /// The PDU as far as received (and possibly the first bytes of the next common header).
+    fn received(&self) -> &[u8] {
+        self.buf.as_ref().get(self.start..).unwrap_or_default()
+    }
+
+    /// Room for `want` more bytes right after what was received (`None` past the buffer's end).
+    fn room(&mut self, want: usize) -> Option<&mut [u8]> {
+        let at = self.buf.as_ref().len();
+        self.buf.as_mut_full().get_mut(at..at + want)
+    }
+
+    /// `n` more bytes were written into the [`Placed::room`] (the bytes are initialised memory of
+    /// the buffer either way; the length says which of them are the PDU's).
+    fn grow(&mut self, n: usize) {
+        let len = self.buf.as_ref().len() + n;
+        self.buf.set_len(len);
     }
 }
 
@@ -293,10 +306,9 @@ impl Rx {
         let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
         match &mut d.placed {
             Some(p) => {
-                let at = p.start + p.filled();
-                if let Some(dst) = p.buf.as_mut_full().get_mut(at..at + rest.len()) {
+                if let Some(dst) = p.room(rest.len()) {
                     dst.copy_from_slice(rest);
-                    p.buf.set_len(at + rest.len());
+                    p.grow(rest.len());
                 }
             }
             None => self.buf.extend_from_slice(rest),
@@ -313,9 +325,8 @@ impl Rx {
         }
         // The rest of this PDU and the next common header (a short read is fine).
         if let Some(p) = &mut d.placed {
-            let at = p.start + p.filled();
-            let want = (d.plen + CH_LEN).saturating_sub(p.filled());
-            let room = p.buf.as_mut_full().get_mut(at..at + want)?;
+            let want = (d.plen + CH_LEN).saturating_sub(p.received().len());
+            let room = p.room(want)?;
             return (want > 0).then_some((room.as_mut_ptr(), want));
         }
         let want = (d.plen + CH_LEN).saturating_sub(self.buf.len());
@@ -338,10 +349,7 @@ impl Rx {
             return self.place(max_pdu);
         }
         if let Some(p) = &mut d.placed {
-            // The bytes are initialised memory of the buffer either way; the length says which
-            // of them are the PDU's.
-            let len = p.buf.as_ref().len() + n;
-            p.buf.set_len(len);
+            p.grow(n);
             return self.after_body();
         }
         let len = (self.buf.len() + n).min(self.buf.capacity());
@@ -355,10 +363,7 @@ impl Rx {
     /// out of the buffer), or more is needed.
     fn after_body(&mut self) -> DirectStep {
         let RxMode::Direct(d) = &mut self.mode else { return DirectStep::More };
-        let pdu = match &d.placed {
-            Some(p) => p.buf.as_ref().get(p.start..).unwrap_or_default(),
-            None => &self.buf[..],
-        };
+        let pdu = d.placed.as_ref().map_or(&self.buf[..], Placed::received);
         if pdu.len() < d.plen {
             return DirectStep::More;
         }
@@ -448,10 +453,7 @@ impl Rx {
             }
             // A common header being read, or a PDU being assembled (its header is at the front).
             RxMode::Direct(d) if d.plen == 0 => Some(d.ch.get(..d.ch_len).unwrap_or_default().to_vec()),
-            RxMode::Direct(d) => Some(match &d.placed {
-                Some(p) => p.buf.as_ref().get(p.start..).unwrap_or_default().to_vec(),
-                None => self.buf.to_vec(),
-            }),
+            RxMode::Direct(d) => Some(d.placed.as_ref().map_or(&self.buf[..], Placed::received).to_vec()),
         }
     }
 
@@ -733,7 +735,7 @@ mod tests {
         assert_eq!(unsafe { rx.direct_received(8, 1 << 20) }, DirectStep::More);
         assert_eq!(pool.held(), 1, "the next PDU took a buffer from the pool");
         let p = placed(&rx).unwrap();
-        let reused = p.buf.as_ref().as_ptr().wrapping_add(p.start);
+        let reused = p.received().as_ptr();
         assert!(reused == first || reused == second, "one of the two buffers came back");
     }
 

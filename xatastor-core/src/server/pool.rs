@@ -57,20 +57,7 @@ impl ReadPool {
         let Some((class, size)) = class_of(len).filter(|_| align <= MIN_CLASS) else {
             return Some(Pooled { buf: Some(AlignedBuf::zeroed(len, align)?), len, pool: None });
         };
-        let c = self.classes.get(class)?;
-        let recycled = {
-            let mut c = c.lock();
-            let b = c.free.pop();
-            if b.is_none() {
-                c.made += 1;
-            }
-            b
-        };
-        let buf = match recycled {
-            Some(b) => b,
-            None => AlignedBuf::zeroed(size, MIN_CLASS)?,
-        };
-        Some(Pooled { buf: Some(buf), len, pool: Some(self.clone()) })
+        self.take_from(class, size, len, usize::MAX)
     }
 
     /// Like [`ReadPool::take`] with 4096 alignment, but only while the class has a free buffer or
@@ -78,12 +65,17 @@ impl ReadPool {
     /// than a zeroed allocation of a whole class size).
     pub(super) fn take_kept(self: &Arc<Self>, len: usize) -> Option<Pooled> {
         let (class, size) = class_of(len)?;
+        self.take_from(class, size, len, cap_of(size))
+    }
+
+    /// A free buffer of the class, or a new one while the class has made fewer than `limit`.
+    fn take_from(self: &Arc<Self>, class: usize, size: usize, len: usize, limit: usize) -> Option<Pooled> {
         let c = self.classes.get(class)?;
         let recycled = {
             let mut c = c.lock();
             match c.free.pop() {
                 Some(b) => Some(b),
-                None if c.made < cap_of(size) => {
+                None if c.made < limit => {
                     c.made += 1;
                     None
                 }
